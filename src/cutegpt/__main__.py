@@ -1,0 +1,3 @@
+from cutegpt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""Token generation for chat: a KV cache kept across turns, streaming, stop markers.
+
+Each turn's prompt (system + history + new question) usually extends the
+previous prompt + answer. The engine keeps the KV cache of the tokens it has
+already processed and prefills only the new ones:
+
+    turn 1: [system q1 ........] -> a1      cache = system q1 a1
+    turn 2: [system q1 a1 | q2 ] -> a2      prefill only q2, keep the rest
+    turn 5: oldest turn dropped  -> the prefix changed: crop the cache to the
+            longest common prefix (here: the system line) and prefill the rest
+
+Sampling uses transformers' own logits processors in the order `generate`
+applies them, so greedy output equals `model.generate(do_sample=False)`
+token for token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from cutegpt.config import arg
+from cutegpt.model.loading import LoadedModel
+
+
+@dataclass
+class GenerationArgs:
+    """Sampling settings; defaults are the original CuteGPT's."""
+
+    max_new_tokens: int = arg(256, "most tokens to generate for one answer")
+    greedy: bool = arg(False, "always take the most likely token (deterministic)")
+    temperature: float = arg(1.0, "sampling temperature")
+    top_p: float = arg(0.8, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    top_k: int = arg(50, "keep only the k most likely tokens (0 = off)")
+    repetition_penalty: float = arg(1.1, "penalise tokens already in the prompt or answer (1.0 = off)")
+    seed: int | None = arg(None, "random seed for sampling (reproducible answers)")
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the answer, without the stop marker
+    token_ids: list[int]  # generated ids, stop marker/EOS included when hit
+    stop_reason: str  # "stop" (marker or EOS), "length", "interrupted"
+    prompt_tokens: int
+    reused_tokens: int  # prompt tokens served from the cache
+    time_to_first_token: float
+    decode_seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        n = len(self.token_ids) - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+def logits_processors(gen: GenerationArgs) -> Any:
+    """The processors `generate` would build for these settings, in its order."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if gen.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
+    if not gen.greedy:
+        if gen.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(gen.temperature))
+        if gen.top_k:
+            procs.append(TopKLogitsWarper(gen.top_k))
+        if gen.top_p < 1.0:
+            procs.append(TopPLogitsWarper(gen.top_p))
+    return procs
+
+
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    """EOS ids of the tokenizer and generation config, plus the stop marker when it is one token."""
+    ids: set[int] = set()
+    tok = lm.tokenizer
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(i) for i in eos)
+    stop = lm.template.stop
+    if stop:
+        enc = tok(stop, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1 and tok.convert_ids_to_tokens(enc[0]) == stop:
+            ids.add(int(enc[0]))
+    return ids
+
+
+def _held_back(text: str, stop: str | None) -> int:
+    """How many trailing characters must wait: a partial stop marker or an incomplete UTF-8 character."""
+    n = 0
+    while n < len(text) and text[len(text) - 1 - n] == "\ufffd":
+        n += 1
+    if stop:
+        body = text[: len(text) - n] if n else text
+        for k in range(min(len(stop) - 1, len(body)), 0, -1):
+            if body.endswith(stop[:k]):
+                return n + k
+    return n
+
+
+class Engine:
+    """Generates answers for one conversation at a time, reusing the KV cache between calls."""
+
+    def __init__(self, lm: LoadedModel, reuse_cache: bool = True):
+        self.lm = lm
+        self.reuse_cache = reuse_cache
+        self.stop_ids = stop_token_ids(lm)
+        self._cache: Any = None
+        self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache
+
+    def reset(self) -> None:
+        self._cache, self._cached_ids = None, []
+
+    def _prepare_cache(self, prompt_ids: list[int]) -> int:
+        """Crop the cache to the longest prefix it shares with the prompt; return that length."""
+        from transformers import DynamicCache
+
+        n = 0
+        if self.reuse_cache and self._cache is not None:
+            limit = min(len(self._cached_ids), len(prompt_ids) - 1)  # at least one token must be fed
+            while n < limit and self._cached_ids[n] == prompt_ids[n]:
+                n += 1
+        if n == 0:
+            self._cache = DynamicCache(config=self.lm.model.config)
+        elif n < self._cache.get_seq_length():
+            self._cache.crop(n)
+        self._cached_ids = list(prompt_ids[:n])
+        return n
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        gen: GenerationArgs,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Generate one answer for `prompt_ids`; `on_text` receives the answer as it grows."""
+        model, tok = self.lm.model, self.lm.tokenizer
+        device = self.lm.device
+        stop = self.lm.template.stop
+        procs = logits_processors(gen)
+        rng = None
+        if gen.seed is not None and not gen.greedy:
+            rng = torch.Generator(device=device).manual_seed(gen.seed)
+
+        t0 = time.perf_counter()
+        reused = self._prepare_cache(prompt_ids)
+        all_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        feed = all_ids[:, reused:]
+        generated: list[int] = []
+        text, emitted, reason = "", 0, "length"
+        t_first = t0
+        try:
+            for step in range(gen.max_new_tokens):
+                out = model(input_ids=feed, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+                self._cached_ids.extend(feed[0].tolist())
+                scores = procs(all_ids, out.logits[:, -1, :].float())
+                if gen.greedy:
+                    next_id = int(scores.argmax(-1))
+                else:
+                    probs = torch.softmax(scores, dim=-1)
+                    next_id = int(torch.multinomial(probs, 1, generator=rng))
+                if step == 0:
+                    t_first = time.perf_counter()
+                generated.append(next_id)
+                if next_id in self.stop_ids:
+                    reason = "stop"
+                    break
+                text = tok.decode(generated, skip_special_tokens=False)
+                if stop and stop in text[max(0, emitted - len(stop)):]:
+                    text = text[: text.index(stop, max(0, emitted - len(stop)))]
+                    reason = "stop"
+                    break
+                safe = len(text) - _held_back(text, stop)
+                if on_text is not None and safe > emitted:
+                    on_text(text[emitted:safe])
+                    emitted = safe
+                feed = torch.tensor([[next_id]], dtype=torch.long, device=device)
+                all_ids = torch.cat([all_ids, feed], dim=1)
+        except KeyboardInterrupt:
+            # A forward pass may have been cut between layers: the cache cannot be trusted.
+            self.reset()
+            reason = "interrupted"
+            text = tok.decode(generated, skip_special_tokens=False) if generated else ""
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+        if reason == "length" or reason == "interrupted":
+            text = text.rstrip("\ufffd")
+        if on_text is not None and len(text) > emitted:
+            on_text(text[emitted:])
+        t_end = time.perf_counter()
+        return GenerationResult(
+            text=text,
+            token_ids=generated,
+            stop_reason=reason,
+            prompt_tokens=len(prompt_ids),
+            reused_tokens=reused,
+            time_to_first_token=t_first - t0,
+            decode_seconds=t_end - t_first,
+        )

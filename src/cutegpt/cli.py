@@ -1,0 +1,95 @@
+"""`cutegpt` command line: maps command names to (config dataclass, function).
+
+Commands are imported lazily so `cutegpt --help` does not pay for torch.
+Each entry: words of the command -> (module, config class, function, summary).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+
+from cutegpt.errors import CuteGPTError
+
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
+    ("chat",): ("cutegpt.chat.cli", "ChatConfig", "run_chat", "interactive multi-turn chat (default: the embedded SmolLM2 model)"),
+    ("generate",): ("cutegpt.chat.batch", "GenerateConfig", "run_generate", "batched generation for a JSON Lines file of prompts"),
+    ("data", "convert"): ("cutegpt.data.convert", "ConvertConfig", "run_convert", "instruction data -> packed training dataset"),
+    ("data", "stats"): ("cutegpt.data.stats", "StatsConfig", "run_stats", "counts, length histogram and packing efficiency of a dataset"),
+    ("data", "show"): ("cutegpt.data.stats", "ShowConfig", "run_show", "one rendered sample with its trained-on spans marked"),
+    ("train", "sft"): ("cutegpt.training.sft", "SFTConfig", "run_sft", "instruction tuning (LoRA or full)"),
+    ("train", "pt"): ("cutegpt.training.pt", "PTConfig", "run_pt", "continued pre-training on raw text"),
+    ("export",): ("cutegpt.training.export", "ExportConfig", "run_export", "merge a LoRA adapter into its base model"),
+    ("eval",): ("cutegpt.evaluation.cli", "EvalConfig", "run_eval", "C-Eval / CMMLU / MMLU / XieZhi multiple-choice evaluation"),
+    ("vocab", "train"): ("cutegpt.vocab.train", "VocabTrainConfig", "run_vocab_train", "train a Chinese tokenizer on a corpus"),
+    ("vocab", "extend"): ("cutegpt.vocab.extend", "VocabExtendConfig", "run_vocab_extend", "merge new pieces into a model's tokenizer and embeddings"),
+    ("recipe",): ("cutegpt.recipe", "RecipeConfig", "run_recipe", "the whole CuteGPT recipe at small scale, end to end"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: cutegpt COMMAND [options]   (cutegpt COMMAND --help for its options)", "", "commands:"]
+    for words, (module, *_rest, summary) in COMMANDS.items():
+        if importlib.util.find_spec(module) is None:
+            continue  # not built yet in this version
+        lines.append(f"  {' '.join(words):<14} {summary}")
+    lines += ["", "global flags: --debug (show tracebacks)"]
+    return "\n".join(lines)
+
+
+def _find(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
+    for n in (2, 1):
+        key = tuple(argv[:n])
+        if key in COMMANDS:
+            return key, argv[n:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CUTEGPT_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("--version", "version"):
+        from cutegpt import __version__
+
+        print(f"cutegpt {__version__}")
+        return 0
+    found = _find(argv)
+    if found is None:
+        print(f"cutegpt: unknown command '{' '.join(argv[:2])}'.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    words, rest = found
+    module_name, cls_name, fn_name, summary = COMMANDS[words]
+    try:
+        from cutegpt.config import parse_config
+
+        module = importlib.import_module(module_name)
+        cfg = parse_config(getattr(module, cls_name), rest, prog="cutegpt " + " ".join(words), description=summary)
+        result = getattr(module, fn_name)(cfg)
+        return int(result or 0)
+    except CuteGPTError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("\ninterrupted.", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: a required package is missing ({e}); reinstall with `pip install -e .`.", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug, not a user mistake: keep it short unless asked
+        if debug:
+            traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,81 @@
+"""The on-disk training dataset and its manifest (the contract between `data convert` and `train`).
+
+A dataset folder:
+
+    OUT/
+      data/            datasets.Dataset.save_to_disk (Arrow; loads memory-mapped)
+      manifest.json    what made it: tokenizer + vocabulary hash, template, max length, packing, seed, counts
+
+Columns of each row (one training sequence, at most max_length tokens, not padded):
+
+    input_ids  list[int32]
+    labels     list[int32]   -100 where no loss is taken (prompts, system line, the first token of every sample)
+    seq_lens   list[int32]   lengths of the samples packed in this row, in order; they sum to len(input_ids)
+
+      row:      [ s1 s1 s1 s1 | s2 s2 s2 | s3 s3 ]      seq_lens = [4, 3, 2]
+      position:   0  1  2  3    0  1  2    0  1
+      attention:  each sample sees only itself (block-diagonal causal)
+
+`packing: concat` (the original's layout) stores one entry in seq_lens per row:
+there, samples attend to each other on purpose, for reproduction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cutegpt.errors import CuteGPTError
+
+MANIFEST = "manifest.json"
+DATA_DIR = "data"
+FORMAT = "cutegpt-dataset"
+VERSION = 1
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """A fingerprint of the tokenizer's vocabulary (token -> id, special tokens included)."""
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256()
+    for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
+
+
+def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
+    return {
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_hash": tokenizer_hash(tokenizer),
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.exists():
+        raise CuteGPTError(f"dataset folder {folder} does not exist.")
+    if not path.is_file():
+        raise CuteGPTError(f"{folder} is not a CuteGPT dataset: it has no {MANIFEST} (make one with `cutegpt data convert`).")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CuteGPTError(f"{path}: not valid JSON.") from None
+    if manifest.get("format") != FORMAT:
+        raise CuteGPTError(f"{path}: not a CuteGPT dataset manifest (format is {manifest.get('format')!r}).")
+    return manifest
+
+
+def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, folder: str | Path) -> None:
+    """Refuse a dataset tokenized with another vocabulary than the model's tokenizer."""
+    want = manifest["tokenizer"]["vocab_hash"]
+    have = tokenizer_hash(tokenizer)
+    if want != have:
+        raise CuteGPTError(
+            f"{folder} was tokenized with {manifest['tokenizer'].get('name_or_path') or 'another tokenizer'} "
+            f"(vocabulary {want}, {manifest['tokenizer'].get('vocab_size')} tokens), not with this model's tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '')} (vocabulary {have}, {len(tokenizer)} tokens); convert the data again with --model."
+        )

@@ -1,0 +1,62 @@
+"""GGUF files: load them through transformers and turn them into ordinary HF folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cutegpt.errors import CuteGPTError
+from cutegpt.io import atomic_dir
+from cutegpt.templates import write_model_card
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a GGUF file as a float model and its tokenizer (transformers dequantizes the weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as e:  # gguf raises ValueError/KeyError/OSError with long texts on bad files
+        raise CuteGPTError(f"{path}: cannot read this GGUF file ({_first_line(e)}).") from e
+    return _plain_model(model), tokenizer
+
+
+def _plain_model(model: Any) -> Any:
+    """A copy of a GGUF-loaded model without the GGUF quantizer marker.
+
+    transformers refuses `save_pretrained` on a model loaded from GGUF
+    ("quantized with gguf and is not serializable"); the weights are plain
+    float tensors, so rebuilding the model from its config and loading the
+    state dict gives an ordinary, saveable model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict(), assign=True, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    plain.generation_config = model.generation_config
+    plain.eval()
+    return plain
+
+
+def convert_gguf(gguf: Path, out: Path, template: str = "auto") -> Path:
+    """Write `gguf` as a safetensors HF folder at `out` (atomically)."""
+    model, tokenizer = load_gguf(gguf)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, template, source=str(gguf))
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

@@ -1,0 +1,285 @@
+"""One model loader for every command: HF folders, GGUF files, LoRA adapters, 8-bit weights.
+
+    --model  (none)          -> the embedded SmolLM2-135M-Instruct (converted once to the cache)
+             DIR             -> any AutoModelForCausalLM folder (config.json + weights)
+             FILE.gguf       -> dequantized by transformers
+    --lora   DIR             -> a PEFT adapter on top; its tokenizer wins when it has one
+    --load-in-8bit           -> bitsandbytes on CUDA (the original 13B-on-a-3090 path);
+                                on CPU optimum-quanto int8 weights by default (faster and more
+                                accurate than bitsandbytes there; see docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from cutegpt.config import arg
+from cutegpt.errors import CuteGPTError
+from cutegpt.templates import Template, default_template_name, get_template, read_model_card
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+@dataclass
+class ModelArgs:
+    """Settings shared by every command that loads a model."""
+
+    model: str | None = arg(None, "model folder, .gguf file, or nothing for the embedded SmolLM2-135M-Instruct")
+    lora: str | None = arg(None, "LoRA adapter folder to put on top of --model")
+    template: str | None = arg(None, "prompt template: cutegpt, auto (the tokenizer's chat template) or raw; default: what the model folder records")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "weight dtype; auto = float32 on CPU, bfloat16/float16 on GPU")
+    load_in_8bit: bool = arg(False, "8-bit weights (bitsandbytes on GPU, optimum-quanto on CPU unless --int8-backend says otherwise)")
+    int8_backend: Literal["auto", "bitsandbytes", "quanto"] = arg("auto", "library for --load-in-8bit")
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", "where to run")
+    trust_remote_code: bool = arg(False, "allow model folders to run their own Python code")
+    merge_lora: bool = arg(False, "merge the LoRA adapter into the weights after loading (faster inference)")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    template: Template
+    model_path: Path
+    lora_path: Path | None
+    dtype: torch.dtype
+    device: torch.device
+    int8: str | None  # backend used for 8-bit weights, or None
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+
+    def describe(self) -> str:
+        parts = [str(self.model_path)]
+        if self.lora_path:
+            parts.append(f"+ LoRA {self.lora_path}")
+        parts.append(f"({self.int8 + ' int8' if self.int8 else str(self.dtype).replace('torch.', '')}, {self.device}, template {self.template.name})")
+        return " ".join(parts)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CuteGPTError("--device cuda was asked for, but torch sees no CUDA GPU (is the CPU build of torch installed?).")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # on CPU bf16 decodes slower than fp32 (FACTS.md); choose it explicitly for memory
+
+
+def _check_model_folder(path: Path) -> None:
+    if not path.exists():
+        raise CuteGPTError(f"model path {path} does not exist.")
+    if path.is_file():
+        raise CuteGPTError(f"{path} is a file; --model takes a model folder or a .gguf file.")
+    if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise CuteGPTError(f"{path} is a LoRA adapter, not a model: pass it as --lora and its base model as --model.")
+        raise CuteGPTError(f"{path} is not a model folder: it has no config.json.")
+    weights = [p for pattern in WEIGHT_FILES for p in path.glob(pattern)]
+    if not weights:
+        raise CuteGPTError(f"{path} has a config.json but no weights (*.safetensors or *.bin).")
+    _check_safetensors(weights)
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    """Open each safetensors header so a corrupt or truncated file is named before loading."""
+    from safetensors import safe_open
+
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:
+            raise CuteGPTError(f"{f}: the weights file is corrupt or truncated ({str(e).splitlines()[0][:200]}).") from None
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise CuteGPTError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200]}).") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _int8_backend(args: ModelArgs, device: torch.device) -> str | None:
+    if not args.load_in_8bit:
+        return None
+    if args.int8_backend != "auto":
+        return args.int8_backend
+    return "bitsandbytes" if device.type == "cuda" else "quanto"
+
+
+def load_model(args: ModelArgs) -> LoadedModel:
+    """Load model + tokenizer + template as `args` says; every command goes through here."""
+    from transformers import AutoModelForCausalLM
+
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    int8 = _int8_backend(args, device)
+
+    if args.model is None:
+        from cutegpt.model.embedded import embedded_model_dir
+
+        model_path = embedded_model_dir()
+    else:
+        model_path = Path(args.model).expanduser()
+    lora_path = Path(args.lora).expanduser() if args.lora else None
+    if lora_path is not None:
+        _check_adapter_folder(lora_path)
+
+    if model_path.suffix == ".gguf":
+        if not model_path.is_file():
+            raise CuteGPTError(f"GGUF file {model_path} does not exist.")
+        from cutegpt.model.gguf import load_gguf
+
+        model, tokenizer = load_gguf(model_path, dtype=torch.float32 if int8 else dtype)
+        if int8 == "bitsandbytes":
+            raise CuteGPTError("--load-in-8bit with bitsandbytes needs a model folder, not a GGUF file; convert it first or use --int8-backend quanto.")
+        model_card = {}
+    else:
+        _check_model_folder(model_path)
+        tokenizer = None
+        model_card = read_model_card(model_path)
+        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+        if int8 == "bitsandbytes":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["dtype"] = torch.float16 if device.type == "cuda" else torch.float32
+            kwargs["device_map"] = "auto" if device.type == "cuda" else {"": "cpu"}
+        elif int8 == "quanto":
+            kwargs["dtype"] = torch.bfloat16 if args.dtype == "auto" else dtype
+        elif device.type == "cuda":
+            kwargs["device_map"] = "auto"  # spreads a 13B model over the GPUs (and CPU) like the original
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+        except CuteGPTError:
+            raise
+        except ValueError as e:
+            if "trust_remote_code" in str(e):
+                raise CuteGPTError(f"{model_path} needs its own Python code to load; pass --trust-remote-code if you trust it.") from None
+            raise CuteGPTError(f"{model_path}: cannot load the model ({str(e).splitlines()[0][:300]}).") from None
+        except (OSError, RuntimeError, KeyError) as e:
+            raise CuteGPTError(f"{model_path}: cannot load the model ({str(e).splitlines()[0][:300]}).") from None
+
+    tok_path = lora_path if lora_path is not None and _has_tokenizer(lora_path) else model_path
+    if tokenizer is None or tok_path != model_path:
+        tokenizer = load_tokenizer(tok_path, args.trust_remote_code)
+
+    if lora_path is not None:
+        model = _attach_lora(model, lora_path, model_path, tokenizer, merge=args.merge_lora)
+
+    if int8 == "quanto":
+        model = quantize_int8_quanto(model)
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(device)
+    model.eval()
+
+    name = args.template
+    if name is None and lora_path is not None:
+        name = read_model_card(lora_path).get("template")
+    name = name or model_card.get("template") or default_template_name(tokenizer)
+    template = get_template(name, tokenizer)
+    actual_dtype = next(model.parameters()).dtype
+    return LoadedModel(model, tokenizer, template, model_path, lora_path, actual_dtype, device, int8)
+
+
+def _check_adapter_folder(path: Path) -> None:
+    if not path.exists():
+        raise CuteGPTError(f"LoRA adapter path {path} does not exist.")
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        if (path / "config.json").is_file():
+            raise CuteGPTError(f"{path} is a full model, not a LoRA adapter: pass it as --model.")
+        raise CuteGPTError(f"{path} is not a LoRA adapter folder: it has no adapter_config.json.")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CuteGPTError(f"{config}: not valid JSON.") from None
+    _check_safetensors(list(path.glob("*.safetensors")))
+
+
+def _attach_lora(model: Any, lora_path: Path, model_path: Path, tokenizer: Any, merge: bool) -> Any:
+    from peft import PeftModel
+
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embed:
+        raise CuteGPTError(
+            f"the tokenizer in {lora_path} has {len(tokenizer)} tokens but the base model {model_path} only {n_embed} embeddings: "
+            "the adapter was trained on another (extended) base model."
+        )
+    try:
+        model = PeftModel.from_pretrained(model, str(lora_path), is_trainable=False)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise CuteGPTError(f"the LoRA adapter {lora_path} does not fit the base model {model_path}: {detail[:300]}") from None
+    except (ValueError, KeyError, OSError) as e:
+        raise CuteGPTError(f"{lora_path}: cannot load the LoRA adapter ({str(e).splitlines()[0][:300]}).") from None
+    if merge:
+        model = model.merge_and_unload()
+    return model
+
+
+def quantize_int8_quanto(model: Any) -> Any:
+    """int8 weights for every linear layer but the output head (tied to the embedding in small models)."""
+    from optimum.quanto import freeze, qint8, quantize
+
+    quantize(model, weights=qint8, exclude=["lm_head"])
+    freeze(model)
+    return model
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes really held by parameters and buffers (int8 counted as 1 byte; tied weights once).
+
+    `get_memory_footprint()` counts quantized tensors at their nominal dtype.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        inner = getattr(t, "__tensor_flatten__", None)
+        if inner is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            names, _ = inner()
+            for n in names:
+                add(getattr(t, n))
+            return
+        if t.device.type == "meta":
+            return
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            return
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t.data if isinstance(t, torch.nn.Parameter) and type(t.data) is not torch.Tensor else t)
+    return total

@@ -1,0 +1,61 @@
+"""Builders for the tiny offline fixtures (importable as `tests.tiny` by any test or benchmark)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Small bilingual corpus for the fixture tokenizer: Chinese and English, CuteGPT's markers.
+CORPUS = [
+    "你是复旦大学知识工场实验室训练出来的语言模型CuteGPT。给定任务描述，请给出对应请求的回答。",
+    "问：中国的首都是哪里？\n答：\n中国的首都是北京。<end>",
+    "问：请推荐五本名著。\n答：\n红楼梦、西游记、水浒传、三国演义、儒林外史。<end>",
+    "Instruction: What is the capital of France?\nResponse: The capital of France is Paris.",
+    "The quick brown fox jumps over the lazy dog. Language models predict the next token.",
+    "机器学习是人工智能的一个分支。深度学习使用多层神经网络。今天天气很好，我们去公园散步吧。",
+    "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。答案：A B C D",
+    "def add(a, b):\n    return a + b\n# numbers 0 1 2 3 4 5 6 7 8 9",
+]
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(out: Path, chat_template: bool = True):
+    """A byte-level BPE (GPT-2 style, like SmolLM2's) with ~600 entries, saved to `out`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    if chat_template:
+        fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_tiny_llama(out: Path, vocab_size: int, seed: int = 0, tie: bool = False):
+    """A 2-layer LLaMA, hidden 32, with random weights (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init: outputs depend clearly on the input
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    return model
