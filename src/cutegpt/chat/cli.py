@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
+from cutegpt.chat.batch import record_to_turns
 from cutegpt.chat.engine import GenerationArgs
 from cutegpt.chat.session import ChatSession
 from cutegpt.config import arg
@@ -52,10 +53,8 @@ def _read_turns(source: str) -> Iterator[tuple[int, str, str]]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise CuteGPTError(f"{name}, line {lineno}: not valid JSON ({e.msg}).") from None
-                question = obj.get("instruction", obj.get("prompt"))
-                if not isinstance(question, str) or not question.strip():
-                    raise CuteGPTError(f"{name}, line {lineno}: field 'instruction' (or 'prompt') must be non-empty text.")
-                yield lineno, question, str(obj.get("input") or "")
+                turn = record_to_turns(obj, f"{name}, line {lineno}")[0][-1]
+                yield lineno, turn.instruction, turn.input
             else:
                 yield lineno, line, ""
 

@@ -98,6 +98,13 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
+def cut_at_stop(text: str, stop: str | None) -> str:
+    """The answer before the stop marker; without one, minus a trailing incomplete character."""
+    if stop and stop in text:
+        return text[: text.index(stop)]
+    return text.rstrip("\ufffd")
+
+
 def _held_back(text: str, stop: str | None) -> int:
     """How many trailing characters must wait: a partial stop marker or an incomplete UTF-8 character."""
     n = 0
@@ -136,7 +143,7 @@ class Engine:
         if n == 0:
             self._cache = DynamicCache(config=self.lm.model.config)
         elif n < self._cache.get_seq_length():
-            self._cache.crop(n)
+            self._cache.crop(n - self._cache.get_seq_length())  # transformers 5: a negative count removes tokens
         self._cached_ids = list(prompt_ids[:n])
         return n
 
@@ -194,11 +201,9 @@ class Engine:
             # A forward pass may have been cut between layers: the cache cannot be trusted.
             self.reset()
             reason = "interrupted"
-            text = tok.decode(generated, skip_special_tokens=False) if generated else ""
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-        if reason == "length" or reason == "interrupted":
-            text = text.rstrip("\ufffd")
+            text = cut_at_stop(tok.decode(generated, skip_special_tokens=False), stop)
+        if reason == "length":
+            text = cut_at_stop(text, stop)
         if on_text is not None and len(text) > emitted:
             on_text(text[emitted:])
         t_end = time.perf_counter()

@@ -25,26 +25,21 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]
 
 
 def _plain_model(model: Any) -> Any:
-    """A copy of a GGUF-loaded model without the GGUF quantizer marker.
+    """The GGUF-loaded model without the GGUF quantizer marker.
 
     transformers refuses `save_pretrained` on a model loaded from GGUF
-    ("quantized with gguf and is not serializable"); the weights are plain
-    float tensors, so rebuilding the model from its config and loading the
-    state dict gives an ordinary, saveable model.
+    ("quantized with gguf and is not serializable"), yet its weights are plain
+    float tensors once dequantized: dropping the marker makes it an ordinary,
+    saveable model without copying any weight.
     """
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    plain.load_state_dict(model.state_dict(), assign=True, strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        plain.tie_weights()
-    plain.generation_config = model.generation_config
-    plain.eval()
-    return plain
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.eval()
+    return model
 
 
 def convert_gguf(gguf: Path, out: Path, template: str = "auto") -> Path:
