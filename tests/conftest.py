@@ -16,7 +16,7 @@ import torch
 from tests.tiny import build_tiny_llama, build_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # 2 threads on a busy 2-core machine spin and run far slower
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

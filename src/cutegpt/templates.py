@@ -214,6 +214,14 @@ def write_model_card(folder: str | Path, template: str, **extra: Any) -> None:
     write_json(Path(folder) / MODEL_CARD, {"template": template, **extra})
 
 
+def add_stop_token(tokenizer: Any, stop: str = CUTEGPT_STOP) -> bool:
+    """Make the stop marker one special token, as the original full fine-tuning did; True if added."""
+    if len(tokenizer(stop, add_special_tokens=False)["input_ids"]) == 1:
+        return False
+    tokenizer.add_tokens([stop], special_tokens=True)
+    return True
+
+
 def encode_segments(tokenizer: Any, segments: Sequence[Segment]) -> tuple[list[int], list[bool]]:
     """Token ids of the segments, each tokenized alone (as the original did), and a train flag per token.
 

@@ -117,9 +117,23 @@ def test_folder_that_is_not_a_model(capsys, tmp_path):
     assert code == 1 and "is not a model folder: it has no config.json" in err
 
 
-def test_adapter_given_as_model(capsys, adapter_dir):
-    code, err = _run(capsys, "chat", "--model", str(adapter_dir))
-    assert code == 1 and "is a LoRA adapter, not a model" in err
+def test_adapter_given_as_model_finds_its_base(tiny_model_dir, adapter_dir):
+    direct = load_model(ModelArgs(model=str(adapter_dir)))
+    explicit = load_model(ModelArgs(model=str(tiny_model_dir), lora=str(adapter_dir)))
+    assert direct.model_path == tiny_model_dir and direct.lora_path == adapter_dir
+    assert torch.allclose(_logits(direct.model, IDS), _logits(explicit.model, IDS))
+
+
+def test_adapter_whose_base_is_missing(capsys, adapter_dir, tmp_path):
+    import json
+
+    moved = tmp_path / "moved-adapter"
+    shutil.copytree(adapter_dir, moved)
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some-org/some-model"
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    code, err = _run(capsys, "chat", "--model", str(moved))
+    assert code == 1 and "is a LoRA adapter whose base model (some-org/some-model) is not a local folder" in err
 
 
 def test_corrupt_weights_file(capsys, tiny_model_dir, tmp_path):

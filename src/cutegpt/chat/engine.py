@@ -37,6 +37,7 @@ class GenerationArgs:
     top_k: int = arg(50, "keep only the k most likely tokens (0 = off)")
     repetition_penalty: float = arg(1.1, "penalise tokens already in the prompt or answer (1.0 = off)")
     seed: int | None = arg(None, "random seed for sampling (reproducible answers)")
+    ignore_eos: bool = arg(False, "keep generating past EOS and the stop marker (for benchmarks)")
 
 
 @dataclass
@@ -183,11 +184,11 @@ class Engine:
                 if step == 0:
                     t_first = time.perf_counter()
                 generated.append(next_id)
-                if next_id in self.stop_ids:
+                if next_id in self.stop_ids and not gen.ignore_eos:
                     reason = "stop"
                     break
                 text = tok.decode(generated, skip_special_tokens=False)
-                if stop and stop in text[max(0, emitted - len(stop)):]:
+                if stop and not gen.ignore_eos and stop in text[max(0, emitted - len(stop)):]:
                     text = text[: text.index(stop, max(0, emitted - len(stop)))]
                     reason = "stop"
                     break

@@ -79,3 +79,20 @@ def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, folder: str | Path
             f"(vocabulary {want}, {manifest['tokenizer'].get('vocab_size')} tokens), not with this model's tokenizer "
             f"{getattr(tokenizer, 'name_or_path', '')} (vocabulary {have}, {len(tokenizer)} tokens); convert the data again with --model."
         )
+
+
+def load_dataset(folder: str | Path, tokenizer: Any = None) -> tuple[Any, dict[str, Any]]:
+    """(datasets.Dataset memory-mapped, manifest) of a converted folder; checks the tokenizer when given."""
+    from datasets import load_from_disk
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if tokenizer is not None:
+        check_tokenizer(manifest, tokenizer, folder)
+    if not (folder / DATA_DIR).is_dir():
+        raise CuteGPTError(f"{folder} has a manifest but no {DATA_DIR}/ folder; convert the data again.")
+    try:
+        ds = load_from_disk(str(folder / DATA_DIR))
+    except Exception as e:  # datasets raises several types for a damaged folder
+        raise CuteGPTError(f"{folder / DATA_DIR}: cannot load the dataset ({str(e).splitlines()[0][:200]}).") from None
+    return ds, manifest

@@ -151,6 +151,9 @@ def load_model(args: ModelArgs) -> LoadedModel:
     else:
         model_path = Path(args.model).expanduser()
     lora_path = Path(args.lora).expanduser() if args.lora else None
+    if lora_path is None and (model_path / "adapter_config.json").is_file() and not (model_path / "config.json").is_file():
+        # a LoRA checkpoint given as --model: put it on the base model it names, as `cutegpt chat --model OUT/checkpoint-N` expects
+        model_path, lora_path = _adapter_base(model_path), model_path
     if lora_path is not None:
         _check_adapter_folder(lora_path)
 
@@ -170,6 +173,9 @@ def load_model(args: ModelArgs) -> LoadedModel:
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
         if int8 == "bitsandbytes":
             from transformers import BitsAndBytesConfig
+
+            # bitsandbytes logs a cast warning on every matmul of fp32 input (each token, each layer)
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
             kwargs["dtype"] = torch.float16 if device.type == "cuda" else torch.float32
@@ -224,6 +230,20 @@ def _check_adapter_folder(path: Path) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CuteGPTError(f"{config}: not valid JSON.") from None
     _check_safetensors(list(path.glob("*.safetensors")))
+
+
+def _adapter_base(adapter: Path) -> Path:
+    config = adapter / "adapter_config.json"
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CuteGPTError(f"{config}: not valid JSON.") from None
+    if not base or not Path(base).expanduser().exists():
+        raise CuteGPTError(
+            f"{adapter} is a LoRA adapter whose base model ({base or 'not recorded'}) is not a local folder: "
+            "pass the base model as --model and the adapter as --lora."
+        )
+    return Path(base).expanduser()
 
 
 def _attach_lora(model: Any, lora_path: Path, model_path: Path, tokenizer: Any, merge: bool) -> Any:
@@ -283,3 +303,19 @@ def weight_bytes(model: Any) -> int:
     for t in list(model.parameters()) + list(model.buffers()):
         add(t.data if isinstance(t, torch.nn.Parameter) and type(t.data) is not torch.Tensor else t)
     return total
+
+
+def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
+    """`save_pretrained`, plus the SentencePiece `tokenizer.model` it came with.
+
+    transformers 5 writes only `tokenizer.json`; LLaMA tools (llama.cpp's
+    converter, sentencepiece, the original CuteGPT scripts) still read
+    `tokenizer.model`, so a trained or exported model must keep it.
+    """
+    import shutil
+
+    tokenizer.save_pretrained(str(folder))
+    source = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "tokenizer.model"
+    target = Path(folder) / "tokenizer.model"
+    if source.is_file() and not target.exists():
+        shutil.copyfile(source, target)

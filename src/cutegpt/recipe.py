@@ -1,0 +1,333 @@
+"""`cutegpt recipe`: the whole CuteGPT recipe at small scale, end to end, with the project's own commands.
+
+    corpus (zh + en) ─> 1 vocab train ─> 2 vocab extend ─> 3 train pt (full: new rows trained)
+                                                                │
+    sft conversations ─────────────────> 4 data convert ───> 5 train sft (LoRA, cutegpt template)
+                                                                │
+                                   8 eval (C-Eval style) <─ 7 chat smoke test <─ 6 export (merge LoRA)
+
+Every step is the Python function behind the matching command (`cutegpt vocab train`, ...), so
+the recipe is also a worked example of the commands; `OUT/recipe.json` lists each step's
+settings, time, artefact and headline numbers. Without --corpus/--sft-data/--eval-data it runs on
+a small bilingual sample bundled with CuteGPT (resources/recipe_data.json, written for this
+project) and the embedded SmolLM2-135M; the defaults finish in a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from cutegpt.config import arg
+from cutegpt.errors import CuteGPTError
+from cutegpt.io import atomic_file, write_json
+
+SUMMARY_FILE = "recipe.json"
+CHAT_PROMPTS = [
+    {"instruction": "中国的首都是哪里？"},
+    {"instruction": "熊猫喜欢吃什么？"},
+    {"instruction": "What is the capital of France?"},
+]
+
+
+@dataclass
+class RecipeConfig:
+    """Vocabulary extension -> continued pre-training -> LoRA instruction tuning -> chat -> evaluation."""
+
+    out: str = arg("runs/recipe", "folder for every artefact of the run")
+    model: str | None = arg(None, "base model folder; default: the embedded SmolLM2-135M-Instruct")
+    corpus: list[str] = arg([], "Chinese/English text for the vocabulary and pre-training (.txt: a document a line, .jsonl: 'text'); default: the bundled sample")
+    sft_data: str | None = arg(None, "instruction data (the original pickle, JSON or JSON Lines); default: the bundled sample")
+    eval_data: str | None = arg(None, "C-Eval data folder (dev/ and val/); default: a small bundled C-Eval-style fixture")
+    eval_split: str = arg("val", "C-Eval split to score")
+    eval_shots: int = arg(0, "few-shot examples per question in the evaluation")
+    eval_limit: int | None = arg(None, "only the first N questions of each subject")
+    vocab_size: int = arg(3000, "size of the Chinese tokenizer trained in step 1")
+    pt_steps: int = arg(20, "continued pre-training steps")
+    pt_method: Literal["full", "lora"] = arg("full", "continued pre-training: full, or LoRA on all linear layers with embed_tokens and lm_head trained in full (either way the new rows train)")
+    pt_lr: float = arg(1e-4, "continued pre-training learning rate")
+    sft_steps: int = arg(20, "LoRA instruction-tuning steps")
+    sft_lr: float = arg(1e-3, "LoRA learning rate")
+    max_length: int = arg(256, "tokens per training row")
+    micro_batch: int = arg(4, "rows per forward pass")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    deepspeed: str | None = arg(None, "DeepSpeed JSON config for both training steps (see configs/)")
+    threads: int = arg(0, "torch CPU threads for training and evaluation; 0 = all cores, or 1 when the machine is already busy")
+    max_new_tokens: int = arg(48, "longest answer in the chat smoke test")
+    eval_base: bool = arg(True, "also evaluate the base model, for a before/after comparison")
+    overwrite: bool = arg(False, "delete an existing --out folder first")
+
+
+@dataclass
+class Step:
+    name: str
+    command: str
+    artefact: str
+    status: str = "pending"  # done | failed | missing (command not in this version) | skipped (an earlier step did not finish)
+    seconds: float = 0.0
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _make(cls: type, **values: Any) -> Any:
+    """A config of `cls` from the values it has fields for (other commands' configs may lack some)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def bundled_data() -> dict[str, Any]:
+    return json.loads(resources.files("cutegpt").joinpath("resources/recipe_data.json").read_text(encoding="utf-8"))
+
+
+def write_bundled(folder: Path, cfg: RecipeConfig) -> dict[str, Path]:
+    """The run's inputs under OUT/data: the user's files, or the bundled sample written out."""
+    import csv
+
+    data = bundled_data()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    # Pre-training reads a .txt file as ONE document; JSON Lines keeps the documents apart.
+    corpus = folder / "corpus.jsonl"
+    if cfg.corpus:
+        from cutegpt.vocab.text import read_corpus
+
+        docs = read_corpus(cfg.corpus)
+    else:
+        docs = data["corpus"]
+    with atomic_file(corpus) as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    paths["corpus"] = corpus
+    if cfg.sft_data:
+        paths["sft"] = Path(cfg.sft_data).expanduser()
+    else:
+        paths["sft"] = folder / "sft.json"
+        write_json(paths["sft"], data["sft"])
+    if cfg.eval_data:
+        paths["eval"] = Path(cfg.eval_data).expanduser()
+    else:
+        paths["eval"] = folder / "ceval"
+        for subject, splits in data["eval"].items():
+            for split, rows in splits.items():
+                (paths["eval"] / split).mkdir(parents=True, exist_ok=True)
+                with atomic_file(paths["eval"] / split / f"{subject}_{split}.csv", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow(["id", "question", "A", "B", "C", "D", "answer"])
+                    for i, r in enumerate(rows):
+                        w.writerow([i, r["question"], r["A"], r["B"], r["C"], r["D"], r["answer"]])
+    paths["chat"] = folder / "chat_prompts.jsonl"
+    with atomic_file(paths["chat"]) as f:
+        for p in CHAT_PROMPTS:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def pick_threads(requested: int) -> int:
+    """0 = auto: every core on an idle machine, one when others already load it (spinning threads
+    on oversubscribed cores made two threads far slower than one, FACTS.md)."""
+    import os
+
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= cores
+    except OSError:
+        busy = False
+    return 1 if busy else cores
+
+
+def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Step, Callable[[], dict[str, Any]], list[str]]]:
+    """(step, action, names of the steps it needs), in order."""
+    d = {name: out / name for name in ("1-vocab", "2-extended", "3-pt", "4-sft-data", "5-sft", "6-merged", "7-chat.jsonl", "8-eval", "8-eval-base")}
+    train_common = dict(max_length=cfg.max_length, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, save_steps=10**9,
+                        num_threads=cfg.threads, logging_steps=1, warmup_steps=0, deepspeed=cfg.deepspeed)
+    pt_model = d["3-pt"] / ("final" if cfg.pt_method == "full" else "merged")
+    pt_method: dict[str, Any] = {"method": "full"} if cfg.pt_method == "full" else {
+        "method": "lora", "lora_targets": ["all-linear"], "modules_to_save": ["embed_tokens", "lm_head"]}
+
+    def vocab_train() -> dict[str, Any]:
+        from cutegpt.vocab.train import VocabTrainConfig, run_vocab_train
+
+        run_vocab_train(VocabTrainConfig(out=str(d["1-vocab"]), corpus=[str(paths["corpus"])], model=cfg.model, vocab_size=cfg.vocab_size))
+        return {"vocab_size": _read(d["1-vocab"] / "vocab_train.json").get("vocab_size")}
+
+    def vocab_extend() -> dict[str, Any]:
+        from cutegpt.vocab.extend import VocabExtendConfig, run_vocab_extend
+
+        run_vocab_extend(VocabExtendConfig(model=cfg.model, pieces=str(d["1-vocab"]), out=str(d["2-extended"])))
+        r = _read(d["2-extended"] / "vocab_report.json")
+        return {"pieces_added": r["pieces_added"], "vocab_size": [r["vocab_size_before"], r["vocab_size_after"]],
+                "tokens_per_chinese_char": [r["held_out"]["before"]["tokens_per_chinese_char"], r["held_out"]["after"]["tokens_per_chinese_char"]]}
+
+    def pt() -> dict[str, Any]:
+        from cutegpt.training.pt import PTConfig, run_pt
+
+        run_pt(_make(PTConfig, model=str(d["2-extended"]), data=[str(paths["corpus"])], out=str(d["3-pt"]),
+                     max_steps=cfg.pt_steps, lr=cfg.pt_lr, **pt_method, **train_common))
+        s = _read(d["3-pt"] / "summary.json")
+        if cfg.pt_method == "lora":  # later steps need a plain model: merge the adapter (embeddings and head included)
+            from cutegpt.training.export import ExportConfig, run_export
+
+            run_export(_make(ExportConfig, model=str(d["2-extended"]), lora=str(d["3-pt"] / "final"), out=str(pt_model), dtype="float32"))
+        return {"steps": s.get("steps"), "loss": _first_last(s), "final": str(pt_model)}
+
+    def convert() -> dict[str, Any]:
+        from cutegpt.data.convert import ConvertConfig, run_convert
+
+        run_convert(_make(ConvertConfig, input=str(paths["sft"]), out=str(d["4-sft-data"]), model=str(pt_model),
+                          template="cutegpt", max_length=cfg.max_length))
+        m = _read(d["4-sft-data"] / "manifest.json")
+        return {k: m[k] for k in ("counts", "rows") if k in m}
+
+    def sft() -> dict[str, Any]:
+        from cutegpt.training.sft import SFTConfig, run_sft
+
+        run_sft(_make(SFTConfig, model=str(pt_model), data=[str(d["4-sft-data"])], out=str(d["5-sft"]), method="lora",
+                      template="cutegpt", max_steps=cfg.sft_steps, lr=cfg.sft_lr, **train_common))
+        s = _read(d["5-sft"] / "summary.json")
+        return {"steps": s.get("steps"), "loss": _first_last(s), "final": s.get("final")}
+
+    def export() -> dict[str, Any]:
+        from cutegpt.training.export import ExportConfig, run_export
+
+        run_export(_make(ExportConfig, model=str(pt_model), lora=str(d["5-sft"] / "final"), out=str(d["6-merged"]), dtype="float32"))
+        return {}
+
+    def chat() -> dict[str, Any]:
+        from cutegpt.chat.batch import GenerateConfig, run_generate
+
+        run_generate(_make(GenerateConfig, model=str(d["6-merged"]), input=str(paths["chat"]), output=str(d["7-chat.jsonl"]),
+                           greedy=True, max_new_tokens=cfg.max_new_tokens))
+        answers = [json.loads(line) for line in d["7-chat.jsonl"].read_text(encoding="utf-8").splitlines() if line.strip()]
+        return {"answers": {a.get("instruction", ""): a.get("answer", "") for a in answers}}
+
+    def evaluate(model: str | None, folder: Path) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            from cutegpt.evaluation.cli import EvalConfig, run_eval
+
+            run_eval(_make(EvalConfig, benchmark="ceval", model=model, data=str(paths["eval"]), split=cfg.eval_split,
+                           shots=cfg.eval_shots, limit=cfg.eval_limit, output=str(folder), chat_template=True,
+                           resume=False, threads=cfg.threads))
+            avg = _read(folder / "results.json").get("summary", {}).get("average", {})
+            return {"accuracy_mean_of_subjects": avg.get("mean_of_subjects"), "accuracy_question_weighted": avg.get("question_weighted"),
+                    "questions": avg.get("questions")}
+        return run
+
+    steps: list[tuple[Step, Callable[[], dict[str, Any]], list[str]]] = [
+        (Step("vocab train", "cutegpt vocab train", str(d["1-vocab"])), vocab_train, []),
+        (Step("vocab extend", "cutegpt vocab extend", str(d["2-extended"])), vocab_extend, ["vocab train"]),
+        (Step("continued pre-training", "cutegpt train pt", str(pt_model)), pt, ["vocab extend"]),
+        (Step("data convert", "cutegpt data convert", str(d["4-sft-data"])), convert, ["continued pre-training"]),
+        (Step("instruction tuning (LoRA)", "cutegpt train sft", str(d["5-sft"] / "final")), sft, ["data convert"]),
+        (Step("export (merge LoRA)", "cutegpt export", str(d["6-merged"])), export, ["instruction tuning (LoRA)"]),
+        (Step("chat smoke test", "cutegpt generate", str(d["7-chat.jsonl"])), chat, ["export (merge LoRA)"]),
+        (Step("evaluation", "cutegpt eval ceval", str(d["8-eval"])), evaluate(str(d["6-merged"]), d["8-eval"]), ["export (merge LoRA)"]),
+    ]
+    if cfg.eval_base:
+        steps.append((Step("evaluation of the base model", "cutegpt eval ceval", str(d["8-eval-base"])),
+                      evaluate(cfg.model, d["8-eval-base"]), []))
+    return steps
+
+
+def _first_last(summary: dict[str, Any]) -> list[float] | None:
+    curve = summary.get("loss_curve") or []
+    return [round(curve[0][1], 4), round(curve[-1][1], 4)] if curve else None
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run_recipe(cfg: RecipeConfig) -> int:
+    out = Path(cfg.out).expanduser()
+    if out.exists():
+        if not cfg.overwrite:
+            raise CuteGPTError(f"output folder {out} already exists; pass --overwrite to replace it.")
+        if out.is_dir() and not (out / SUMMARY_FILE).is_file() and not (out / "data").is_dir() and any(out.iterdir()):
+            raise CuteGPTError(f"{out} does not look like a recipe folder (no {SUMMARY_FILE}); refusing to delete it.")
+        shutil.rmtree(out)
+    for name, value in (("--pt-steps", cfg.pt_steps), ("--sft-steps", cfg.sft_steps), ("--micro-batch", cfg.micro_batch)):
+        if value < 1:
+            raise CuteGPTError(f"{name} must be at least 1, not {value}.")
+    out.mkdir(parents=True)
+    paths = write_bundled(out / "data", cfg)
+    cfg = dataclasses.replace(cfg, threads=pick_threads(cfg.threads))
+    print(f"CuteGPT recipe -> {out} (torch threads {cfg.threads})", flush=True)
+    steps = plan(cfg, out, paths)
+    start = time.perf_counter()
+    failure: BaseException | None = None
+    for step, action, needs in steps:
+        blocked = [n for n in needs if next(s for s, _, _ in steps if s.name == n).status != "done"]
+        if blocked or failure is not None:
+            step.status = "skipped"
+            step.info["reason"] = f"needs: {', '.join(blocked)}" if blocked else "an earlier step failed"
+            continue
+        print(f"\n=== {step.name}  ({step.command}) ===", flush=True)
+        t = time.perf_counter()
+        try:
+            step.info.update(action())
+            step.status = "done"
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("cutegpt"):
+                raise
+            step.status = "missing"
+            step.info["reason"] = f"{step.command} is not in this version of CuteGPT ({e.name})"
+            print(f"skipped: {step.info['reason']}", flush=True)
+        except (CuteGPTError, KeyboardInterrupt) as e:
+            step.status = "failed"
+            step.info["error"] = str(e) or type(e).__name__
+            failure = e
+        except Exception as e:  # a bug in a step: keep the record of what ran, then report it
+            step.status = "failed"
+            step.info["error"] = f"{type(e).__name__}: {e}"
+            step.info["traceback"] = traceback.format_exc(limit=8)
+            failure = e
+        step.seconds = round(time.perf_counter() - t, 1)
+    total = round(time.perf_counter() - start, 1)
+    summary = {"out": str(out), "seconds": total, "settings": dataclasses.asdict(cfg),
+               "inputs": {k: str(v) for k, v in paths.items()}, "steps": [dataclasses.asdict(s) for s, _, _ in steps]}
+    write_json(out / SUMMARY_FILE, summary)
+    _print_table([s for s, _, _ in steps], out, total)
+    if failure is not None:
+        if isinstance(failure, KeyboardInterrupt):
+            raise failure
+        step = next(s for s, _, _ in steps if s.status == "failed")
+        raise CuteGPTError(f"the recipe stopped at '{step.name}': {step.info['error']} (details in {out / SUMMARY_FILE})")
+    return 0
+
+
+def _print_table(steps: list[Step], out: Path, total: float) -> None:
+    print(f"\nCuteGPT recipe finished in {total:.0f} s; artefacts:")
+    width = max(len(s.name) for s in steps)
+    for s in steps:
+        note = ""
+        if s.status != "done":
+            note = f"  [{s.status}: {s.info.get('reason') or s.info.get('error', '')}]"
+        print(f"  {s.name:<{width}}  {s.seconds:>6.1f} s  {s.artefact}{note}")
+    for s in steps:
+        if s.name == "vocab extend" and s.status == "done":
+            a, b = s.info["tokens_per_chinese_char"]
+            print(f"tokens per Chinese character: {a} -> {b} (+{s.info['pieces_added']} tokens)")
+        if s.name == "chat smoke test" and s.status == "done":
+            for q, a in s.info["answers"].items():
+                print(f"  Q: {q}\n  A: {a}")
+        if s.name.startswith("evaluation") and s.status == "done" and s.info.get("accuracy_mean_of_subjects") is not None:
+            print(f"{s.name}: C-Eval-style accuracy {s.info['accuracy_mean_of_subjects']:.1f}% "
+                  f"(mean of subjects; {s.info['questions']} questions)")
+    print(f"summary: {out / SUMMARY_FILE}")

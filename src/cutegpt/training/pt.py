@@ -1,0 +1,45 @@
+"""`cutegpt train pt`: continued pre-training on raw text.
+
+    cutegpt train pt --data corpus/ --max-length 1024 --out runs/pt
+    cutegpt train pt --data zh.jsonl --method lora --lora-targets all-linear \\
+        --modules-to-save embed_tokens lm_head            # the usual recipe after a vocabulary extension
+
+Each document (a .txt file, or the `text` field of a JSON Lines record) is
+tokenized, ends with EOS, and the stream is cut into rows of --max-length
+tokens; documents sharing a row do not attend to each other (see
+training/data.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cutegpt.config import arg
+from cutegpt.errors import CuteGPTError
+from cutegpt.templates import default_template_name, read_model_card
+from cutegpt.training.args import TrainArgs
+from cutegpt.training.data import pretraining_dataset
+from cutegpt.training.engine import Prepared, base_model_path, load_for_training, train, training_tokenizer
+
+
+@dataclass
+class PTConfig(TrainArgs):
+    data: list[str] = arg([], ".txt files, JSON Lines files or folders of them")
+    text_field: str = arg("text", "field holding the text in JSON Lines records")
+    out: str = arg("runs/pt", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs")
+
+
+def run_pt(cfg: PTConfig) -> int:
+    if not cfg.data:
+        raise CuteGPTError("--data is required: .txt or .jsonl files (or folders of them).")
+    train(cfg, lambda: prepare_pt(cfg))
+    return 0
+
+
+def prepare_pt(cfg: PTConfig) -> Prepared:
+    tokenizer = training_tokenizer(cfg, None)  # pre-training text has no stop marker to add
+    dataset = pretraining_dataset(cfg.data, tokenizer, cfg.max_length, cfg.text_field)
+    base = base_model_path(cfg)
+    template = cfg.template or (read_model_card(base).get("template") if base.is_dir() else None) or default_template_name(tokenizer)
+    model = load_for_training(cfg, tokenizer, template)
+    return Prepared(model, tokenizer, dataset, template)

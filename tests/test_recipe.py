@@ -1,0 +1,91 @@
+"""`cutegpt recipe`: the orchestration (fast, with stand-in steps) and one tiny real run (slow)."""
+
+import json
+
+import pytest
+
+from cutegpt.errors import CuteGPTError
+from cutegpt.recipe import RecipeConfig, Step, bundled_data, run_recipe
+
+
+def test_bundled_data_is_valid_input_for_every_step(tmp_path):
+    from cutegpt.evaluation.data import load_benchmark
+    from cutegpt.recipe import write_bundled
+    from cutegpt.vocab.text import count_han, read_corpus
+
+    paths = write_bundled(tmp_path, RecipeConfig(out=str(tmp_path)))
+    docs = read_corpus([paths["corpus"]])
+    assert docs == bundled_data()["corpus"] and sum(map(count_han, docs)) > 2000
+    bench = load_benchmark("ceval", paths["eval"], "val")
+    assert sum(len(s.questions) for s in bench.subjects.values()) == 12
+    assert all(len(s.dev) >= 2 for s in bench.subjects.values())
+    assert len(json.loads(paths["sft"].read_text(encoding="utf-8"))) == 20
+
+
+def test_missing_command_skips_what_needs_it(tmp_path, monkeypatch):
+    """A step whose command is not in this version is 'missing'; the steps that need it are 'skipped'."""
+    ran = []
+
+    def fake_plan(cfg, out, paths):
+        def ok(name):
+            return lambda: ran.append(name) or {}
+
+        def missing():
+            raise ModuleNotFoundError("No module named 'cutegpt.training.pt'", name="cutegpt.training.pt")
+
+        return [(Step("a", "cmd a", "x"), ok("a"), []), (Step("b", "cmd b", "y"), missing, ["a"]),
+                (Step("c", "cmd c", "z"), ok("c"), ["b"]), (Step("d", "cmd d", "w"), ok("d"), [])]
+
+    monkeypatch.setattr("cutegpt.recipe.plan", fake_plan)
+    assert run_recipe(RecipeConfig(out=str(tmp_path / "r"))) == 0
+    summary = json.loads((tmp_path / "r" / "recipe.json").read_text(encoding="utf-8"))
+    assert [s["status"] for s in summary["steps"]] == ["done", "missing", "skipped", "done"]
+    assert ran == ["a", "d"]
+
+
+def test_failed_step_stops_the_run_with_its_message(tmp_path, monkeypatch):
+    def fake_plan(cfg, out, paths):
+        def bad():
+            raise CuteGPTError("corpus.txt: the corpus is empty.")
+
+        return [(Step("a", "cmd a", "x"), bad, []), (Step("b", "cmd b", "y"), lambda: {}, [])]
+
+    monkeypatch.setattr("cutegpt.recipe.plan", fake_plan)
+    with pytest.raises(CuteGPTError, match="stopped at 'a': corpus.txt: the corpus is empty"):
+        run_recipe(RecipeConfig(out=str(tmp_path / "r")))
+    summary = json.loads((tmp_path / "r" / "recipe.json").read_text(encoding="utf-8"))
+    assert [s["status"] for s in summary["steps"]] == ["failed", "skipped"]
+
+
+def test_existing_output_is_refused(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "keep.txt").write_text("x")
+    with pytest.raises(CuteGPTError, match="already exists"):
+        run_recipe(RecipeConfig(out=str(tmp_path / "r")))
+    with pytest.raises(CuteGPTError, match="does not look like a recipe folder"):
+        run_recipe(RecipeConfig(out=str(tmp_path / "r"), overwrite=True))
+    assert (tmp_path / "r" / "keep.txt").exists()
+
+
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end(tmp_path, embedded_dir):
+    """Every step on the embedded model with one training step each; the result reloads with plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "recipe"
+    cfg = RecipeConfig(out=str(out), vocab_size=800, pt_steps=1, sft_steps=1, max_length=64, micro_batch=1,
+                       threads=1, max_new_tokens=4, eval_limit=1, eval_base=False)
+    assert run_recipe(cfg) == 0
+    summary = json.loads((out / "recipe.json").read_text(encoding="utf-8"))
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert all(s["status"] == "done" for s in steps.values()), {k: s["status"] for k, s in steps.items()}
+    before, after = steps["vocab extend"]["info"]["tokens_per_chinese_char"]
+    assert after < before
+    merged = out / "6-merged"
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    ext = json.loads((out / "2-extended" / "vocab_report.json").read_text(encoding="utf-8"))
+    assert len(tok) == ext["vocab_size_after"]
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == ext["embedding_rows_after"]
+    assert set(steps["chat smoke test"]["info"]["answers"]) == {"中国的首都是哪里？", "熊猫喜欢吃什么？", "What is the capital of France?"}
+    assert (out / "8-eval" / "results.json").is_file()

@@ -1,0 +1,87 @@
+"""Two processes under torchrun with DeepSpeed ZeRO-1/2 (gloo on CPU) against one process, same global batch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cutegpt.training.ds_config import free_port
+from cutegpt.training.sft import SFTConfig, run_sft
+from tests.training.conftest import read_summary
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 6
+
+
+def _common(model_dir: Path, data: Path) -> dict:
+    # dropout off: each process draws its own dropout masks, so only a dropout-free run can match exactly
+    return dict(model=str(model_dir), data=[str(data)], lr=1e-2, warmup_steps=0, max_steps=STEPS, save_steps=3,
+                precision="fp32", seed=0, lora_dropout=0.0, num_threads=1)
+
+
+def _torchrun(flags: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "cutegpt", "train", "sft", "--out", str(out)]
+    for k, v in flags.items():
+        argv.append("--" + k.replace("_", "-"))
+        argv += [str(x) for x in v] if isinstance(v, list) else [str(v)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    done = subprocess.run([*argv, *extra], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def one_process_curve(tiny_model_dir, sft_dataset, tmp_path_factory) -> list:
+    out = tmp_path_factory.mktemp("one") / "run"
+    run_sft(SFTConfig(**_common(tiny_model_dir, sft_dataset), out=str(out), micro_batch=4, grad_accum=1))
+    return read_summary(out)["loss_curve"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["ds_zero1_cpu.json", "ds_zero2_cpu.json"])
+def test_two_processes_match_one(tiny_model_dir, sft_dataset, tmp_path, one_process_curve, config):
+    out = tmp_path / "two"
+    flags = dict(_common(tiny_model_dir, sft_dataset), micro_batch=2, grad_accum=1, deepspeed=str(ROOT / "configs" / config))
+    _torchrun(flags, out)
+    summary = read_summary(out)
+    assert summary["processes"] == 2
+    got = summary["loss_curve"]
+    assert [s for s, _ in got] == [s for s, _ in one_process_curve]
+    for (_, a), (_, b) in zip(got, one_process_curve):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+    if config == "ds_zero1_cpu.json":
+        # LoRA + DeepSpeed resume: restart from checkpoint-3 and get the same steps 4..6
+        resumed = tmp_path / "resumed"
+        resumed.mkdir()
+        shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
+        _torchrun(flags, resumed, "--resume")
+        again = dict((s, loss) for s, loss in read_summary(resumed)["loss_curve"])
+        for step, loss in got:
+            assert again[step] == pytest.approx(loss, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_one_process_without_launcher_uses_the_original_deepspeed_file(tiny_model_dir, sft_dataset, tmp_path):
+    """`--deepspeed configs/ds_lora_zero1.json` with no launcher: its WarmupLR (1e-4 -> 3e-4, log) drives the rate."""
+    import json
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "cutegpt", "train", "sft", "--model", str(tiny_model_dir), "--data", str(sft_dataset),
+                           "--out", str(out), "--max-steps", "3", "--grad-accum", "1", "--precision", "fp32", "--num-threads", "1",
+                           "--deepspeed", str(ROOT / "configs" / "ds_lora_zero1.json")],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[0] < lrs[1] < lrs[2] < 3e-4
+    assert read_summary(out)["processes"] == 1

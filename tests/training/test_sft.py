@@ -1,0 +1,199 @@
+"""`train sft` on a tiny random LLaMA: learning, saving, loading, guards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cutegpt.errors import CuteGPTError
+from cutegpt.model.loading import ModelArgs, load_model
+from cutegpt.training import engine
+from cutegpt.training.sft import SFTConfig, prepare_sft, run_sft
+from tests.training.conftest import encode_samples, read_summary, write_dataset
+
+
+def _cfg(model_dir, data, out, **kw) -> SFTConfig:
+    base = dict(model=str(model_dir), data=[str(data)], out=str(out), micro_batch=4, grad_accum=1, lr=1e-2,
+                warmup_steps=0, max_steps=30, save_steps=1000, precision="fp32", seed=0, logging_steps=1)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def _probe(tokenizer) -> torch.Tensor:
+    return torch.tensor([tokenizer("问：中国的首都是哪里？\n答：\n北京。", add_special_tokens=False)["input_ids"]])
+
+
+@pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full", 3e-3)])
+def test_loss_falls(tiny_model_dir, sft_dataset, sft_dataset_end, tmp_path, method, lr):
+    data = sft_dataset if method == "lora" else sft_dataset_end
+    assert run_sft(_cfg(tiny_model_dir, data, tmp_path / "run", method=method, lr=lr)) == 0
+    curve = [loss for _, loss in read_summary(tmp_path / "run")["loss_curve"]]
+    assert len(curve) == 30
+    first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert any((tmp_path / "run" / "runs").rglob("events.out.tfevents*"))
+
+
+def test_adapter_round_trip_and_merged_export(tiny_model_dir, sft_dataset, tmp_path):
+    """The saved adapter, loaded by chat's loader, gives the trained model's logits; so does the merged export."""
+    cfg = _cfg(tiny_model_dir, sft_dataset, tmp_path / "run", max_steps=12, save_steps=6)
+    kept = {}
+
+    def prepare():
+        kept["prep"] = prepare_sft(cfg)
+        return kept["prep"]
+
+    engine.train(cfg, prepare)
+    trained = kept["prep"].model.eval()
+    ids = _probe(kept["prep"].tokenizer)
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+    base = load_model(ModelArgs(model=str(tiny_model_dir)))
+    with torch.no_grad():
+        assert (base.model(input_ids=ids).logits - want).abs().max() > 1e-3  # training changed something
+
+    for folder in (tmp_path / "run" / "final", tmp_path / "run" / "checkpoint-12"):
+        lm = load_model(ModelArgs(model=str(tiny_model_dir), lora=str(folder)))
+        assert lm.template.name == "cutegpt"  # from the model card: no --template needed
+        with torch.no_grad():
+            torch.testing.assert_close(lm.model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+    from cutegpt.training.export import ExportConfig, run_export
+
+    merged = tmp_path / "merged"
+    assert run_export(ExportConfig(model=str(tiny_model_dir), lora=str(tmp_path / "run" / "final"), out=str(merged), dtype="float32")) == 0
+    lm = load_model(ModelArgs(model=str(merged)))
+    assert lm.template.name == "cutegpt"
+    assert not any("lora" in n for n, _ in lm.model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(input_ids=ids).logits, want, atol=2e-4, rtol=0)
+    with pytest.raises(CuteGPTError, match="already exists"):
+        run_export(ExportConfig(model=str(tiny_model_dir), lora=str(tmp_path / "run" / "final"), out=str(merged)))
+
+
+def test_checkpoints_are_atomic_and_rotated(tiny_model_dir, sft_dataset, tmp_path):
+    out = tmp_path / "run"
+    run_sft(_cfg(tiny_model_dir, sft_dataset, out, max_steps=8, save_steps=2, save_total_limit=2))
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-6", "checkpoint-8"]
+    assert not (out / ".staging").exists()
+    for name in names:
+        assert json.loads((out / name / "cutegpt.json").read_text())["template"] == "cutegpt"
+    # a second run into the same folder must not overwrite it by accident
+    with pytest.raises(CuteGPTError, match="--resume"):
+        run_sft(_cfg(tiny_model_dir, sft_dataset, out, max_steps=8))
+
+
+def test_full_tuning_adds_end_token(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """--method full with the cutegpt template: <end> is one special token, new rows ~ N(0, 1e-6), 16-bit save."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(tok("<end>", add_special_tokens=False)["input_ids"]) > 1
+    assert engine.add_stop_token(tok)
+    end_id = tok.convert_tokens_to_ids("<end>")
+    data = write_dataset(tmp_path / "data", tok, encode_samples(tok), 128)
+
+    cfg = _cfg(tiny_model_dir, data, tmp_path / "run", method="full", max_steps=1, lr=1e-12)
+    prep = prepare_sft(cfg)
+    emb = prep.model.get_input_embeddings().weight
+    assert emb.shape[0] == len(tok) == end_id + 1
+    assert emb[end_id].abs().max() < 1e-5 and emb[end_id].abs().max() > 0
+
+    run_sft(cfg)
+    final = tmp_path / "run" / "final"
+    lm = load_model(ModelArgs(model=str(final)))
+    assert lm.tokenizer("<end>", add_special_tokens=False)["input_ids"] == [end_id]
+    assert lm.template.name == "cutegpt"
+    from safetensors import safe_open
+
+    with safe_open(str(next(final.glob("*.safetensors"))), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+    # data tokenized with <end> as several tokens is refused for full tuning, with the reason
+    with pytest.raises(CuteGPTError, match="<end> as several tokens"):
+        prepare_sft(_cfg(tiny_model_dir, write_dataset(tmp_path / "plain", tiny_tokenizer, encode_samples(tiny_tokenizer), 128),
+                         tmp_path / "run2", method="full"))
+
+
+def test_tokenizer_mismatch_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch):
+    from tests.tiny import build_tokenizer
+
+    other = build_tokenizer(tmp_path / "other-tok", chat_template=False)
+    other.add_tokens(["额外"])
+    data = write_dataset(tmp_path / "data", other, encode_samples(other), 128)
+    monkeypatch.setattr(engine, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(CuteGPTError, match="tokenized with .*convert the data again"):
+        run_sft(_cfg(tiny_model_dir, data, tmp_path / "run"))
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny_model_dir, sft_dataset, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    real = Trainer.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(self, model, inputs, *a, **kw):
+        calls["n"] += 1
+        loss = real(self, model, inputs, *a, **kw)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(CuteGPTError, match=r"loss became nan at step 5.*checkpoint-4"):
+        run_sft(_cfg(tiny_model_dir, sft_dataset, out, max_steps=10, save_steps=2))
+    assert [p.name for p in engine.complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]  # 3 = epoch end
+    assert not (out / "final").exists()
+
+
+def test_deepspeed_file_values_become_settings():
+    from cutegpt.training.ds_config import read_ds_config, reconcile
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    ds, s = reconcile(read_ds_config(root / "ds_lora_zero1.json"),
+                      {"micro_batch": None, "grad_accum": 4, "lr": None, "warmup_steps": None, "adam_betas": None,
+                       "adam_eps": None, "weight_decay": None, "max_grad_norm": None, "precision": "auto"},
+                      on_cpu=True, source="test")
+    assert s["micro_batch"] == 2 and s["grad_accum"] == 4  # the flag wins over the file
+    assert s["lr"] == 3e-4 and s["warmup_steps"] == 300 and s["adam_betas"] == [0.98, 0.999] and s["adam_eps"] == 1e-9
+    assert s["precision"] == "bf16"
+    assert "optimizer" not in ds and ds["scheduler"]["params"]["warmup_min_lr"] == 1e-4
+    assert ds["train_micro_batch_size_per_gpu"] == "auto" and ds["scheduler"]["params"]["warmup_max_lr"] == "auto"
+    ds, _ = reconcile(read_ds_config(root / "ds_full_zero1_offload.json"), s, on_cpu=True, source="test")
+    assert "offload_optimizer" not in ds["zero_optimization"]
+    ds, _ = reconcile(read_ds_config(root / "ds_full_zero1_offload.json"), s, on_cpu=False, source="test")
+    assert ds["optimizer"]["params"]["lr"] == "auto" and "offload_optimizer" in ds["zero_optimization"]
+
+
+def test_yaml_run_configs_parse_and_flags_win():
+    from cutegpt.config import parse_config
+    from cutegpt.training.pt import PTConfig
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    cfg = parse_config(SFTConfig, ["--config", str(root / "sft_lora.yaml"), "--data", "d", "--lr", "1e-4"], prog="t")
+    assert (cfg.method, cfg.lora_r, cfg.lora_targets, cfg.lr, cfg.data) == ("lora", 8, ["q_proj", "v_proj"], 1e-4, ["d"])
+    assert parse_config(SFTConfig, ["--config", str(root / "sft_full.yaml")], prog="t").method == "full"
+    assert parse_config(PTConfig, ["--config", str(root / "pt_lora_vocab.yaml")], prog="t").modules_to_save == ["embed_tokens", "lm_head"]
+
+
+def test_full_tuning_on_data_converted_with_add_stop_token(tiny_model_dir, tmp_path):
+    """`data convert --add-stop-token` makes exactly the tokenizer `--method full` trains with."""
+    import pickle
+
+    from cutegpt.data.convert import ConvertConfig, convert
+    from cutegpt.data.manifest import load_dataset
+
+    src = tmp_path / "ift.pkl"
+    src.write_bytes(pickle.dumps([[{"instruction": "中国的首都是哪里？", "input": "", "output": "北京。"}],
+                                  [{"instruction": "1+1=?", "input": "", "output": "2"}]]))
+    data = convert(ConvertConfig(input=str(src), out=str(tmp_path / "ds"), model=str(tiny_model_dir),
+                                 max_length=128, add_stop_token=True))
+    prep = prepare_sft(_cfg(tiny_model_dir, data, tmp_path / "run", method="full", max_steps=1))
+    end_id = prep.tokenizer.convert_tokens_to_ids("<end>")
+    ds, _ = load_dataset(data)
+    trained = [t for row in ds for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+    assert trained.count(end_id) == 2  # one <end> token closes each answer
