@@ -48,6 +48,19 @@ def _find(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
     return None
 
 
+def _quiet_libraries() -> None:
+    """Silence start-up chatter that every command would otherwise print."""
+    import logging
+
+    # bitsandbytes warns at import that an optional 4-bit CPU kernel package is absent
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if "DS_ACCELERATOR" not in os.environ:  # deepspeed warns on each import when it has to guess
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CUTEGPT_DEBUG") == "1"
@@ -65,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cutegpt: unknown command '{' '.join(argv[:2])}'.\n\n{_usage()}", file=sys.stderr)
         return 2
     words, rest = found
+    _quiet_libraries()
     module_name, cls_name, fn_name, summary = COMMANDS[words]
     try:
         from cutegpt.config import parse_config

@@ -1,0 +1,1 @@
+"""Multiple-choice evaluation: C-Eval, CMMLU, MMLU, XieZhi (`cutegpt eval`)."""

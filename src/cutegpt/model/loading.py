@@ -139,7 +139,9 @@ def load_model(args: ModelArgs) -> LoadedModel:
     """Load model + tokenizer + template as `args` says; every command goes through here."""
     from transformers import AutoModelForCausalLM
 
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # loading notes (unused keys, TP plans) are not the user's business
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     int8 = _int8_backend(args, device)

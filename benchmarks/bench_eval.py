@@ -1,0 +1,206 @@
+"""C-Eval val: `cutegpt eval` vs lm-evaluation-harness, same prompt, same local data, one run.
+
+Both tools run as subprocesses on the same model folder (default: the embedded
+SmolLM2-135M-Instruct), with the same number of torch threads, on a fixed
+subset of C-Eval val subjects, zero- and five-shot. lm-eval is configured with
+the official C-Eval prompt (header as `description`, `答案：` cue, no target
+delimiter, first-n dev examples) and single-token choices A-D read from the same
+CSV files (converted losslessly to JSON Lines, see `to_jsonl`); it runs in its own virtual environment so it cannot change ours:
+
+    python -m venv /tmp/venv-lmeval
+    /tmp/venv-lmeval/bin/pip install torch==2.13.0 transformers==5.23.0 lm-eval
+
+Then:
+
+    python benchmarks/bench_eval.py --threads 1 --lmeval-python /tmp/venv-lmeval/bin/python
+
+Printed: wall time and questions/s of each tool (model loading included, and the
+scoring time alone), the ratio, accuracy, and the agreement of predicted letters
+question by question with every disagreement listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SUBJECTS = ["computer_network", "high_school_physics", "law", "basic_medicine"]  # one per category; physics is Hard
+LETTERS = "ABCD"
+
+
+def to_jsonl(csv_path: Path, out: Path) -> Path:
+    """The same rows as JSON Lines of strings.
+
+    lm-eval's `dataset_path: csv` goes through pandas, which turns all-numeric
+    columns into numbers ("0.50" -> 0.5) and "NA" into NaN. On C-Eval val/dev
+    that changes no cell (checked), but JSON keeps every cell exact by construction.
+    """
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return out
+
+
+def task_yaml(dev: Path, val: Path, subject: str, zh: str) -> str:
+    header = f"以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\\n\\n"
+    return f"""task: cg_ceval_{subject}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    dev: {dev}
+    val: {val}
+output_type: multiple_choice
+validation_split: val
+fewshot_split: dev
+fewshot_config:
+  sampler: first_n
+description: "{header}"
+doc_to_text: "{{{{question}}}}\\nA. {{{{A}}}}\\nB. {{{{B}}}}\\nC. {{{{C}}}}\\nD. {{{{D}}}}\\n答案："
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(answer)}}}}"
+target_delimiter: ""
+fewshot_delimiter: "\\n\\n"
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+"""
+
+
+def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
+    return wall
+
+
+def lmeval_predictions(out: Path, subjects: list[str]) -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], list[float]], float | None]:
+    preds, lls = {}, {}
+    for subject in subjects:
+        files = glob.glob(str(out / "**" / f"samples_cg_ceval_{subject}_*.jsonl"), recursive=True)
+        if not files:
+            sys.exit(f"no lm-eval samples for {subject} under {out}")
+        for line in Path(sorted(files)[-1]).read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            ll = [float(r[0]) for r in rec["filtered_resps"]]
+            preds[(subject, int(rec["doc_id"]))] = LETTERS[max(range(4), key=lambda i: (ll[i], -i))]
+            lls[(subject, int(rec["doc_id"]))] = ll
+    eval_seconds = None
+    for f in glob.glob(str(out / "**" / "results_*.json"), recursive=True):
+        eval_seconds = float(json.loads(Path(f).read_text())["total_evaluation_time_seconds"])
+    return preds, lls, eval_seconds
+
+
+def softmax(xs: list[float]) -> list[float]:
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("CEVAL_DATA", "/work/shared/data/ceval"))
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
+    ap.add_argument("--subjects", nargs="+", default=SUBJECTS)
+    ap.add_argument("--shots", nargs="+", type=int, default=[0, 5])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lmeval-python", default="/tmp/venv-lmeval/bin/python")
+    ap.add_argument("--lmeval-batch-size", default="1")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating which goes first; the best is reported")
+    ap.add_argument("--work", default="/tmp/bench-eval")
+    args = ap.parse_args()
+
+    from cutegpt.evaluation.data import resource
+
+    if args.model is None:
+        from cutegpt.model.embedded import embedded_model_dir
+
+        args.model = str(embedded_model_dir())
+    data = Path(args.data).resolve()
+    work = Path(args.work)
+    tasks = work / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    names = resource("ceval")["subjects"]
+    for s in args.subjects:
+        dev = to_jsonl(data / "dev" / f"{s}_dev.csv", tasks / f"{s}_dev.jsonl")
+        val = to_jsonl(data / "val" / f"{s}_val.csv", tasks / f"{s}_val.jsonl")
+        (tasks / f"cg_ceval_{s}.yaml").write_text(task_yaml(dev, val, s, names[s]["zh"]), encoding="utf-8")
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_DATASETS_CACHE=str(work / "hf-datasets"))
+    print(f"model {args.model}; {len(args.subjects)} C-Eval val subjects: {', '.join(args.subjects)}; "
+          f"torch threads {args.threads}; lm-eval batch size {args.lmeval_batch_size}", flush=True)
+    rows = []
+    for shots in args.shots:
+        ours_out = work / f"ours-{shots}shot"
+        ours_cmd = [sys.executable, "-m", "cutegpt", "eval", "ceval", "--data", str(data), "--model", args.model,
+                    "--shots", str(shots), "--subjects", *args.subjects, "--no-resume", "--threads", str(args.threads),
+                    "--output", str(ours_out)]
+        lm_out = work / f"lmeval-{shots}shot"
+        lm_cmd = [args.lmeval_python, "-m", "lm_eval", "--model", "hf",
+                  "--model_args", f"pretrained={args.model},dtype=float32", "--device", "cpu",
+                  "--tasks", ",".join(f"cg_ceval_{s}" for s in args.subjects), "--include_path", str(tasks),
+                  "--num_fewshot", str(shots), "--batch_size", args.lmeval_batch_size,
+                  "--output_path", str(lm_out), "--log_samples"]
+        # Alternate the order (ours first, then lm-eval first, ...) and keep each tool's best run:
+        # on a shared machine the background load drifts, and this keeps it from favouring one tool.
+        ours_walls, lm_walls, ours_scoring = [], [], []
+        for rep in range(args.repeats):
+            order = ["ours", "lm"] if rep % 2 == 0 else ["lm", "ours"]
+            for tool in order:
+                if tool == "ours":
+                    ours_walls.append(run(ours_cmd, env, work / f"ours-{shots}shot.log"))
+                    res = json.loads((ours_out / "results.json").read_text(encoding="utf-8"))
+                    ours_scoring.append(res["timing"]["seconds"])
+                else:
+                    shutil.rmtree(lm_out, ignore_errors=True)
+                    lm_walls.append(run(lm_cmd, env, work / f"lmeval-{shots}shot.log"))
+        ours_wall, lm_wall, ours_score_s = min(ours_walls), min(lm_walls), min(ours_scoring)
+        print(f"  runs (wall s): ours {[round(w, 1) for w in ours_walls]}, lm-eval {[round(w, 1) for w in lm_walls]}", flush=True)
+        ours = {(r["subject"], i): r for s in args.subjects
+                for i, r in enumerate(x for x in map(json.loads, (ours_out / "predictions.jsonl").read_text(encoding="utf-8").splitlines())
+                                      if x["subject"] == s)}
+        lm_pred, lm_ll, lm_eval_s = lmeval_predictions(lm_out, args.subjects)
+
+        n = len(ours)
+        if set(lm_pred) != set(ours):
+            sys.exit(f"question sets differ: ours {len(ours)}, lm-eval {len(lm_pred)}")
+        agree = sum(ours[k]["pred"] == lm_pred[k] for k in ours)
+        max_dp = max(max(abs(ours[k]["probs"][L] - p) for L, p in zip(LETTERS, softmax(lm_ll[k]))) for k in ours)
+        acc_ours = 100 * sum(r["correct"] for r in ours.values()) / n
+        acc_lm = 100 * sum(lm_pred[k] == ours[k]["gold"] for k in ours) / n
+        rows.append((shots, n, ours_wall, ours_score_s, lm_wall, lm_eval_s, agree, acc_ours, acc_lm, max_dp))
+        print(f"\n{shots}-shot, {n} questions", flush=True)
+        print(f"  ours    wall {ours_wall:7.1f} s ({n / ours_wall:.3f} q/s); scoring alone {ours_score_s:.1f} s ({n / ours_score_s:.3f} q/s)")
+        print(f"  lm-eval wall {lm_wall:7.1f} s ({n / lm_wall:.3f} q/s)" +
+              (f"; its total_evaluation_time {lm_eval_s:.1f} s" if lm_eval_s else ""))
+        print(f"  speed-up (wall) {lm_wall / ours_wall:.2f}x; agreement {agree}/{n} = {100 * agree / n:.1f}%; "
+              f"accuracy ours {acc_ours:.1f}%, lm-eval {acc_lm:.1f}% (question-weighted); "
+              f"max |p_ours - p_lmeval| over the 4 letters {max_dp:.2e}")
+        for k in sorted(ours):
+            if ours[k]["pred"] != lm_pred[k]:
+                print(f"  disagreement {k}: ours {ours[k]['pred']} {ours[k]['probs']} | lm-eval {lm_pred[k]} "
+                      f"{dict(zip(LETTERS, (round(p, 6) for p in softmax(lm_ll[k]))))}")
+
+    print("\n| setting | questions | ours wall s (q/s) | lm-eval wall s (q/s) | speed-up | letter agreement | accuracy ours / lm-eval |")
+    print("|---|---|---|---|---|---|---|")
+    for shots, n, ow, _os, lw, _ls, agree, ao, al, _dp in rows:
+        print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | {lw:.1f} ({n / lw:.2f}) | {lw / ow:.2f}x | "
+              f"{100 * agree / n:.1f}% | {ao:.1f} / {al:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

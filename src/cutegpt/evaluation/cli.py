@@ -1,0 +1,330 @@
+"""`cutegpt eval`: C-Eval / CMMLU / MMLU / XieZhi multiple-choice evaluation.
+
+    cutegpt eval ceval --shots 5 --split val --data /path/to/ceval
+      -> eval-results/ceval-val-5shot-logits/
+           results.json        settings, protocol, token ids, data hash, per-subject and category scores
+           predictions.jsonl   one line per question: prompt hash, gold, prediction, option probabilities
+           categories.png      accuracy by category (mean of subjects), chance line
+           submission.json     C-Eval test split only: {subject: {id: letter}}
+
+Finished subjects are cached under $CUTEGPT_CACHE/eval/<benchmark>-<split>-<key>/, the
+key being a hash of the model files and every setting that changes a score, so an
+interrupted run resumes where it stopped and a changed setting starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cutegpt.config import arg
+from cutegpt.errors import CuteGPTError
+from cutegpt.evaluation.data import LETTERS, SPLITS, Benchmark, Question, Subject, load_benchmark, resolve_data_dir
+from cutegpt.evaluation.prompts import LETTER_PREFIX, PromptStyle, pick_shots
+from cutegpt.evaluation.results import aggregate, bar_chart, subject_table, submission, table
+from cutegpt.evaluation.scoring import Item, Scored, score_items
+from cutegpt.model.loading import LoadedModel, ModelArgs
+
+PROTOCOL_VERSION = 1  # bump when prompt rendering or scoring changes: old caches stop matching
+DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test", "mmlu": "test", "xiezhi": "spec"}
+
+
+@dataclass(kw_only=True)
+class EvalConfig(ModelArgs):
+    """Settings of `cutegpt eval` (model flags come from ModelArgs)."""
+
+    benchmark: Literal["ceval", "cmmlu", "mmlu", "xiezhi"] = arg(help="benchmark: ceval, cmmlu, mmlu or xiezhi", positional=True)
+    data: str | None = arg(None, "the benchmark's official data folder (else $CEVAL_DATA / $CMMLU_DATA / $MMLU_DATA / $XIEZHI_DATA, or $CUTEGPT_DATA/<benchmark>)")
+    split: str | None = arg(None, "ceval: val|test|dev (default val); cmmlu: test|dev; mmlu: test|val|dev; xiezhi: spec|inter")
+    shots: int = arg(5, "few-shot examples from the dev set (0 = zero-shot)")
+    method: Literal["logits", "loglikelihood"] = arg("logits", "logits: next-token logit of each letter (C-Eval's LLaMA evaluator); loglikelihood: log-probability of each option's continuation (lm-evaluation-harness style)")
+    chat_template: bool = arg(False, "wrap each prompt in the model's template (--template), for instruction-tuned models")
+    fewshot_order: Literal["file", "random"] = arg("file", "few-shot examples: the first N dev questions (reference) or N seeded-random ones")
+    seed: int = arg(1234, "seed for --fewshot-order random")
+    subjects: list[str] | None = arg(None, "only these subjects (C-Eval/CMMLU/MMLU keys, XieZhi top-level disciplines)")
+    limit: int | None = arg(None, "only the first N questions of each subject (quick looks; labelled in the results)")
+    batch_size: int = arg(4, "most questions in one forward pass (on CPU 2-4 is fastest)")
+    max_batch_tokens: int = arg(2048, "most (padded) question tokens in one forward pass")
+    output: str | None = arg(None, "results folder (default eval-results/<benchmark>-<split>-<shots>shot-<method>)")
+    resume: bool = arg(True, "reuse finished subjects from the per-subject cache")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default)")
+
+
+# --------------------------------------------------------------------------- prompts -> token ids
+
+
+def encode_prompt(lm: LoadedModel, text: str, chat_template: bool) -> list[int]:
+    """Plain: the tokenizer's own special tokens (BOS for LLaMA, as the official evaluator).
+    Chat: the template's segments, encoded exactly as `cutegpt chat` encodes them."""
+    from cutegpt.templates import Turn, encode_segments
+
+    if chat_template:
+        ids, _ = encode_segments(lm.tokenizer, lm.template.segments([Turn(text)]))
+        return ids
+    return list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def letter_token_ids(tokenizer: Any, prefix: str = "") -> tuple[list[int], list[str]]:
+    """C-Eval's convention: the first id of `tokenizer.encode(letter)`; warns when that is not the whole letter."""
+    ids, notes = [], []
+    for letter in LETTERS:
+        enc = tokenizer(prefix + letter, add_special_tokens=False)["input_ids"]
+        if not enc:
+            raise CuteGPTError(f"the tokenizer {tokenizer.name_or_path} encodes the letter {letter!r} to nothing.")
+        if len(enc) > 1:
+            note = (f"the tokenizer has no single token for {prefix + letter!r} ({len(enc)} tokens); "
+                    f"the logits method reads its first token {tokenizer.convert_ids_to_tokens(enc[0])!r} (id {enc[0]}).")
+            notes.append(note)
+            warnings.warn(note, stacklevel=2)
+        ids.append(int(enc[0]))
+    if len(set(ids)) < len(ids):
+        raise CuteGPTError(f"the tokenizer {tokenizer.name_or_path} maps two letters to the same first token {ids}; use --method loglikelihood.")
+    return ids, notes
+
+
+def continuations(tokenizer: Any, method: str, benchmark: str, letter_ids: list[int]) -> tuple[tuple[int, ...], ...]:
+    if method == "logits":
+        return tuple((i,) for i in letter_ids)
+    prefix = LETTER_PREFIX[benchmark]
+    return tuple(tuple(tokenizer(prefix + L, add_special_tokens=False)["input_ids"]) for L in LETTERS)
+
+
+def subject_prompts(bench: Benchmark, sub: Subject, cfg: EvalConfig) -> list[tuple[Question, str]]:
+    style = PromptStyle(bench.name)
+    shots = pick_shots(sub, cfg.shots, cfg.fewshot_order, cfg.seed, sub.dev_file)
+    prefix = style.prefix(sub, shots)
+    questions = sub.questions[: cfg.limit] if cfg.limit else sub.questions
+    return [(q, prefix + style.question(q)) for q in questions]
+
+
+# --------------------------------------------------------------------------- cache key
+
+
+def _files_fingerprint(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    if path.is_file():
+        st = path.stat()
+        return {"path": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns}
+    info: dict[str, Any] = {"path": str(path.resolve())}
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".model", ".gguf")):
+            st = f.stat()
+            info[f.name] = [st.st_size, st.st_mtime_ns]
+    return info
+
+
+def settings_key(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, letter_ids: list[int]) -> tuple[str, dict[str, Any]]:
+    settings = {
+        "protocol_version": PROTOCOL_VERSION,
+        "model": _files_fingerprint(lm.model_path),
+        "lora": _files_fingerprint(lm.lora_path),
+        "dtype": str(lm.dtype),
+        "int8": lm.int8,
+        "benchmark": bench.name,
+        "split": bench.split,
+        "data_hash": bench.data_hash(),
+        "shots": cfg.shots,
+        "method": cfg.method,
+        "template": lm.template.name if cfg.chat_template else None,
+        "fewshot_order": cfg.fewshot_order,
+        "seed": cfg.seed if cfg.fewshot_order == "random" else None,
+        "limit": cfg.limit,
+        "letter_ids": letter_ids,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return key, settings
+
+
+def default_cache_root() -> Path:
+    from cutegpt.model.embedded import cache_dir
+
+    return cache_dir() / "eval"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _records(sub: Subject, prompts: list[tuple[Question, str]], items: list[Item], scored: list[Scored]) -> list[dict[str, Any]]:
+    out = []
+    for (q, text), item, s in zip(prompts, items, scored):
+        pred = LETTERS[s.best]
+        gold_index = LETTERS.index(q.answer) if q.answer else None
+        out.append({
+            "subject": sub.name,
+            "id": q.id,
+            "prompt_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16],
+            "prompt_tokens": len(item.ids),
+            "gold": q.answer,
+            "pred": pred,
+            "probs": {L: round(p, 6) for L, p in zip(LETTERS, s.probs)},
+            "scores": [round(x, 5) for x in s.scores],
+            "correct": (pred == q.answer) if q.answer else None,
+            "rank": s.rank_of(gold_index) if gold_index is not None else None,
+        })
+    return out
+
+
+def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Path | None = None,
+             show_progress: bool = True) -> dict[str, Any]:
+    """Score every subject of `bench`; returns {records, settings, key, timing, notes, letter_ids}."""
+    from tqdm.auto import tqdm
+
+    letter_ids, notes = letter_token_ids(lm.tokenizer, LETTER_PREFIX[bench.name])
+    conts = continuations(lm.tokenizer, cfg.method, bench.name, letter_ids)
+    key, settings = settings_key(lm, bench, cfg, letter_ids)
+    cache = (cache_root / f"{bench.name}-{bench.split}-{key}") if cache_root is not None else None
+    if cache is not None:
+        from cutegpt.io import write_json
+
+        cache.mkdir(parents=True, exist_ok=True)
+        if not (cache / "settings.json").exists():
+            write_json(cache / "settings.json", settings)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+
+    # Build every prompt first: a bad dev file fails before any model time is spent.
+    all_prompts = {name: subject_prompts(bench, sub, cfg) for name, sub in bench.subjects.items()}
+    records: dict[str, list[dict[str, Any]]] = {}
+    scored_questions, seconds, resumed = 0, 0.0, 0
+    outer = tqdm(bench.subjects.items(), desc=f"{bench.name} {bench.split}", unit="subject", disable=not show_progress)
+    for name, sub in outer:
+        prompts = all_prompts[name]
+        path = cache / f"{name}.jsonl" if cache is not None else None
+        if path is not None and cfg.resume and path.is_file():
+            recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if len(recs) == len(prompts):
+                records[name] = recs
+                resumed += 1
+                continue
+        items = [Item(tuple(encode_prompt(lm, text, cfg.chat_template)), conts) for _q, text in prompts]
+        context = lm.context_length
+        too_long = [q for (q, _t), it in zip(prompts, items) if len(it.ids) + max(map(len, conts)) > context]
+        if too_long:
+            raise CuteGPTError(f"{too_long[0].source}: the prompt has more tokens than the model's context of {context}; use fewer --shots.")
+        bar = tqdm(total=len(items), desc=name, leave=False, disable=not show_progress)
+        t0 = time.perf_counter()
+        scored = score_items(lm.model, items, cfg.method, cfg.batch_size, cfg.max_batch_tokens, pad_id,
+                             progress=bar.update)
+        seconds += time.perf_counter() - t0
+        bar.close()
+        scored_questions += len(items)
+        records[name] = _records(sub, prompts, items, scored)
+        if path is not None:
+            from cutegpt.io import atomic_file
+
+            with atomic_file(path) as f:  # a subject is cached whole or not at all
+                for r in records[name]:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return {"records": records, "settings": settings, "key": key, "letter_ids": letter_ids, "notes": notes,
+            "timing": {"scored_questions": scored_questions, "seconds": round(seconds, 3),
+                       "questions_per_second": round(scored_questions / seconds, 3) if seconds else None,
+                       "subjects_resumed": resumed}}
+
+
+def _protocol(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, letter_ids: list[int]) -> dict[str, Any]:
+    from cutegpt.evaluation.prompts import ANSWER_CUE, HEADERS
+
+    return {
+        "header": HEADERS[bench.name],
+        "answer_cue": ANSWER_CUE[bench.name],
+        "shots": cfg.shots,
+        "fewshot_source": "train (xiezhi_train_chn)" if bench.name == "xiezhi" else "dev",
+        "fewshot_order": cfg.fewshot_order if cfg.shots else None,
+        "seed": cfg.seed if cfg.shots and cfg.fewshot_order == "random" else None,
+        "method": cfg.method,
+        "letter_tokens": {L: {"id": i, "token": lm.tokenizer.convert_ids_to_tokens(i)} for L, i in zip(LETTERS, letter_ids)},
+        "letter_convention": "first id of tokenizer.encode(letter) (C-Eval LLaMA evaluator)",
+        "template": lm.template.name if cfg.chat_template else "none (plain text, tokenizer's own special tokens)",
+        "averages": "mean_of_subjects (C-Eval's convention, used in the table) and question_weighted",
+        "limit_per_subject": cfg.limit,
+    }
+
+
+def run_eval(cfg: EvalConfig) -> int:
+    import torch
+
+    import cutegpt
+    from cutegpt.io import atomic_dir, write_json
+    from cutegpt.model.loading import load_model
+
+    if cfg.shots < 0:
+        raise CuteGPTError(f"--shots must be 0 or more, not {cfg.shots}.")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise CuteGPTError(f"--limit must be 1 or more, not {cfg.limit}.")
+    if cfg.batch_size < 1 or cfg.max_batch_tokens < 1:
+        raise CuteGPTError("--batch-size and --max-batch-tokens must be 1 or more.")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    split = cfg.split or DEFAULT_SPLIT[cfg.benchmark]
+    if split not in SPLITS[cfg.benchmark]:
+        raise CuteGPTError(f"{cfg.benchmark} has no split '{split}'; choose one of {', '.join(SPLITS[cfg.benchmark])}.")
+    bench = load_benchmark(cfg.benchmark, resolve_data_dir(cfg.benchmark, cfg.data), split, cfg.subjects)
+    for sub in bench.subjects.values():  # fail on a short dev file before loading the model
+        subject_prompts(bench, sub, cfg)
+
+    lm = load_model(cfg)
+    print(f"model: {lm.describe()}", flush=True)
+    run = evaluate(lm, bench, cfg, default_cache_root() if cfg.resume else None)
+    records = run["records"]
+    has_gold = all(r["gold"] is not None for recs in records.values() for r in recs)
+    setting = f"{cfg.shots}-shot" if cfg.shots else "zero-shot"
+    out_dir = Path(cfg.output or f"eval-results/{bench.name}-{bench.split}-{cfg.shots}shot-{cfg.method}")
+    results: dict[str, Any] = {
+        "benchmark": bench.name,
+        "split": bench.split,
+        "setting": setting,
+        "model": str(lm.model_path),
+        "adapter": str(lm.lora_path) if lm.lora_path else None,
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "int8": lm.int8,
+        "device": str(lm.device),
+        "data_dir": str(bench.data_dir),
+        "data_hash": run["settings"]["data_hash"],
+        "cache_key": run["key"],
+        "protocol": _protocol(bench, cfg, lm, run["letter_ids"]),
+        "versions": {"cutegpt": cutegpt.__version__, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+        "questions": sum(len(r) for r in records.values()),
+        "timing": {**run["timing"], "threads": torch.get_num_threads()},
+        "warnings": run["notes"],
+    }
+    if has_gold:
+        results["summary"] = aggregate(bench, records)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for recs in records.values():
+                for r in recs:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        if has_gold:
+            title = f"{bench.name} {bench.split}, {setting}, {cfg.method}: {lm.model_path.name}"
+            bar_chart(bench, results["summary"], title, tmp / "categories.png")
+        else:
+            write_json(tmp / "submission.json", submission(records))
+        write_json(tmp / "results.json", results)
+
+    print(f"\n{bench.name} {bench.split}, {setting}, method {cfg.method}, template {results['protocol']['template']}"
+          + (f", first {cfg.limit} questions per subject" if cfg.limit else ""))
+    if has_gold:
+        summary = results["summary"]
+        if len(summary["subjects"]) <= 20:
+            print(subject_table(summary))
+            print()
+        print(table(bench, summary, setting))
+        qw = summary["average"]["question_weighted"]
+        print(f"(category and Average columns: mean of subject accuracies; question-weighted average {qw:.1f}"
+              + (f"; MRR {summary['average']['mrr']:.3f}" if bench.name == "xiezhi" else "") + ")")
+    else:
+        print(f"no answers in the {bench.split} split: wrote the submission file {out_dir / 'submission.json'}")
+    t = run["timing"]
+    if t["scored_questions"]:
+        print(f"{t['scored_questions']} questions in {t['seconds']:.1f} s ({t['questions_per_second']:.2f} questions/s)"
+              + (f", {t['subjects_resumed']} subjects from the cache" if t["subjects_resumed"] else ""))
+    elif t["subjects_resumed"]:
+        print(f"all {t['subjects_resumed']} subjects from the cache")
+    print(f"results: {out_dir}/")
+    return 0
