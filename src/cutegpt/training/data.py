@@ -15,13 +15,13 @@ every real token from seeing it, and its labels are -100.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from cutegpt.data.text import read_documents
 from cutegpt.errors import CuteGPTError
 
 IGNORE = -100
@@ -85,42 +85,6 @@ def load_packed_dataset(folder: str | Path, tokenizer: Any) -> tuple[Any, dict[s
 
 
 # ---------------------------------------------------------------- pre-training text
-
-def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> Iterable[str]:
-    """Documents from .txt files (one per file; blank-line separated paragraphs stay together) or JSON Lines."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl", ".json"))
-        elif p.exists():
-            files.append(p)
-        else:
-            raise CuteGPTError(f"text file {p} does not exist.")
-    if not files:
-        raise CuteGPTError(f"no .txt or .jsonl files in {', '.join(map(str, paths))}.")
-    for f in files:
-        try:
-            if f.suffix in (".jsonl", ".json"):
-                with open(f, encoding="utf-8") as fh:
-                    for n, line in enumerate(fh, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError:
-                            raise CuteGPTError(f"{f}, line {n}: not valid JSON.") from None
-                        text = record.get(text_field) if isinstance(record, dict) else None
-                        if not isinstance(text, str):
-                            raise CuteGPTError(f"{f}, line {n}: no text field '{text_field}' (a string).")
-                        if text:
-                            yield text
-            else:
-                text = f.read_text(encoding="utf-8")
-                if text.strip():
-                    yield text
-        except UnicodeDecodeError:
-            raise CuteGPTError(f"{f}: not UTF-8 text.") from None
-
 
 def pack_documents(docs: Iterable[list[int]], block: int) -> dict[str, list[list[int]]]:
     """Concatenate token lists into blocks of `block` tokens, recording where each document piece starts.

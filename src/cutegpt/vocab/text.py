@@ -13,13 +13,13 @@ uses it too, and a new piece built on it could change how English is tokenized.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
+from cutegpt.data.text import read_documents
 from cutegpt.errors import CuteGPTError
 
 _HAN_RANGES = (
@@ -148,37 +148,7 @@ def read_corpus(paths: Sequence[str | Path], text_field: str = "text") -> list[s
     """Documents of `.txt` files (one per non-empty line) and JSON Lines files (field `text_field`)."""
     if not paths:
         raise CuteGPTError("no corpus given: pass one or more .txt or .jsonl files.")
-    docs: list[str] = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if not path.is_file():
-            raise CuteGPTError(f"corpus file {path} does not exist." if not path.exists() else f"corpus path {path} is not a file.")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise CuteGPTError(f"{path}: not UTF-8 text (byte {e.start}).") from None
-        if path.suffix in (".jsonl", ".json"):
-            docs.extend(_json_lines(path, lines, text_field))
-        else:
-            docs.extend(line for line in lines if line.strip())
-    return docs
-
-
-def _json_lines(path: Path, lines: list[str], field: str) -> Iterable[str]:
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise CuteGPTError(f"{path}: line {n} is not valid JSON.") from None
-        if not isinstance(record, dict) or field not in record:
-            raise CuteGPTError(f"{path}: line {n} has no '{field}' field (set --text-field to the field that holds the text).")
-        value = record[field]
-        if not isinstance(value, str):
-            raise CuteGPTError(f"{path}: line {n}: field '{field}' is not a string.")
-        if value.strip():
-            yield value
+    return list(read_documents(paths, text_field, txt_per_line=True))
 
 
 def split_held_out(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
