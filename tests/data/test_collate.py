@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cutegpt.data.collate import PackedCollator, packed_attention_inputs
+from cutegpt.data.collate import packed_attention_inputs
 
 
 def test_positions_and_mask_hand_case():
@@ -45,8 +45,12 @@ def test_packed_loss_equals_sum_of_separate_losses(tiny_model_dir, attn, use_cac
         lab[0] = -100  # first token of every sample is never a target (what convert writes)
         sample_labels.append(lab)
     row = {"input_ids": torch.cat(samples).tolist(), "labels": torch.cat(sample_labels).tolist(), "seq_lens": lens}
-    batch = PackedCollator(pad_token_id=2, pad_to_multiple_of=8)([row])
-    assert batch["input_ids"].shape == (1, 24)
+    ids = torch.full((1, 24), 2, dtype=torch.long)  # right-padded to a multiple of 8
+    labels = torch.full((1, 24), -100, dtype=torch.long)
+    ids[0, :21] = torch.tensor(row["input_ids"])
+    labels[0, :21] = torch.tensor(row["labels"])
+    position_ids, mask = packed_attention_inputs([row["seq_lens"]], 24)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
     with torch.no_grad():
         packed = model(**batch, use_cache=use_cache)
         per_token = F.cross_entropy(packed.logits[0, :-1].float(), batch["labels"][0, 1:], ignore_index=-100, reduction="none")
@@ -61,13 +65,3 @@ def test_packed_loss_equals_sum_of_separate_losses(tiny_model_dir, attn, use_cac
     # the model's own mean loss equals the token-weighted mean of the separate losses
     n_trained = sum(int((lab[1:] != -100).sum()) for lab in sample_labels)
     assert torch.allclose(packed.loss, total_separate / n_trained, atol=1e-5)
-
-
-def test_concat_collation_is_plain_padding():
-    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "seq_lens": [3]},
-            {"input_ids": [8, 9], "labels": [-100, 9], "seq_lens": [2]}]
-    out = PackedCollator(pad_token_id=0, block_diagonal=False)(rows)
-    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
-    assert out["labels"].tolist() == [[5, 6, 7], [-100, 9, -100]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert "position_ids" not in out

@@ -1,4 +1,8 @@
-"""Batches of packed rows for the trainer: padding, restarting positions, block-diagonal masks.
+"""Position ids and an explicit block-diagonal mask for packed rows (for your own training loops).
+
+`cutegpt train` itself needs no mask: its collator (training/data.py) restarts
+position ids per sample and turns the KV cache off, and transformers then
+builds the same block-diagonal attention (or flash-attention's varlen path).
 
 A row holds several samples back to back (`seq_lens`). Each sample must see
 only itself, and count its positions from 0, exactly as if it were alone:
@@ -22,7 +26,7 @@ samples when the model builds a KV cache (FACTS.md, "Packed sequences").
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -54,38 +58,3 @@ def packed_attention_inputs(
     mask = torch.zeros(batch, 1, max_len, max_len, dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return position_ids, mask
-
-
-class PackedCollator:
-    """Collate rows of a converted dataset ({input_ids, labels, seq_lens}) into model inputs.
-
-    Rows are right-padded to the longest in the batch (or `pad_to_multiple_of`);
-    labels are -100 on padding. With `block_diagonal=False` (for `packing: concat`,
-    the original's layout) the mask is the ordinary padding mask and positions run on.
-    """
-
-    def __init__(self, pad_token_id: int, block_diagonal: bool = True, dtype: torch.dtype = torch.float32,
-                 pad_to_multiple_of: int | None = None):
-        self.pad_token_id = pad_token_id
-        self.block_diagonal = block_diagonal
-        self.dtype = dtype
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            longest = -(-longest // m) * m
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), -100, dtype=torch.long)
-        for b, r in enumerate(rows):
-            n = len(r["input_ids"])
-            input_ids[b, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
-            labels[b, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
-        if self.block_diagonal:
-            position_ids, mask = packed_attention_inputs([list(r["seq_lens"]) for r in rows], longest, self.dtype)
-            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
-        attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        for b, r in enumerate(rows):
-            attention_mask[b, : len(r["input_ids"])] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

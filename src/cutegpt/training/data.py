@@ -64,18 +64,11 @@ class PackedCollator:
 
 
 def load_packed_dataset(folder: str | Path, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
-    """A `data convert` dataset, refused when it was made with another tokenizer."""
-    from datasets import load_from_disk
-
-    from cutegpt.data.manifest import DATA_DIR, check_tokenizer, read_manifest
+    """A `data convert` dataset the trainer can use: same tokenizer, the needed columns, not empty."""
+    from cutegpt.data.manifest import DATA_DIR, load_dataset
 
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    check_tokenizer(manifest, tokenizer, folder)
-    try:
-        ds = load_from_disk(str(folder / DATA_DIR))
-    except (FileNotFoundError, ValueError) as e:
-        raise CuteGPTError(f"{folder / DATA_DIR}: cannot read the dataset ({str(e).splitlines()[0][:200]}).") from None
+    ds, manifest = load_dataset(folder, tokenizer)
     missing = {"input_ids", "labels"} - set(ds.column_names)
     if missing:
         raise CuteGPTError(f"{folder / DATA_DIR}: the dataset has no column(s) {', '.join(sorted(missing))}.")
