@@ -11,7 +11,7 @@ written in input order, each line the input record plus `answer`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,7 @@ def run_generate(cfg: GenerateConfig) -> int:
     records = read_records(path)
     conversations = [record_to_turns(rec, f"{path}, line {lineno}") for lineno, rec in records]
     lm = load_model(cfg)
-    gen = GenerationArgs(**{k: v for k, v in asdict(cfg).items() if k in GenerationArgs.__dataclass_fields__})
+    gen = GenerationArgs.of(cfg)
     if gen.seed is not None:
         torch.manual_seed(gen.seed)
     prompts = [encode_segments(lm.tokenizer, lm.template.segments(turns, system if system is not None else cfg.system))[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -146,7 +146,7 @@ def run_chat(cfg: ChatConfig) -> int:
     """Chat with a model; multi-turn, streaming, KV cache reused across turns."""
     if cfg.max_new_tokens <= 0:
         raise CuteGPTError(f"--max-new-tokens must be positive, not {cfg.max_new_tokens}.")
-    gen = GenerationArgs(**{k: v for k, v in asdict(cfg).items() if k in GenerationArgs.__dataclass_fields__})
+    gen = GenerationArgs.of(cfg)
     lm = load_model(cfg)
     session = ChatSession(lm, gen, cfg.memory_limit, cfg.system, reuse_cache=not cfg.no_cache_reuse)
     if cfg.input is not None:

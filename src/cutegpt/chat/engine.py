@@ -40,6 +40,12 @@ class GenerationArgs:
     ignore_eos: bool = arg(False, "keep generating past EOS and the stop marker (for benchmarks)")
 
 
+    @classmethod
+    def of(cls, cfg: Any) -> "GenerationArgs":
+        """The generation settings of a command config that inherits them."""
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+
+
 @dataclass
 class GenerationResult:
     text: str  # the answer, without the stop marker
