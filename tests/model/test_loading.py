@@ -215,3 +215,18 @@ def test_yaml_unknown_key(capsys, tmp_path):
     cfg.write_text("modle: x\n", encoding="utf-8")
     code, err = _run(capsys, "chat", "--config", str(cfg))
     assert code == 1 and f"{cfg}: unknown setting 'modle'" in err
+
+
+def test_save_tokenizer_keeps_sentencepiece_model(tmp_path):
+    """transformers 5 saves only tokenizer.json; LLaMA tools still need tokenizer.model."""
+    from transformers import AutoTokenizer
+
+    from cutegpt.model.loading import save_tokenizer
+    from tests.vocab.conftest import build_sp_base
+
+    src = build_sp_base(tmp_path / "sp")
+    tok = AutoTokenizer.from_pretrained(src)
+    save_tokenizer(tok, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    again = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert again("中国的首都 is Beijing")["input_ids"] == tok("中国的首都 is Beijing")["input_ids"]

@@ -205,6 +205,7 @@ def make_trainer_class():
             finally:
                 self._staging = None
             if self.is_world_process_zero():
+                save_tokenizer(self.processing_class, staging / name)  # adds tokenizer.model, which the Trainer drops
                 write_model_card(staging / name, self.template_name)
             _barrier()
             if self.is_world_process_zero():
