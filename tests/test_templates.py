@@ -105,3 +105,17 @@ def test_encode_segments_flags(tiny_tokenizer):
     trained = [i for i, f in zip(ids, train) if f]
     assert tiny_tokenizer.decode(trained) == "a<end>"
     assert tiny_tokenizer.decode([i for i, f in zip(ids, train) if not f]) == SYS + "问：q\n答：\n"
+
+
+def test_resolve_template_name_precedence(tmp_path, tiny_tokenizer):
+    from cutegpt.templates import resolve_template_name, write_model_card
+
+    adapter, base = tmp_path / "adapter", tmp_path / "base"
+    adapter.mkdir()
+    base.mkdir()
+    assert resolve_template_name(None, [adapter, base, None], tiny_tokenizer) == "auto"  # chat template present
+    write_model_card(base, "raw")
+    assert resolve_template_name(None, [adapter, base], tiny_tokenizer) == "raw"
+    write_model_card(adapter, "cutegpt")
+    assert resolve_template_name(None, [adapter, base], tiny_tokenizer) == "cutegpt"
+    assert resolve_template_name("auto", [adapter, base], tiny_tokenizer) == "auto"

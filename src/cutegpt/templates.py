@@ -198,6 +198,18 @@ def default_template_name(tokenizer: Any) -> str:
     return "auto" if getattr(tokenizer, "chat_template", None) else "cutegpt"
 
 
+def resolve_template_name(explicit: str | None, folders: Sequence[str | Path | None], tokenizer: Any) -> str:
+    """The template to use: the one asked for, else the first recorded in a folder's model card, else the tokenizer's default."""
+    if explicit:
+        return explicit
+    for folder in folders:
+        if folder is not None and Path(folder).is_dir():
+            recorded = read_model_card(folder).get("template")
+            if recorded:
+                return str(recorded)
+    return default_template_name(tokenizer)
+
+
 def read_model_card(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MODEL_CARD
     if not path.is_file():

@@ -230,3 +230,17 @@ def test_save_tokenizer_keeps_sentencepiece_model(tmp_path):
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     again = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert again("中国的首都 is Beijing")["input_ids"] == tok("中国的首都 is Beijing")["input_ids"]
+
+
+def test_gguf_with_bitsandbytes_refused_before_loading(capsys, tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not read")  # never opened: the refusal comes first
+    code, err = _run(capsys, "chat", "--model", str(fake), "--load-in-8bit", "--int8-backend", "bitsandbytes")
+    assert code == 1 and "needs a model folder, not a GGUF file" in err
+
+
+def test_corrupt_gguf_named(capsys, tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF garbage")
+    code, err = _run(capsys, "chat", "--model", str(fake))
+    assert code == 1 and f"{fake}: cannot read this GGUF file" in err

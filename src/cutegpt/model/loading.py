@@ -21,7 +21,7 @@ import torch
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
-from cutegpt.templates import Template, default_template_name, get_template, read_model_card
+from cutegpt.templates import Template, get_template, resolve_template_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
@@ -162,16 +162,14 @@ def load_model(args: ModelArgs) -> LoadedModel:
     if model_path.suffix == ".gguf":
         if not model_path.is_file():
             raise CuteGPTError(f"GGUF file {model_path} does not exist.")
+        if int8 == "bitsandbytes":  # refuse before spending seconds on dequantizing
+            raise CuteGPTError("--load-in-8bit with bitsandbytes needs a model folder, not a GGUF file; convert it first or use --int8-backend quanto.")
         from cutegpt.model.gguf import load_gguf
 
         model, tokenizer = load_gguf(model_path, dtype=torch.float32 if int8 else dtype)
-        if int8 == "bitsandbytes":
-            raise CuteGPTError("--load-in-8bit with bitsandbytes needs a model folder, not a GGUF file; convert it first or use --int8-backend quanto.")
-        model_card = {}
     else:
         _check_model_folder(model_path)
         tokenizer = None
-        model_card = read_model_card(model_path)
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
         if int8 == "bitsandbytes":
             from transformers import BitsAndBytesConfig
@@ -210,11 +208,7 @@ def load_model(args: ModelArgs) -> LoadedModel:
         model.to(device)
     model.eval()
 
-    name = args.template
-    if name is None and lora_path is not None:
-        name = read_model_card(lora_path).get("template")
-    name = name or model_card.get("template") or default_template_name(tokenizer)
-    template = get_template(name, tokenizer)
+    template = get_template(resolve_template_name(args.template, [lora_path, model_path], tokenizer), tokenizer)
     actual_dtype = next(model.parameters()).dtype
     return LoadedModel(model, tokenizer, template, model_path, lora_path, actual_dtype, device, int8)
 

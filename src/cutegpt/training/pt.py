@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
-from cutegpt.templates import default_template_name, read_model_card
+from cutegpt.templates import resolve_template_name
 from cutegpt.training.args import TrainArgs
 from cutegpt.training.data import pretraining_dataset
 from cutegpt.training.engine import Prepared, base_model_path, load_for_training, train, training_tokenizer
@@ -40,6 +40,6 @@ def prepare_pt(cfg: PTConfig) -> Prepared:
     tokenizer = training_tokenizer(cfg, None)  # pre-training text has no stop marker to add
     dataset = pretraining_dataset(cfg.data, tokenizer, cfg.max_length, cfg.text_field)
     base = base_model_path(cfg)
-    template = cfg.template or (read_model_card(base).get("template") if base.is_dir() else None) or default_template_name(tokenizer)
+    template = resolve_template_name(cfg.template, [base], tokenizer)
     model = load_for_training(cfg, tokenizer, template)
     return Prepared(model, tokenizer, dataset, template)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
-from cutegpt.templates import default_template_name, read_model_card
+from cutegpt.templates import resolve_template_name
 from cutegpt.training.args import TrainArgs
 from cutegpt.training.engine import Prepared, base_model_path, load_for_training, train, training_tokenizer
 
@@ -69,7 +69,7 @@ def prepare_sft(cfg: SFTConfig) -> Prepared:
             if tokenizer_hash(plain) == manifest["tokenizer"]["vocab_hash"] and len(plain) != len(tokenizer):
                 raise CuteGPTError(
                     f"{folder} was tokenized with <end> as several tokens, but --method full makes <end> one special token "
-                    "(as the original did); convert the data again with the stop token added, or train with --method lora."
+                    "(as the original did); convert the data again with `cutegpt data convert --add-stop-token`, or train with --method lora."
                 ) from None
         raise
     model = load_for_training(cfg, tokenizer, template_name)
@@ -82,15 +82,12 @@ def resolve_template(cfg: SFTConfig, manifest: dict[str, Any], folder: Path) -> 
         made_with = made_with.get("name")
     if cfg.template and made_with and cfg.template != made_with:
         raise CuteGPTError(f"{folder} was rendered with the '{made_with}' template, not '{cfg.template}'; drop --template or convert again.")
-    name = cfg.template or made_with
-    if name:
-        return str(name)
-    card = read_model_card(base_model_path(cfg)) if base_model_path(cfg).is_dir() else {}
-    if card.get("template"):
-        return str(card["template"])
+    if cfg.template or made_with:
+        return str(cfg.template or made_with)
     from cutegpt.model.loading import load_tokenizer
 
-    return default_template_name(load_tokenizer(base_model_path(cfg)))
+    base = base_model_path(cfg)
+    return resolve_template_name(None, [base], load_tokenizer(base))
 
 
 # ---------------------------------------------------------------- on-the-fly conversion
