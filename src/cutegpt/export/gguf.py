@@ -265,6 +265,7 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
     kv = plan.kv
     info = source_info or {}
     name = info.get("name") or folder.name
+    kv.append(("add_type", ("model",)))
     kv.append(("add_name", (str(name),)))
     if info.get("organization"):
         kv.append(("add_organization", (str(info["organization"]),)))
@@ -286,8 +287,7 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
         ("add_file_type", (int(_file_type(quant)),)),
         ("add_rope_dimension_count", (head_dim,)),
     ]
-    if head_dim != hidden // n_head:
-        kv += [("add_key_length", (head_dim,)), ("add_value_length", (head_dim,))]
+    kv += [("add_key_length", (head_dim,)), ("add_value_length", (head_dim,))]
 
     # tensors
     files = _weight_index(folder)
@@ -421,12 +421,37 @@ def _has_byte_level(pre: Any) -> bool:
     return any(_has_byte_level(p) for p in pre.get("pretokenizers") or [])
 
 
-def pre_tokenizer_name(tj: dict[str, Any]) -> str:
+# llama.cpp's fingerprint of a byte-level BPE pre-tokenizer: sha256 of the ids of this text
+# (convert_hf_to_gguf.py, get_vocab_base_pre); the hashes below are the ones it lists for these names.
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 '
+          '33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български '
+          '\'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, '
+          '\'D you like some tea? We\'Ve a\'lL')
+KNOWN_PRE = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+}
+
+
+def pre_tokenizer_name(tj: dict[str, Any], tokenizer: Any = None) -> str:
     """llama.cpp's name for the pre-tokenizer in tokenizer.json (the regex it must apply before BPE).
 
-    Recognised by structure rather than llama.cpp's hash of sample output, so
-    vocabularies `vocab extend` grew from a known base keep the base's name.
+    First llama.cpp's own fingerprint (the ids of CHKTXT), so an unchanged vocabulary gets the
+    name llama.cpp's converter gives it; then the structure of tokenizer.json, so vocabularies
+    `vocab extend` grew from a known base (new ids, new fingerprint) keep the base's rules.
+    Verification then checks llama.cpp tokenizes like the HF tokenizer.
     """
+    import hashlib
+
+    if tokenizer is not None:
+        ids = tokenizer.encode(CHKTXT)
+        name = KNOWN_PRE.get(hashlib.sha256(str(ids).encode()).hexdigest())
+        if name:
+            return name
     pre = tj.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex", True)) for p in parts]
@@ -486,8 +511,7 @@ def _tokenizer_kv(folder: Path, tokenizer: Any, n_rows: int, template_name: str)
             else:
                 raise CuteGPTError(f"{folder}: token id {i} is missing from tokenizer.json.")
         merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges") or []]
-        kv.append(("add_tokenizer_pre", (pre_tokenizer_name(tj),)))
-        kv.append(("add_add_space_prefix", (False,)))
+        kv.append(("add_tokenizer_pre", (pre_tokenizer_name(tj, tokenizer),)))
     for i in range(n_tok, n_rows):  # embedding rows past the vocabulary (padding to a multiple of 64)
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
