@@ -87,7 +87,8 @@ def run_export_gguf(cfg: ExportConfig) -> int:
             agreement = f"top-1 check skipped ({top1['skipped']})"
         else:
             agreement = (f"top-1 agreement with transformers {top1['agreement']:.1%} over {top1['positions']} positions, "
-                         f"greedy continuations {'identical' if top1['greedy_same'] else 'differ'}")
+                         f"greedy continuations {'identical' if top1['greedy_same'] else 'differ'}"
+                         + (f" ({top1['greedy_near_ties']} at a near tie)" if top1.get("greedy_near_ties") else ""))
         print(f"verified in llama.cpp: tokenization identical ({check['tokenization']['probe_tokens']} probe tokens), "
               f"chat template renders as in {'templates.py' if report.get('template') == 'cutegpt' else 'transformers'}, {agreement}")
     else:
