@@ -60,7 +60,7 @@ def run_export(cfg: ExportConfig) -> int:
     model = model.to(dtype)
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         model.save_pretrained(tmp)
-        save_tokenizer(lm.tokenizer, tmp)
+        save_tokenizer(lm.tokenizer, tmp, lm.template.name)
         write_model_card(tmp, lm.template.name, merged_from={"model": str(lm.model_path.resolve()), "lora": str(lm.lora_path.resolve())})
     print(f"saved {out} ({str(dtype).replace('torch.', '')}, template {lm.template.name})")
     return 0
