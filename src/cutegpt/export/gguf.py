@@ -198,21 +198,59 @@ def _template_and_tokenizer(template: str | None, folder: Path, lora: Any) -> tu
 
 
 def _embedded_general(path: Path) -> dict[str, Any]:
-    """name / licence of the embedded model, read from its GGUF."""
-    import gguf
-
-    info: dict[str, Any] = {"name": "SmolLM2-135M-Instruct", "license": None}
+    """name / organization / licence of the embedded model, from the general.* keys at the head of its GGUF."""
+    info: dict[str, Any] = {"name": "SmolLM2-135M-Instruct"}
     try:
-        reader = gguf.GGUFReader(path)
-        lic = reader.fields.get("general.license")
-        if lic is not None:
-            info["license"] = lic.contents()
-        org = reader.fields.get("general.organization")
-        if org is not None:
-            info["organization"] = org.contents()
-    except Exception:  # metadata is a courtesy; a broken embedded file fails elsewhere with its own message
-        pass
+        general = read_general_fields(path)
+    except (OSError, ValueError, UnicodeDecodeError):  # metadata is a courtesy; a broken embedded file fails elsewhere
+        return info
+    for key in ("license", "organization"):
+        if isinstance(general.get(f"general.{key}"), str):
+            info[key] = general[f"general.{key}"]
     return info
+
+
+def read_general_fields(path: Path) -> dict[str, Any]:
+    """The leading `general.*` key/values of a GGUF file, read from its header only.
+
+    gguf.GGUFReader maps and parses every field (the 49k-token vocabulary too), which
+    takes seconds; the general keys come first and need a few hundred bytes.
+    """
+    import struct
+
+    scalars = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    out: dict[str, Any] = {}
+    with open(path, "rb") as f:
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            return f.read(read("<Q")).decode("utf-8")
+
+        def value(vtype: int) -> Any:
+            if vtype in scalars:
+                return read(scalars[vtype])
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                item, n = read("<I"), read("<Q")
+                return [value(item) for _ in range(n)]
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        read("<I")  # version
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key = string()
+            if not key.startswith("general."):
+                break
+            out[key] = value(read("<I"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -293,7 +331,7 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
     files = _weight_index(folder)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
     n_rows = None
-    for key, file in files.items():
+    for key, (file, shape) in files.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue
         if key == "lm_head.weight" and tied:
@@ -301,7 +339,6 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
         new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise CuteGPTError(f"{folder}: the tensor {key} has no place in a LLaMA GGUF file (is this really a plain LLaMA model?).")
-        shape = _shape(file, key)
         if new == "token_embd.weight":
             n_rows = shape[0]
         permute = n_head if ".attn_q." in new else n_kv if ".attn_k." in new else 0
@@ -336,26 +373,19 @@ def _licence(folder: Path) -> str | None:
     return None
 
 
-def _weight_index(folder: Path) -> dict[str, Path]:
-    """safetensors key -> file, in file order (the model.safetensors.index.json if sharded)."""
+def _weight_index(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """safetensors key -> (file, shape), in file order; headers only, no tensor is read."""
     from safetensors import safe_open
 
-    out: dict[str, Path] = {}
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
-                    out[k] = f
+                    out[k] = (f, tuple(st.get_slice(k).get_shape()))
         except Exception as e:
             raise CuteGPTError(f"{f}: the weights file is corrupt or truncated ({str(e).splitlines()[0][:200]}).") from None
     return out
-
-
-def _shape(file: Path, key: str) -> tuple[int, ...]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as st:
-        return tuple(st.get_slice(key).get_shape())
 
 
 def _tensor_qtype(name: str, shape: tuple[int, ...], quant: str) -> Any:
@@ -593,6 +623,7 @@ def _sp_add_dummy_prefix(folder: Path) -> bool | None:
 def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
     """Write `plan` to `path`, one tensor in memory at a time."""
     import gguf
+    from safetensors import safe_open
     from tqdm import tqdm
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -607,7 +638,9 @@ def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
     bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"GGUF {plan.quant}", disable=not progress, leave=False)
     try:
         for t in plan.tensors:
-            data = _convert(t)
+            # a fresh handle per tensor: the mapping (and the file pages it made resident) goes away with it
+            with (safe_open(str(t.file), framework="pt") if t.file is not None else contextlib.nullcontext()) as st:
+                data = _convert(t, st)
             writer.write_tensor_data(data)
             bar.update(t.nbytes)
             del data
@@ -619,27 +652,21 @@ def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
                 f.close()
 
 
-def _convert(t: TensorPlan) -> np.ndarray:
+def _convert(t: TensorPlan, st: Any) -> np.ndarray:
+    """One tensor as GGUF bytes: unpermuted, then cast or quantized a block of rows at a time."""
     import gguf
     import torch
-    from safetensors import safe_open
 
-    if t.data is not None:
-        src = torch.from_numpy(t.data)
-    else:
-        with safe_open(str(t.file), framework="pt") as st:
-            src = st.get_tensor(t.source)
+    src = torch.from_numpy(t.data) if t.data is not None else st.get_tensor(t.source)
     if t.permute_heads:
         src = _unpermute(src, t.permute_heads)
     if src.dim() == 1 or t.qtype == gguf.GGMLQuantizationType.F32:
         return src.to(torch.float32).numpy()
+    if t.qtype == gguf.GGMLQuantizationType.F16:
+        return src.to(torch.float16).contiguous().numpy()  # one cast, no float32 copy (round-to-nearest-even, as numpy)
     rows = []
     for start in range(0, src.shape[0], CHUNK_ROWS):
-        chunk = src[start:start + CHUNK_ROWS].to(torch.float32).numpy()
-        if t.qtype == gguf.GGMLQuantizationType.F16:
-            rows.append(chunk.astype(np.float16))
-        else:
-            rows.append(gguf.quants.quantize(chunk, t.qtype))
+        rows.append(gguf.quants.quantize(src[start:start + CHUNK_ROWS].to(torch.float32).numpy(), t.qtype))
     del src
     return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
 
