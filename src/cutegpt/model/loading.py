@@ -19,28 +19,13 @@ from typing import Any, Literal
 
 import torch
 
-from cutegpt.config import arg
+from cutegpt.model.args import ModelArgs  # noqa: F401  (re-exported: commands import it from here)
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import Template, get_template, resolve_template_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
-@dataclass
-class ModelArgs:
-    """Settings shared by every command that loads a model."""
-
-    model: str | None = arg(None, "model folder, .gguf file, or nothing for the embedded SmolLM2-135M-Instruct")
-    lora: str | None = arg(None, "LoRA adapter folder to put on top of --model")
-    template: str | None = arg(None, "prompt template: cutegpt, auto (the tokenizer's chat template) or raw; default: what the model folder records")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "weight dtype; auto = float32 on CPU, bfloat16/float16 on GPU")
-    load_in_8bit: bool = arg(False, "8-bit weights (bitsandbytes on GPU, optimum-quanto on CPU unless --int8-backend says otherwise)")
-    int8_backend: Literal["auto", "bitsandbytes", "quanto"] = arg("auto", "library for --load-in-8bit")
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", "where to run")
-    trust_remote_code: bool = arg(False, "allow model folders to run their own Python code")
-    merge_lora: bool = arg(False, "merge the LoRA adapter into the weights after loading (faster inference)")
 
 
 @dataclass
