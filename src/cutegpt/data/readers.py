@@ -113,7 +113,7 @@ def _read_line(f: Any, limit: int) -> tuple[bytes | None, int]:
         return raw, len(raw)
     size = len(raw)
     while not raw.endswith(b"\n"):  # skip the rest of the over-long line in bounded pieces
-        raw = f.readline(1 << 20)
+        raw = f.readline(1 << 16)
         if not raw:
             break
         size += len(raw)
