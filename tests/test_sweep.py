@@ -58,6 +58,9 @@ PATHS_BY_COMMAND: dict[tuple[tuple[str, ...], str], tuple[str, str]] = {
     (("eval",), "data"): ("in", "folder"),
     (("data", "convert"), "input"): ("in", "any"),
 }
+# outputs that may lie inside an input by design (the plot's default place is DATASET/lengths.png):
+# for them the case writes over a part of the input instead
+INSIDE_BY_DESIGN = {(("data", "stats"), "plot"): "data"}
 NOT_PATHS = {"template", "system", "text_field", "split", "eval_split", "lora_targets", "modules_to_save", "subjects",
              "api_key", "host", "engine", "backend", "prompt", "target_delimiter", "report_to"}
 
@@ -210,9 +213,13 @@ def check_refused(argv: list[str], names: list[str], capsys, *roots: Path) -> No
 
 
 @contextlib.contextmanager
-def read_only(root: Path, monkeypatch):
-    """Make `root` behave as a read-only folder: os.access says so, and writes under it raise EROFS."""
+def read_only(root: Path, monkeypatch, code: int = errno.EROFS):
+    """Make `root` behave as a read-only folder: os.access says so, and writes under it raise EROFS.
+
+    With code=ENOSPC it is a full disk instead: access is granted, every write fails.
+    """
     root = root.resolve()
+    message = os.strerror(code)
 
     def under(path) -> bool:
         try:
@@ -221,13 +228,13 @@ def read_only(root: Path, monkeypatch):
             return False
 
     def deny(path):
-        raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+        raise OSError(code, message, os.fsdecode(path))
 
     real_access, real_mkdir, real_open, real_os_open = os.access, os.mkdir, builtins.open, os.open
     real_replace, real_rename = os.replace, os.rename
 
     def access(path, mode, *a, **k):
-        if mode & os.W_OK and under(path):
+        if code == errno.EROFS and mode & os.W_OK and under(path):
             return False
         return real_access(path, mode, *a, **k)
 
@@ -330,7 +337,24 @@ def path_cases():
 
 # Cases that fail outside the safety helper's area (strict: they must start passing when fixed).
 # Filled from a run of this sweep; the reason names the owner.
-KNOWN: dict[str, str] = {}
+_CHAT = "chat helper (item 4): chat loads the model before checking --input; check it first, in one sentence"
+_GEN = ("chat helper (item 4): generate checks --out only after loading the model and generating (and overwrites an existing "
+        "file without --overwrite, or writes into an input); call io.check_output(kind='file', inputs=...) before loading")
+_TRAIN = ("train helper (item 1/3): train checks --out only after the model loads (io.check_output with inputs=[model, data, "
+          "lora...] first; an existing --out needs --overwrite or --resume)")
+_TRAIN_LORA = "train helper: --resume-lora is checked only after the model loads (and not in one sentence)"
+_EXPORT = ("gguf helper (export): --out is not checked before loading; an --out that is or lies inside --model is written "
+           "with exit 0 (the model folder is replaced); call io.check_output(inputs=[model, lora]) first")
+_EVAL = ("evalfix helper: eval checks --out only after the model loads (existing/file/read-only/inside an input); "
+         "call io.check_output before loading (an existing --out with --resume is legitimate: say so)")
+KNOWN: dict[str, str] = {
+    "chat:input:missing": _CHAT, "chat:input:folder_for_file": _CHAT,
+    **{f"generate:out:{c}": _GEN for c in ("exists", "folder_for_file", "read_only", "inside_input", "is_input")},
+    **{f"train-{k}:out:{c}": _TRAIN for k in ("sft", "pt") for c in ("exists", "file_for_folder", "read_only", "inside_input", "is_input")},
+    **{f"train-{k}:resume_lora:{c}": _TRAIN_LORA for k in ("sft", "pt") for c in ("missing", "file_for_folder")},
+    **{f"export:out:{c}": _EXPORT for c in ("file_for_folder", "read_only", "inside_input", "is_input")},
+    **{f"eval:out:{c}": _EVAL for c in ("exists", "file_for_folder", "read_only", "inside_input", "is_input")},
+}
 
 
 def _known(params):
@@ -451,7 +475,7 @@ def test_path_flag(words, name, case, shared, work, capsys, monkeypatch):
         else:
             if not copy.is_dir():
                 pytest.skip("the input is a file")
-            target = copy / "sub"
+            target = copy / INSIDE_BY_DESIGN.get((words, name), "sub")
         names.append(target.name)
     elif case == "read_only":
         ro = work / "ro"
@@ -473,3 +497,64 @@ def test_path_flag(words, name, case, shared, work, capsys, monkeypatch):
         assert tree(work, shared["root"]) == before
         return
     check_refused(argv, names, capsys, work, shared["root"])
+
+
+# ---------------------------------------------------------------- disk full at the write (every command that writes)
+
+WRITERS = [w for w in LIVE if "out" in {f.name for f in visible_fields(config_class(w))}]
+_LOADING_BAR = ("lead (model/loading.py): the model loads before the write fails and transformers' 'Loading weights' progress "
+                "bar goes to stderr, so the error is not one line (the sentence itself is right); also: check --out before loading")
+DISK_FULL_KNOWN: dict[str, str] = {k: _LOADING_BAR for k in ("generate", "train-sft", "train-pt", "export", "eval", "vocab-extend")}
+
+
+@pytest.mark.parametrize("words", [pytest.param(w, id="-".join(w), marks=pytest.mark.xfail(strict=True, reason=DISK_FULL_KNOWN["-".join(w)]))
+                                   if "-".join(w) in DISK_FULL_KNOWN else pytest.param(w, id="-".join(w)) for w in WRITERS])
+def test_disk_full_is_one_sentence_and_leaves_nothing(words, shared, work, capsys, monkeypatch):
+    """ENOSPC injected at every write under the work folder: one sentence naming a path, nothing half-written."""
+    spec = dict(base_spec(words, shared))
+    before = tree(work, shared["root"])
+    with read_only(work, monkeypatch, errno.ENOSPC):
+        code = main(argv_of(words, spec))
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err[-500:]
+    assert err.startswith("error: ") and "\n" not in err and "unexpected" not in err, err[-800:]
+    assert "disk is full" in err and Path(spec["out"]).name in err, err
+    assert tree(work, shared["root"]) == before
+
+
+# ---------------------------------------------------------------- leftovers of killed runs (item 14)
+
+
+@pytest.mark.xfail(strict=True, reason="model/embedded.py (lead): embedded_model_dir() returns the cached model without "
+                                        "calling io.clean_leftovers(cache_dir() / 'models'), so a killed conversion's "
+                                        "~425 MB .NAME.tmp-PID-* folder stays for good")
+def test_model_cache_leftovers_are_cleaned_at_start(tmp_path, monkeypatch):
+    from cutegpt.model import embedded
+
+    monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache"))
+    try:
+        gguf = embedded.embedded_gguf()
+    except CuteGPTError:
+        pytest.skip("the embedded model package is not installed")
+    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
+    models = embedded.cache_dir() / "models"
+    target = models / f"smollm2-135m-instruct-{key}"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")  # already converted: no conversion needed
+    dead = models / f".{target.name}.tmp-999999999-abc"  # a pid that cannot be alive
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    old = models / f".{target.name}.old-999999999"
+    old.mkdir()
+    assert embedded.embedded_model_dir() == target
+    assert not dead.exists() and not old.exists()
+
+
+def test_leftovers_beside_an_output_are_cleaned(tmp_path, shared, work, capsys):
+    """data convert (through atomic_dir) removes a killed run's temporary folder beside --out."""
+    dead = work / ".ds-new.tmp-999999999-abc"
+    dead.mkdir()
+    (dead / "half").write_text("x")
+    spec = dict(base_spec(("data", "convert"), shared))
+    assert main(argv_of(("data", "convert"), spec)) == 0
+    assert not dead.exists() and (work / "ds-new" / "manifest.json").is_file()

@@ -257,8 +257,11 @@ def _inputs(cfg: RecipeConfig) -> list[Path]:
         found.append(check_input(parse_spec(cfg.sft_data, "--sft-data")[0], flag="--sft-data"))
     if cfg.eval_data:
         found.append(check_input(Path(cfg.eval_data).expanduser(), flag="--eval-data", kind="folder"))
-    if cfg.model:
-        found.append(check_input(Path(cfg.model).expanduser(), flag="--model"))
+    if cfg.model:  # vocabulary work needs a Hugging Face folder (its tokenizer files), not a .gguf file
+        model = check_input(Path(cfg.model).expanduser(), flag="--model", kind="folder")
+        if not (model / "config.json").is_file():
+            raise CuteGPTError(f"--model {model} is a folder without config.json, not a Hugging Face model folder.")
+        found.append(model)
     if cfg.deepspeed:
         found.append(check_input(Path(cfg.deepspeed).expanduser(), flag="--deepspeed", kind="file"))
     return found
