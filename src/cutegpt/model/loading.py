@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from cutegpt.model.args import ModelArgs  # noqa: F401  (re-exported: commands import it from here)
+from cutegpt.model.hub import resolve_model_path
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import Template, get_template, resolve_template_name
 
@@ -127,6 +128,7 @@ def load_model(args: ModelArgs) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # loading notes (unused keys, TP plans) are not the user's business
+    hf_logging.disable_progress_bar()  # the "Loading weights" bar: a second of noise before every command
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     int8 = _int8_backend(args, device)
@@ -136,8 +138,8 @@ def load_model(args: ModelArgs) -> LoadedModel:
 
         model_path = embedded_model_dir()
     else:
-        model_path = Path(args.model).expanduser()
-    lora_path = Path(args.lora).expanduser() if args.lora else None
+        model_path = resolve_model_path(args.model, "--model")
+    lora_path = resolve_model_path(args.lora, "--lora") if args.lora else None
     if lora_path is None and (model_path / "adapter_config.json").is_file() and not (model_path / "config.json").is_file():
         # a LoRA checkpoint given as --model: put it on the base model it names, as `cutegpt chat --model OUT/checkpoint-N` expects
         model_path, lora_path = _adapter_base(model_path), model_path
