@@ -170,17 +170,10 @@ WEIGHT_CASES = {
                                                   "--micro-batch", "1", "--grad-accum", "1", "--threads", "1"],
 }
 # Filled from a run: message problems outside the safety helper's area (the canary check still runs and must pass).
-_BIN = ("model loading (lead, model/loading.py): a hostile .bin gives torch's multi-paragraph UnpicklingError that "
-        "suggests weights_only=False, as 'unexpected'; refuse in one sentence naming the file")
-_ADAPTER = ("adapter loading (lead, model/loading.py): the base model loads (its progress bar on stderr) before the adapter "
-            "is refused with torch's UnpicklingError suggesting weights_only=False")
 WEIGHT_KNOWN: dict[str, str] = {
-    "chat-model_bin": _BIN, "generate-model_bin": _BIN, "vocab_extend-model_bin": _BIN,
-    "chat-lora_bin": _ADAPTER, "export-lora_bin": _ADAPTER, "train_sft-resume_lora_bin": _ADAPTER + " (train helper: --resume-lora)",
-    "chat-config_big": ("model loading (lead, model/loading.py): config.json with hidden_size \"big\" gives "
-                        "'unexpected StrictDataclassFieldValidationError'; name config.json and the key"),
-    "export-adapter_list": ("adapter loading (lead, model/loading.py / export): adapter_config.json that is a list loads the base "
-                            "model first and is not one sentence naming the file"),
+    "train_sft-resume_lora_bin": ("train helper (--resume-lora): a hostile adapter_model.bin is refused by torch (no code "
+                                  "runs) but as 'unexpected UnpicklingError' over several lines suggesting weights_only=False; "
+                                  "load the adapter through model/loading.py's safe path"),
 }
 
 
