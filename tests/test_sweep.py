@@ -523,9 +523,6 @@ def test_disk_full_is_one_sentence_and_leaves_nothing(words, shared, work, capsy
 # ---------------------------------------------------------------- leftovers of killed runs (item 14)
 
 
-@pytest.mark.xfail(strict=True, reason="model/embedded.py (lead): embedded_model_dir() returns the cached model without "
-                                        "calling io.clean_leftovers(cache_dir() / 'models'), so a killed conversion's "
-                                        "~425 MB .NAME.tmp-PID-* folder stays for good")
 def test_model_cache_leftovers_are_cleaned_at_start(tmp_path, monkeypatch):
     from cutegpt.model import embedded
 
