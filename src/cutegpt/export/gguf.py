@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from cutegpt.errors import CuteGPTError
+from cutegpt.io import check_output, describe_os_error, os_errors
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -82,14 +83,9 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
         raise CuteGPTError(f"unknown --quant '{quant}'; choose one of: {', '.join(QUANTS)}.")
     if out.suffix.lower() != ".gguf":
         raise CuteGPTError(f"--out {out} must be a file name ending in .gguf.")
-    if out.is_dir():
-        raise CuteGPTError(f"--out {out} is a folder; give a file name ending in .gguf.")
-    if out.exists() and not overwrite:
-        raise CuteGPTError(f"{out} already exists; pass --overwrite or choose another --out.")
-    if not out.parent.exists():
+    check_output(out, kind="file", inputs=(model, lora), overwrite=overwrite)
+    with os_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise CuteGPTError(f"cannot write --out {out}: its folder is not writable.")
 
     source_info: dict[str, Any] = {}
     if model is None:
@@ -108,7 +104,7 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
             folder = _merge_lora(folder, Path(lora).expanduser(), stack, out.parent)
         template_name, tokenizer = _template_and_tokenizer(template, folder, lora)
         plan = plan_export(folder, tokenizer, quant, template_name, source_info)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)  # io.clean_leftovers knows it
         os.close(fd)
         tmp = Path(tmp_name)
         try:
@@ -124,7 +120,7 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
             _unlink(tmp)
             if e.errno == errno.ENOSPC:
                 raise CuteGPTError(f"the disk is full while writing {out}; nothing was left behind (the model needs about {_gib(plan.nbytes)} GiB free).") from None
-            raise CuteGPTError(f"cannot write {out}: {e.strerror or e}.") from None
+            raise CuteGPTError(describe_os_error(e, out)) from None
         except BaseException:
             _unlink(tmp)
             raise

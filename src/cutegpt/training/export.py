@@ -16,20 +16,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import ClassVar, Literal
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir
-from cutegpt.model.loading import DTYPES, ModelArgs, load_model, save_tokenizer
+from cutegpt.model.args import ModelArgs
 from cutegpt.templates import write_model_card
 
 
 @dataclass
 class ExportConfig(ModelArgs):
-    out: str = arg("", "folder for the merged model (--format hf) or the .gguf file (--format gguf)")
+    dropped_flags: ClassVar[tuple[str, ...]] = ("load_in_8bit", "int8_backend", "merge_lora", "device")
+
+    out: str = arg("", "folder for the merged model (--format hf) or the .gguf file (--format gguf)",
+                   aliases=("--output", "--output-dir", "--output_dir"))
     format: Literal["hf", "gguf"] = arg("hf", "hf: merged safetensors folder; gguf: one file for llama.cpp / ollama / LM Studio")
     quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg("f16", "GGUF tensor type (--format gguf)")
     verify: bool = arg(True, "load the GGUF file in llama.cpp and check tokenization, top-1 agreement and the template")
@@ -49,6 +50,10 @@ def run_export(cfg: ExportConfig) -> int:
         raise CuteGPTError(f"{out} already exists; pass --overwrite or choose another --out.")
     if cfg.load_in_8bit:
         raise CuteGPTError("--load-in-8bit cannot be merged and saved; export in float16/bfloat16/float32.")
+    import torch
+
+    from cutegpt.model.loading import DTYPES, load_model, save_tokenizer
+
     target = cfg.dtype
     lm = load_model(replace(cfg, dtype="float32", device="cpu", merge_lora=True))
     model = lm.model

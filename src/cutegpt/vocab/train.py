@@ -41,15 +41,15 @@ Kind = Literal["auto", "sp-bpe", "sp-unigram", "byte-bpe"]
 class VocabTrainConfig:
     """Train a Chinese tokenizer on a corpus (.txt: one document per line; .jsonl: a text field)."""
 
-    out: str = arg(help="output folder for the Chinese tokenizer")
+    out: str = arg(help="output folder for the Chinese tokenizer", aliases=("--output", "--output-dir", "--output_dir"))
     corpus: list[str] = arg([], "corpus files (.txt or .jsonl)", positional=True)
-    model: str | None = arg(None, "base model (or tokenizer) folder whose tokenizer family decides the kind; default: the embedded SmolLM2")
-    vocab_size: int = arg(8000, "size of the Chinese tokenizer (pieces the base already has are not appended later)")
+    model: str | None = arg(None, "base model (or tokenizer) folder whose tokenizer family decides the kind", absent="the embedded SmolLM2")
+    vocab_size: int = arg(8000, "size of the Chinese tokenizer (pieces the base already has are not appended later)", ge=100)
     kind: Kind = arg("auto", "tokenizer kind; auto = what the base model's tokenizer needs")
     text_field: str = arg("text", "field holding the text in .jsonl corpus files")
-    held_out: float = arg(0.05, "fraction of documents kept out of training, for the before/after statistics")
-    character_coverage: float = arg(0.9995, "SentencePiece: share of characters covered by pieces (the rest fall back to bytes)")
-    min_frequency: int = arg(2, "byte-level BPE: merges seen fewer times are not learned")
+    held_out: float = arg(0.05, "fraction of documents kept out of training, for the before/after statistics", ge=0, lt=1)
+    character_coverage: float = arg(0.9995, "SentencePiece: share of characters covered by pieces (the rest fall back to bytes)", gt=0, le=1)
+    min_frequency: int = arg(2, "byte-level BPE: merges seen fewer times are not learned", ge=1)
     seed: int = arg(0, "seed for the held-out split")
     overwrite: bool = arg(False, "replace an existing output folder")
 
@@ -61,11 +61,24 @@ def base_folder(model: str | None) -> Path:
 
         return embedded_model_dir()
     path = Path(model).expanduser()
+    if not path.exists():
+        raise CuteGPTError(f"--model {path} does not exist.")
+    if path.is_dir():
+        return path  # even when it is called x.gguf
     if path.suffix == ".gguf":
-        raise CuteGPTError(f"{path}: vocabulary work needs a Hugging Face model folder, not a GGUF file; convert it to a folder first.")
-    if not path.is_dir():
-        raise CuteGPTError(f"base model folder {path} does not exist." if not path.exists() else f"{path} is not a folder.")
-    return path
+        raise CuteGPTError(f"--model {path}: vocabulary work needs a Hugging Face model folder, not a GGUF file; convert it to a folder first.")
+    raise CuteGPTError(f"--model {path} is a file; it must be a model folder.")
+
+
+def check_corpus(corpus: list[str], flag: str) -> list[Path]:
+    """The corpus paths, each checked to exist; folders count as inputs too."""
+    from cutegpt.data.text import corpus_files
+    from cutegpt.io import check_input
+
+    paths = [check_input(Path(c).expanduser(), flag=flag) for c in corpus]
+    if paths:
+        corpus_files(paths)
+    return paths
 
 
 def resolve_kind(kind: Kind, base: Path) -> Kind:
@@ -77,9 +90,14 @@ def resolve_kind(kind: Kind, base: Path) -> Kind:
 
 
 def run_vocab_train(cfg: VocabTrainConfig) -> int:
+    from cutegpt.io import check_output
+
     out = Path(cfg.out).expanduser()
-    if out.exists() and not cfg.overwrite:
-        raise CuteGPTError(f"output folder {out} already exists; pass --overwrite to replace it.")
+    if not cfg.corpus:
+        raise CuteGPTError("CORPUS is required: one or more .txt or .jsonl files (or folders of them).")
+    corpus = check_corpus(cfg.corpus, "CORPUS")
+    base = base_folder(cfg.model)
+    check_output(out, flag="--out", inputs=[*corpus, base], overwrite=cfg.overwrite, kind="folder")
     docs = read_corpus(cfg.corpus, cfg.text_field)
     names = ", ".join(map(str, cfg.corpus))
     if not docs:
@@ -90,7 +108,6 @@ def run_vocab_train(cfg: VocabTrainConfig) -> int:
         raise CuteGPTError(f"the corpus ({names}) has no Chinese (CJK) text to learn a Chinese vocabulary from.")
     if han < MIN_HAN_CHARS:
         raise CuteGPTError(f"the corpus ({names}) is too small: {han} Chinese characters for training, at least {MIN_HAN_CHARS} are needed.")
-    base = base_folder(cfg.model)
     kind = resolve_kind(cfg.kind, base)
     print(f"Training a {kind} tokenizer of {cfg.vocab_size} entries on {len(train)} documents "
           f"({han:,} Chinese characters); {len(held)} held out.", flush=True)
