@@ -38,6 +38,16 @@ class ExportConfig(ModelArgs):
     overwrite: bool = arg(False, "replace --out if it exists")
 
 
+    def check(self) -> None:
+        """Refuse a bad GGUF output before any model loads."""
+        if self.format == "gguf" and self.out:
+            from cutegpt.io import check_output
+
+            if not self.out.lower().endswith(".gguf"):
+                raise CuteGPTError(f"--out {self.out} must be a file name ending in .gguf.")
+            check_output(self.out, kind="file", inputs=(self.model, self.lora), overwrite=self.overwrite)
+
+
 def run_export(cfg: ExportConfig) -> int:
     if cfg.format == "gguf":
         return run_export_gguf(cfg)
