@@ -342,14 +342,11 @@ _GEN = ("chat helper (item 4): generate checks --out only after loading the mode
 _TRAIN = ("train helper (item 1/3): an existing --out (holding an earlier final/) is trained into without --overwrite or "
           "--resume, and an --out that is or lies inside --model/--data is accepted: io.check_output(inputs=[model, data, lora...]) "
           "before loading")
-_EXPORT = ("gguf helper (export): an --out that is or lies inside --model (with --overwrite), or an existing file, is written "
-           "with exit 0 (the model folder is replaced); call io.check_output(inputs=[model, lora]) before loading")
 _EVAL = ("evalfix helper: eval checks --out only after the model loads (existing/file/read-only/inside an input); "
          "call io.check_output before loading (an existing --out with --resume is legitimate: say so)")
 KNOWN: dict[str, str] = {
     **{f"generate:out:{c}": _GEN for c in ("exists", "folder_for_file", "read_only", "inside_input", "is_input")},
     **{f"train-{k}:out:{c}": _TRAIN for k in ("sft", "pt") for c in ("exists", "inside_input", "is_input")},
-    **{f"export:out:{c}": _EXPORT for c in ("file_for_folder", "inside_input", "is_input")},
     **{f"eval:out:{c}": _EVAL for c in ("exists", "file_for_folder", "read_only", "inside_input", "is_input")},
 }
 

@@ -35,31 +35,29 @@ class ExportConfig(ModelArgs):
     quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg("f16", "GGUF tensor type (--format gguf)")
     verify: bool = arg(True, "load the GGUF file in llama.cpp and check tokenization, top-1 agreement and the template")
     quiet: bool = arg(False, "no progress bars")
-    overwrite: bool = arg(False, "replace --out if it exists")
-
+    overwrite: bool = arg(False, "replace --out if it exists (once the new output is complete)")
 
     def check(self) -> None:
-        """Refuse a bad GGUF output before any model loads."""
-        if self.format == "gguf" and self.out:
-            from cutegpt.io import check_output
+        """Refuse a bad output before any model loads: never inside, or instead of, the model being exported."""
+        from cutegpt.io import check_output
 
-            if not self.out.lower().endswith(".gguf"):
+        if self.format == "gguf":
+            if self.out and not self.out.lower().endswith(".gguf"):
                 raise CuteGPTError(f"--out {self.out} must be a file name ending in .gguf.")
-            check_output(self.out, kind="file", inputs=(self.model, self.lora), overwrite=self.overwrite)
+            if self.out:
+                check_output(self.out, kind="file", inputs=(self.model, self.lora), overwrite=self.overwrite)
+            return
+        if not self.out:
+            raise CuteGPTError("--out is required: the folder for the merged model.")
+        if not self.lora:
+            raise CuteGPTError("--lora is required: the adapter folder to merge into --model (or --format gguf to convert a model).")
+        check_output(self.out, kind="folder", inputs=(self.model, self.lora), overwrite=self.overwrite)
 
 
 def run_export(cfg: ExportConfig) -> int:
     if cfg.format == "gguf":
         return run_export_gguf(cfg)
-    if not cfg.out:
-        raise CuteGPTError("--out is required: the folder for the merged model.")
-    if not cfg.lora:
-        raise CuteGPTError("--lora is required: the adapter folder to merge into --model.")
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise CuteGPTError(f"{out} already exists; pass --overwrite or choose another --out.")
-    if cfg.load_in_8bit:
-        raise CuteGPTError("--load-in-8bit cannot be merged and saved; export in float16/bfloat16/float32.")
     import torch
 
     from cutegpt.model.loading import DTYPES, load_model, save_tokenizer
