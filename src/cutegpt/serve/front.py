@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 HEADER_LIMIT = 64 * 1024
+MAX_DISCARD = 64 * 1024 * 1024  # a refused body larger than this is cut off, not read
 READ_TIMEOUT = 60.0
 ROLES = ("system", "developer", "user", "assistant", "tool")
 STATUS_TEXT = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
@@ -47,6 +48,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.discard = 0  # request body bytes still to be read and dropped
 
     def body(self) -> bytes:
         return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -264,8 +266,10 @@ async def _read_request(reader: asyncio.StreamReader, policy: Policy) -> Request
         except ValueError:
             raise ApiError(400, "Invalid Content-Length header.") from None
         if length > policy.max_body_bytes:
-            raise ApiError(413, f"The request body is {length} bytes; this server accepts at most {policy.max_body_bytes} "
-                                "(--max-body-bytes).", code="request_too_large")
+            e = ApiError(413, f"The request body is {length} bytes; this server accepts at most {policy.max_body_bytes} "
+                              "(--max-body-bytes).", code="request_too_large")
+            e.discard = length  # read and drop it after answering, so the client gets to read the answer
+            raise e
         try:
             req.body = await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError):
@@ -290,6 +294,17 @@ async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
                            code="request_too_large")
         out += await asyncio.wait_for(reader.readexactly(size), READ_TIMEOUT)
         await reader.readexactly(2)
+
+
+async def _discard(reader: asyncio.StreamReader, n: int) -> None:
+    try:
+        while n > 0:
+            piece = await asyncio.wait_for(reader.read(min(n, 1 << 16)), 10)
+            if not piece:
+                return
+            n -= len(piece)
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
 
 
 def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
@@ -347,6 +362,7 @@ class Front:
                 except ApiError as e:
                     self.counts["rejected"] += 1
                     await self._send_error(writer, e, keep_alive=False)
+                    await _discard(reader, min(e.discard, MAX_DISCARD))
                     return
                 except ClientGone:
                     return
