@@ -176,3 +176,12 @@ def test_malformed_http_is_refused(front_factory):
     assert s.recv(1000).startswith(b"HTTP/1.1 400")
     s.close()
     assert request(port, "GET", "/health")[0] == 200
+
+
+def test_tools_are_dropped_for_the_cutegpt_format(front_factory):
+    port, _, _ = front_factory(tools=False)
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+    status, body = request(port, "POST", CHAT, {"messages": HELLO, "tools": tools, "tool_choice": "auto"})
+    assert status == 200 and "tools" not in body["echo"] and "tool_choice" not in body["echo"]
+    status, body = request(port, "POST", CHAT, {"messages": HELLO, "tools": tools, "tool_choice": "required"})
+    assert status == 400 and body["error"]["param"] == "tool_choice"

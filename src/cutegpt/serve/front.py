@@ -67,6 +67,7 @@ class Policy:
     ctx: int = 2048
     defaults: dict[str, Any] = field(default_factory=dict)  # max_tokens, temperature, top_p, top_k, repeat_penalty
     ui: bool = True
+    tools: bool = True  # False for the cutegpt format: it has no tool syntax, so tool lists are dropped, not rendered
 
 
 # ----------------------------------------------------------------------------- request checks
@@ -166,6 +167,13 @@ def _common(body: dict, policy: Policy) -> dict:
         body["stop"] = stops
     else:
         body.pop("stop", None)
+    if not policy.tools:
+        choice = body.pop("tool_choice", None)
+        if choice not in (None, "auto", "none"):
+            raise ApiError(400, "This model's chat format has no tool calls, so 'tool_choice' can only be 'auto' or 'none'.",
+                           param="tool_choice", code="invalid_value")
+        body.pop("tools", None)  # e.g. the web page's built-in tools: the training format has no place for them
+        body.pop("parallel_tool_calls", None)
     body["model"] = policy.model_id
     return body
 

@@ -103,7 +103,7 @@ async def _serve(cfg: ServeConfig, served, backend, sock: socket.socket, key: st
 
     policy = Policy(
         model_id=served.name, stop=served.stop, api_key=key, max_body_bytes=cfg.max_body_bytes,
-        max_tokens_limit=cfg.token_limit, ctx=cfg.ctx, ui=cfg.ui,
+        max_tokens_limit=cfg.token_limit, ctx=cfg.ctx, ui=cfg.ui, tools=served.template != "cutegpt",
         defaults={"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                   "top_k": cfg.top_k, "repeat_penalty": cfg.repetition_penalty},
     )
