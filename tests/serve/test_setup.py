@@ -162,6 +162,18 @@ def test_missing_exporter_is_one_clear_sentence(tmp_path, monkeypatch):
         source.resolve_model(str(_hf_folder(tmp_path / "m")), None, None, "q8_0", progress=False)
 
 
+def test_adapter_folder_as_model_uses_its_recorded_base(tmp_path, fake_exporter):
+    base = _hf_folder(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    served = source.resolve_model(str(adapter), None, None, "q8_0", progress=False)
+    assert fake_exporter[-1][:2] == (str(base), str(adapter)) and served.template == "cutegpt"
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/not-here"}))
+    with pytest.raises(CuteGPTError, match="is not a local folder"):
+        source.resolve_model(str(adapter), None, None, "q8_0", progress=False)
+
+
 @pytest.mark.parametrize("model,lora,match", [
     ("missing.gguf", None, "does not exist"),
     ("nowhere", None, "neither a .gguf file nor a folder"),

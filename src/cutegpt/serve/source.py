@@ -76,6 +76,19 @@ def _template_name(explicit: str | None, folders: list[Path | None]) -> str | No
     return None
 
 
+def _adapter_base(adapter: Path) -> Path | None:
+    """The local base model folder an adapter records (None: the embedded model)."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        raise CuteGPTError(f"{adapter / 'adapter_config.json'} is not valid JSON.") from None
+    if not base:
+        return None
+    if Path(base).is_dir():
+        return Path(base)
+    raise CuteGPTError(f"the base model '{base}' of adapter {adapter} is not a local folder; pass the base folder as --model and the adapter as --lora.")
+
+
 def _looks_cutegpt(jinja: str | None) -> bool:
     return bool(jinja) and "<end>" in jinja and "问：" in jinja
 
@@ -110,6 +123,11 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
             raise CuteGPTError(f"--model {folder} has no config.json or adapter_config.json; give an HF model folder, an adapter folder or a .gguf file.")
         if adapter is not None and not _is_adapter(adapter):
             raise CuteGPTError(f"--lora {adapter} has no adapter_config.json.")
+        if folder is not None and _is_adapter(folder):
+            if adapter is not None:
+                raise CuteGPTError(f"--model {folder} is a LoRA adapter; give its base model as --model and the adapter as --lora.")
+            folder, adapter = _adapter_base(folder), folder
+            model, lora = (str(folder) if folder else None), str(adapter)
         hf_folder = folder
         template = _template_name(template, [adapter, folder]) or template
         gguf = cached_export(model, lora, quant=quant, template=template, progress=progress) if export else Path("<not exported>")
