@@ -76,7 +76,7 @@ def role_ours(a, work: Path) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = SFTConfig(data=[str(folder)], out=str(work / f"ours-{world}"), template="cutegpt", micro_batch=a.rows // world,
                     grad_accum=1, lr=3e-4, lr_scheduler="constant", warmup_steps=0, epochs=1, save_steps=10**6,
-                    precision="bf16", num_threads=a.threads, seed=0,
+                    precision="bf16", threads=a.threads, seed=0,
                     deepspeed=str(ROOT / "configs" / "ds_zero1_cpu.json") if world > 1 else None)
     kept = {}
 

@@ -1,6 +1,7 @@
 """`cutegpt` command line: maps command names to (config dataclass, function).
 
-Commands are imported lazily so `cutegpt --help` does not pay for torch.
+Commands are imported lazily and their config modules import no torch, so
+`cutegpt --help`, `cutegpt chat --help` and argument errors answer at once.
 Each entry: words of the command -> (module, config class, function, summary).
 """
 
@@ -17,12 +18,13 @@ from cutegpt.errors import CuteGPTError
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("chat",): ("cutegpt.chat.cli", "ChatConfig", "run_chat", "interactive multi-turn chat (default: the embedded SmolLM2 model)"),
     ("generate",): ("cutegpt.chat.batch", "GenerateConfig", "run_generate", "batched generation for a JSON Lines file of prompts"),
+    ("serve",): ("cutegpt.serve.cli", "ServeConfig", "run_serve", "OpenAI-compatible server with a web chat page"),
     ("data", "convert"): ("cutegpt.data.convert", "ConvertConfig", "run_convert", "instruction data -> packed training dataset"),
     ("data", "stats"): ("cutegpt.data.stats", "StatsConfig", "run_stats", "counts, length histogram and packing efficiency of a dataset"),
     ("data", "show"): ("cutegpt.data.stats", "ShowConfig", "run_show", "one rendered sample with its trained-on spans marked"),
     ("train", "sft"): ("cutegpt.training.sft", "SFTConfig", "run_sft", "instruction tuning (LoRA or full)"),
     ("train", "pt"): ("cutegpt.training.pt", "PTConfig", "run_pt", "continued pre-training on raw text"),
-    ("export",): ("cutegpt.training.export", "ExportConfig", "run_export", "merge a LoRA adapter into its base model"),
+    ("export",): ("cutegpt.training.export", "ExportConfig", "run_export", "merge a LoRA adapter into its base model; write GGUF"),
     ("eval",): ("cutegpt.evaluation.cli", "EvalConfig", "run_eval", "C-Eval / CMMLU / MMLU / XieZhi multiple-choice evaluation"),
     ("vocab", "train"): ("cutegpt.vocab.train", "VocabTrainConfig", "run_vocab_train", "train a Chinese tokenizer on a corpus"),
     ("vocab", "extend"): ("cutegpt.vocab.extend", "VocabExtendConfig", "run_vocab_extend", "merge new pieces into a model's tokenizer and embeddings"),
@@ -31,11 +33,20 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: cutegpt COMMAND [options]   (cutegpt COMMAND --help for its options)", "", "commands:"]
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _usage(group: str | None = None) -> str:
+    head = f"cutegpt {group} SUBCOMMAND" if group else "cutegpt COMMAND"
+    lines = [f"usage: {head} [options]   ({head.split()[0]} {group + ' ' if group else ''}{'SUBCOMMAND' if group else 'COMMAND'} --help for its options)",
+             "", "subcommands:" if group else "commands:"]
     for words, (module, *_rest, summary) in COMMANDS.items():
-        if importlib.util.find_spec(module) is None:
-            continue  # not built yet in this version
+        if (group and words[0] != group) or not _available(module):
+            continue
         lines.append(f"  {' '.join(words):<14} {summary}")
     lines += ["", "global flags: --debug (show tracebacks)"]
     return "\n".join(lines)
@@ -50,16 +61,22 @@ def _find(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
 
 
 def _quiet_libraries() -> None:
-    """Silence start-up chatter that every command would otherwise print."""
+    """Silence start-up chatter that every command would otherwise print (before any library loads)."""
     import logging
+    import warnings
 
     # bitsandbytes warns at import that an optional 4-bit CPU kernel package is absent
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    if "DS_ACCELERATOR" not in os.environ:  # deepspeed warns on each import when it has to guess
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # deepspeed warns on each import when it has to guess the accelerator; CUDA_VISIBLE_DEVICES
+    # or an nvidia device node tells us without importing torch (which costs seconds)
+    if "DS_ACCELERATOR" not in os.environ and not (os.path.exists("/dev/nvidia0") or os.environ.get("CUDA_VISIBLE_DEVICES")):
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+    # torch's safe unpickler notes the protocol of every refused pickle; the refusal itself is our message
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     found = _find(argv)
     if found is None:
-        print(f"cutegpt: unknown command '{' '.join(argv[:2])}'.\n\n{_usage()}", file=sys.stderr)
+        groups = {words[0] for words in COMMANDS if len(words) > 1}
+        if argv[0] in groups:
+            if len(argv) == 1 or argv[1] in ("-h", "--help", "help"):
+                print(_usage(argv[0]))
+                return 0
+            print(f"cutegpt: unknown subcommand '{argv[0]} {argv[1]}'.\n\n{_usage(argv[0])}", file=sys.stderr)
+            return 2
+        print(f"cutegpt: unknown command '{argv[0]}'.\n\n{_usage()}", file=sys.stderr)
         return 2
     words, rest = found
     _quiet_libraries()
@@ -88,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(getattr(module, cls_name), rest, prog="cutegpt " + " ".join(words), description=summary)
         result = getattr(module, fn_name)(cfg)
         return int(result or 0)
+    except SystemExit as e:  # argparse's --help
+        return int(e.code or 0) if isinstance(e.code, int) else 0
     except CuteGPTError as e:
         if debug:
             traceback.print_exc()
@@ -96,12 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        print("\ninterrupted.", file=sys.stderr)
+        print("\ninterrupted; nothing half-written was kept.", file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:
         if debug:
             traceback.print_exc()
         print(f"error: a required package is missing ({e}); reinstall with `pip install -e .`.", file=sys.stderr)
+        return 1
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        print("error: out of memory; use a smaller model, batch or --max-length.", file=sys.stderr)
+        return 1
+    except OSError as e:  # an operating-system error the command did not translate: still name the path
+        if debug:
+            traceback.print_exc()
+        from cutegpt.io import describe_os_error
+
+        print(f"error: {describe_os_error(e, e.filename or 'a file', 'reading or writing')}", file=sys.stderr)
         return 1
     except Exception as e:  # a bug, not a user mistake: keep it short unless asked
         if debug:

@@ -1,14 +1,169 @@
-"""Atomic writes: a result appears complete under its final name, or not at all."""
+"""Outputs: checked before any work, written atomically, readable by others.
+
+Every command that writes follows one rule (issue: nothing a user types destroys data):
+
+1. `check_output` before anything loads: the output must not be, contain or lie
+   inside an input; an existing output is refused unless `--overwrite`; the
+   place must be writable.
+2. `atomic_dir` / `atomic_file` write under a hidden temporary name beside the
+   final one and rename when complete, so an existing output is replaced only
+   by a complete new one, and an error or Ctrl-C leaves the old one untouched.
+3. Files get the umask's normal mode (transformers writes weights 0600, which
+   makes a shared model folder unreadable to colleagues).
+4. Leftovers of killed runs (`.NAME.tmp-*`, `.NAME.old-PID`) are removed the next
+   time something is written beside them, once their process is gone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Literal
+
+from cutegpt.errors import CuteGPTError
+
+
+class OutputExistsError(CuteGPTError, FileExistsError):
+    """The output appeared while we were writing (another run on the same --out)."""
+
+
+def check_output(path: str | Path, *, flag: str = "--out", inputs: Iterable[str | Path | None] = (),
+                 overwrite: bool = False, kind: Literal["folder", "file"] = "folder") -> Path:
+    """Refuse an output that would destroy data or cannot be written; returns it as a Path."""
+    out = Path(path)
+    if str(path).strip() == "":
+        raise CuteGPTError(f"{flag} must name a {kind}.")
+    resolved = out.resolve()
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        src = Path(given).resolve()
+        if resolved == src:
+            raise CuteGPTError(f"{flag} {out} is the input {given}; choose another {flag}.")
+        if src.is_relative_to(resolved):
+            raise CuteGPTError(f"{flag} {out} contains the input {given}; choose another {flag}.")
+        if resolved.is_relative_to(src) and src.is_dir():
+            raise CuteGPTError(f"{flag} {out} lies inside the input folder {given}; choose another {flag}.")
+    if out.exists():
+        if kind == "folder" and not out.is_dir():
+            raise CuteGPTError(f"{flag} {out} is a file; it must be a folder.")
+        if kind == "file" and out.is_dir():
+            raise CuteGPTError(f"{flag} {out} is a folder; it must be a file.")
+        if not overwrite:
+            raise CuteGPTError(f"{flag} {out} already exists; pass --overwrite to replace it or choose another {flag}.")
+    parent = _existing_parent(resolved.parent)
+    if not parent.is_dir():
+        raise CuteGPTError(f"{flag} {out}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CuteGPTError(f"{flag} {out}: cannot write in {parent} (permission denied or read-only).")
+    return out
+
+
+def check_input(path: str | Path, *, flag: str, kind: Literal["folder", "file", "any"] = "any") -> Path:
+    """An input that must exist (and be a file or a folder): one sentence naming the flag otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise CuteGPTError(f"{flag} {p} does not exist.")
+    if kind == "folder" and not p.is_dir():
+        raise CuteGPTError(f"{flag} {p} is a file; it must be a folder.")
+    if kind == "file" and p.is_dir():
+        raise CuteGPTError(f"{flag} {p} is a folder; it must be a file.")
+    return p
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def os_errors(path: str | Path, doing: str = "writing") -> Iterator[None]:
+    """Turn the operating system's write errors into one sentence that names `path`."""
+    try:
+        yield
+    except OutputExistsError:
+        raise
+    except OSError as e:
+        raise CuteGPTError(describe_os_error(e, path, doing)) from e
+    except Exception as e:  # safetensors reports a full disk as its own error type
+        if "No space left" in str(e) or "Read-only file system" in str(e):
+            raise CuteGPTError(describe_os_error(OSError(errno.ENOSPC if "space" in str(e) else errno.EROFS, str(e)), path, doing)) from e
+        raise
+
+
+def describe_os_error(e: OSError, path: str | Path, doing: str = "writing") -> str:
+    reasons = {
+        errno.ENOSPC: "the disk is full; free some space (nothing was left half-written)",
+        errno.EDQUOT: "the disk quota is exhausted; free some space",
+        errno.EROFS: "the file system is read-only; choose another place",
+        errno.EACCES: "permission denied; choose a place you can write to",
+        errno.EPERM: "permission denied; choose a place you can write to",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EISDIR: "it is a folder, not a file",
+        errno.ENAMETOOLONG: "the name is too long",
+    }
+    reason = reasons.get(e.errno, e.strerror or str(e))
+    return f"{path}: failed {doing}: {reason}."
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fix_modes(root: Path) -> None:
+    """Give every file and folder under `root` the umask's normal mode (0644 / 0755 typically)."""
+    mask = _umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp-(?:(?P<tmp_pid>\d+)-)?.+|old-(?P<pid>\d+))$")
+
+
+def clean_leftovers(folder: Path) -> list[Path]:
+    """Remove `.X.tmp-*` and `.X.old-PID` left in `folder` by killed runs (their process is gone)."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _LEFTOVER.match(entry.name)
+        if not m:
+            continue
+        pid = int(m["pid"] or m["tmp_pid"] or 0) or None
+        if pid is None and time.time() - entry.lstat().st_mtime < 86400:
+            continue  # owner unknown (an older version wrote it): leave it a day in case it is still at work
+        if pid is not None and _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -16,23 +171,28 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; rename it to `final` on success.
 
     On any exception (Ctrl-C included) the temporary folder is removed, so a
-    half-written result never sits under the final name.
+    half-written result never sits under the final name. An existing `final` is
+    replaced only when `overwrite` is set, and only once the new one is complete.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any folder
+    with os_errors(final, "creating the output folder"):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(final.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
-        yield tmp
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
-            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        with os_errors(final):
+            yield tmp
+            fix_modes(tmp)
+            if final.exists():
+                if not overwrite:
+                    raise OutputExistsError(f"{final} appeared while this run was writing it (another run on the same output?); "
+                                            f"the new result was discarded.")
+                trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, trash)
+                os.replace(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -42,26 +202,22 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 def atomic_file(final: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
     """Open a temporary file beside `final`; rename it to `final` when closed cleanly."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())
+    with os_errors(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
+        os.close(fd)
+        os.chmod(name, 0o666 & ~_umask())
     try:
         if "b" not in mode:
             kwargs.setdefault("encoding", "utf-8")
-        with open(name, mode, **kwargs) as f:
-            yield f
-        os.replace(name, final)
+        with os_errors(final):
+            with open(name, mode, **kwargs) as f:
+                yield f
+            os.replace(name, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from cutegpt.config import arg
+from cutegpt.threads import THREADS_HELP, resolve_threads
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_file, write_json
 
@@ -41,28 +42,28 @@ CHAT_PROMPTS = [
 class RecipeConfig:
     """Vocabulary extension -> continued pre-training -> LoRA instruction tuning -> chat -> evaluation."""
 
-    out: str = arg("runs/recipe", "folder for every artefact of the run")
-    model: str | None = arg(None, "base model folder; default: the embedded SmolLM2-135M-Instruct")
-    corpus: list[str] = arg([], "Chinese/English text for the vocabulary and pre-training (.txt: a document a line, .jsonl: 'text'); default: the bundled sample")
-    sft_data: str | None = arg(None, "instruction data (the original pickle, JSON or JSON Lines); default: the bundled sample")
-    eval_data: str | None = arg(None, "C-Eval data folder (dev/ and val/); default: a small bundled C-Eval-style fixture")
+    out: str = arg("runs/recipe", "folder for every artefact of the run", aliases=("--output", "--output-dir", "--output_dir"))
+    model: str | None = arg(None, "base model folder", absent="the embedded SmolLM2-135M-Instruct")
+    corpus: list[str] = arg([], "Chinese/English text for the vocabulary and pre-training (.txt: a document a line, .jsonl: 'text')", absent="the bundled sample")
+    sft_data: str | None = arg(None, "instruction data (the original pickle, JSON or JSON Lines)", absent="the bundled sample")
+    eval_data: str | None = arg(None, "C-Eval data folder (dev/ and val/)", absent="a small bundled C-Eval-style fixture")
     eval_split: str = arg("val", "C-Eval split to score")
-    eval_shots: int = arg(0, "few-shot examples per question in the evaluation")
-    eval_limit: int | None = arg(None, "only the first N questions of each subject")
-    vocab_size: int = arg(3000, "size of the Chinese tokenizer trained in step 1")
-    pt_steps: int = arg(20, "continued pre-training steps")
+    eval_shots: int = arg(0, "few-shot examples per question in the evaluation", ge=0)
+    eval_limit: int | None = arg(None, "only the first N questions of each subject", ge=1, absent="every question")
+    vocab_size: int = arg(3000, "size of the Chinese tokenizer trained in step 1", ge=100)
+    pt_steps: int = arg(20, "continued pre-training steps", ge=1)
     pt_method: Literal["full", "lora"] = arg("full", "continued pre-training: full, or LoRA on all linear layers with embed_tokens and lm_head trained in full (either way the new rows train)")
-    pt_lr: float = arg(1e-4, "continued pre-training learning rate")
-    sft_steps: int = arg(20, "LoRA instruction-tuning steps")
-    sft_lr: float = arg(1e-3, "LoRA learning rate")
-    max_length: int = arg(256, "tokens per training row")
-    micro_batch: int = arg(4, "rows per forward pass")
-    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    pt_lr: float = arg(1e-4, "continued pre-training learning rate", gt=0)
+    sft_steps: int = arg(20, "LoRA instruction-tuning steps", ge=1)
+    sft_lr: float = arg(1e-3, "LoRA learning rate", gt=0)
+    max_length: int = arg(256, "tokens per training row", ge=8)
+    micro_batch: int = arg(4, "rows per forward pass", ge=1)
+    grad_accum: int = arg(1, "micro-batches per optimizer step", ge=1)
     deepspeed: str | None = arg(None, "DeepSpeed JSON config for both training steps (see configs/)")
-    threads: int = arg(0, "torch CPU threads for training and evaluation; 0 = all cores, or 1 when the machine is already busy")
-    max_new_tokens: int = arg(48, "longest answer in the chat smoke test")
+    threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
+    max_new_tokens: int = arg(48, "longest answer in the chat smoke test", ge=1)
     eval_base: bool = arg(True, "also evaluate the base model, for a before/after comparison")
-    overwrite: bool = arg(False, "delete an existing --out folder first")
+    overwrite: bool = arg(False, "replace an existing --out folder (once the new run is complete)")
 
 
 @dataclass
@@ -138,26 +139,11 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def pick_threads(requested: int) -> int:
-    """0 = auto: every core on an idle machine, one when others already load it (spinning threads
-    on oversubscribed cores made two threads far slower than one, FACTS.md)."""
-    import os
-
-    if requested > 0:
-        return requested
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0] >= cores
-    except OSError:
-        busy = False
-    return 1 if busy else cores
-
-
 def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Step, Callable[[], dict[str, Any]], list[str]]]:
     """(step, action, names of the steps it needs), in order."""
     d = {name: out / name for name in ("1-vocab", "2-extended", "3-pt", "4-sft-data", "5-sft", "6-merged", "7-chat.jsonl", "8-eval", "8-eval-base")}
     train_common = dict(max_length=cfg.max_length, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, save_steps=10**9,
-                        num_threads=cfg.threads, logging_steps=1, warmup_steps=0, deepspeed=cfg.deepspeed)
+                        threads=cfg.threads, logging_steps=1, warmup_steps=0, deepspeed=cfg.deepspeed)
     pt_model = d["3-pt"] / ("final" if cfg.pt_method == "full" else "merged")
     pt_method: dict[str, Any] = {"method": "full"} if cfg.pt_method == "full" else {
         "method": "lora", "lora_targets": ["all-linear"], "modules_to_save": ["embed_tokens", "lm_head"]}
@@ -267,7 +253,7 @@ def run_recipe(cfg: RecipeConfig) -> int:
             raise CuteGPTError(f"{name} must be at least 1, not {value}.")
     out.mkdir(parents=True)
     paths = write_bundled(out / "data", cfg)
-    cfg = dataclasses.replace(cfg, threads=pick_threads(cfg.threads))
+    cfg = dataclasses.replace(cfg, threads=resolve_threads(cfg.threads))
     print(f"CuteGPT recipe -> {out} (torch threads {cfg.threads})", flush=True)
     steps = plan(cfg, out, paths)
     start = time.perf_counter()

@@ -18,7 +18,7 @@ def _cache(tmp_path, monkeypatch):
 
 def _cfg(tiny_model_dir, data, out, **kw):
     return EvalConfig(benchmark="ceval", model=str(tiny_model_dir), template="cutegpt", data=str(data),
-                      output=str(out), **kw)
+                      out=str(out), **kw)
 
 
 def _lines(path):
@@ -43,7 +43,9 @@ def test_resume_after_interruption_gives_same_results(tiny_model_dir, ceval_dir,
     ref_out = tmp_path / "ref"
     run_eval(_cfg(tiny_model_dir, ceval_dir, ref_out, shots=5, resume=False))
 
-    real = evcli.score_items
+    import cutegpt.evaluation.scoring as scoring
+
+    real = scoring.score_items
     calls = {"n": 0}
 
     def interrupted(*a, **kw):
@@ -52,12 +54,12 @@ def test_resume_after_interruption_gives_same_results(tiny_model_dir, ceval_dir,
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(evcli, "score_items", interrupted)
+    monkeypatch.setattr(scoring, "score_items", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_eval(_cfg(tiny_model_dir, ceval_dir, out, shots=5))
     assert not out.exists()  # nothing half-written
-    monkeypatch.setattr(evcli, "score_items", real)
+    monkeypatch.setattr(scoring, "score_items", real)
     run_eval(_cfg(tiny_model_dir, ceval_dir, out, shots=5))
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert res["timing"]["subjects_resumed"] == 1 and res["timing"]["scored_questions"] == 2
@@ -93,9 +95,9 @@ def test_cli_errors_exit_1(tiny_model_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_other_benchmarks_run(tiny_model_dir, cmmlu_dir, xiezhi_dir, tmp_path):
-    cm = EvalConfig(benchmark="cmmlu", model=str(tiny_model_dir), data=str(cmmlu_dir), output=str(tmp_path / "cm"), shots=5)
+    cm = EvalConfig(benchmark="cmmlu", model=str(tiny_model_dir), data=str(cmmlu_dir), out=str(tmp_path / "cm"), shots=5)
     assert run_eval(cm) == 0
-    xz = EvalConfig(benchmark="xiezhi", model=str(tiny_model_dir), data=str(xiezhi_dir), output=str(tmp_path / "xz"),
+    xz = EvalConfig(benchmark="xiezhi", model=str(tiny_model_dir), data=str(xiezhi_dir), out=str(tmp_path / "xz"),
                     shots=0, method="loglikelihood")
     assert run_eval(xz) == 0
     res = json.loads((tmp_path / "xz" / "results.json").read_text(encoding="utf-8"))

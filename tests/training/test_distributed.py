@@ -21,7 +21,7 @@ STEPS = 6
 def _common(model_dir: Path, data: Path) -> dict:
     # dropout off: each process draws its own dropout masks, so only a dropout-free run can match exactly
     return dict(model=str(model_dir), data=[str(data)], lr=1e-2, warmup_steps=0, max_steps=STEPS, save_steps=3,
-                precision="fp32", seed=0, lora_dropout=0.0, num_threads=1)
+                precision="fp32", seed=0, lora_dropout=0.0, threads=1)
 
 
 def _torchrun(flags: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ def test_pretraining_on_text_and_jsonl(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     run_pt(PTConfig(model=str(tiny_model_dir), data=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], out=str(out),
                     max_length=32, micro_batch=4, grad_accum=1, lr=1e-2, warmup_steps=0, max_steps=20, precision="fp32",
-                    lora_targets=["all-linear"], modules_to_save=["embed_tokens", "lm_head"], num_threads=1))
+                    lora_targets=["all-linear"], modules_to_save=["embed_tokens", "lm_head"], threads=1))
     curve = [loss for _, loss in read_summary(out)["loss_curve"]]
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 1.0
     cfg = json.loads((out / "final" / "adapter_config.json").read_text())
@@ -32,7 +32,7 @@ def test_sft_converts_conversation_files_on_the_fly(tiny_model_dir, tmp_path, mo
         for q, a in QA:
             f.write(json.dumps([{"instruction": q, "input": "", "output": a}], ensure_ascii=False) + "\n")
     flags = dict(model=str(tiny_model_dir), data=[str(data)], max_length=128, micro_batch=2, grad_accum=1,
-                 max_steps=2, precision="fp32", num_threads=1)
+                 max_steps=2, precision="fp32", threads=1)
     run_sft(SFTConfig(**flags, out=str(tmp_path / "r1")))
     cached = list((tmp_path / "cache" / "datasets").iterdir())
     assert len(cached) == 1 and (cached[0] / "manifest.json").is_file()

@@ -22,7 +22,7 @@ def _flags(model_dir: Path, data: Path, out: Path) -> dict:
     # dropout stays on (0.05): the resumed run must restore the RNG too
     return dict(model=str(model_dir), data=[str(data)], out=str(out), micro_batch=2, grad_accum=1, lr=1e-2,
                 warmup_steps=5, lr_scheduler="linear", max_steps=STEPS, save_steps=4, save_total_limit=2,
-                precision="fp32", seed=3, num_threads=1)
+                precision="fp32", seed=3, threads=1)
 
 
 def _argv(flags: dict) -> list[str]:

@@ -182,7 +182,7 @@ def test_continued_pretraining_trains_and_exports_the_new_rows(sp_extended, tmp_
     extra = {"modules_to_save": ["embed_tokens", "lm_head"]} if method == "lora" else {}
     run_pt(PTConfig(model=str(sp_extended), data=[str(corpus)], out=str(tmp_path / "pt"), method=method, max_steps=2,
                     micro_batch=2, grad_accum=1, lr=1e-2, max_length=64, save_steps=10**9, precision="fp32",
-                    num_threads=1, warmup_steps=0, **extra))
+                    threads=1, warmup_steps=0, **extra))
     final = tmp_path / "pt" / "final"
     if method == "lora":
         from cutegpt.training.export import ExportConfig, run_export

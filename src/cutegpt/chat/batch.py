@@ -15,22 +15,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
+
 from tqdm import tqdm
 
-from cutegpt.chat.engine import GenerationArgs, cut_at_stop, stop_token_ids
+from cutegpt.chat.args import GenerationArgs
 from cutegpt.config import arg
+from cutegpt.threads import THREADS_HELP
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_file
-from cutegpt.model.loading import LoadedModel, ModelArgs, load_model
+from cutegpt.model.args import ModelArgs
 from cutegpt.templates import Turn, encode_segments
+
+if TYPE_CHECKING:
+    from cutegpt.model.loading import LoadedModel
 
 
 @dataclass
 class GenerateConfig(ModelArgs, GenerationArgs):
     input: str = arg("", "JSON Lines file of prompts or conversations", positional=True)
-    output: str = arg("answers.jsonl", "where to write the answers (JSON Lines)")
-    batch_size: int = arg(8, "prompts generated together")
+    out: str = arg("answers.jsonl", "where to write the answers (JSON Lines)", aliases=("--output", "--output-dir", "--output_dir"))
+    overwrite: bool = arg(False, "replace an existing --out file")
+    batch_size: int = arg(8, "prompts generated together", ge=1)
+    threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     system: str | None = arg(None, "replace the template's system line")
 
 
@@ -87,9 +94,12 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-@torch.inference_mode()
 def generate_batch(lm: LoadedModel, prompts: list[list[int]], gen: GenerationArgs) -> list[tuple[str, list[int]]]:
     """Answers for several prompt-id lists at once (left padding), cut at the stop marker."""
+    import torch
+
+    from cutegpt.chat.engine import cut_at_stop, stop_token_ids
+
     tok, model = lm.tokenizer, lm.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(len(p) for p in prompts)
@@ -107,7 +117,8 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], gen: GenerationArg
     stop = lm.template.stop
     if stop:
         kwargs.update(stop_strings=[stop], tokenizer=tok)
-    out = model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs)
+    with torch.inference_mode():
+        out = model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs)
     results = []
     stop_ids = stop_token_ids(lm)
     for row in out[:, width:].tolist():
@@ -129,6 +140,10 @@ def run_generate(cfg: GenerateConfig) -> int:
     path = Path(cfg.input)
     records = read_records(path)
     conversations = [record_to_turns(rec, f"{path}, line {lineno}") for lineno, rec in records]
+    import torch
+
+    from cutegpt.model.loading import load_model
+
     lm = load_model(cfg)
     gen = GenerationArgs.of(cfg)
     if gen.seed is not None:
@@ -143,9 +158,9 @@ def run_generate(cfg: GenerateConfig) -> int:
             for i, result in zip(chunk, generate_batch(lm, [prompts[i] for i in chunk], gen)):
                 answers[i] = result
             bar.update(len(chunk))
-    with atomic_file(cfg.output) as f:
+    with atomic_file(cfg.out) as f:
         for i, (lineno, rec) in enumerate(records):
             text, ids = answers[i]
             f.write(json.dumps({**rec, "answer": text, "new_tokens": len(ids)}, ensure_ascii=False) + "\n")
-    print(f"wrote {len(records)} answers to {cfg.output}")
+    print(f"wrote {len(records)} answers to {cfg.out}")
     return 0

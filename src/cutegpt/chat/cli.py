@@ -6,14 +6,17 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 
+from cutegpt.chat.args import GenerationArgs
 from cutegpt.chat.batch import record_to_turns
-from cutegpt.chat.engine import GenerationArgs
-from cutegpt.chat.session import ChatSession
 from cutegpt.config import arg
+from cutegpt.threads import THREADS_HELP
 from cutegpt.errors import CuteGPTError
-from cutegpt.model.loading import ModelArgs, load_model
+from cutegpt.model.args import ModelArgs
+
+if TYPE_CHECKING:
+    from cutegpt.chat.session import ChatSession
 
 HELP = """commands: /clear forget the conversation, /history show it, /exit quit
 multi-line input: end a line with \\ to continue on the next one, or wrap the text in triple quotes \"\"\"
@@ -22,8 +25,9 @@ Ctrl-C stops an answer (the conversation is kept); Ctrl-D or /exit quits."""
 
 @dataclass
 class ChatConfig(ModelArgs, GenerationArgs):
-    memory_limit: int = arg(3, "how many earlier (question, answer) pairs the model sees")
+    memory_limit: int = arg(3, "how many earlier (question, answer) pairs the model sees", ge=0)
     system: str | None = arg(None, "replace the template's system line")
+    threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     input: str | None = arg(None, "non-interactive: read one turn per line (text or JSON) from this file, '-' for stdin; answers go to stdout as JSON Lines")
     no_cache_reuse: bool = arg(False, "re-encode the whole history every turn (the original's way; for comparison)")
 
@@ -147,6 +151,9 @@ def run_chat(cfg: ChatConfig) -> int:
     if cfg.max_new_tokens <= 0:
         raise CuteGPTError(f"--max-new-tokens must be positive, not {cfg.max_new_tokens}.")
     gen = GenerationArgs.of(cfg)
+    from cutegpt.chat.session import ChatSession
+    from cutegpt.model.loading import load_model
+
     lm = load_model(cfg)
     session = ChatSession(lm, gen, cfg.memory_limit, cfg.system, reuse_cache=not cfg.no_cache_reuse)
     if cfg.input is not None:

@@ -22,28 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from cutegpt.config import arg
+from cutegpt.chat.args import GenerationArgs
 from cutegpt.model.loading import LoadedModel
-
-
-@dataclass
-class GenerationArgs:
-    """Sampling settings; defaults are the original CuteGPT's."""
-
-    max_new_tokens: int = arg(256, "most tokens to generate for one answer")
-    greedy: bool = arg(False, "always take the most likely token (deterministic)")
-    temperature: float = arg(1.0, "sampling temperature")
-    top_p: float = arg(0.8, "nucleus sampling: keep the smallest set of tokens with this much probability")
-    top_k: int = arg(50, "keep only the k most likely tokens (0 = off)")
-    repetition_penalty: float = arg(1.1, "penalise tokens already in the prompt or answer (1.0 = off)")
-    seed: int | None = arg(None, "random seed for sampling (reproducible answers)")
-    ignore_eos: bool = arg(False, "keep generating past EOS and the stop marker (for benchmarks)")
-
-
-    @classmethod
-    def of(cls, cfg: Any) -> "GenerationArgs":
-        """The generation settings of a command config that inherits them."""
-        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
 
 
 @dataclass

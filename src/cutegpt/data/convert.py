@@ -57,16 +57,17 @@ class ConvertConfig:
     """Settings of `cutegpt data convert`."""
 
     input: str = arg(help="instruction data file: the original pickle, JSON or JSON Lines", positional=True)
-    out: str | None = arg(None, "output dataset folder (default: INPUT without its suffix + '-dataset')")
+    out: str | None = arg(None, "output dataset folder", aliases=("--output", "--output-dir", "--output_dir"),
+                          absent="INPUT without its suffix + '-dataset'")
     model: str | None = arg(None, "model folder whose tokenizer to use; nothing = the embedded SmolLM2-135M-Instruct")
     template: str | None = arg("cutegpt", "prompt template: cutegpt, auto (the tokenizer's chat template) or raw; "
                                "none = what the model folder records, else cutegpt")
-    max_length: int = arg(2048, "tokens per training row (L)")
+    max_length: int = arg(2048, "tokens per training row (L)", ge=8, aliases=("--cutoff_len",))
     packing: Literal["bins", "pad", "concat"] = arg(
         "bins", "bins: whole conversations packed into rows of L tokens; pad: one per row; concat: the original's fixed blocks")
     format: Literal["auto", "cutegpt", "alpaca", "sharegpt", "messages"] = arg("auto", "record format (auto-detected per record)")
     seed: int = arg(42, "seed for shuffling, grouping and the template pool")
-    workers: int = arg(1, "tokenizer processes (1 already uses the fast tokenizer's own threads)")
+    workers: int = arg(1, "tokenizer processes (1 already uses the fast tokenizer's own threads)", ge=1)
     skip_invalid: bool = arg(False, "skip and count invalid records instead of stopping at the first")
     train_on_prompt: bool = arg(False, "also take the loss on system line and prompts")
     template_pool: bool = arg(False, "the original's augmentation: each turn rendered with a template drawn from its pools (bugs fixed)")

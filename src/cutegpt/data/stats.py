@@ -21,7 +21,7 @@ class StatsConfig:
     """Settings of `cutegpt data stats`."""
 
     dataset: str = arg(help="dataset folder made by `cutegpt data convert`", positional=True)
-    plot: str | None = arg(None, "where to write the length histogram PNG (default: DATASET/lengths.png)")
+    plot: str | None = arg(None, "where to write the length histogram PNG", absent="DATASET/lengths.png")
 
 
 @dataclass
@@ -29,8 +29,8 @@ class ShowConfig:
     """Settings of `cutegpt data show`."""
 
     dataset: str = arg(help="dataset folder made by `cutegpt data convert`", positional=True)
-    index: int = arg(0, "row to show", positional=True)
-    model: str | None = arg(None, "model folder whose tokenizer decodes the ids (default: the embedded model); must match the dataset")
+    index: int = arg(0, "row to show", positional=True, ge=0)
+    model: str | None = arg(None, "model folder whose tokenizer decodes the ids; must match the dataset", absent="the embedded model")
     color: bool = arg(sys.stdout.isatty(), "mark trained-on text in green instead of with [[ ]]")
 
 

@@ -20,15 +20,19 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cutegpt.config import arg
+from cutegpt.threads import THREADS_HELP, apply_threads
 from cutegpt.errors import CuteGPTError
 from cutegpt.evaluation.data import LETTERS, SPLITS, Benchmark, Question, Subject, load_benchmark, resolve_data_dir
 from cutegpt.evaluation.prompts import LETTER_PREFIX, PromptStyle, pick_shots
 from cutegpt.evaluation.results import aggregate, bar_chart, subject_table, submission, table
-from cutegpt.evaluation.scoring import Item, Scored, score_items
-from cutegpt.model.loading import LoadedModel, ModelArgs
+from cutegpt.model.args import ModelArgs
+
+if TYPE_CHECKING:
+    from cutegpt.evaluation.scoring import Item, Scored
+    from cutegpt.model.loading import LoadedModel
 
 PROTOCOL_VERSION = 1  # bump when prompt rendering or scoring changes: old caches stop matching
 DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test", "mmlu": "test", "xiezhi": "spec"}
@@ -40,19 +44,20 @@ class EvalConfig(ModelArgs):
 
     benchmark: Literal["ceval", "cmmlu", "mmlu", "xiezhi"] = arg(help="benchmark: ceval, cmmlu, mmlu or xiezhi", positional=True)
     data: str | None = arg(None, "the benchmark's official data folder (else $CEVAL_DATA / $CMMLU_DATA / $MMLU_DATA / $XIEZHI_DATA, or $CUTEGPT_DATA/<benchmark>)")
-    split: str | None = arg(None, "ceval: val|test|dev (default val); cmmlu: test|dev; mmlu: test|val|dev; xiezhi: spec|inter")
-    shots: int = arg(5, "few-shot examples from the dev set (0 = zero-shot)")
+    split: str | None = arg(None, "ceval: val|test|dev; cmmlu: test|dev; mmlu: test|val|dev; xiezhi: spec|inter", absent="val for ceval and mmlu, test for cmmlu, spec for xiezhi")
+    shots: int = arg(5, "few-shot examples from the dev set (0 = zero-shot)", ge=0)
     method: Literal["logits", "loglikelihood"] = arg("logits", "logits: next-token logit of each letter (C-Eval's LLaMA evaluator); loglikelihood: log-probability of each option's continuation (lm-evaluation-harness style)")
     chat_template: bool = arg(False, "wrap each prompt in the model's template (--template), for instruction-tuned models")
     fewshot_order: Literal["file", "random"] = arg("file", "few-shot examples: the first N dev questions (reference) or N seeded-random ones")
     seed: int = arg(1234, "seed for --fewshot-order random")
-    subjects: list[str] | None = arg(None, "only these subjects (C-Eval/CMMLU/MMLU keys, XieZhi top-level disciplines)")
-    limit: int | None = arg(None, "only the first N questions of each subject (quick looks; labelled in the results)")
-    batch_size: int = arg(4, "most questions in one forward pass (on CPU 2-4 is fastest)")
-    max_batch_tokens: int = arg(2048, "most (padded) question tokens in one forward pass")
-    output: str | None = arg(None, "results folder (default eval-results/<benchmark>-<split>-<shots>shot-<method>)")
+    subjects: list[str] | None = arg(None, "only these subjects (C-Eval/CMMLU/MMLU keys, XieZhi top-level disciplines)", absent="all")
+    limit: int | None = arg(None, "only the first N questions of each subject (quick looks; labelled in the results)", ge=1, absent="every question")
+    batch_size: int = arg(4, "most questions in one forward pass (on CPU 2-4 is fastest)", ge=1)
+    max_batch_tokens: int = arg(2048, "most (padded) question tokens in one forward pass", ge=1)
+    out: str | None = arg(None, "results folder", aliases=("--output", "--output-dir", "--output_dir"),
+                          absent="eval-results/<benchmark>-<split>-<shots>shot-<method>")
     resume: bool = arg(True, "reuse finished subjects from the per-subject cache")
-    threads: int = arg(0, "torch CPU threads (0 = torch's default)")
+    threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
 
 
 # --------------------------------------------------------------------------- prompts -> token ids
@@ -175,6 +180,8 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
     """Score every subject of `bench`; returns {records, settings, key, timing, notes, letter_ids}."""
     from tqdm.auto import tqdm
 
+    from cutegpt.evaluation.scoring import Item, score_items
+
     letter_ids, notes = letter_token_ids(lm.tokenizer, LETTER_PREFIX[bench.name])
     conts = continuations(lm.tokenizer, cfg.method, bench.name, letter_ids)
     key, settings = settings_key(lm, bench, cfg, letter_ids)
@@ -258,8 +265,7 @@ def run_eval(cfg: EvalConfig) -> int:
         raise CuteGPTError(f"--limit must be 1 or more, not {cfg.limit}.")
     if cfg.batch_size < 1 or cfg.max_batch_tokens < 1:
         raise CuteGPTError("--batch-size and --max-batch-tokens must be 1 or more.")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     split = cfg.split or DEFAULT_SPLIT[cfg.benchmark]
     if split not in SPLITS[cfg.benchmark]:
         raise CuteGPTError(f"{cfg.benchmark} has no split '{split}'; choose one of {', '.join(SPLITS[cfg.benchmark])}.")
@@ -273,7 +279,7 @@ def run_eval(cfg: EvalConfig) -> int:
     records = run["records"]
     has_gold = all(r["gold"] is not None for recs in records.values() for r in recs)
     setting = f"{cfg.shots}-shot" if cfg.shots else "zero-shot"
-    out_dir = Path(cfg.output or f"eval-results/{bench.name}-{bench.split}-{cfg.shots}shot-{cfg.method}")
+    out_dir = Path(cfg.out or f"eval-results/{bench.name}-{bench.split}-{cfg.shots}shot-{cfg.method}")
     results: dict[str, Any] = {
         "benchmark": bench.name,
         "split": bench.split,

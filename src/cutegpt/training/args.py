@@ -9,10 +9,15 @@ DeepSpeed file when one is given, else from the method's default.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from cutegpt.config import arg
-from cutegpt.model.loading import ModelArgs
+from cutegpt.errors import CuteGPTError
+from cutegpt.model.args import ModelArgs
+from cutegpt.threads import THREADS_HELP
+
+Scheduler = Literal["constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
 
 # Per method: peak learning rate, micro-batch, gradient accumulation (the original's two DeepSpeed files).
 METHOD_DEFAULTS = {
@@ -25,33 +30,46 @@ METHOD_DEFAULTS = {
 class TrainArgs(ModelArgs):
     """Model, method, optimiser, schedule, saving: everything but the data."""
 
-    out: str = arg("runs/train", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs")
+    dropped_flags: ClassVar[tuple[str, ...]] = ("load_in_8bit", "int8_backend", "merge_lora")
+
+    out: str = arg("runs/train", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs",
+                   aliases=("--output", "--output-dir", "--output_dir"))
     method: Literal["lora", "full"] = arg("lora", "lora (an adapter) or full (all weights)")
-    lora_r: int = arg(8, "LoRA rank")
-    lora_alpha: int = arg(16, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
-    lora_targets: list[str] = arg(["q_proj", "v_proj"], "module names to adapt, or all-linear")
-    modules_to_save: list[str] | None = arg(None, "modules trained in full beside the adapter, e.g. embed_tokens lm_head")
-    resume_lora: str | None = arg(None, "adapter folder to continue training (the original's load_lora)")
-    epochs: float = arg(4.0, "passes over the data")
-    max_steps: int = arg(-1, "stop after this many optimizer steps (overrides --epochs when > 0)")
-    micro_batch: int | None = arg(None, "rows per process per forward pass (default: 2 for LoRA, 1 for full)")
-    grad_accum: int | None = arg(None, "micro-batches per optimizer step (default: 8 for LoRA, 16 for full)")
-    lr: float | None = arg(None, "peak learning rate (default: 3e-4 for LoRA, 5e-5 for full)")
-    lr_scheduler: str = arg("constant_with_warmup", "transformers scheduler name: constant_with_warmup, cosine, linear, ...")
-    warmup_steps: int | None = arg(None, "warm-up steps (default: 3%% of the steps, at most 300)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    adam_betas: list[float] = arg([0.98, 0.999], "AdamW betas")
-    adam_eps: float = arg(1e-9, "AdamW epsilon")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
+    lora_r: int = arg(8, "LoRA rank", ge=1, aliases=("--lora_rank",))
+    lora_alpha: int = arg(16, "LoRA alpha (scale = alpha / r)", ge=1)
+    lora_dropout: float = arg(0.05, "dropout on the LoRA input", ge=0, lt=1)
+    lora_targets: list[str] = arg(["q_proj", "v_proj"], "module names to adapt, or all-linear", aliases=("--lora_target",))
+    modules_to_save: list[str] | None = arg(None, "modules trained in full beside the adapter, e.g. embed_tokens lm_head", absent="none")
+    resume_lora: str | None = arg(None, "adapter folder to continue training (the original's load_lora)", absent="a new adapter")
+    epochs: float = arg(4.0, "passes over the data", gt=0, aliases=("--num_train_epochs",))
+    max_steps: int = arg(-1, "stop after this many optimizer steps (overrides --epochs when > 0; -1 = use --epochs)", ge=-1)
+    micro_batch: int | None = arg(None, "rows per process per forward pass", ge=1, aliases=("--per_device_train_batch_size",),
+                                  absent="the DeepSpeed file's, else 2 for LoRA, 1 for full")
+    grad_accum: int | None = arg(None, "micro-batches per optimizer step", ge=1, aliases=("--gradient_accumulation_steps",),
+                                 absent="the DeepSpeed file's, else 8 for LoRA, 16 for full")
+    lr: float | None = arg(None, "peak learning rate", gt=0, aliases=("--learning_rate", "--learning-rate"),
+                          absent="the DeepSpeed file's, else 3e-4 for LoRA, 5e-5 for full")
+    lr_scheduler: Scheduler = arg("constant_with_warmup", "learning-rate schedule (transformers' names)", aliases=("--lr_scheduler_type",))
+    warmup_steps: int | None = arg(None, "warm-up steps", ge=0, absent="3% of the steps, at most 300")
+    weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
+    adam_betas: list[float] = arg([0.98, 0.999], "AdamW betas: two numbers in [0, 1)", ge=0, lt=1)
+    adam_eps: float = arg(1e-9, "AdamW epsilon", gt=0)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)", ge=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute precision; auto = bf16 where the hardware has it, else fp32/fp16")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, ~25%% slower)")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = arg("auto", "attention kernel; auto = flash_attention_2 when installed on a GPU, else sdpa")
-    deepspeed: str | None = arg(None, "DeepSpeed JSON config (see configs/); works on one process without a launcher")
-    save_steps: int = arg(2000, "save a checkpoint every N optimizer steps (and at each epoch end)")
-    save_total_limit: int | None = arg(None, "keep only the newest N checkpoints")
-    logging_steps: int = arg(1, "log loss and learning rate every N steps")
+    deepspeed: str | None = arg(None, "DeepSpeed JSON config (see configs/); works on one process without a launcher", absent="no DeepSpeed")
+    save_steps: int = arg(2000, "save a checkpoint every N optimizer steps (and at each epoch end)", ge=1)
+    save_total_limit: int | None = arg(None, "keep only the newest N checkpoints", ge=1, absent="all")
+    logging_steps: int = arg(1, "log loss and learning rate every N steps", ge=1)
     resume: bool = arg(False, "continue from the last complete checkpoint in --out")
-    seed: int = arg(42, "random seed (data order, LoRA init, dropout)")
-    num_threads: int = arg(0, "torch CPU threads (0 = torch's default)")
-    max_length: int = arg(2048, "longest row in tokens (pre-training block size; on-the-fly conversion limit)")
+    seed: int = arg(42, "random seed (data order, LoRA init, dropout)", ge=0)
+    threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads", "--num_threads"))
+    max_length: int = arg(2048, "longest row in tokens (pre-training block size; on-the-fly conversion limit)", ge=2,
+                          aliases=("--cutoff_len",))
+
+    def check(self) -> None:
+        if len(self.adam_betas) != 2:
+            raise CuteGPTError(f"--adam-betas takes two numbers (beta1 beta2), not {len(self.adam_betas)}.")
+        if self.max_steps == 0:
+            raise CuteGPTError("--max-steps must be a positive number of steps, or -1 to train for --epochs.")

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from cutegpt.errors import CuteGPTError
+from cutegpt.threads import resolve_threads
 from cutegpt.io import atomic_dir, write_json
 from cutegpt.model.loading import save_tokenizer
 from cutegpt.templates import CUTEGPT_STOP, add_stop_token, write_model_card
@@ -306,9 +307,9 @@ def train(cfg: TrainArgs, prepare: Callable[[], Prepared]) -> dict[str, Any]:
 
     transformers.logging.set_verbosity_warning()
     setup_logging()
-    if cfg.num_threads > 0:  # accelerate sets 2 threads unless OMP_NUM_THREADS says otherwise
-        os.environ["OMP_NUM_THREADS"] = str(cfg.num_threads)
-        torch.set_num_threads(cfg.num_threads)
+    threads = resolve_threads(cfg.threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # accelerate sets 2 threads unless OMP_NUM_THREADS says otherwise
+    torch.set_num_threads(threads)
     resume_from = check_output(cfg)
     on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
     settings = {k: getattr(cfg, k) for k in ("micro_batch", "grad_accum", "lr", "warmup_steps", "adam_eps",
@@ -352,8 +353,7 @@ def train(cfg: TrainArgs, prepare: Callable[[], Prepared]) -> dict[str, Any]:
         data_collator=PackedCollator(pad_id=_pad_id(prep.tokenizer)), template_name=prep.template_name,
         keep_checkpoints=cfg.save_total_limit)
     trainer.remove_callback(PrinterCallback)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+    torch.set_num_threads(threads)
     callbacks = make_callbacks(lambda: trainer.tokens_seen, world)
     for cb in callbacks:
         trainer.add_callback(cb)

@@ -11,20 +11,21 @@ tokenizer (the adapter's, if it has one) and the template name, so
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
-
-import torch
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir
-from cutegpt.model.loading import DTYPES, ModelArgs, load_model, save_tokenizer
+from cutegpt.model.args import ModelArgs
 from cutegpt.templates import write_model_card
 
 
 @dataclass
 class ExportConfig(ModelArgs):
-    out: str = arg("", "folder for the merged model")
+    dropped_flags: ClassVar[tuple[str, ...]] = ("load_in_8bit", "int8_backend", "merge_lora", "device")
+
+    out: str = arg("", "folder for the merged model", aliases=("--output", "--output-dir", "--output_dir"))
     overwrite: bool = arg(False, "replace --out if it exists")
 
 
@@ -38,6 +39,10 @@ def run_export(cfg: ExportConfig) -> int:
         raise CuteGPTError(f"{out} already exists; pass --overwrite or choose another --out.")
     if cfg.load_in_8bit:
         raise CuteGPTError("--load-in-8bit cannot be merged and saved; export in float16/bfloat16/float32.")
+    import torch
+
+    from cutegpt.model.loading import DTYPES, load_model, save_tokenizer
+
     target = cfg.dtype
     lm = load_model(replace(cfg, dtype="float32", device="cpu", merge_lora=True))
     model = lm.model

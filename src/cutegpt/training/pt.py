@@ -13,30 +13,38 @@ training/data.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import resolve_template_name
 from cutegpt.training.args import TrainArgs
-from cutegpt.training.data import pretraining_dataset
-from cutegpt.training.engine import Prepared, base_model_path, load_for_training, train, training_tokenizer
+
+if TYPE_CHECKING:
+    from cutegpt.training.engine import Prepared
 
 
 @dataclass
 class PTConfig(TrainArgs):
     data: list[str] = arg([], ".txt files, JSON Lines files or folders of them")
     text_field: str = arg("text", "field holding the text in JSON Lines records")
-    out: str = arg("runs/pt", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs")
+    out: str = arg("runs/pt", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs",
+                   aliases=("--output", "--output-dir", "--output_dir"))
 
 
 def run_pt(cfg: PTConfig) -> int:
     if not cfg.data:
         raise CuteGPTError("--data is required: .txt or .jsonl files (or folders of them).")
+    from cutegpt.training.engine import train
+
     train(cfg, lambda: prepare_pt(cfg))
     return 0
 
 
 def prepare_pt(cfg: PTConfig) -> Prepared:
+    from cutegpt.training.data import pretraining_dataset
+    from cutegpt.training.engine import Prepared, base_model_path, load_for_training, training_tokenizer
+
     tokenizer = training_tokenizer(cfg, None)  # pre-training text has no stop marker to add
     dataset = pretraining_dataset(cfg.data, tokenizer, cfg.max_length, cfg.text_field)
     base = base_model_path(cfg)

@@ -20,25 +20,30 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import resolve_template_name
 from cutegpt.training.args import TrainArgs
-from cutegpt.training.engine import Prepared, base_model_path, load_for_training, train, training_tokenizer
+
+if TYPE_CHECKING:
+    from cutegpt.training.engine import Prepared
 
 
 @dataclass
 class SFTConfig(TrainArgs):
     data: list[str] = arg([], "dataset folder made by `cutegpt data convert`, or conversation files converted on the fly")
     packing: Literal["bins", "pad", "concat"] = arg("bins", "layout for on-the-fly conversion (bins keeps samples apart)")
-    out: str = arg("runs/sft", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs")
+    out: str = arg("runs/sft", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs",
+                   aliases=("--output", "--output-dir", "--output_dir"))
 
 
 def run_sft(cfg: SFTConfig) -> int:
     if not cfg.data:
         raise CuteGPTError("--data is required: a dataset folder from `cutegpt data convert` or conversation files.")
+    from cutegpt.training.engine import train
+
     train(cfg, lambda: prepare_sft(cfg))
     return 0
 
@@ -54,6 +59,7 @@ def dataset_folder(cfg: SFTConfig) -> Path:
 def prepare_sft(cfg: SFTConfig) -> Prepared:
     from cutegpt.data.manifest import read_manifest
     from cutegpt.training.data import load_packed_dataset
+    from cutegpt.training.engine import Prepared, load_for_training, training_tokenizer
 
     folder = dataset_folder(cfg)
     manifest = read_manifest(folder)
@@ -85,6 +91,7 @@ def resolve_template(cfg: SFTConfig, manifest: dict[str, Any], folder: Path) -> 
     if cfg.template or made_with:
         return str(cfg.template or made_with)
     from cutegpt.model.loading import load_tokenizer
+    from cutegpt.training.engine import base_model_path
 
     base = base_model_path(cfg)
     return resolve_template_name(None, [base], load_tokenizer(base))
@@ -107,6 +114,7 @@ def conversion_key(cfg: SFTConfig) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     from cutegpt.data.manifest import tokenizer_hash
+    from cutegpt.training.engine import training_tokenizer
 
     template = cfg.template or "default"
     tokenizer = training_tokenizer(cfg, cfg.template)

@@ -22,16 +22,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import Any, ClassVar, Literal
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir, write_json
-from cutegpt.model.loading import ModelArgs, load_model, load_tokenizer
+from cutegpt.model.args import ModelArgs
 from cutegpt.templates import write_model_card
-from cutegpt.vocab.checks import run_checks
 from cutegpt.vocab.merge import (
     JSON_FILE, SP_FILE, Family, Merged, detect_family, display, load_sp_proto, load_tokenizer_json,
     merge_byte_bpe, merge_sentencepiece, pieces_file,
@@ -48,17 +45,24 @@ CARRIED_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_toke
 class VocabExtendConfig(ModelArgs):
     """Merge new pieces into --model's tokenizer, resize its embeddings and head, save it to --out."""
 
+    dropped_flags: ClassVar[tuple[str, ...]] = ("lora", "load_in_8bit", "int8_backend", "merge_lora")
+
     pieces: str | None = arg(None, "folder from `cutegpt vocab train` (or a tokenizer.model / tokenizer.json) with the new pieces")
-    out: str | None = arg(None, "output folder for the extended model")
-    pad_to: int = arg(64, "pad the embedding size to a multiple of this (1 = no padding)")
+    out: str | None = arg(None, "output folder for the extended model", aliases=("--output", "--output-dir", "--output_dir"))
+    pad_to: int = arg(64, "pad the embedding size to a multiple of this (1 = no padding)", ge=1)
     init: Literal["decomposition", "mean"] = arg("decomposition", "new rows: mean of the rows of the base tokens each new token replaces, or the plain mean of all rows")
-    max_pieces: int | None = arg(None, "append at most this many new tokens (in the Chinese tokenizer's order)")
-    corpus: list[str] = arg([], "held-out text (.txt/.jsonl) for the before/after statistics; default: heldout.jsonl of --pieces")
+    max_pieces: int | None = arg(None, "append at most this many new tokens (in the Chinese tokenizer's order)", ge=1, absent="every new piece")
+    corpus: list[str] = arg([], "held-out text (.txt/.jsonl) for the before/after statistics", absent="heldout.jsonl of --pieces")
     text_field: str = arg("text", "field holding the text in .jsonl corpus files")
     overwrite: bool = arg(False, "replace an existing output folder")
 
 
 def run_vocab_extend(cfg: VocabExtendConfig) -> int:
+    import torch
+
+    from cutegpt.model.loading import load_model
+    from cutegpt.vocab.checks import run_checks
+
     t0 = time.perf_counter()
     if not cfg.pieces:
         raise CuteGPTError("--pieces is required: the folder written by `cutegpt vocab train`.")
@@ -152,6 +156,8 @@ def _merge(family: Family, base: Path, pieces: Path, base_tok: Any, limit: int |
 
 def _write_tokenizer(family: Family, base: Path, merged: Merged, dest: Path) -> Any:
     """Write the merged tokenizer (plus the base's specials and chat template) to `dest` and load it back."""
+    from cutegpt.model.loading import load_tokenizer
+
     for name in CARRIED_FILES:
         if (base / name).is_file():
             shutil.copy2(base / name, dest / name)
@@ -189,6 +195,8 @@ def extend_embeddings(model: Any, n_base: int, new_ids: list[int], sources: list
                new_ids              mean of their decomposition rows (init=decomposition) or of all base rows
                the rest up to a multiple of pad_to: mean of all base rows
     """
+    import torch
+
     old_rows = model.get_input_embeddings().weight.shape[0]
     need = max(old_rows, max(new_ids) + 1)
     rows = math.ceil(need / pad_to) * pad_to

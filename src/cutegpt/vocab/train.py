@@ -41,15 +41,15 @@ Kind = Literal["auto", "sp-bpe", "sp-unigram", "byte-bpe"]
 class VocabTrainConfig:
     """Train a Chinese tokenizer on a corpus (.txt: one document per line; .jsonl: a text field)."""
 
-    out: str = arg(help="output folder for the Chinese tokenizer")
+    out: str = arg(help="output folder for the Chinese tokenizer", aliases=("--output", "--output-dir", "--output_dir"))
     corpus: list[str] = arg([], "corpus files (.txt or .jsonl)", positional=True)
-    model: str | None = arg(None, "base model (or tokenizer) folder whose tokenizer family decides the kind; default: the embedded SmolLM2")
-    vocab_size: int = arg(8000, "size of the Chinese tokenizer (pieces the base already has are not appended later)")
+    model: str | None = arg(None, "base model (or tokenizer) folder whose tokenizer family decides the kind", absent="the embedded SmolLM2")
+    vocab_size: int = arg(8000, "size of the Chinese tokenizer (pieces the base already has are not appended later)", ge=100)
     kind: Kind = arg("auto", "tokenizer kind; auto = what the base model's tokenizer needs")
     text_field: str = arg("text", "field holding the text in .jsonl corpus files")
-    held_out: float = arg(0.05, "fraction of documents kept out of training, for the before/after statistics")
-    character_coverage: float = arg(0.9995, "SentencePiece: share of characters covered by pieces (the rest fall back to bytes)")
-    min_frequency: int = arg(2, "byte-level BPE: merges seen fewer times are not learned")
+    held_out: float = arg(0.05, "fraction of documents kept out of training, for the before/after statistics", ge=0, lt=1)
+    character_coverage: float = arg(0.9995, "SentencePiece: share of characters covered by pieces (the rest fall back to bytes)", gt=0, le=1)
+    min_frequency: int = arg(2, "byte-level BPE: merges seen fewer times are not learned", ge=1)
     seed: int = arg(0, "seed for the held-out split")
     overwrite: bool = arg(False, "replace an existing output folder")
 
