@@ -28,7 +28,6 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("eval",): ("cutegpt.evaluation.cli", "EvalConfig", "run_eval", "C-Eval / CMMLU / MMLU / XieZhi multiple-choice evaluation"),
     ("vocab", "train"): ("cutegpt.vocab.train", "VocabTrainConfig", "run_vocab_train", "train a Chinese tokenizer on a corpus"),
     ("vocab", "extend"): ("cutegpt.vocab.extend", "VocabExtendConfig", "run_vocab_extend", "merge new pieces into a model's tokenizer and embeddings"),
-    ("serve",): ("cutegpt.serve", "ServeConfig", "run_serve", "OpenAI-compatible server with a web chat page (llama.cpp, or vLLM on GPUs)"),
     ("recipe",): ("cutegpt.recipe", "RecipeConfig", "run_recipe", "the whole CuteGPT recipe at small scale, end to end"),
 }
 

@@ -58,15 +58,16 @@ def test_cli_refuses_public_host_without_key(capsys, monkeypatch):
 
 
 def test_auto_threads_leave_busy_cores_alone(monkeypatch):
+    from cutegpt import threads
     from cutegpt.serve import engine
 
-    monkeypatch.setattr(engine, "cpu_count", lambda: 2)
-    monkeypatch.setattr(engine.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
     assert engine.resolve_threads(0) == 1
-    monkeypatch.setattr(engine.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert engine.resolve_threads(0) == 2
-    monkeypatch.setattr(engine, "cpu_count", lambda: 8)
-    monkeypatch.setattr(engine.os, "getloadavg", lambda: (2.2, 2, 2))
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.2, 2, 2))
     assert engine.resolve_threads(0) == 6
     assert engine.resolve_threads(3) == 3
 

@@ -6,7 +6,6 @@ It listens on a private loopback port with a random API key; only the front
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -16,30 +15,16 @@ from cutegpt.serve.config import ServeConfig
 from cutegpt.serve.source import ServedModel
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def auto_threads() -> int:
-    """Cores free at start-up: cores minus the 1-minute load average, at least 1.
+def resolve_threads(n: int) -> int:
+    """`--threads`: n, or with 0 the cores other processes leave free (see `cutegpt.threads`).
 
     llama.cpp's worker threads spin while they wait for each other; with more of
     them than free cores they get descheduled mid-step and throughput collapses
     (2 threads on a loaded 2-core machine: 4-51 tok/s instead of 94-122).
     """
-    cores = cpu_count()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    return max(1, min(cores, cores - int(round(load))))
+    from cutegpt.threads import resolve_threads as resolve
 
-
-def resolve_threads(n: int) -> int:
-    return n if n > 0 else auto_threads()
+    return resolve(n)
 
 
 @dataclass
