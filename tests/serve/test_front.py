@@ -185,3 +185,18 @@ def test_tools_are_dropped_for_the_cutegpt_format(front_factory):
     assert status == 200 and "tools" not in body["echo"] and "tool_choice" not in body["echo"]
     status, body = request(port, "POST", CHAT, {"messages": HELLO, "tools": tools, "tool_choice": "required"})
     assert status == 400 and body["error"]["param"] == "tool_choice"
+
+
+def test_shutdown_does_not_wait_for_idle_keep_alive_connections(front_factory):
+    import asyncio
+    import http.client
+
+    port, _, front = front_factory()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() == b'{"status":"ok"}'  # the connection now idles, kept alive
+    loop = front.server.get_loop()
+    # with a 600 s grace period, only cancelling the idle connection lets close() return within the minute
+    asyncio.run_coroutine_threadsafe(front.close(grace=600), loop).result(timeout=60)
+    assert not front.tasks
+    conn.close()

@@ -238,7 +238,7 @@ class ClientGone(Exception):
     pass
 
 
-async def _read_request(reader: asyncio.StreamReader, policy: Policy) -> Request | None:
+async def _read_request_start(reader: asyncio.StreamReader, policy: Policy) -> Request | None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
     except asyncio.IncompleteReadError as e:
@@ -263,7 +263,11 @@ async def _read_request(reader: asyncio.StreamReader, policy: Policy) -> Request
             raise ApiError(400, "Malformed HTTP header.")
         headers[name.strip().lower()] = value.strip()
     url = urlsplit(target)
-    req = Request(method.upper(), url.path or "/", url.query, version, headers)
+    return Request(method.upper(), url.path or "/", url.query, version, headers)
+
+
+async def _read_request_body(reader: asyncio.StreamReader, req: Request, policy: Policy) -> Request:
+    headers = req.headers
     if "chunked" in headers.get("transfer-encoding", "").lower():
         req.body = await _read_chunked(reader, policy.max_body_bytes)
     elif "content-length" in headers:
@@ -331,6 +335,7 @@ class Front:
         self.backend_key = backend_key
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.idle: set[asyncio.Task] = set()
         self.active_streams = 0
         self.counts: dict[str, int] = {"requests": 0, "rejected": 0, "disconnects": 0, "backend_errors": 0}
         self.started = time.time()
@@ -346,6 +351,8 @@ class Front:
         self.closing = True
         if self.server is not None:
             self.server.close()
+        for t in list(self.idle):  # keep-alive connections waiting for a next request: nothing to finish
+            t.cancel()
         pending = [t for t in self.tasks if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=grace)
@@ -366,7 +373,15 @@ class Front:
         try:
             while not self.closing:
                 try:
-                    req = await _read_request(reader, self.policy)
+                    if task is not None:
+                        self.idle.add(task)
+                    try:
+                        req = await _read_request_start(reader, self.policy)
+                    finally:
+                        if task is not None:
+                            self.idle.discard(task)
+                    if req is not None:
+                        req = await _read_request_body(reader, req, self.policy)
                 except ApiError as e:
                     self.counts["rejected"] += 1
                     await self._send_error(writer, e, keep_alive=False)
