@@ -52,6 +52,9 @@ def backend_params(cfg: ServeConfig, served: ServedModel, threads: int, key: str
     p.hostnames = ["127.0.0.1"]
     p.port = 0  # any free port; only the front connects
     p.api_keys = [key]
+    # one HTTP thread per connection the front may hold: every slot busy plus as many waiting, so queued
+    # requests reach llama.cpp's task queue (and their disconnects are seen) instead of waiting in accept()
+    p.n_threads_http = 2 * cfg.parallel + 4
     p.endpoint_metrics = True
     p.ui = cfg.ui
     p.cache_prompt = cfg.prompt_cache
