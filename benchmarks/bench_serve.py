@@ -6,7 +6,8 @@ Prints (and writes to --out as JSON):
   1. aggregate generated tokens/s and p50/p95 time to first token (TTFT) at 1, 4, 8, 16 concurrent
      streaming clients, for `cutegpt serve --parallel 8` vs `--parallel 1` (one request at a time, as
      LLaMA-Factory's and FastChat's HF engines serve), plus raw xllamacpp (llama.cpp's HTTP server with
-     no cutegpt front) at n_parallel 8 and 1;
+     no cutegpt front) at n_parallel 8 and 1. All four servers run at once and each client count runs
+     on each of them in turn, so machine load drifts over all four alike;
   2. TTFT of the 8th turn of a long chat with llama.cpp's prompt cache on vs off;
   3. a load test: 16 streaming clients for --load-seconds against --parallel 8; every request must
      finish completely; the server's RSS sampled every few seconds must stay flat.
@@ -76,22 +77,17 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def sweep(port: int, clients: list[int], tokens: int) -> list[dict]:
-    rows = []
-    for c in clients:
-        total = max(c, 8)
-        jobs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" (#{i})"}] for i in range(total)]
-        stream_one(port, jobs[0], 4)  # warm
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(c) as pool:
-            results = list(pool.map(lambda m: stream_one(port, m, tokens), jobs))
-        wall = time.perf_counter() - t0
-        ttfts = [r[0] for r in results]
-        rows.append({"clients": c, "requests": total, "tok_s": sum(r[1] for r in results) / wall,
-                     "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95), "complete": all(r[3] for r in results)})
-        print(f"    {c:>2} clients: {rows[-1]['tok_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50']:.2f} s, p95 {rows[-1]['ttft_p95']:.2f} s",
-              flush=True)
-    return rows
+def run_clients(port: int, c: int, tokens: int) -> dict:
+    """c concurrent streaming clients sending max(c, 8) requests in all; aggregate tok/s and TTFT percentiles."""
+    total = max(c, 8)
+    jobs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" (#{i})"}] for i in range(total)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(c) as pool:
+        results = list(pool.map(lambda m: stream_one(port, m, tokens), jobs))
+    wall = time.perf_counter() - t0
+    ttfts = [r[0] for r in results]
+    return {"clients": c, "requests": total, "tok_s": sum(r[1] for r in results) / wall,
+            "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95), "complete": all(r[3] for r in results)}
 
 
 class Serve:
@@ -171,8 +167,7 @@ def long_chat(port: int, tokens: int, cache: bool) -> float:
     return ttft
 
 
-def load_test(seconds: float, tokens: int, threads: int) -> dict:
-    srv = Serve("--parallel", "8", "--threads", str(threads))
+def load_test(srv: "Serve", seconds: float, tokens: int) -> dict:
     stop_at = time.monotonic() + seconds
     counts = {"ok": 0, "incomplete": 0, "errors": 0}
     lock = threading.Lock()
@@ -196,7 +191,6 @@ def load_test(seconds: float, tokens: int, threads: int) -> dict:
     while any(w.is_alive() for w in workers):
         time.sleep(5)
         rss.append(srv.rss_mb())
-    srv.stop()
     return {**counts, "seconds": seconds, "rss_mb": rss}
 
 
@@ -212,23 +206,30 @@ def main() -> None:
     load_s = 20 if args.quick else args.load_seconds
     print(f"load average at start: {os.getloadavg()}, threads {args.threads}", flush=True)
     results: dict = {"threads": args.threads, "tokens": args.tokens, "loadavg_start": os.getloadavg()}
-    for parallel in (8, 1):
-        print(f"cutegpt serve --parallel {parallel}", flush=True)
-        srv = Serve("--parallel", str(parallel), "--threads", str(args.threads), "--ctx", "2048")
-        results[f"cutegpt_p{parallel}"] = sweep(srv.port, clients, args.tokens)
-        srv.stop()
-        print(f"raw xllamacpp n_parallel {parallel}", flush=True)
-        raw = RawServer(parallel, args.threads, 2048)
-        results[f"raw_p{parallel}"] = sweep(raw.port, clients, args.tokens)
-        raw.stop()
+    # all four servers up at once; each client count runs on each in turn, so load drift hits them alike
+    p8 = Serve("--parallel", "8", "--threads", str(args.threads), "--ctx", "2048")
+    p1 = Serve("--parallel", "1", "--threads", str(args.threads), "--ctx", "2048")
+    raw8, raw1 = RawServer(8, args.threads, 2048), RawServer(1, args.threads, 2048)
+    servers = {"cutegpt_p8": p8.port, "cutegpt_p1": p1.port, "raw_p8": raw8.port, "raw_p1": raw1.port}
+    for name, port in servers.items():
+        stream_one(port, [{"role": "user", "content": "warm up"}], 4)
+        results[name] = []
+    for c in clients:
+        for name, port in servers.items():
+            row = run_clients(port, c, args.tokens)
+            results[name].append(row)
+            print(f"    {name:<10} {c:>2} clients: {row['tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.2f} s, "
+                  f"p95 {row['ttft_p95']:.2f} s, complete {row['complete']}", flush=True)
+    raw8.stop()
+    raw1.stop()
     print("8th turn of a long chat, prompt cache on / off", flush=True)
-    srv = Serve("--parallel", "1", "--threads", str(args.threads), "--ctx", "4096")
-    results["turn8_ttft_cache_on"] = long_chat(srv.port, args.tokens, True)
-    results["turn8_ttft_cache_off"] = long_chat(srv.port, args.tokens, False)
-    srv.stop()
+    results["turn8_ttft_cache_on"] = long_chat(p1.port, args.tokens, True)
+    results["turn8_ttft_cache_off"] = long_chat(p1.port, args.tokens, False)
+    p1.stop()
     print(f"    cache on {results['turn8_ttft_cache_on']:.2f} s, off {results['turn8_ttft_cache_off']:.2f} s", flush=True)
     print(f"load test: 16 streaming clients, {load_s:.0f} s, --parallel 8", flush=True)
-    results["load"] = load_test(load_s, args.tokens, args.threads)
+    results["load"] = load_test(p8, load_s, args.tokens)
+    p8.stop()
     results["loadavg_end"] = os.getloadavg()
     print(json.dumps(results["load"]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
