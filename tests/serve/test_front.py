@@ -200,3 +200,23 @@ def test_shutdown_does_not_wait_for_idle_keep_alive_connections(front_factory):
     asyncio.run_coroutine_threadsafe(front.close(grace=600), loop).result(timeout=60)
     assert not front.tasks
     conn.close()
+
+
+def test_shutdown_lets_streams_in_progress_finish(front_factory):
+    import asyncio
+    import threading
+
+    port, fake, front = front_factory()
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(_stream(port, {"messages": HELLO, "stream": True, "max_tokens": 40})))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not front.active_streams and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert front.active_streams == 1
+    asyncio.run_coroutine_threadsafe(front.close(grace=60), front.server.get_loop()).result(timeout=90)
+    reader.join(30)
+    parts = got[0]
+    assert len(parts) == 1 + 40 + 1 and parts[-1].startswith(b"[DONE]")  # the answer ended completely
+    with pytest.raises(OSError):  # and nothing new is accepted
+        socket.create_connection(("127.0.0.1", port), timeout=5).recv(1)
