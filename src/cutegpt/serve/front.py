@@ -399,6 +399,10 @@ class Front:
             self.counts["disconnects"] += 1
         except asyncio.CancelledError:
             pass
+        except Exception as e:  # e.g. llama.cpp dropped the connection mid-answer: answer 500, keep serving
+            self.counts["backend_errors"] += 1
+            await self._send_error(writer, ApiError(500, f"The model server failed while answering ({type(e).__name__})."),
+                                   keep_alive=False)
         finally:
             if task is not None:
                 self.tasks.discard(task)
@@ -417,7 +421,7 @@ class Front:
         extra = [("WWW-Authenticate", "Bearer")] if e.status == 401 else None
         try:
             await self._send(writer, e.status, e.body(), keep_alive=keep_alive, extra=extra)
-        except ConnectionError:
+        except (ConnectionError, RuntimeError):
             pass
 
     def _authorized(self, req: Request) -> bool:
