@@ -55,7 +55,9 @@ class FakeLlama:
             else:
                 req = json.loads(body)
                 self.bodies.append(req)
-                if req.get("stream"):
+                if "CRASH" in json.dumps(req):  # dies half-way through its answer
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"choi")
+                elif req.get("stream"):
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
                     n = int(req.get("max_tokens", 5))
                     try:

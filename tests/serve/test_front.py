@@ -220,3 +220,10 @@ def test_shutdown_lets_streams_in_progress_finish(front_factory):
     assert len(parts) == 1 + 40 + 1 and parts[-1].startswith(b"[DONE]")  # the answer ended completely
     with pytest.raises(OSError):  # and nothing new is accepted
         socket.create_connection(("127.0.0.1", port), timeout=5).recv(1)
+
+
+def test_backend_dying_mid_answer_is_a_500_and_the_server_keeps_serving(front_factory):
+    port, _, front = front_factory()
+    got, body = request(port, "POST", CHAT, {"messages": [{"role": "user", "content": "CRASH"}]})
+    assert got == 500 and body["error"]["type"] == "server_error"
+    assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
