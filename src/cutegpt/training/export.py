@@ -38,6 +38,16 @@ class ExportConfig(ModelArgs):
     overwrite: bool = arg(False, "replace --out if it exists")
 
 
+    def check(self) -> None:
+        """Refuse a bad GGUF output before any model loads."""
+        if self.format == "gguf" and self.out:
+            from cutegpt.io import check_output
+
+            if not self.out.lower().endswith(".gguf"):
+                raise CuteGPTError(f"--out {self.out} must be a file name ending in .gguf.")
+            check_output(self.out, kind="file", inputs=(self.model, self.lora), overwrite=self.overwrite)
+
+
 def run_export(cfg: ExportConfig) -> int:
     if cfg.format == "gguf":
         return run_export_gguf(cfg)
@@ -65,7 +75,7 @@ def run_export(cfg: ExportConfig) -> int:
     model = model.to(dtype)
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         model.save_pretrained(tmp)
-        save_tokenizer(lm.tokenizer, tmp)
+        save_tokenizer(lm.tokenizer, tmp, lm.template.name)
         write_model_card(tmp, lm.template.name, merged_from={"model": str(lm.model_path.resolve()), "lora": str(lm.lora_path.resolve())})
     print(f"saved {out} ({str(dtype).replace('torch.', '')}, template {lm.template.name})")
     return 0
@@ -92,7 +102,8 @@ def run_export_gguf(cfg: ExportConfig) -> int:
             agreement = f"top-1 check skipped ({top1['skipped']})"
         else:
             agreement = (f"top-1 agreement with transformers {top1['agreement']:.1%} over {top1['positions']} positions, "
-                         f"greedy continuations {'identical' if top1['greedy_same'] else 'differ'}")
+                         f"greedy continuations {'identical' if top1['greedy_same'] else 'differ'}"
+                         + (f" ({top1['greedy_near_ties']} at a near tie)" if top1.get("greedy_near_ties") else ""))
         print(f"verified in llama.cpp: tokenization identical ({check['tokenization']['probe_tokens']} probe tokens), "
               f"chat template renders as in {'templates.py' if report.get('template') == 'cutegpt' else 'transformers'}, {agreement}")
     else:
