@@ -289,7 +289,7 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
             import torch
 
             write_json(path.with_suffix(".timing.json"),
-                       {"questions": len(items), "seconds": round(took, 3), "threads": torch.get_num_threads()})
+                       {"questions": len(items), "seconds": took, "threads": torch.get_num_threads()})
     timing: dict[str, Any] = {
         "questions_timed": timed_questions,
         "seconds": round(timed_seconds, 3),
