@@ -240,7 +240,7 @@ def test_probe_text_covers_the_hard_cases():
 
 @pytest.mark.slow
 def test_embedded_model_f16_greedy_in_llamacpp(tmp_path, embedded_dir):
-    """The embedded SmolLM2 at f16: llama.cpp's greedy tokens are transformers' (FACTS.md: 128/128 with the reference converter)."""
+    """The embedded SmolLM2 at f16: llama.cpp's greedy tokens are transformers' (128/128 with the reference converter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = gx.export_gguf(None, tmp_path / "smollm2.gguf", quant="f16", progress=False)
