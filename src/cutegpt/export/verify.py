@@ -33,7 +33,7 @@ PROBE_CORPUS = (
     "Machine learning is a branch of artificial intelligence. 机器学习是人工智能的一个分支。",
 )
 GREEDY_TOKENS = 16
-# minimum top-1 agreement per type: exact types must match (FACTS.md: F16 100%), quantized ones must be sane (a broken file agrees at chance level; tiny random models quantize badly)
+# minimum top-1 agreement per type: exact types must match (measured: F16 agrees 100%), quantized ones must be sane (a broken file agrees at chance level; tiny random models quantize badly)
 THRESHOLDS = {"f32": 0.99, "f16": 0.99, "bf16": 0.95, "q8_0": 0.85, "q5_1": 0.5, "q5_0": 0.5, "q4_1": 0.4, "q4_0": 0.4}
 EXACT = ("f32", "f16")
 TIE = 0.05  # logit gap below which two next tokens are a tie (llama.cpp keeps the KV cache in f16)

@@ -65,7 +65,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # on CPU bf16 decodes slower than fp32 (FACTS.md); choose it explicitly for memory
+    return torch.float32  # on CPU bf16 decodes slower than fp32 (docs/benchmarks.md); choose it explicitly for memory
 
 
 def _check_model_folder(path: Path) -> None:
