@@ -286,16 +286,30 @@ def weight_bytes(model: Any) -> int:
     return total
 
 
-def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
-    """`save_pretrained`, plus the SentencePiece `tokenizer.model` it came with.
+def save_tokenizer(tokenizer: Any, folder: str | Path, template: str | None = None) -> None:
+    """`save_pretrained`, plus the SentencePiece `tokenizer.model` it came with and the template as Jinja.
 
     transformers 5 writes only `tokenizer.json`; LLaMA tools (llama.cpp's
     converter, sentencepiece, the original CuteGPT scripts) still read
     `tokenizer.model`, so a trained or exported model must keep it.
+    With `template="cutegpt"` the saved tokenizer's `chat_template` renders the
+    CuteGPT format (`templates.chat_template_jinja`), so plain transformers,
+    llama.cpp or vLLM prompt the model as it was trained; `auto`/`raw`/None keep
+    the tokenizer's own template. The tokenizer object itself is left unchanged.
     """
     import shutil
 
-    tokenizer.save_pretrained(str(folder))
+    from cutegpt.templates import chat_template_jinja
+
+    jinja = chat_template_jinja(template) if template else None
+    previous = getattr(tokenizer, "chat_template", None)
+    if jinja is not None:
+        tokenizer.chat_template = jinja
+    try:
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        if jinja is not None:
+            tokenizer.chat_template = previous
     source = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "tokenizer.model"
     target = Path(folder) / "tokenizer.model"
     if source.is_file() and not target.exists():

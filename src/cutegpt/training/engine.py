@@ -206,7 +206,7 @@ def make_trainer_class():
             finally:
                 self._staging = None
             if self.is_world_process_zero():
-                save_tokenizer(self.processing_class, staging / name)  # adds tokenizer.model, which the Trainer drops
+                save_tokenizer(self.processing_class, staging / name, self.template_name)  # adds tokenizer.model, which the Trainer drops
                 write_model_card(staging / name, self.template_name)
             _barrier()
             if self.is_world_process_zero():
@@ -396,7 +396,7 @@ def save_final(trainer: Any, cfg: TrainArgs, prep: Prepared, precision: str) -> 
         staging = Path(cfg.out) / STAGING / "final"
         trainer.save_model(str(staging))
         if trainer.is_world_process_zero():
-            save_tokenizer(prep.tokenizer, staging)
+            save_tokenizer(prep.tokenizer, staging, prep.template_name)
             write_model_card(staging, prep.template_name)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(staging, out)
@@ -409,7 +409,7 @@ def save_final(trainer: Any, cfg: TrainArgs, prep: Prepared, precision: str) -> 
                 dtype = torch.float16 if precision == "fp16" else torch.bfloat16
                 model = model.to(dtype)
             model.save_pretrained(tmp)
-            save_tokenizer(prep.tokenizer, tmp)
+            save_tokenizer(prep.tokenizer, tmp, prep.template_name)
             write_model_card(tmp, prep.template_name)
     _barrier()
     return out
