@@ -21,6 +21,9 @@ from cutegpt.errors import CuteGPTError
 # Measured on the embedded model, one thread, side by side (docs/benchmarks.md): llama.cpp on the
 # embedded Q4_1 file decodes ~4x faster than torch fp32, starts faster, and agrees with fp32 on most top-1 tokens.
 EMBEDDED_BACKEND = "llamacpp"
+# The file llama.cpp runs for the embedded model: None = the Q4_1 file the package ships; a quant type =
+# our export of it at that type, made once into the cache (the shipped Q4_1 file disagrees with fp32 more).
+EMBEDDED_GGUF_QUANT: str | None = "f16"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 BACKEND_HELP = ("inference engine: llama.cpp (fast on CPU, GGUF files) or torch (any HF folder, LoRA, 8-bit); "
                 "auto = llama.cpp for a .gguf file and the embedded model, torch for a folder")
@@ -106,6 +109,30 @@ def _exported_gguf(folder: Path, lora: str | None) -> Path:
     return out
 
 
+def embedded_llamacpp_file() -> Path:
+    """The GGUF file llama.cpp runs for the embedded model (see EMBEDDED_GGUF_QUANT)."""
+    from cutegpt.model.embedded import cache_dir, embedded_gguf
+
+    shipped = embedded_gguf()
+    if EMBEDDED_GGUF_QUANT is None:
+        return shipped
+    try:
+        from cutegpt.export.gguf import export_gguf
+    except ImportError:
+        return shipped
+    st = shipped.stat()
+    key = hashlib.sha256(f"{shipped.name}:{st.st_size}".encode()).hexdigest()[:12]
+    out = cache_dir() / "gguf" / f"smollm2-135m-instruct-{key}.{EMBEDDED_GGUF_QUANT}.gguf"
+    if not out.is_file():
+        print(f"Preparing the embedded model for llama.cpp once ({EMBEDDED_GGUF_QUANT}): {out}", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            export_gguf(None, out, quant=EMBEDDED_GGUF_QUANT, verify=False, overwrite=True, progress=False)
+        except FileExistsError:
+            pass  # another process made it at the same time
+    return out
+
+
 def load_chat_model(cfg: Any, backend: str, threads: int) -> Any:
     """Load the model on `backend`: a torch `LoadedModel` or a `LlamaCppModel`."""
     if backend == "torch":
@@ -116,9 +143,7 @@ def load_chat_model(cfg: Any, backend: str, threads: int) -> Any:
 
     name = display_name(cfg, None)
     if cfg.model is None:
-        from cutegpt.model.embedded import embedded_gguf
-
-        return load_llamacpp(embedded_gguf(), template=cfg.template, threads=threads, name=name)
+        return load_llamacpp(embedded_llamacpp_file(), template=cfg.template, threads=threads, name=name)
     path = Path(cfg.model).expanduser()
     if path.suffix != ".gguf":
         if not path.is_dir():

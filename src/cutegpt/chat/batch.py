@@ -242,6 +242,8 @@ def run_generate(cfg: GenerateConfig) -> int:
                 if engine is not None:
                     g = gen if gen.seed is None else dataclasses.replace(gen, seed=gen.seed + start)
                     r = engine.generate(prompts[chunk[0]], g)
+                    if r.stop_reason == "interrupted":  # Ctrl-C reached llama.cpp: never write a cut answer
+                        raise KeyboardInterrupt
                     results = [(r.text, r.new_tokens)]
                 else:
                     results = [(text, len(ids)) for text, ids in generate_batch(lm, [prompts[i] for i in chunk], gen)]

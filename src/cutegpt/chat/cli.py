@@ -150,7 +150,7 @@ def _setup_readline() -> None:
 def save_conversation(session: ChatSession, path: Path) -> None:
     from cutegpt.io import atomic_file
 
-    with atomic_file(path, overwrite=True) as f:
+    with atomic_file(path) as f:
         f.write(json.dumps({"messages": session.messages()}, ensure_ascii=False, indent=1) + "\n")
 
 
