@@ -100,15 +100,38 @@ def llamacpp_top1(lm, ids: list[int]) -> list[int]:
         req = {"prompt": ids[:i], "max_tokens": 1, "temperature": 0.0, "top_k": 1, "stream": False, "cache_prompt": True,
                "logprobs": 1, "samplers": ["top_k"], "ignore_eos": True}
         r = lm.server.handle_completions(req)
-        lp = r["choices"][0].get("logprobs") or {}
-        content = lp.get("content") or []
-        if content and "id" in content[0]:
-            out.append(int(content[0]["id"]))
-        else:  # fall back to the text of the token
-            text = r["choices"][0]["text"]
-            enc = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-            out.append(enc[0] if enc else -1)
+        content = (r["choices"][0].get("logprobs") or {}).get("content") or []
+        if not content:  # an incomplete UTF-8 byte token is withheld: ask for a few more, keep the first id
+            r = lm.server.handle_completions({**req, "max_tokens": 4})
+            content = (r["choices"][0].get("logprobs") or {}).get("content") or []
+        out.append(int(content[0]["id"]) if content else -1)
     return out
+
+
+class _FakeServer:
+    """Streams a fixed answer instantly: measures the Python work cutegpt does per token, without llama.cpp."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = pieces
+
+    def handle_completions(self, req, cb):
+        for p in self.pieces:
+            if cb({"choices": [{"text": p, "finish_reason": None}]}):
+                return
+        cb({"choices": [{"text": "", "finish_reason": "length"}], "usage": {"completion_tokens": len(self.pieces)},
+            "timings": {"cache_n": 0}})
+
+
+def callback_cost(lm, n: int) -> float:
+    """Seconds of cutegpt's own work per streamed token (stop check, hold-back, streaming to a callback)."""
+    from types import SimpleNamespace
+
+    pieces = [lm.tokenizer.decode([t]) for t in lm.tokenizer("The sky is blue because of Rayleigh scattering. " * 20)["input_ids"][:n]]
+    fake = SimpleNamespace(**{**lm.__dict__, "server": _FakeServer(pieces)})
+    sink: list[str] = []
+    t = time.perf_counter()
+    LlamaCppEngine(fake, reuse_cache=False).generate([1, 2, 3], greedy(n), sink.append)
+    return (time.perf_counter() - t) / n
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -121,6 +144,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--agreement-only", action="store_true", help="only the top-1 agreement and greedy answers (fast)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -166,9 +190,14 @@ def main() -> None:
     for name, lm in llama.items():
         variants[f"cutegpt llama.cpp {name}"] = (run_cutegpt_llamacpp, lm)
         variants[f"raw xllamacpp {name}"] = (run_raw_llamacpp, lm)
+    per_token = callback_cost(next(iter(llama.values())), args.tokens)
+    print(f"cutegpt's Python work per streamed token (llama.cpp replaced by an instant stream): {per_token * 1e6:.0f} µs")
+    if args.agreement_only:
+        args.repeats = 0
 
     for fn, lm in variants.values():  # warm-up
-        fn(lm, short, 4)
+        if args.repeats:
+            fn(lm, short, 4)
 
     decode = {k: [] for k in variants}
     ttft_short = {k: [] for k in variants}
@@ -200,6 +229,15 @@ def main() -> None:
         q = encode_segments(fp32.tokenizer, fp32.template.segments([Turn("What is the capital of France?")]))[0]
         answers[name] = eng.generate(q, greedy(24, ignore_eos=False)).text
 
+    if args.agreement_only:
+        print(f"\n## Top-1 agreement with torch fp32 (teacher-forced, {len(ref_en)} English / {len(ref_zh)} Chinese tokens)")
+        print("| variant | top-1 EN / ZH |\n|---|---|")
+        for name, a in top1.items():
+            print(f"| {name} | {a[0] * 100:.1f} / {a[1] * 100:.1f} % |")
+        print("\nGreedy answer to 'What is the capital of France?' (EOS honoured):")
+        for name, text in answers.items():
+            print(f"- {name}: {text!r}")
+        return
     fp32_decode = median(decode["torch fp32"])
     print(f"\n## Chat backends, embedded SmolLM2-135M-Instruct, {args.threads} thread(s), medians of {args.repeats}, "
           f"1-minute load average at start {load:.1f}")
