@@ -198,21 +198,59 @@ def _template_and_tokenizer(template: str | None, folder: Path, lora: Any) -> tu
 
 
 def _embedded_general(path: Path) -> dict[str, Any]:
-    """name / licence of the embedded model, read from its GGUF."""
-    import gguf
-
-    info: dict[str, Any] = {"name": "SmolLM2-135M-Instruct", "license": None}
+    """name / organization / licence of the embedded model, from the general.* keys at the head of its GGUF."""
+    info: dict[str, Any] = {"name": "SmolLM2-135M-Instruct"}
     try:
-        reader = gguf.GGUFReader(path)
-        lic = reader.fields.get("general.license")
-        if lic is not None:
-            info["license"] = lic.contents()
-        org = reader.fields.get("general.organization")
-        if org is not None:
-            info["organization"] = org.contents()
-    except Exception:  # metadata is a courtesy; a broken embedded file fails elsewhere with its own message
-        pass
+        general = read_general_fields(path)
+    except (OSError, ValueError, UnicodeDecodeError):  # metadata is a courtesy; a broken embedded file fails elsewhere
+        return info
+    for key in ("license", "organization"):
+        if isinstance(general.get(f"general.{key}"), str):
+            info[key] = general[f"general.{key}"]
     return info
+
+
+def read_general_fields(path: Path) -> dict[str, Any]:
+    """The leading `general.*` key/values of a GGUF file, read from its header only.
+
+    gguf.GGUFReader maps and parses every field (the 49k-token vocabulary too), which
+    takes seconds; the general keys come first and need a few hundred bytes.
+    """
+    import struct
+
+    scalars = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    out: dict[str, Any] = {}
+    with open(path, "rb") as f:
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            return f.read(read("<Q")).decode("utf-8")
+
+        def value(vtype: int) -> Any:
+            if vtype in scalars:
+                return read(scalars[vtype])
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                item, n = read("<I"), read("<Q")
+                return [value(item) for _ in range(n)]
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        read("<I")  # version
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key = string()
+            if not key.startswith("general."):
+                break
+            out[key] = value(read("<I"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -265,6 +303,7 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
     kv = plan.kv
     info = source_info or {}
     name = info.get("name") or folder.name
+    kv.append(("add_type", ("model",)))
     kv.append(("add_name", (str(name),)))
     if info.get("organization"):
         kv.append(("add_organization", (str(info["organization"]),)))
@@ -286,14 +325,13 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
         ("add_file_type", (int(_file_type(quant)),)),
         ("add_rope_dimension_count", (head_dim,)),
     ]
-    if head_dim != hidden // n_head:
-        kv += [("add_key_length", (head_dim,)), ("add_value_length", (head_dim,))]
+    kv += [("add_key_length", (head_dim,)), ("add_value_length", (head_dim,))]
 
     # tensors
     files = _weight_index(folder)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
     n_rows = None
-    for key, file in files.items():
+    for key, (file, shape) in files.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue
         if key == "lm_head.weight" and tied:
@@ -301,7 +339,6 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
         new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise CuteGPTError(f"{folder}: the tensor {key} has no place in a LLaMA GGUF file (is this really a plain LLaMA model?).")
-        shape = _shape(file, key)
         if new == "token_embd.weight":
             n_rows = shape[0]
         permute = n_head if ".attn_q." in new else n_kv if ".attn_k." in new else 0
@@ -336,26 +373,19 @@ def _licence(folder: Path) -> str | None:
     return None
 
 
-def _weight_index(folder: Path) -> dict[str, Path]:
-    """safetensors key -> file, in file order (the model.safetensors.index.json if sharded)."""
+def _weight_index(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """safetensors key -> (file, shape), in file order; headers only, no tensor is read."""
     from safetensors import safe_open
 
-    out: dict[str, Path] = {}
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
-                    out[k] = f
+                    out[k] = (f, tuple(st.get_slice(k).get_shape()))
         except Exception as e:
             raise CuteGPTError(f"{f}: the weights file is corrupt or truncated ({str(e).splitlines()[0][:200]}).") from None
     return out
-
-
-def _shape(file: Path, key: str) -> tuple[int, ...]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as st:
-        return tuple(st.get_slice(key).get_shape())
 
 
 def _tensor_qtype(name: str, shape: tuple[int, ...], quant: str) -> Any:
@@ -421,12 +451,37 @@ def _has_byte_level(pre: Any) -> bool:
     return any(_has_byte_level(p) for p in pre.get("pretokenizers") or [])
 
 
-def pre_tokenizer_name(tj: dict[str, Any]) -> str:
+# llama.cpp's fingerprint of a byte-level BPE pre-tokenizer: sha256 of the ids of this text
+# (convert_hf_to_gguf.py, get_vocab_base_pre); the hashes below are the ones it lists for these names.
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 '
+          '33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български '
+          '\'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, '
+          '\'D you like some tea? We\'Ve a\'lL')
+KNOWN_PRE = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+}
+
+
+def pre_tokenizer_name(tj: dict[str, Any], tokenizer: Any = None) -> str:
     """llama.cpp's name for the pre-tokenizer in tokenizer.json (the regex it must apply before BPE).
 
-    Recognised by structure rather than llama.cpp's hash of sample output, so
-    vocabularies `vocab extend` grew from a known base keep the base's name.
+    First llama.cpp's own fingerprint (the ids of CHKTXT), so an unchanged vocabulary gets the
+    name llama.cpp's converter gives it; then the structure of tokenizer.json, so vocabularies
+    `vocab extend` grew from a known base (new ids, new fingerprint) keep the base's rules.
+    Verification then checks llama.cpp tokenizes like the HF tokenizer.
     """
+    import hashlib
+
+    if tokenizer is not None:
+        ids = tokenizer.encode(CHKTXT)
+        name = KNOWN_PRE.get(hashlib.sha256(str(ids).encode()).hexdigest())
+        if name:
+            return name
     pre = tj.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex", True)) for p in parts]
@@ -486,8 +541,7 @@ def _tokenizer_kv(folder: Path, tokenizer: Any, n_rows: int, template_name: str)
             else:
                 raise CuteGPTError(f"{folder}: token id {i} is missing from tokenizer.json.")
         merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges") or []]
-        kv.append(("add_tokenizer_pre", (pre_tokenizer_name(tj),)))
-        kv.append(("add_add_space_prefix", (False,)))
+        kv.append(("add_tokenizer_pre", (pre_tokenizer_name(tj, tokenizer),)))
     for i in range(n_tok, n_rows):  # embedding rows past the vocabulary (padding to a multiple of 64)
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
@@ -569,6 +623,7 @@ def _sp_add_dummy_prefix(folder: Path) -> bool | None:
 def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
     """Write `plan` to `path`, one tensor in memory at a time."""
     import gguf
+    from safetensors import safe_open
     from tqdm import tqdm
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -583,7 +638,9 @@ def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
     bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"GGUF {plan.quant}", disable=not progress, leave=False)
     try:
         for t in plan.tensors:
-            data = _convert(t)
+            # a fresh handle per tensor: the mapping (and the file pages it made resident) goes away with it
+            with (safe_open(str(t.file), framework="pt") if t.file is not None else contextlib.nullcontext()) as st:
+                data = _convert(t, st)
             writer.write_tensor_data(data)
             bar.update(t.nbytes)
             del data
@@ -595,27 +652,21 @@ def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
                 f.close()
 
 
-def _convert(t: TensorPlan) -> np.ndarray:
+def _convert(t: TensorPlan, st: Any) -> np.ndarray:
+    """One tensor as GGUF bytes: unpermuted, then cast or quantized a block of rows at a time."""
     import gguf
     import torch
-    from safetensors import safe_open
 
-    if t.data is not None:
-        src = torch.from_numpy(t.data)
-    else:
-        with safe_open(str(t.file), framework="pt") as st:
-            src = st.get_tensor(t.source)
+    src = torch.from_numpy(t.data) if t.data is not None else st.get_tensor(t.source)
     if t.permute_heads:
         src = _unpermute(src, t.permute_heads)
     if src.dim() == 1 or t.qtype == gguf.GGMLQuantizationType.F32:
         return src.to(torch.float32).numpy()
+    if t.qtype == gguf.GGMLQuantizationType.F16:
+        return src.to(torch.float16).contiguous().numpy()  # one cast, no float32 copy (round-to-nearest-even, as numpy)
     rows = []
     for start in range(0, src.shape[0], CHUNK_ROWS):
-        chunk = src[start:start + CHUNK_ROWS].to(torch.float32).numpy()
-        if t.qtype == gguf.GGMLQuantizationType.F16:
-            rows.append(chunk.astype(np.float16))
-        else:
-            rows.append(gguf.quants.quantize(chunk, t.qtype))
+        rows.append(gguf.quants.quantize(src[start:start + CHUNK_ROWS].to(torch.float32).numpy(), t.qtype))
     del src
     return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
 

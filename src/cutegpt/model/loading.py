@@ -195,6 +195,7 @@ def load_model(args: ModelArgs) -> LoadedModel:
     if getattr(model, "hf_device_map", None) is None:
         model.to(device)
     model.eval()
+    release_memory()  # loading (dtype casts, GGUF dequantizing, quantizing) leaves freed pages in malloc's arenas
 
     template = get_template(resolve_template_name(args.template, [lora_path, model_path], tokenizer), tokenizer)
     actual_dtype = next(model.parameters()).dtype
@@ -274,7 +275,37 @@ def quantize_int8_quanto(model: Any) -> Any:
 
     quantize(model, weights=qint8, exclude=["lm_head"])
     freeze(model)
+    release_memory()  # the full-precision copies are freed by freeze(), but malloc keeps their pages: 1,053 -> 566 MB RSS
     return model
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the OS (glibc keeps freed blocks of large tensors in its arenas)."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
+def process_rss() -> int:
+    """Resident set size of this process in bytes (what `top` shows), to report beside `weight_bytes`."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # fallback: peak, KiB on Linux, bytes on macOS
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def weight_bytes(model: Any) -> int:
