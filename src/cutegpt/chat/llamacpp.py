@@ -215,9 +215,23 @@ def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, 
         server = xl.Server(params)
     except Exception as e:
         raise CuteGPTError(f"{path}: llama.cpp cannot load this GGUF file ({str(e).splitlines()[0][:200]}).") from None
+    _never_destroy(server)
     return LlamaCppModel(server=server, tokenizer=tokenizer, template=tmpl, model_path=path,
                          context_length=params.n_ctx, threads=threads, name=name or gguf_model_name(path),
                          generation_defaults=gguf_generation_defaults(path))
+
+
+def _never_destroy(server: Any) -> None:
+    """Keep the server alive until the process ends.
+
+    xllamacpp's `Server` destructor can deadlock: it asks the llama.cpp loop thread to stop and joins
+    it, and the loop sometimes misses the request (seen in the tests: the process hung in
+    `~Server` -> `thread::join` for good). A server is never freed, so the destructor never runs;
+    the operating system reclaims it at exit.
+    """
+    import ctypes
+
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(server))
 
 
 # --- generation -----------------------------------------------------------------------------------
