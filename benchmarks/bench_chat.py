@@ -1,28 +1,37 @@
-"""Chat inference on the embedded SmolLM2-135M-Instruct, ours vs plain transformers, side by side.
+"""Chat backends side by side on the embedded SmolLM2-135M-Instruct: torch vs llama.cpp (through cutegpt and raw).
 
-    python benchmarks/bench_chat.py [--threads 1] [--repeats 3] [--tokens 128]
+    OMP_NUM_THREADS=1 python benchmarks/bench_chat.py [--threads 1] [--repeats 3] [--tokens 128] [--json out.json]
 
-Prints three tables:
-  1. decode tokens/s: `model.generate` vs our engine (same weights, greedy, same token count),
-     and our engine on int8 / bf16 weights;
-  2. time to first token at turn 8 (~1,500 tokens of history): KV reuse vs re-encoding everything;
-  3. 8-bit weights: real bytes, decode tokens/s, top-1 agreement with fp32 (English / Chinese).
-Medians of --repeats runs, interleaved so that machine load hits every variant alike.
+One process, one thread for every variant, the same prompts and token counts, runs interleaved
+(medians of --repeats) so machine load hits every variant alike:
+  - decode tok/s: --tokens greedy tokens (EOS ignored) after the chat prompt of PROMPT;
+  - prefill tok/s and time to first token of a ~1,000-token prompt (no cache), and TTFT of the short prompt;
+  - top-1 agreement with torch fp32, teacher-forced over an English and a Chinese text, and whether the
+    greedy answer text equals fp32's;
+  - ready time (load until the first prompt can be answered) and the files' sizes.
+Variants: the torch engine fp32 / bf16 / int8 (quanto); llama.cpp through cutegpt (`LlamaCppEngine`) on the
+embedded Q4_1 file and, when `cutegpt.export.gguf.export_gguf` is available, on our own f16 / q8_0 / q4_1
+exports of it; raw xllamacpp (`Server.handle_completions`, streaming, no Python work per token) on the same
+files, to measure what cutegpt adds (target < 5%).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from cutegpt.chat.engine import Engine, GenerationArgs
-from cutegpt.chat.session import ChatSession
-from cutegpt.model.loading import ModelArgs, load_model, weight_bytes
+from cutegpt.chat.args import GenerationArgs
+from cutegpt.chat.engine import Engine
+from cutegpt.chat.llamacpp import LlamaCppEngine, load_llamacpp, request_for
+from cutegpt.model.embedded import embedded_gguf
+from cutegpt.model.loading import ModelArgs, load_model
 from cutegpt.templates import Turn, encode_segments
 
 PROMPT = "Explain in detail why the sky is blue and why sunsets are red."
@@ -32,75 +41,106 @@ ENGLISH = ("The history of science is the study of the development of science an
            "explanation, and prediction of real-world phenomena.")
 CHINESE = ("科学史是研究科学和科学知识发展的学科，包括自然科学和社会科学。科学是关于自然界的经验、理论和实践知识的总体，"
            "由强调观察、解释和预测现实世界现象的科学家所产生。中国古代在天文、数学和医学方面都有重要的成就。")
+LONG = ("Rayleigh scattering makes short wavelengths scatter more than long ones, so blue light fills the sky "
+        "while the sun itself looks yellow; at sunset light crosses more air and the blue is scattered away. ") * 24
 
 
 def median(xs: list[float]) -> float:
-    return statistics.median(xs)
+    return statistics.median(xs) if xs else float("nan")
 
 
-def plain_generate_decode(lm, ids: list[int], n: int) -> tuple[float, list[int]]:
-    """Decode tokens/s of `model.generate`: (total - first-token time) over n-1 tokens."""
-    x = torch.tensor([ids])
-    mask = torch.ones_like(x)
-    common = dict(attention_mask=mask, do_sample=False, repetition_penalty=1.1, pad_token_id=lm.tokenizer.pad_token_id)
+def greedy(n: int, ignore_eos: bool = True) -> GenerationArgs:
+    return GenerationArgs(greedy=True, max_new_tokens=n, ignore_eos=ignore_eos, temperature=1.0, top_p=1.0, top_k=0,
+                          repetition_penalty=1.0)
+
+
+# --- runners: each returns (decode tok/s, TTFT s, text) for one generation ------------------------
+
+def run_torch(lm, ids: list[int], n: int) -> tuple[float, float, str]:
+    r = Engine(lm, reuse_cache=False).generate(ids, greedy(n))
+    return r.decode_tokens_per_second, r.time_to_first_token, r.text
+
+
+def run_cutegpt_llamacpp(lm, ids: list[int], n: int) -> tuple[float, float, str]:
+    r = LlamaCppEngine(lm, reuse_cache=False).generate(ids, greedy(n))
+    return r.decode_tokens_per_second, r.time_to_first_token, r.text
+
+
+def run_raw_llamacpp(lm, ids: list[int], n: int) -> tuple[float, float, str]:
+    """The same request straight into xllamacpp: a callback that only notes times and keeps the text."""
+    req = request_for(ids, greedy(n), None, lm.context_length, cache_prompt=False)
+    pieces: list[str] = []
+    times: list[float] = []
+
+    def cb(chunk) -> bool:
+        c = (chunk.get("choices") or [{}])[0]
+        if c.get("text"):
+            times.append(time.perf_counter())
+            pieces.append(c["text"])
+        return False
+
+    t0 = time.perf_counter()
+    lm.server.handle_completions(req, cb)
+    t_end = time.perf_counter()
+    k = len(times)
+    return ((n - 1) / (t_end - times[0]) if k > 1 else 0.0), (times[0] - t0 if times else 0.0), "".join(pieces)
+
+
+# --- agreement -------------------------------------------------------------------------------------
+
+def torch_top1(lm, ids: list[int]) -> list[int]:
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        lm.model.generate(x, max_new_tokens=1, **common)
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = lm.model.generate(x, max_new_tokens=n, min_new_tokens=n, **common)
-        total = time.perf_counter() - t0
-    return (n - 1) / (total - first), out[0, len(ids):].tolist()
+        return lm.model(torch.tensor([ids])).logits.argmax(-1)[0].tolist()
 
 
-def engine_decode(lm, ids: list[int], n: int) -> tuple[float, list[int]]:
-    gen = GenerationArgs(greedy=True, max_new_tokens=n, ignore_eos=True)
-    r = Engine(lm, reuse_cache=False).generate(ids, gen)
-    return r.decode_tokens_per_second, r.token_ids
+def llamacpp_top1(lm, ids: list[int]) -> list[int]:
+    """The greedy next token after every prefix (the prompt cache makes each request one token of prefill)."""
+    out = []
+    for i in range(1, len(ids) + 1):
+        req = {"prompt": ids[:i], "max_tokens": 1, "temperature": 0.0, "top_k": 1, "stream": False, "cache_prompt": True,
+               "logprobs": 1, "samplers": ["top_k"], "ignore_eos": True}
+        r = lm.server.handle_completions(req)
+        content = (r["choices"][0].get("logprobs") or {}).get("content") or []
+        # llama.cpp withholds a token that ends inside a UTF-8 character (and reports only the last id of a
+        # character later), so such positions cannot be compared: -1, left out of the agreement
+        out.append(int(content[0]["id"]) if content else -1)
+    return out
 
 
-def teacher_forced_top1(lm, ref_lm, text: str) -> float:
-    ids = torch.tensor([lm.tokenizer(text)["input_ids"]])
-    with torch.inference_mode():
-        a = lm.model(ids).logits.argmax(-1)
-        b = ref_lm.model(ids).logits.argmax(-1)
-    return float((a == b).float().mean())
+class _FakeServer:
+    """Streams a fixed answer instantly: measures the Python work cutegpt does per token, without llama.cpp."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = pieces
+
+    def handle_completions(self, req, cb):
+        for p in self.pieces:
+            if cb({"choices": [{"text": p, "finish_reason": None}]}):
+                return
+        cb({"choices": [{"text": "", "finish_reason": "length"}], "usage": {"completion_tokens": len(self.pieces)},
+            "timings": {"cache_n": 0}})
 
 
-def bench_decode(variants: dict, ids: list[int], n: int, repeats: int) -> dict:
-    speeds: dict[str, list[float]] = {k: [] for k in variants}
-    tokens: dict[str, list[int]] = {}
-    for _ in range(repeats):
-        for name, (fn, lm) in variants.items():
-            tps, toks = fn(lm, ids, n)
-            speeds[name].append(tps)
-            tokens[name] = toks
-    return {k: median(v) for k, v in speeds.items()}, tokens
+def callback_cost(lm, n: int) -> float:
+    """Seconds of cutegpt's own work per streamed token (stop check, hold-back, streaming to a callback)."""
+    from types import SimpleNamespace
+
+    pieces = [lm.tokenizer.decode([t]) for t in lm.tokenizer("The sky is blue because of Rayleigh scattering. " * 20)["input_ids"][:n]]
+    fake = SimpleNamespace(**{**lm.__dict__, "server": _FakeServer(pieces)})
+    sink: list[str] = []
+    t = time.perf_counter()
+    LlamaCppEngine(fake, reuse_cache=False).generate([1, 2, 3], greedy(n), sink.append)
+    return (time.perf_counter() - t) / n
 
 
-def bench_turn8(lm, repeats: int) -> dict:
-    """Turn 8 of a conversation whose first 7 turns hold ~1,500 tokens."""
-    answer = ("Rayleigh scattering makes short wavelengths scatter more than long ones, so blue light fills the sky "
-              "while the sun itself looks yellow; at sunset light crosses more air and the blue is scattered away. ") * 5
-    history = [Turn(f"Question {i}: tell me about light and colour, part {i}.", output=answer) for i in range(6)]
-    gen = GenerationArgs(greedy=True, max_new_tokens=16)
-    results = {"reuse": [], "re-encode": []}
-    outputs = {}
-    prompt_tokens = 0
-    for _ in range(repeats):
-        for mode in ("reuse", "re-encode"):
-            s = ChatSession(lm, gen, memory_limit=8, reuse_cache=(mode == "reuse"))
-            s.history = list(history)
-            s.ask("Question 6: and what about rainbows?")  # turn 7 fills the cache
-            r = s.ask("Question 7: summarise everything in one sentence.")  # turn 8
-            results[mode].append(r.time_to_first_token)
-            outputs[mode] = r.token_ids
-            prompt_tokens = r.prompt_tokens
-            if mode == "reuse":
-                reused = r.reused_tokens
-    return {"prompt_tokens": prompt_tokens, "reused_tokens": reused,
-            "ttft_reuse_s": median(results["reuse"]), "ttft_reencode_s": median(results["re-encode"]),
-            "same_tokens": outputs["reuse"] == outputs["re-encode"]}
+def agreement(a: list[int], b: list[int]) -> float:
+    """Share of positions where both predict the same token (positions `a` could not report, -1, are left out)."""
+    pairs = [(x, y) for x, y in zip(a, b) if x != -1]
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
+
+
+def coverage(a: list[int]) -> float:
+    return sum(x != -1 for x in a) / max(1, len(a))
 
 
 def main() -> None:
@@ -108,65 +148,139 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--agreement-only", action="store_true", help="only the top-1 agreement and greedy answers (fast)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
 
+    ready: dict[str, float] = {}
+    t = time.perf_counter()
     fp32 = load_model(ModelArgs(dtype="float32"))
+    ready["torch fp32"] = time.perf_counter() - t
+    t = time.perf_counter()
     bf16 = load_model(ModelArgs(dtype="bfloat16"))
-    q8 = load_model(ModelArgs(load_in_8bit=True, int8_backend="quanto"))
-    bnb = load_model(ModelArgs(load_in_8bit=True, int8_backend="bitsandbytes"))
-    ids = encode_segments(fp32.tokenizer, fp32.template.segments([Turn(PROMPT)]))[0]
+    ready["torch bf16"] = time.perf_counter() - t
+    t = time.perf_counter()
+    int8 = load_model(ModelArgs(load_in_8bit=True, int8_backend="quanto"))
+    ready["torch int8"] = time.perf_counter() - t
 
-    # warm-up (first calls allocate and pick kernels)
-    for lm in (fp32, bf16, q8, bnb):
-        engine_decode(lm, ids, 4)
-    plain_generate_decode(fp32, ids, 4)
+    files = {"Q4_1 (embedded file)": embedded_gguf()}
+    export_note = ""
+    export_seconds: dict[str, float] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-chat-"))
+    try:
+        from cutegpt.export.gguf import export_gguf
 
-    variants = {
-        "transformers generate, fp32": (plain_generate_decode, fp32),
-        "cutegpt engine, fp32": (engine_decode, fp32),
-        "transformers generate, bf16": (plain_generate_decode, bf16),
-        "cutegpt engine, bf16": (engine_decode, bf16),
-        "cutegpt engine, int8 quanto (bf16 compute)": (engine_decode, q8),
-        "cutegpt engine, int8 bitsandbytes": (engine_decode, bnb),
-    }
-    speeds, tokens = bench_decode(variants, ids, args.tokens, args.repeats)
-    base = speeds["transformers generate, fp32"]
-    same = tokens["cutegpt engine, fp32"] == tokens["transformers generate, fp32"]
-    print(f"\n## 1. Decode, {args.tokens} greedy tokens after a {len(ids)}-token prompt, {args.threads} thread(s), median of {args.repeats}")
-    print("| variant | decode tok/s | vs generate fp32 |\n|---|---|---|")
-    for k, v in speeds.items():
-        print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
-    print(f"fp32 engine tokens identical to generate: {same}")
+        for q in ("f16", "q8_0", "q4_1"):
+            t = time.perf_counter()
+            files[f"{q} (our export)"] = export_gguf(None, tmp / f"smol-{q}.gguf", quant=q, verify=False, progress=False)
+            export_seconds[q] = time.perf_counter() - t
+    except ImportError:
+        export_note = "export_gguf is not available on this branch: only the embedded Q4_1 file was measured."
 
-    t8 = bench_turn8(fp32, args.repeats)
-    print(f"\n## 2. Time to first token at turn 8 ({t8['prompt_tokens']} prompt tokens, {t8['reused_tokens']} served from the cache)")
-    print("| mode | TTFT s |\n|---|---|")
-    print(f"| re-encode whole history (original, LLaMA-Factory, FastChat) | {t8['ttft_reencode_s']:.3f} |")
-    print(f"| cutegpt KV reuse | {t8['ttft_reuse_s']:.3f} |")
-    print(f"speed-up: {t8['ttft_reencode_s'] / t8['ttft_reuse_s']:.1f}x; identical answers: {t8['same_tokens']}")
+    llama = {}
+    for name, path in files.items():
+        t = time.perf_counter()
+        llama[name] = load_llamacpp(Path(path), threads=args.threads, tokenizer=fp32.tokenizer)
+        ready[f"llama.cpp {name}"] = time.perf_counter() - t
 
-    mem = {name: weight_bytes(lm.model) for name, lm in [("fp32", fp32), ("bf16", bf16), ("int8 quanto", q8), ("int8 bitsandbytes", bnb)]}
-    agree = {name: (teacher_forced_top1(lm, fp32, ENGLISH), teacher_forced_top1(lm, fp32, CHINESE))
-             for name, lm in [("bf16", bf16), ("int8 quanto", q8), ("int8 bitsandbytes", bnb)]}
-    print("\n## 3. 8-bit weights (real bytes of parameters and buffers; top-1 agreement with fp32, teacher-forced)")
-    print("| weights | MB | vs bf16 | decode tok/s | top-1 agree EN / ZH |\n|---|---|---|---|---|")
-    speed_of = {"fp32": speeds["cutegpt engine, fp32"], "bf16": speeds["cutegpt engine, bf16"],
-                "int8 quanto": speeds["cutegpt engine, int8 quanto (bf16 compute)"],
-                "int8 bitsandbytes": speeds["cutegpt engine, int8 bitsandbytes"]}
-    for name, b in mem.items():
-        a = agree.get(name)
-        agree_s = f"{a[0] * 100:.1f} / {a[1] * 100:.1f} %" if a else "reference"
-        print(f"| {name} | {b / 1e6:.0f} | {b / mem['bf16']:.2f}x | {speed_of[name]:.1f} | {agree_s} |")
-    # LLaMA-13B: 40 layers, hidden 5120, MLP 13824, vocab 32000, untied head; embeddings + head stay 16-bit
-    layers = 40 * (4 * 5120 * 5120 + 3 * 5120 * 13824)
-    emb = 2 * 32000 * 5120
-    print(f"Projection for LLaMA-13B: embeddings + head are {emb / (layers + emb) * 100:.1f}% of the weights; "
-          f"int8 layers + 16-bit embeddings = {(layers + 2 * emb) / 1e9:.1f} GB vs {2 * (layers + emb) / 1e9:.1f} GB bf16 "
-          f"({(layers + 2 * emb) / (2 * (layers + emb)):.2f}x).")
+    short = encode_segments(fp32.tokenizer, fp32.template.segments([Turn(PROMPT)]))[0]
+    long_ids = encode_segments(fp32.tokenizer, fp32.template.segments([Turn(LONG)]))[0]
+
+    variants = {"torch fp32": (run_torch, fp32), "torch bf16": (run_torch, bf16), "torch int8 (quanto)": (run_torch, int8)}
+    for name, lm in llama.items():
+        variants[f"cutegpt llama.cpp {name}"] = (run_cutegpt_llamacpp, lm)
+        variants[f"raw xllamacpp {name}"] = (run_raw_llamacpp, lm)
+    per_token = callback_cost(next(iter(llama.values())), args.tokens)
+    print(f"cutegpt's Python work per streamed token (llama.cpp replaced by an instant stream): {per_token * 1e6:.0f} µs")
+    if args.agreement_only:
+        args.repeats = 0
+
+    for fn, lm in variants.values():  # warm-up
+        if args.repeats:
+            fn(lm, short, 4)
+
+    decode = {k: [] for k in variants}
+    ttft_short = {k: [] for k in variants}
+    ttft_long = {k: [] for k in variants}
+    texts: dict[str, str] = {}
+    for _ in range(args.repeats):
+        for name, (fn, lm) in variants.items():
+            tps, first, text = fn(lm, short, args.tokens)
+            decode[name].append(tps)
+            ttft_short[name].append(first)
+            texts[name] = text
+            _, first_long, _ = fn(lm, long_ids, 1)
+            ttft_long[name].append(first_long)
+
+    ref_en = fp32.tokenizer(ENGLISH)["input_ids"]
+    ref_zh = fp32.tokenizer(CHINESE)["input_ids"]
+    top1 = {}
+    for name, (fn, lm) in variants.items():
+        if name.startswith("raw"):
+            continue
+        f = torch_top1 if name.startswith("torch") else llamacpp_top1
+        en, zh = f(lm, ref_en), f(lm, ref_zh)
+        top1[name] = (agreement(en, torch_top1(fp32, ref_en)), agreement(zh, torch_top1(fp32, ref_zh)), coverage(en), coverage(zh))
+    # greedy answer with EOS honoured (what a user sees)
+    answers = {}
+    for name, (fn, lm) in variants.items():
+        if name.startswith("raw"):
+            continue
+        eng = Engine(lm, reuse_cache=False) if name.startswith("torch") else LlamaCppEngine(lm, reuse_cache=False)
+        q = encode_segments(fp32.tokenizer, fp32.template.segments([Turn("What is the capital of France?")]))[0]
+        answers[name] = eng.generate(q, greedy(24, ignore_eos=False)).text
+
+    if args.agreement_only:
+        print(f"\n## Top-1 agreement with torch fp32 (teacher-forced, {len(ref_en)} English / {len(ref_zh)} Chinese tokens)")
+        print("| variant | top-1 EN / ZH | positions compared EN / ZH |\n|---|---|---|")
+        for name, a in top1.items():
+            print(f"| {name} | {a[0] * 100:.1f} / {a[1] * 100:.1f} % | {a[2] * 100:.0f} / {a[3] * 100:.0f} % |")
+        print("\nGreedy answer to 'What is the capital of France?' (EOS honoured):")
+        for name, text in answers.items():
+            print(f"- {name}: {text!r}")
+        return
+    fp32_decode = median(decode["torch fp32"])
+    print(f"\n## Chat backends, embedded SmolLM2-135M-Instruct, {args.threads} thread(s), medians of {args.repeats}, "
+          f"1-minute load average at start {load:.1f}")
+    print(f"Decode: {args.tokens} greedy tokens after a {len(short)}-token prompt; prefill: a {len(long_ids)}-token prompt, "
+          f"no cache. Top-1: teacher-forced agreement with torch fp32 over {len(ref_en)} English / {len(ref_zh)} Chinese tokens.")
+    print("| variant | decode tok/s | vs torch fp32 | prefill tok/s | TTFT short s | TTFT long s | top-1 EN / ZH | greedy text = fp32 | ready s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in variants:
+        d, tl = median(decode[name]), median(ttft_long[name])
+        a = top1.get(name)
+        same = texts[name] == texts["torch fp32"]
+        rname = name.replace("cutegpt llama.cpp ", "llama.cpp ").replace("raw xllamacpp ", "llama.cpp ")
+        rd = ready.get(name.replace("torch int8 (quanto)", "torch int8")) or ready.get(rname)
+        print(f"| {name} | {d:.1f} | {d / fp32_decode:.2f}x | {len(long_ids) / tl:.0f} | {median(ttft_short[name]):.3f} | {tl:.3f} | "
+              f"{f'{a[0] * 100:.1f} / {a[1] * 100:.1f} %' if a else '–'} | {'yes' if same else 'no'} | "
+              f"{f'{rd:.1f}' if rd is not None and not name.startswith('raw') else '–'} |")
+    print("\ncutegpt over raw xllamacpp (decode time per token, same file, same request):")
+    overhead = {}
+    for name in llama:
+        c, r = median(decode[f"cutegpt llama.cpp {name}"]), median(decode[f"raw xllamacpp {name}"])
+        overhead[name] = r / c - 1
+        print(f"- {name}: cutegpt {c:.1f} tok/s, raw {r:.1f} tok/s: {overhead[name] * 100:+.1f}% time per token")
+    print("\nGreedy answer to 'What is the capital of France?' (EOS honoured):")
+    for name, text in answers.items():
+        print(f"- {name}: {text!r}")
+    sizes = {name: Path(p).stat().st_size for name, p in files.items()}
+    print("\nGGUF sizes: " + ", ".join(f"{n} {s / 1e6:.0f} MB" for n, s in sizes.items()))
+    if export_seconds:
+        print("export_gguf time (embedded model, no verification): " + ", ".join(f"{q} {s:.1f} s" for q, s in export_seconds.items()))
+    if export_note:
+        print(export_note)
     if args.json:
-        Path(args.json).write_text(json.dumps({"decode": speeds, "turn8": t8, "bytes": mem, "agreement": agree}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "decode": {k: median(v) for k, v in decode.items()}, "ttft_short": {k: median(v) for k, v in ttft_short.items()},
+            "ttft_long": {k: median(v) for k, v in ttft_long.items()}, "prefill_tokens": len(long_ids),
+            "top1": top1, "answers": answers, "ready": ready, "overhead": overhead, "sizes": sizes, "load": load,
+            "export_seconds": export_seconds}, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

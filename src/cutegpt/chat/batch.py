@@ -3,14 +3,19 @@
 Each input line is one of
     {"instruction": "...", "input": "..."}          (or {"prompt": "..."}) a single question
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  ending with a user turn
-Prompts are rendered by the model's template, sorted by length so a batch wastes
-little padding, left-padded, and generated with `model.generate`; answers are
-written in input order, each line the input record plus `answer`.
+Prompts are rendered by the model's template; on torch, consecutive prompts are
+left-padded into batches for `model.generate`, on llama.cpp answered one by one
+through its prompt cache. Each answer is written as soon as it is done, in input
+order (the input record plus `answer` and `new_tokens`), to OUT.partial, which
+becomes OUT when every prompt is answered; `--resume` continues an interrupted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +25,10 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from cutegpt.chat.args import GenerationArgs
+from cutegpt.chat.backend import BACKEND_HELP, Backend, choose_backend
 from cutegpt.config import arg
 from cutegpt.threads import THREADS_HELP
 from cutegpt.errors import CuteGPTError
-from cutegpt.io import atomic_file
 from cutegpt.model.args import ModelArgs
 from cutegpt.templates import Turn, encode_segments
 
@@ -36,9 +41,49 @@ class GenerateConfig(ModelArgs, GenerationArgs):
     input: str = arg("", "JSON Lines file of prompts or conversations", positional=True)
     out: str = arg("answers.jsonl", "where to write the answers (JSON Lines)", aliases=("--output", "--output-dir", "--output_dir"))
     overwrite: bool = arg(False, "replace an existing --out file")
-    batch_size: int = arg(8, "prompts generated together", ge=1)
+    batch_size: int = arg(8, "prompts generated together (torch backend; llama.cpp answers one at a time)", ge=1)
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     system: str | None = arg(None, "replace the template's system line")
+    backend: Backend = arg("auto", BACKEND_HELP)
+    resume: bool = arg(False, "continue an interrupted run: keep the answers in OUT.partial and generate the rest")
+    verbose: bool = arg(False, "print the backend and where each generation setting came from")
+
+    def check(self) -> None:
+        if not self.input:
+            raise CuteGPTError("give the input JSON Lines file: cutegpt generate prompts.jsonl --out answers.jsonl")
+        choose_backend(self)
+        if self.resume and self.overwrite:
+            raise CuteGPTError("--resume continues OUT.partial and --overwrite starts again: give one of them.")
+
+
+def messages_to_conversation(msgs: Any, where: str, allow_answered: bool = False) -> tuple[str | None, list[Turn], str | None]:
+    """OpenAI-style messages -> (system line, answered turns, trailing unanswered user message or None).
+
+    A user message may carry an `input` field (CuteGPT's second prompt line), as /save writes it.
+    """
+    if not isinstance(msgs, list) or not msgs:
+        raise CuteGPTError(f"{where}: field 'messages' must be a non-empty list.")
+    system, turns, pending, pending_input = None, [], None, ""
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
+            raise CuteGPTError(f"{where}: messages[{k}] needs 'role' (system, user or assistant) and text 'content'.")
+        if m["role"] == "system":
+            system = m["content"]
+        elif m["role"] == "user":
+            if pending is not None:
+                raise CuteGPTError(f"{where}: messages[{k}] is a second user message in a row.")
+            pending = m["content"]
+            pending_input = m.get("input") if isinstance(m.get("input"), str) else ""
+        else:
+            if pending is None:
+                raise CuteGPTError(f"{where}: messages[{k}] is an assistant message without a user message before it.")
+            turns.append(Turn(pending, pending_input, output=m["content"]))
+            pending, pending_input = None, ""
+    if pending is None and not allow_answered:
+        raise CuteGPTError(f"{where}: the last message must be a non-empty user message.")
+    if pending is not None and not pending.strip():
+        raise CuteGPTError(f"{where}: the last user message is empty.")
+    return system, turns, pending
 
 
 def record_to_turns(record: Any, where: str) -> tuple[list[Turn], str | None]:
@@ -46,27 +91,9 @@ def record_to_turns(record: Any, where: str) -> tuple[list[Turn], str | None]:
     if not isinstance(record, dict):
         raise CuteGPTError(f"{where}: expected a JSON object.")
     if "messages" in record:
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise CuteGPTError(f"{where}: field 'messages' must be a non-empty list.")
-        system, turns, pending = None, [], None
-        for k, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
-                raise CuteGPTError(f"{where}: messages[{k}] needs 'role' (system, user or assistant) and text 'content'.")
-            if m["role"] == "system":
-                system = m["content"]
-            elif m["role"] == "user":
-                if pending is not None:
-                    raise CuteGPTError(f"{where}: messages[{k}] is a second user message in a row.")
-                pending = m["content"]
-            else:
-                if pending is None:
-                    raise CuteGPTError(f"{where}: messages[{k}] is an assistant message without a user message before it.")
-                turns.append(Turn(pending, output=m["content"]))
-                pending = None
-        if pending is None or not pending.strip():
-            raise CuteGPTError(f"{where}: the last message must be a non-empty user message.")
-        return turns + [Turn(pending)], system
+        system, turns, pending = messages_to_conversation(record["messages"], where)
+        last_input = next((m.get("input") for m in reversed(record["messages"]) if m.get("role") == "user"), "")
+        return turns + [Turn(pending or "", last_input if isinstance(last_input, str) else "")], system
     question = record.get("instruction", record.get("prompt"))
     if not isinstance(question, str) or not question.strip():
         raise CuteGPTError(f"{where}: field 'instruction' (or 'prompt') must be non-empty text.")
@@ -99,7 +126,9 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], gen: GenerationArg
     import torch
 
     from cutegpt.chat.engine import cut_at_stop, stop_token_ids
+    from cutegpt.chat.stream import complete
 
+    gen = complete(gen, lm.template.name)
     tok, model = lm.tokenizer, lm.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(len(p) for p in prompts)
@@ -131,36 +160,113 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], gen: GenerationArg
     return results
 
 
+PARTIAL = ".partial"
+
+
+def _kept_answers(partial: Path, records: list[tuple[int, Any]]) -> int:
+    """How many answers of an interrupted run `partial` holds (complete lines that match the input); drops a torn last line."""
+    kept, good_bytes = 0, 0
+    with partial.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # a line cut by the interruption: generate it again
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                break
+            if kept >= len(records) or not isinstance(obj, dict):
+                raise CuteGPTError(f"{partial} holds more answers than the input has prompts: it is from another input; "
+                                   "delete it or start again with --overwrite.")
+            lineno, rec = records[kept]
+            if {k: v for k, v in obj.items() if k not in ("answer", "new_tokens", "stop_reason")} != rec:
+                raise CuteGPTError(f"{partial}: answer {kept + 1} does not belong to line {lineno} of the input: "
+                                   "it is from another input; delete it or start again with --overwrite.")
+            kept += 1
+            good_bytes += len(raw)
+    with partial.open("r+b") as f:
+        f.truncate(good_bytes)
+    return kept
+
+
 def run_generate(cfg: GenerateConfig) -> int:
-    """Generate answers for every prompt of a JSON Lines file."""
-    if not cfg.input:
-        raise CuteGPTError("give the input JSON Lines file: cutegpt generate prompts.jsonl --output answers.jsonl")
-    if cfg.batch_size < 1:
-        raise CuteGPTError(f"--batch-size must be at least 1, not {cfg.batch_size}.")
+    """Generate answers for every prompt of a JSON Lines file, writing each as soon as it is done.
+
+    Answers go to OUT.partial (one JSON line each, flushed); OUT.partial becomes OUT only when every prompt
+    is answered, so an interrupted run keeps what was done and `--resume` continues after the last complete line.
+    """
+    from cutegpt.io import check_output, describe_os_error
+
     path = Path(cfg.input)
+    out = Path(cfg.out)
+    partial = out.with_name(out.name + PARTIAL)
+    check_output(out, flag="--out", inputs=[path], overwrite=cfg.overwrite, kind="file")
+    if partial.exists() and not (cfg.resume or cfg.overwrite):
+        raise CuteGPTError(f"an interrupted run left {partial}: add --resume to continue it, or --overwrite to start again.")
     records = read_records(path)
     conversations = [record_to_turns(rec, f"{path}, line {lineno}") for lineno, rec in records]
-    import torch
+    done = _kept_answers(partial, records) if cfg.resume and partial.is_file() else 0
+    if cfg.resume and done == 0 and not partial.is_file():
+        print(f"nothing to resume ({partial} does not exist): starting from the first prompt", file=sys.stderr)
 
-    from cutegpt.model.loading import load_model
+    from cutegpt.chat.backend import load_chat_model, make_engine, resolved_generation, setup_threads
 
-    lm = load_model(cfg)
-    gen = GenerationArgs.of(cfg)
-    if gen.seed is not None:
-        torch.manual_seed(gen.seed)
+    backend = choose_backend(cfg)
+    threads = setup_threads(cfg.threads, backend)
+    lm = load_chat_model(cfg, backend, threads)
+    if cfg.verbose:
+        print(f"backend: {backend}; {lm.describe()}; {threads} thread{'s' if threads != 1 else ''}", file=sys.stderr, flush=True)
+    gen = resolved_generation(cfg, lm, cfg.verbose)
     prompts = [encode_segments(lm.tokenizer, lm.template.segments(turns, system if system is not None else cfg.system))[0]
                for turns, system in conversations]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: dict[int, tuple[str, list[int]]] = {}
-    with tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = order[start: start + cfg.batch_size]
-            for i, result in zip(chunk, generate_batch(lm, [prompts[i] for i in chunk], gen)):
-                answers[i] = result
-            bar.update(len(chunk))
-    with atomic_file(cfg.out) as f:
-        for i, (lineno, rec) in enumerate(records):
-            text, ids = answers[i]
-            f.write(json.dumps({**rec, "answer": text, "new_tokens": len(ids)}, ensure_ascii=False) + "\n")
-    print(f"wrote {len(records)} answers to {cfg.out}")
+    budget = lm.context_length - gen.max_new_tokens
+    for (lineno, _), ids in zip(records, prompts):  # the chat rule: refuse a prompt that cannot fit, before generating
+        if len(ids) > budget:
+            raise CuteGPTError(
+                f"{path}, line {lineno}: the prompt is {len(ids)} tokens; with --max-new-tokens {gen.max_new_tokens} "
+                f"it does not fit the model's context of {lm.context_length} tokens."
+            )
+    engine = make_engine(lm, reuse_cache=True) if backend == "llamacpp" else None
+    step = 1 if engine is not None else cfg.batch_size
+    try:
+        f = partial.open("ab" if done else "wb")
+    except OSError as e:
+        raise CuteGPTError(describe_os_error(e, partial, "writing")) from None
+    try:
+        with f, tqdm(total=len(prompts), initial=done, desc="generating", unit="prompt") as bar:
+            for start in range(done, len(prompts), step):
+                chunk = list(range(start, min(start + step, len(prompts))))
+                if gen.seed is not None and engine is None:
+                    import torch
+
+                    torch.manual_seed(gen.seed + start)  # the same answers whether or not the run was resumed
+                if engine is not None:
+                    g = gen if gen.seed is None else dataclasses.replace(gen, seed=gen.seed + start)
+                    r = engine.generate(prompts[chunk[0]], g)
+                    if r.stop_reason == "interrupted":  # Ctrl-C reached llama.cpp: never write a cut answer
+                        raise KeyboardInterrupt
+                    results = [(r.text, r.new_tokens)]
+                else:
+                    results = [(text, len(ids)) for text, ids in generate_batch(lm, [prompts[i] for i in chunk], gen)]
+                for i, (text, n) in zip(chunk, results):
+                    line = json.dumps({**records[i][1], "answer": text, "new_tokens": n}, ensure_ascii=False) + "\n"
+                    f.write(line.encode("utf-8"))
+                f.flush()
+                bar.update(len(chunk))
+    except KeyboardInterrupt:
+        kept = _count_lines(partial)
+        print(f"\ninterrupted: {kept} of {len(prompts)} answers are in {partial}; run the same command with --resume to continue.",
+              file=sys.stderr)
+        return 130
+    except OSError as e:
+        raise CuteGPTError(describe_os_error(e, partial, "writing")) from None
+    os.replace(partial, out)
+    print(f"wrote {len(records)} answers to {out}")
     return 0
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.endswith(b"\n"))
+    except OSError:
+        return 0

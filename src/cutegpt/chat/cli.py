@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Iterator
 
 from cutegpt.chat.args import GenerationArgs
+from cutegpt.chat.backend import BACKEND_HELP, Backend, choose_backend
 from cutegpt.chat.batch import record_to_turns
 from cutegpt.config import arg
 from cutegpt.threads import THREADS_HELP
@@ -18,9 +19,17 @@ from cutegpt.model.args import ModelArgs
 if TYPE_CHECKING:
     from cutegpt.chat.session import ChatSession
 
-HELP = """commands: /clear forget the conversation, /history show it, /exit quit
+COMMANDS_HELP = """commands:
+  /help            this list
+  /clear           forget the conversation
+  /history         show the conversation
+  /system TEXT     replace the system line (/system alone shows it, /system default restores the template's)
+  /save FILE       write the conversation as JSON ({"messages": [...]}, readable by `cutegpt generate` and `data convert`)
+  /load FILE       continue a saved conversation (a last user message without an answer is answered)
+  /exit            quit (also Ctrl-D)
 multi-line input: end a line with \\ to continue on the next one, or wrap the text in triple quotes \"\"\"
-Ctrl-C stops an answer (the conversation is kept); Ctrl-D or /exit quits."""
+Ctrl-C stops an answer (the conversation is kept); arrow keys edit the line and recall earlier ones."""
+HELP = "type /help for commands; Ctrl-C stops an answer, Ctrl-D quits."
 
 
 @dataclass
@@ -30,6 +39,12 @@ class ChatConfig(ModelArgs, GenerationArgs):
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     input: str | None = arg(None, "non-interactive: read one turn per line (text or JSON) from this file, '-' for stdin; answers go to stdout as JSON Lines")
     no_cache_reuse: bool = arg(False, "re-encode the whole history every turn (the original's way; for comparison)")
+    backend: Backend = arg("auto", BACKEND_HELP)
+    quiet: bool = arg(False, "no footer (tokens, tokens/s, time to first token) after each answer")
+    verbose: bool = arg(False, "print the backend and where each generation setting came from")
+
+    def check(self) -> None:
+        choose_backend(self)
 
 
 def _read_turns(source: str) -> Iterator[tuple[int, str, str]]:
@@ -72,7 +87,7 @@ def run_batch_turns(session: ChatSession, source: str, out: IO[str]) -> None:
         r = session.ask(question, inp)
         record = {"turn": len(session.history), "line": lineno, "question": question, "answer": r.text,
                   "stop_reason": r.stop_reason, "prompt_tokens": r.prompt_tokens, "reused_tokens": r.reused_tokens,
-                  "new_tokens": len(r.token_ids)}
+                  "new_tokens": r.new_tokens}
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
         out.flush()
 
@@ -102,8 +117,123 @@ def _read_message(prompt: str = ">>> ") -> str | None:
     return "\n".join(parts)
 
 
-def interactive(session: ChatSession) -> None:
-    print(f"CuteGPT chat — {session.lm.describe()}\n{HELP}\n", flush=True)
+def _setup_readline() -> None:
+    """Line editing and history recall (arrow keys) for input(); history kept between sessions."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input still works
+        return
+    import atexit
+    import os
+
+    path = os.environ.get("CUTEGPT_CHAT_HISTORY")
+    if path is None:
+        from cutegpt.model.embedded import cache_dir
+
+        path = str(cache_dir() / "chat_history")
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+def save_conversation(session: ChatSession, path: Path) -> None:
+    from cutegpt.io import atomic_file
+
+    with atomic_file(path) as f:
+        f.write(json.dumps({"messages": session.messages()}, ensure_ascii=False, indent=1) + "\n")
+
+
+def load_conversation(session: ChatSession, path: Path) -> str | None:
+    """Replace the session's conversation with the one in `path`; returns a trailing unanswered user message."""
+    from cutegpt.chat.batch import messages_to_conversation
+
+    if not path.is_file():
+        raise CuteGPTError(f"{path} does not exist." if not path.exists() else f"{path} is a folder, not a conversation file.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CuteGPTError(f"{path}: not a JSON conversation ({getattr(e, 'msg', 'not UTF-8')}).") from None
+    if not isinstance(data, dict) or "messages" not in data:
+        raise CuteGPTError(f'{path}: expected {{"messages": [...]}}, the format /save writes.')
+    system, turns, pending = messages_to_conversation(data["messages"], str(path), allow_answered=True)
+    session.history = list(turns)
+    session.system = system
+    session.engine.reset()
+    return pending
+
+
+def _answer(session: ChatSession, message: str, quiet: bool) -> None:
+    try:
+        result = session.ask(message, on_text=lambda t: print(t, end="", flush=True))
+    except CuteGPTError as e:
+        print(f"error: {e}")
+        return
+    except KeyboardInterrupt:  # Ctrl-C before the first token: keep the conversation as it was
+        session.engine.reset()
+        print("\n(stopped)")
+        return
+    print("\n(stopped)" if result.stop_reason == "interrupted" else "")
+    if not quiet:
+        print(result.footer(), flush=True)
+
+
+def _command(session: ChatSession, command: str, quiet: bool) -> bool:
+    """Run a /command; False when `command` is not one."""
+    name, _, rest = command.partition(" ")
+    rest = rest.strip()
+    if name == "/help":
+        print(COMMANDS_HELP)
+    elif name == "/clear":
+        session.clear()
+        print("(conversation cleared)")
+    elif name == "/history":
+        window = session.history[-session.memory_limit:] if session.memory_limit else []
+        if not session.history:
+            print("(no history)")
+        for i, turn in enumerate(session.history, 1):
+            mark = "" if turn in window else "  [outside the memory window]"
+            print(f"[{i}] you: {turn.instruction}{mark}\n    model: {turn.output}")
+    elif name == "/system":
+        if not rest:
+            print(f"(system line: {session.system!r})" if session.system is not None else "(the template's system line)")
+        else:
+            session.system = None if rest == "default" else rest
+            print("(system line set)" if session.system is not None else "(the template's system line again)")
+    elif name in ("/save", "/load"):
+        if not rest:
+            print(f"usage: {name} FILE")
+            return True
+        path = Path(rest).expanduser()
+        try:
+            if name == "/save":
+                save_conversation(session, path)
+                print(f"(saved {len(session.history)} turns to {path})")
+            else:
+                pending = load_conversation(session, path)
+                print(f"(loaded {len(session.history)} turns from {path})")
+                if pending is not None:
+                    _answer(session, pending, quiet)
+        except CuteGPTError as e:
+            print(f"error: {e}")
+    else:
+        return False
+    return True
+
+
+def interactive(session: ChatSession, name: str, quiet: bool = False) -> None:
+    _setup_readline()
+    print(f"CuteGPT chat — {name}\n{HELP}\n", flush=True)
     while True:
         try:
             message = _read_message()
@@ -116,50 +246,32 @@ def interactive(session: ChatSession) -> None:
         command = message.strip()
         if not command:
             continue
-        if command == "/clear":
-            session.clear()
-            print("(conversation cleared)")
-            continue
-        if command == "/history":
-            window = session.history[-session.memory_limit:] if session.memory_limit else []
-            if not session.history:
-                print("(no history)")
-            for i, turn in enumerate(session.history, 1):
-                mark = "" if turn in window else "  [outside the memory window]"
-                print(f"[{i}] you: {turn.instruction}{mark}\n    model: {turn.output}")
+        if command.startswith("/") and _command(session, command, quiet):
             continue
         if command.startswith("/") and " " not in command:
-            print(f"unknown command {command}. {HELP.splitlines()[0]}")
+            print(f"unknown command {command}. {HELP}")
             continue
-        try:
-            result = session.ask(message, on_text=lambda t: print(t, end="", flush=True))
-        except CuteGPTError as e:
-            print(f"error: {e}")
-            continue
-        except KeyboardInterrupt:  # Ctrl-C before the first token: keep the conversation as it was
-            session.engine.reset()
-            print("\n(stopped)")
-            continue
-        if result.stop_reason == "interrupted":
-            print("\n(stopped)")
-        else:
-            print()
+        _answer(session, message, quiet)
 
 
 def run_chat(cfg: ChatConfig) -> int:
-    """Chat with a model; multi-turn, streaming, KV cache reused across turns."""
-    if cfg.max_new_tokens <= 0:
-        raise CuteGPTError(f"--max-new-tokens must be positive, not {cfg.max_new_tokens}.")
-    gen = GenerationArgs.of(cfg)
+    """Chat with a model; multi-turn, streaming, history reused through the KV / prompt cache."""
+    from cutegpt.chat.backend import display_name, load_chat_model, make_engine, resolved_generation, setup_threads
     from cutegpt.chat.session import ChatSession
-    from cutegpt.model.loading import load_model
 
-    lm = load_model(cfg)
-    session = ChatSession(lm, gen, cfg.memory_limit, cfg.system, reuse_cache=not cfg.no_cache_reuse)
+    backend = choose_backend(cfg)
+    threads = setup_threads(cfg.threads, backend)
+    lm = load_chat_model(cfg, backend, threads)
+    name = display_name(cfg, lm)
+    if cfg.verbose:
+        print(f"backend: {backend}; {lm.describe()}; {threads} thread{'s' if threads != 1 else ''}", file=sys.stderr, flush=True)
+    gen = resolved_generation(cfg, lm, cfg.verbose)
+    session = ChatSession(lm, gen, cfg.memory_limit, cfg.system, reuse_cache=not cfg.no_cache_reuse,
+                          engine=make_engine(lm, not cfg.no_cache_reuse))
     if cfg.input is not None:
         run_batch_turns(session, cfg.input, sys.stdout)
     elif not sys.stdin.isatty():
         run_batch_turns(session, "-", sys.stdout)
     else:
-        interactive(session)
+        interactive(session, f"{name}, {backend}", cfg.quiet)
     return 0

@@ -16,31 +16,31 @@ token for token.
 
 from __future__ import annotations
 
+import inspect
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from cutegpt.chat.args import GenerationArgs
+from cutegpt.chat.stream import GenerationResult, complete, cut_at_stop, held_back
 from cutegpt.model.loading import LoadedModel
 
+_held_back = held_back  # older name, kept for tests and callers
 
-@dataclass
-class GenerationResult:
-    text: str  # the answer, without the stop marker
-    token_ids: list[int]  # generated ids, stop marker/EOS included when hit
-    stop_reason: str  # "stop" (marker or EOS), "length", "interrupted"
-    prompt_tokens: int
-    reused_tokens: int  # prompt tokens served from the cache
-    time_to_first_token: float
-    decode_seconds: float
-    timings: dict[str, float] = field(default_factory=dict)
+__all__ = ["Engine", "GenerationArgs", "GenerationResult", "cut_at_stop", "logits_processors", "stop_token_ids"]
 
-    @property
-    def decode_tokens_per_second(self) -> float:
-        n = len(self.token_ids) - 1
-        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword the model's forward takes the KV cache by: `cache` (transformers >= 5.24) or `past_key_values`.
+
+    Passing `past_key_values` where `cache` exists triggers a FutureWarning (removed in 5.40).
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def logits_processors(gen: GenerationArgs) -> Any:
@@ -85,26 +85,6 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
-def cut_at_stop(text: str, stop: str | None) -> str:
-    """The answer before the stop marker; without one, minus a trailing incomplete character."""
-    if stop and stop in text:
-        return text[: text.index(stop)]
-    return text.rstrip("\ufffd")
-
-
-def _held_back(text: str, stop: str | None) -> int:
-    """How many trailing characters must wait: a partial stop marker or an incomplete UTF-8 character."""
-    n = 0
-    while n < len(text) and text[len(text) - 1 - n] == "\ufffd":
-        n += 1
-    if stop:
-        body = text[: len(text) - n] if n else text
-        for k in range(min(len(stop) - 1, len(body)), 0, -1):
-            if body.endswith(stop[:k]):
-                return n + k
-    return n
-
-
 class Engine:
     """Generates answers for one conversation at a time, reusing the KV cache between calls."""
 
@@ -114,6 +94,7 @@ class Engine:
         self.stop_ids = stop_token_ids(lm)
         self._cache: Any = None
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache
+        self._cache_kw = cache_kwarg(lm.model)
 
     def reset(self) -> None:
         self._cache, self._cached_ids = None, []
@@ -143,6 +124,7 @@ class Engine:
     ) -> GenerationResult:
         """Generate one answer for `prompt_ids`; `on_text` receives the answer as it grows."""
         model, tok = self.lm.model, self.lm.tokenizer
+        gen = complete(gen, self.lm.template.name)
         device = self.lm.device
         stop = self.lm.template.stop
         procs = logits_processors(gen)
@@ -159,7 +141,7 @@ class Engine:
         t_first = t0
         try:
             for step in range(gen.max_new_tokens):
-                out = model(input_ids=feed, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=feed, use_cache=True, logits_to_keep=1, **{self._cache_kw: self._cache})
                 self._cached_ids.extend(feed[0].tolist())
                 scores = procs(all_ids, out.logits[:, -1, :].float())
                 if gen.greedy:
@@ -178,7 +160,7 @@ class Engine:
                     text = text[: text.index(stop, max(0, emitted - len(stop)))]
                     reason = "stop"
                     break
-                safe = len(text) - _held_back(text, stop)
+                safe = len(text) - held_back(text, stop)
                 if on_text is not None and safe > emitted:
                     on_text(text[emitted:safe])
                     emitted = safe

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
-from cutegpt.chat.engine import Engine, GenerationArgs, GenerationResult
+from cutegpt.chat.args import GenerationArgs
+from cutegpt.chat.stream import GenerationResult, complete
 from cutegpt.errors import CuteGPTError
-from cutegpt.model.loading import LoadedModel
 from cutegpt.templates import Turn, encode_segments
 
 
 class ChatSession:
     """Keeps the last `memory_limit` (question, answer) pairs, as the original did (default 3)."""
 
-    def __init__(self, lm: LoadedModel, gen: GenerationArgs, memory_limit: int = 3,
-                 system: str | None = None, reuse_cache: bool = True):
+    def __init__(self, lm: Any, gen: GenerationArgs, memory_limit: int = 3,
+                 system: str | None = None, reuse_cache: bool = True, engine: Any = None):
+        """`lm` is a torch `LoadedModel` or a `LlamaCppModel`; `engine` defaults to the torch engine."""
         if memory_limit < 0:
             raise CuteGPTError(f"--memory-limit must be 0 or more, not {memory_limit}.")
         self.lm = lm
-        self.gen = gen
+        self.gen = complete(gen, lm.template.name)
         self.memory_limit = memory_limit
         self.system = system
-        self.engine = Engine(lm, reuse_cache=reuse_cache)
+        if engine is None:
+            from cutegpt.chat.engine import Engine
+
+            engine = Engine(lm, reuse_cache=reuse_cache)
+        self.engine = engine
         self.history: list[Turn] = []
 
     def clear(self) -> None:
@@ -43,6 +48,16 @@ class ChatSession:
                 f"it does not fit the model's context of {self.lm.context_length} tokens."
             )
         return ids
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as OpenAI-style messages (what /save writes and `generate` reads)."""
+        out: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system is not None else []
+        for turn in self.history:
+            user = {"role": "user", "content": turn.instruction}
+            if turn.input:
+                user["input"] = turn.input
+            out += [user, {"role": "assistant", "content": turn.output or ""}]
+        return out
 
     def ask(self, question: str, input: str = "", on_text: Callable[[str], None] | None = None) -> GenerationResult:
         if not question.strip():

@@ -1,0 +1,199 @@
+"""The llama.cpp backend (xllamacpp): same prompt, same stop rule, streaming, prompt cache, Ctrl-C.
+
+A tiny random LLaMA is trained for a few seconds to answer "hi" with "Hello there<end>" in the
+CuteGPT template (`<end>` is three tokens in its vocabulary), exported to GGUF with the cutegpt
+template, and run on both backends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cutegpt.chat.args import GenerationArgs
+from cutegpt.chat.backend import EMBEDDED_BACKEND, choose_backend
+from cutegpt.chat.session import ChatSession
+from cutegpt.errors import CuteGPTError
+from tests.tiny import build_tiny_llama, build_tokenizer
+
+pytest.importorskip("xllamacpp")
+ANSWER = "Hello there"
+
+
+def _train_parrot(folder: Path) -> None:
+    """A tiny LLaMA that answers 问：hi with `Hello there<end>` (and 中国的首都是哪里？ with 北京<end>)."""
+    from cutegpt.templates import CuteGPTTemplate, Turn, encode_segments, write_model_card
+
+    tok = build_tokenizer(folder)
+    model = build_tiny_llama(folder, vocab_size=len(tok))
+    seqs = [encode_segments(tok, CuteGPTTemplate().segments([Turn(q, output=a)]))[0]
+            for q, a in (("hi", ANSWER), ("中国的首都是哪里？", "北京"))]
+    assert tok.convert_ids_to_tokens(seqs[0])[-3:] == ["<", "end", ">"]  # the marker is several tokens here
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        loss = sum(model(torch.tensor([s]), labels=torch.tensor([s])).loss for s in seqs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(folder)
+    write_model_card(folder, "cutegpt")
+
+
+@pytest.fixture(scope="module")
+def parrot(tmp_path_factory) -> SimpleNamespace:
+    gguf_mod = pytest.importorskip("cutegpt.export.gguf", reason="export_gguf has not landed on this branch")
+    folder = tmp_path_factory.mktemp("parrot")
+    _train_parrot(folder)
+    path = gguf_mod.export_gguf(str(folder), folder.parent / "parrot.gguf", template="cutegpt", quant="f32",
+                                verify=False, overwrite=True, progress=False)
+    return SimpleNamespace(folder=folder, gguf=path)
+
+
+@pytest.fixture(scope="module")
+def parrot_lm(parrot):
+    from cutegpt.chat.llamacpp import load_llamacpp
+
+    return load_llamacpp(parrot.gguf, threads=1)
+
+
+def _session(lm, **gen):
+    from cutegpt.chat.llamacpp import LlamaCppEngine
+
+    args = GenerationArgs(greedy=True, max_new_tokens=20, **gen)
+    return ChatSession(lm, args, engine=LlamaCppEngine(lm))
+
+
+def test_stops_at_multi_token_end_marker_and_never_prints_it(parrot_lm):
+    assert parrot_lm.template.name == "cutegpt"  # recognised from the Jinja template the GGUF carries
+    chunks: list[str] = []
+    r = _session(parrot_lm).ask("hi", on_text=chunks.append)
+    assert r.text == ANSWER and r.stop_reason == "stop"
+    assert "".join(chunks) == ANSWER and not any("<" in c for c in chunks)
+    assert r.new_tokens >= 3 and r.time_to_first_token > 0
+
+
+def test_same_answer_as_the_torch_engine(parrot, parrot_lm):
+    from cutegpt.model.loading import ModelArgs, load_model
+
+    lm = load_model(ModelArgs(model=str(parrot.folder)))
+    assert lm.template.name == "cutegpt"
+    gen = GenerationArgs(greedy=True, max_new_tokens=20)
+    torch_answer = ChatSession(lm, gen).ask("hi")
+    session = _session(parrot_lm)
+    assert session.prompt_ids("hi") == ChatSession(lm, gen).prompt_ids("hi")  # the same prompt ids
+    assert session.ask("hi").text == torch_answer.text == ANSWER
+
+
+def test_second_turn_reuses_the_prompt_cache(parrot_lm):
+    session = _session(parrot_lm)
+    first = session.ask("hi")
+    second = session.ask("hi")
+    assert first.text == ANSWER
+    assert second.reused_tokens > 0.7 * second.prompt_tokens
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(parrot_lm):
+    session = _session(parrot_lm, ignore_eos=True)
+    session.gen = GenerationArgs(greedy=True, max_new_tokens=200, ignore_eos=True, temperature=1.0, top_p=1.0,
+                                 top_k=0, repetition_penalty=1.0)
+    seen: list[str] = []
+
+    def press_ctrl_c(text: str) -> None:
+        seen.append(text)
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    r = session.ask("hi", on_text=press_ctrl_c)
+    assert r.stop_reason == "interrupted"
+    assert r.new_tokens < 200
+    assert len(session.history) == 1  # the partial answer is kept, the conversation goes on
+    session.gen = GenerationArgs(greedy=True, max_new_tokens=20, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+    assert session.ask("hi").stop_reason in ("stop", "length")
+
+
+def test_generate_command_on_llamacpp(parrot, tmp_path):
+    from cutegpt.chat.batch import GenerateConfig, run_generate
+    from cutegpt.config import parse_config
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"instruction": "hi"}\n{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    out = tmp_path / "a.jsonl"
+    cfg = parse_config(GenerateConfig, [str(prompts), "--model", str(parrot.gguf), "--out", str(out), "--greedy",
+                                        "--max-new-tokens", "20", "--threads", "1"], prog="cutegpt generate")
+    assert choose_backend(cfg) == "llamacpp"
+    assert run_generate(cfg) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["answer"] for r in rows] == [ANSWER, ANSWER]
+    assert "<end>" not in out.read_text(encoding="utf-8")
+
+
+def test_hf_folder_on_llamacpp_is_exported_once(parrot, tmp_path, monkeypatch):
+    from cutegpt.chat.backend import load_chat_model
+
+    monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache"))
+    cfg = SimpleNamespace(model=str(parrot.folder), lora=None, template=None)
+    lm = load_chat_model(cfg, "llamacpp", 1)
+    assert lm.template.name == "cutegpt" and lm.model_path.suffix == ".gguf"
+    assert _session(lm).ask("hi").text == ANSWER
+    files = list((tmp_path / "cache" / "gguf").glob("*.gguf"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    load_chat_model(cfg, "llamacpp", 1)
+    assert files[0].stat().st_mtime_ns == stamp  # not exported again
+
+
+def test_gguf_metadata_reader_and_sampling_defaults(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from cutegpt.chat.llamacpp import gguf_generation_defaults, read_gguf_metadata
+
+    path = tmp_path / "meta.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("Tiny Parrot")
+    w.add_context_length(512)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_float32("general.sampling.temp", 0.2)
+    w.add_float32("general.sampling.top_p", 0.9)
+    w.add_int32("general.sampling.top_k", 20)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    meta = read_gguf_metadata(path)
+    assert meta["general.name"] == "Tiny Parrot" and meta["llama.context_length"] == 512
+    assert "tokenizer.ggml.tokens" not in meta  # arrays are skipped
+    d = gguf_generation_defaults(path)
+    assert d == {"temperature": pytest.approx(0.2), "top_p": pytest.approx(0.9), "top_k": 20}
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(CuteGPTError, match="not a GGUF file"):
+        read_gguf_metadata(bad)
+
+
+@pytest.mark.parametrize("kw,expected", [
+    ({}, EMBEDDED_BACKEND),
+    ({"model": "m.gguf"}, "llamacpp"),
+    ({"model": "some/folder"}, "torch"),
+    ({"model": "m.gguf", "load_in_8bit": True}, "torch"),
+    ({"lora": "adapter"}, "torch"),
+    ({"model": "m.gguf", "backend": "torch"}, "torch"),
+    ({"model": "some/folder", "backend": "llamacpp"}, "llamacpp"),
+])
+def test_backend_choice(kw, expected):
+    cfg = SimpleNamespace(**{"backend": "auto", "model": None, "lora": None, "load_in_8bit": False, "dtype": "auto",
+                             "device": "auto", **kw})
+    assert choose_backend(cfg) == expected
+
+
+def test_llamacpp_refuses_torch_only_flags():
+    cfg = SimpleNamespace(backend="llamacpp", model="m.gguf", lora=None, load_in_8bit=True, dtype="auto", device="auto")
+    with pytest.raises(CuteGPTError, match="--load-in-8bit works only with --backend torch"):
+        choose_backend(cfg)
