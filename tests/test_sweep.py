@@ -337,15 +337,12 @@ def path_cases():
 
 # Cases that fail outside the safety helper's area (strict: they must start passing when fixed).
 # Filled from a run of this sweep; the reason names the owner.
-_GEN = ("chat helper (item 4): generate checks --out only after loading the model and generating (and overwrites an existing "
-        "file without --overwrite, or writes into an input); call io.check_output(kind='file', inputs=...) before loading")
 _TRAIN = ("train helper (item 1/3): an existing --out (holding an earlier final/) is trained into without --overwrite or "
           "--resume, and an --out that is or lies inside --model/--data is accepted: io.check_output(inputs=[model, data, lora...]) "
           "before loading")
 _EVAL = ("evalfix helper: eval checks --out only after the model loads (existing/file/read-only/inside an input); "
          "call io.check_output before loading (an existing --out with --resume is legitimate: say so)")
 KNOWN: dict[str, str] = {
-    **{f"generate:out:{c}": _GEN for c in ("exists", "folder_for_file", "read_only", "inside_input", "is_input")},
     **{f"train-{k}:out:{c}": _TRAIN for k in ("sft", "pt") for c in ("exists", "inside_input", "is_input")},
 }
 

@@ -199,7 +199,7 @@ def run_generate(cfg: GenerateConfig) -> int:
     path = Path(cfg.input)
     out = Path(cfg.out)
     partial = out.with_name(out.name + PARTIAL)
-    check_output(out, flag="--out", inputs=[path], overwrite=cfg.overwrite, kind="file")
+    check_output(out, flag="--out", inputs=[path, cfg.model, cfg.lora], overwrite=cfg.overwrite, kind="file")
     if partial.exists() and not (cfg.resume or cfg.overwrite):
         raise CuteGPTError(f"an interrupted run left {partial}: add --resume to continue it, or --overwrite to start again.")
     records = read_records(path)
