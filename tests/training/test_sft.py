@@ -132,17 +132,17 @@ def test_tokenizer_mismatch_refused_before_loading(tiny_model_dir, tmp_path, mon
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny_model_dir, sft_dataset, tmp_path, monkeypatch):
-    from transformers import Trainer
+    from cutegpt.training import loss as loss_mod
 
-    real = Trainer.compute_loss
+    real = loss_mod.causal_lm_loss
     calls = {"n": 0}
 
-    def poisoned(self, model, inputs, *a, **kw):
+    def poisoned(*a, **kw):
         calls["n"] += 1
-        loss = real(self, model, inputs, *a, **kw)
-        return loss * float("nan") if calls["n"] == 5 else loss
+        loss, n = real(*a, **kw)
+        return (loss * float("nan") if calls["n"] == 5 else loss), n
 
-    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(loss_mod, "causal_lm_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(CuteGPTError, match=r"loss became nan at step 5.*checkpoint-4"):
         run_sft(_cfg(tiny_model_dir, sft_dataset, out, max_steps=10, save_steps=2))
