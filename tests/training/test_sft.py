@@ -146,7 +146,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny_model_dir, sft_data
     out = tmp_path / "run"
     with pytest.raises(CuteGPTError, match=r"loss became nan at step 5.*checkpoint-4"):
         run_sft(_cfg(tiny_model_dir, sft_dataset, out, max_steps=10, save_steps=2))
-    assert [p.name for p in engine.complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]  # 3 = epoch end
+    assert [p.name for p in engine.complete_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]  # 3 = epoch end; two kept by default
     assert not (out / "final").exists()
 
 

@@ -227,9 +227,15 @@ def check_module_names(model: Any, cfg: TrainArgs) -> None:
 
 
 def check_torch_file(path: Path, what: str) -> None:
-    """Open a .bin/.pt/.pth with weights_only=True (never anything else); one sentence naming it when it is refused."""
+    """Open a .bin/.pt/.pth with weights_only=True (never anything else); one sentence naming it when it is refused.
+
+    The allow-list is the Trainer's own (numpy's RNG state types), exactly what it will load the file with.
+    """
+    from transformers.trainer_pt_utils import safe_globals
+
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CuteGPTError(f"{what}: {path} holds more than plain tensors (or is corrupt) and was refused unread.") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError, IndexError) as e:
@@ -260,7 +266,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         try:
             if f.suffix == ".safetensors":
                 _check_safetensors([f])
-            elif f.suffix in (".pt", ".pth", ".bin"):
+            elif f.suffix in (".pt", ".pth", ".bin") and f.name != "training_args.bin":  # the Trainer never reads that one
                 check_torch_file(f, "--resume")
             elif f.suffix == ".json":
                 json.loads(f.read_text(encoding="utf-8"))
