@@ -714,7 +714,8 @@ def train(cfg: TrainArgs, prepare: Callable[[], Prepared]) -> dict[str, Any]:
         trainer = make_trainer_class()(
             model=prep.model, args=args, train_dataset=prep.dataset, processing_class=prep.tokenizer,
             data_collator=collator, template_name=prep.template_name,
-            keep_checkpoints=cfg.save_total_limit, run_record=record)
+            keep_checkpoints=cfg.save_total_limit, run_record=record,
+            fused_loss=os.environ.get("CUTEGPT_FULL_LOGITS") != "1")  # the env switch exists for the before/after benchmark
     trainer.remove_callback(PrinterCallback)
     torch.set_num_threads(threads)
     callbacks = make_callbacks(lambda: trainer.tokens_seen, world)
