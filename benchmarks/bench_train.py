@@ -172,7 +172,7 @@ def run_measured(flags: list[str], work: Path, name: str, env_extra: dict | None
 
 
 def base_flags(L: int, steps: int, extra: list[str]) -> list[str]:
-    return ["--data", str(DATA), "--max-length", str(L), "--micro-batch", "2", "--grad-accum", "2", "--max-steps", str(steps),
+    return ["--data", str(DATA), "--max-length", str(L), "--micro-batch", "2", "--grad-accum", "1", "--max-steps", str(steps),
             "--save-steps", "1000", "--precision", "bf16", "--threads", "1", "--lr", "3e-4", "--warmup-steps", "0",
             "--report-to", "none", *extra]
 

@@ -39,7 +39,7 @@ GiB = 1024 ** 3
 # Calibrated on SmolLM2-135M (CPU, fp32 and bf16 autocast, L 128-512): bytes per token and layer.
 A_H = {"fp32": 44.0, "bf16": 34.0, "fp16": 34.0}
 A_I = {"fp32": 16.0, "bf16": 10.0, "fp16": 10.0}
-CPU_RUNTIME = 0.55 * GiB  # python + torch + transformers + peft + datasets imported, allocator slack
+CPU_RUNTIME = 0.65 * GiB  # python + torch + transformers + peft + datasets imported, allocator slack
 GPU_RUNTIME = 0.8 * GiB  # CUDA context and kernels
 LOSS_CHUNK = 1024
 
@@ -232,6 +232,10 @@ def _lora_overhead(shape: ModelShape, inp: PlanInput) -> float:
     if inp.quantization != "none":
         # one layer's linears dequantized to the compute dtype during forward and again in backward
         extra += shape.layer_linear_params * 2 * 2
+        if inp.device == "cpu":
+            # on a CPU the 16-bit/fp32 weights are read into the same process to be quantized, and the allocator
+            # keeps those pages: measured on the embedded model, the peak RSS of QLoRA is that of fp32 LoRA
+            extra += shape.layers * shape.layer_linear_params * 4
     return extra
 
 
