@@ -89,3 +89,83 @@ def test_tiny_recipe_end_to_end(tmp_path, embedded_dir):
     assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == ext["embedding_rows_after"]
     assert set(steps["chat smoke test"]["info"]["answers"]) == {"中国的首都是哪里？", "熊猫喜欢吃什么？", "What is the capital of France?"}
     assert (out / "8-eval" / "results.json").is_file()
+
+
+# ---------------------------------------------------------------- issue 11: nothing typed destroys a run
+
+
+def _tree(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*"))}
+
+
+def _old_run(tmp_path):
+    r = tmp_path / "r"
+    r.mkdir()
+    (r / "recipe.json").write_text('{"old": true}')
+    (r / "3-pt").mkdir()
+    (r / "3-pt" / "weights").write_text("old weights")
+    return r
+
+
+@pytest.mark.parametrize("argv", [["--pt-steps", "0"], ["--sft-steps", "-1"], ["--micro-batch", "0"], ["--max-length", "8"],
+                                  ["--corpus", "missing.txt"], ["--sft-data", "missing.json"], ["--eval-data", "missing"],
+                                  ["--model", "missing"], ["--deepspeed", "missing.json"]])
+def test_overwrite_with_a_bad_setting_keeps_the_old_run(tmp_path, capsys, monkeypatch, argv):
+    from cutegpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _old_run(tmp_path)
+    before = _tree(tmp_path)
+    assert main(["recipe", "--out", "r", "--overwrite", *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unexpected" not in err and argv[0] in err, err
+    assert _tree(tmp_path) == before
+
+
+def test_overwrite_keeps_the_old_run_when_a_step_fails(tmp_path, monkeypatch):
+    r = _old_run(tmp_path)
+    before = _tree(tmp_path)
+
+    def fake_plan(cfg, out, paths):
+        def bad():
+            (out / "3-pt").mkdir()
+            raise CuteGPTError("corpus.txt: the corpus is empty.")
+
+        return [(Step("a", "cmd a", str(out / "3-pt")), bad, [])]
+
+    monkeypatch.setattr("cutegpt.recipe.plan", fake_plan)
+    with pytest.raises(CuteGPTError, match="stopped at 'a': corpus.txt: the corpus is empty.*previous run in .* was kept"):
+        run_recipe(RecipeConfig(out=str(r), overwrite=True))
+    assert _tree(tmp_path) == before  # old run intact, no temporary folder left
+
+
+def test_overwrite_replaces_once_complete_and_records_final_paths(tmp_path, monkeypatch):
+    r = _old_run(tmp_path)
+
+    def fake_plan(cfg, out, paths):
+        def ok():
+            (out / "3-pt").mkdir()
+            (out / "3-pt" / "weights").write_text("new weights")
+            return {"final": str(out / "3-pt")}
+
+        return [(Step("a", "cmd a", str(out / "3-pt")), ok, [])]
+
+    monkeypatch.setattr("cutegpt.recipe.plan", fake_plan)
+    assert run_recipe(RecipeConfig(out=str(r), overwrite=True)) == 0
+    assert (r / "3-pt" / "weights").read_text() == "new weights"
+    summary = json.loads((r / "recipe.json").read_text(encoding="utf-8"))
+    assert summary["steps"][0]["artefact"] == str(r / "3-pt") and summary["steps"][0]["info"]["final"] == str(r / "3-pt")
+    assert ".tmp-" not in json.dumps(summary)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_out_inside_an_input_is_refused(tmp_path):
+    data = tmp_path / "ceval"
+    (data / "val").mkdir(parents=True)
+    before = _tree(tmp_path)
+    with pytest.raises(CuteGPTError, match="--out .* lies inside the input folder"):
+        run_recipe(RecipeConfig(out=str(data / "run"), eval_data=str(data)))
+    assert _tree(tmp_path) == before

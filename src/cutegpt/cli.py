@@ -74,6 +74,8 @@ def _quiet_libraries() -> None:
     if "DS_ACCELERATOR" not in os.environ and not (os.path.exists("/dev/nvidia0") or os.environ.get("CUDA_VISIBLE_DEVICES")):
         os.environ["DS_ACCELERATOR"] = "cpu"
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+    # torch's safe unpickler notes the protocol of every refused pickle; the refusal itself is our message
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")
 
 
 def main(argv: list[str] | None = None) -> int:

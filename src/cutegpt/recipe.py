@@ -56,7 +56,7 @@ class RecipeConfig:
     pt_lr: float = arg(1e-4, "continued pre-training learning rate", gt=0)
     sft_steps: int = arg(20, "LoRA instruction-tuning steps", ge=1)
     sft_lr: float = arg(1e-3, "LoRA learning rate", gt=0)
-    max_length: int = arg(256, "tokens per training row", ge=8)
+    max_length: int = arg(256, "tokens per training row", ge=16)
     micro_batch: int = arg(4, "rows per forward pass", ge=1)
     grad_accum: int = arg(1, "micro-batches per optimizer step", ge=1)
     deepspeed: str | None = arg(None, "DeepSpeed JSON config for both training steps (see configs/)")
@@ -199,7 +199,7 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
     def chat() -> dict[str, Any]:
         from cutegpt.chat.batch import GenerateConfig, run_generate
 
-        run_generate(_make(GenerateConfig, model=str(d["6-merged"]), input=str(paths["chat"]), output=str(d["7-chat.jsonl"]),
+        run_generate(_make(GenerateConfig, model=str(d["6-merged"]), input=str(paths["chat"]), out=str(d["7-chat.jsonl"]),
                            greedy=True, max_new_tokens=cfg.max_new_tokens))
         answers = [json.loads(line) for line in d["7-chat.jsonl"].read_text(encoding="utf-8").splitlines() if line.strip()]
         return {"answers": {a.get("instruction", ""): a.get("answer", "") for a in answers}}
@@ -209,7 +209,7 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
             from cutegpt.evaluation.cli import EvalConfig, run_eval
 
             run_eval(_make(EvalConfig, benchmark="ceval", model=model, data=str(paths["eval"]), split=cfg.eval_split,
-                           shots=cfg.eval_shots, limit=cfg.eval_limit, output=str(folder), chat_template=True,
+                           shots=cfg.eval_shots, limit=cfg.eval_limit, out=str(folder), chat_template=True,
                            resume=False, threads=cfg.threads))
             avg = _read(folder / "results.json").get("summary", {}).get("average", {})
             return {"accuracy_mean_of_subjects": avg.get("mean_of_subjects"), "accuracy_question_weighted": avg.get("question_weighted"),
@@ -240,22 +240,130 @@ def _first_last(summary: dict[str, Any]) -> list[float] | None:
 # ---------------------------------------------------------------------------------------------- run
 
 
+def _inputs(cfg: RecipeConfig) -> list[Path]:
+    """The user's inputs, each checked to exist (and be the right kind) before anything is written."""
+    from cutegpt.io import check_input
+
+    found: list[Path] = []
+    if cfg.corpus:
+        from cutegpt.data.text import corpus_files
+
+        for c in cfg.corpus:
+            found.append(check_input(Path(c).expanduser(), flag="--corpus"))
+        corpus_files(cfg.corpus)
+    if cfg.sft_data:
+        from cutegpt.data.readers import parse_spec
+
+        found.append(check_input(parse_spec(cfg.sft_data, "--sft-data")[0], flag="--sft-data"))
+    if cfg.eval_data:
+        found.append(check_input(Path(cfg.eval_data).expanduser(), flag="--eval-data", kind="folder"))
+    if cfg.model:  # vocabulary work needs a Hugging Face folder (its tokenizer files), not a .gguf file
+        model = check_input(Path(cfg.model).expanduser(), flag="--model", kind="folder")
+        if not (model / "config.json").is_file():
+            raise CuteGPTError(f"--model {model} is a folder without config.json, not a Hugging Face model folder.")
+        found.append(model)
+    if cfg.deepspeed:
+        found.append(check_input(Path(cfg.deepspeed).expanduser(), flag="--deepspeed", kind="file"))
+    return found
+
+
+def _check_steps(cfg: RecipeConfig) -> None:
+    """Every step's own settings, checked as its command would check them, before the first step runs."""
+    from cutegpt.config import check_config
+
+    x = "placeholder"
+    train_common = dict(max_length=cfg.max_length, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, threads=cfg.threads,
+                        logging_steps=1, warmup_steps=0, deepspeed=cfg.deepspeed)
+    makers: list[Callable[[], Any]] = []
+
+    def add(module: str, cls: str, **values: Any) -> None:
+        makers.append(lambda: _make(getattr(__import__(module, fromlist=[cls]), cls), **values))
+
+    add("cutegpt.vocab.train", "VocabTrainConfig", out=x, corpus=[x], model=cfg.model, vocab_size=cfg.vocab_size)
+    add("cutegpt.vocab.extend", "VocabExtendConfig", model=cfg.model, pieces=x, out=x)
+    add("cutegpt.training.pt", "PTConfig", model=x, data=[x], out=x, max_steps=cfg.pt_steps, lr=cfg.pt_lr, method=cfg.pt_method, **train_common)
+    add("cutegpt.data.convert", "ConvertConfig", input=[x], out=x, model=x, template="cutegpt", max_length=cfg.max_length)
+    add("cutegpt.training.sft", "SFTConfig", model=x, data=[x], out=x, method="lora", template="cutegpt", max_steps=cfg.sft_steps,
+        lr=cfg.sft_lr, **train_common)
+    add("cutegpt.chat.batch", "GenerateConfig", model=x, input=x, out=x, greedy=True, max_new_tokens=cfg.max_new_tokens)
+    add("cutegpt.evaluation.cli", "EvalConfig", benchmark="ceval", model=x, data=x, split=cfg.eval_split, shots=cfg.eval_shots,
+        limit=cfg.eval_limit, out=x, threads=cfg.threads)
+    for make in makers:
+        try:
+            sub = make()
+        except ModuleNotFoundError as e:
+            if (e.name or "").startswith("cutegpt"):
+                continue  # that step will be reported as missing
+            raise
+        check_config(sub)
+
+
+def _relocate(value: Any, old: str, new: str) -> Any:
+    """`value` with the temporary folder's path replaced by the final one (for recipe.json)."""
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, list):
+        return [_relocate(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _relocate(v, old, new) for k, v in value.items()}
+    return value
+
+
 def run_recipe(cfg: RecipeConfig) -> int:
+    """Check everything, run the steps in a temporary folder beside --out, then put it in place.
+
+    An existing --out (with --overwrite) is replaced only by a complete run; when a step fails
+    the old run stays as it was (the failed run is kept for inspection only when there was none).
+    """
+    import os
+    import tempfile
+
+    from cutegpt.io import check_output, clean_leftovers, os_errors
+
     out = Path(cfg.out).expanduser()
-    if out.exists():
-        if not cfg.overwrite:
-            raise CuteGPTError(f"output folder {out} already exists; pass --overwrite to replace it.")
-        if out.is_dir() and not (out / SUMMARY_FILE).is_file() and not (out / "data").is_dir() and any(out.iterdir()):
-            raise CuteGPTError(f"{out} does not look like a recipe folder (no {SUMMARY_FILE}); refusing to delete it.")
-        shutil.rmtree(out)
-    for name, value in (("--pt-steps", cfg.pt_steps), ("--sft-steps", cfg.sft_steps), ("--micro-batch", cfg.micro_batch)):
-        if value < 1:
-            raise CuteGPTError(f"{name} must be at least 1, not {value}.")
-    out.mkdir(parents=True)
-    paths = write_bundled(out / "data", cfg)
+    inputs = _inputs(cfg)
+    check_output(out, flag="--out", inputs=inputs, overwrite=cfg.overwrite, kind="folder")
+    if out.is_dir() and not (out / SUMMARY_FILE).is_file() and not (out / "data").is_dir() and any(out.iterdir()):
+        raise CuteGPTError(f"{out} does not look like a recipe folder (no {SUMMARY_FILE}); refusing to replace it.")
+    _check_steps(cfg)
+    with os_errors(out, "creating the output folder"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out.parent)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        failure = _run_steps(cfg, out, work)
+        if failure is not None and out.exists():
+            shutil.rmtree(work, ignore_errors=True)
+            if isinstance(failure, KeyboardInterrupt):
+                raise failure
+            raise CuteGPTError(f"{failure}; the previous run in {out} was kept as it was.")
+        with os_errors(out, "putting the run in place"):
+            from cutegpt.io import fix_modes
+
+            fix_modes(work)
+            if out.exists():
+                trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, trash)
+                os.replace(work, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if failure is not None:
+        if isinstance(failure, KeyboardInterrupt):
+            raise failure
+        raise CuteGPTError(str(failure))
+    return 0
+
+
+def _run_steps(cfg: RecipeConfig, out: Path, work: Path) -> BaseException | None:
+    """Run every step in `work`; write recipe.json (paths as under `out`); return the failure, if any."""
+    paths = write_bundled(work / "data", cfg)
     cfg = dataclasses.replace(cfg, threads=resolve_threads(cfg.threads))
-    print(f"CuteGPT recipe -> {out} (torch threads {cfg.threads})", flush=True)
-    steps = plan(cfg, out, paths)
+    print(f"CuteGPT recipe -> {out} (built in {work.name}, put in place when complete; torch threads {cfg.threads})", flush=True)
+    steps = plan(cfg, work, paths)
     start = time.perf_counter()
     failure: BaseException | None = None
     for step, action, needs in steps:
@@ -286,16 +394,17 @@ def run_recipe(cfg: RecipeConfig) -> int:
             failure = e
         step.seconds = round(time.perf_counter() - t, 1)
     total = round(time.perf_counter() - start, 1)
+    for step, _, _ in steps:
+        step.artefact = step.artefact.replace(str(work), str(out))
     summary = {"out": str(out), "seconds": total, "settings": dataclasses.asdict(cfg),
                "inputs": {k: str(v) for k, v in paths.items()}, "steps": [dataclasses.asdict(s) for s, _, _ in steps]}
-    write_json(out / SUMMARY_FILE, summary)
+    write_json(work / SUMMARY_FILE, _relocate(summary, str(work), str(out)))
     _print_table([s for s, _, _ in steps], out, total)
-    if failure is not None:
-        if isinstance(failure, KeyboardInterrupt):
-            raise failure
-        step = next(s for s, _, _ in steps if s.status == "failed")
-        raise CuteGPTError(f"the recipe stopped at '{step.name}': {step.info['error']} (details in {out / SUMMARY_FILE})")
-    return 0
+    if failure is None or isinstance(failure, KeyboardInterrupt):
+        return failure
+    step = next(s for s, _, _ in steps if s.status == "failed")
+    error = str(step.info["error"]).replace(str(work), str(out)).rstrip(".")
+    return CuteGPTError(f"the recipe stopped at '{step.name}': {error} (details in {out / SUMMARY_FILE})")
 
 
 def _print_table(steps: list[Step], out: Path, total: float) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cutegpt.cli import main
+from cutegpt.errors import CuteGPTError
 from cutegpt.model.loading import ModelArgs, load_model, weight_bytes
 from cutegpt.templates import write_model_card
 from tests.tiny import build_tiny_llama, build_tokenizer
@@ -244,3 +245,52 @@ def test_corrupt_gguf_named(capsys, tmp_path):
     fake.write_bytes(b"GGUF garbage")
     code, err = _run(capsys, "chat", "--model", str(fake))
     assert code == 1 and f"{fake}: cannot read this GGUF file" in err
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_config_values_are_one_sentence(tiny_model_dir, tmp_path):
+    import json
+
+    bad = _copy_model(tiny_model_dir, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["hidden_size"] = "big"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CuteGPTError, match="cannot load the model .*hidden_size"):
+        load_model(ModelArgs(model=str(bad)))
+    (bad / "config.json").write_text("[1, 2]")
+    with pytest.raises(CuteGPTError, match="config.json: must hold a JSON object"):
+        load_model(ModelArgs(model=str(bad)))
+
+
+def test_adapter_config_that_is_a_list(tiny_model_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[]")
+    with pytest.raises(CuteGPTError, match="adapter_config.json: must hold a JSON object"):
+        load_model(ModelArgs(model=str(tiny_model_dir), lora=str(adapter)))
+
+
+def test_hostile_pickle_weights_are_refused_without_running(tiny_model_dir, tmp_path):
+    import pickle
+
+    evil = _copy_model(tiny_model_dir, tmp_path / "evil")
+    (evil / "model.safetensors").unlink()
+    canary = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    for protocol in (2, 4, 5):
+        with open(evil / "pytorch_model.bin", "wb") as f:
+            pickle.dump({"w": Payload()}, f, protocol=protocol)
+        with pytest.raises(CuteGPTError) as e:
+            load_model(ModelArgs(model=str(evil)))
+        assert "could run code; refused" in str(e.value) and "weights_only=False" not in str(e.value)
+        assert not canary.exists()

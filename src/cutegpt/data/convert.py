@@ -42,9 +42,9 @@ from cutegpt.config import arg
 from cutegpt.data.augment import pool_segments
 from cutegpt.data.manifest import DATA_DIR, FORMAT, MANIFEST, VERSION, tokenizer_info
 from cutegpt.data.packing import pack_bins
-from cutegpt.data.readers import Conversation, Source
+from cutegpt.data.readers import MAX_RECORD_BYTES, Conversation, Sources, parse_spec
 from cutegpt.errors import CuteGPTError
-from cutegpt.io import atomic_dir, atomic_file, write_json
+from cutegpt.io import atomic_dir, atomic_file, check_output, write_json
 from cutegpt.templates import Segment, add_stop_token, get_template, read_model_card
 
 IGNORE = -100
@@ -56,26 +56,33 @@ PKL_NAME = "ift_data_ids.pkl"
 class ConvertConfig:
     """Settings of `cutegpt data convert`."""
 
-    input: str = arg(help="instruction data file: the original pickle, JSON or JSON Lines", positional=True)
+    input: list[str] = arg([], "instruction data files or folders of them (the original pickle, JSON, JSON Lines); "
+                           "FILE:W weights a source (a.pkl:2 twice, b.jsonl:0.5 a seeded half)", positional=True)
     out: str | None = arg(None, "output dataset folder", aliases=("--output", "--output-dir", "--output_dir"),
-                          absent="INPUT without its suffix + '-dataset'")
+                          absent="INPUT without its suffix + '-dataset' (one input file only)")
     model: str | None = arg(None, "model folder whose tokenizer to use; nothing = the embedded SmolLM2-135M-Instruct")
     template: str | None = arg("cutegpt", "prompt template: cutegpt, auto (the tokenizer's chat template) or raw; "
                                "none = what the model folder records, else cutegpt")
-    max_length: int = arg(2048, "tokens per training row (L)", ge=8, aliases=("--cutoff_len",))
+    max_length: int = arg(2048, "tokens per training row (L)", ge=16, aliases=("--cutoff_len",))
     packing: Literal["bins", "pad", "concat"] = arg(
         "bins", "bins: whole conversations packed into rows of L tokens; pad: one per row; concat: the original's fixed blocks")
     format: Literal["auto", "cutegpt", "alpaca", "sharegpt", "messages"] = arg("auto", "record format (auto-detected per record)")
     seed: int = arg(42, "seed for shuffling, grouping and the template pool")
     workers: int = arg(1, "tokenizer processes (1 already uses the fast tokenizer's own threads)", ge=1)
-    skip_invalid: bool = arg(False, "skip and count invalid records instead of stopping at the first")
+    skip_invalid: bool = arg(False, "skip and count invalid records (unparseable, not UTF-8, too long, wrong shape) instead of stopping at the first")
+    max_record_bytes: int = arg(MAX_RECORD_BYTES, "largest JSON Lines record (one line) in bytes; a longer one is refused, "
+                                "or skipped with --skip-invalid, without being read whole", ge=1)
     train_on_prompt: bool = arg(False, "also take the loss on system line and prompts")
     template_pool: bool = arg(False, "the original's augmentation: each turn rendered with a template drawn from its pools (bugs fixed)")
     group_single_turns: bool = arg(False, "the original's grouping of 1-10 consecutive single-turn records into one pseudo-dialogue")
     split_long: bool = arg(True, "bins/pad: the turns after a cut continue in a new sample (with the system line); --no-split-long drops them")
     export_pkl: bool = arg(False, f"also write the original's {{input_ids, labels, attention_mask}} pickle ({PKL_NAME})")
     add_stop_token: bool = arg(False, "make the stop marker <end> one special token (datasets for `train sft --method full`)")
-    overwrite: bool = arg(False, "replace an existing output folder")
+    overwrite: bool = arg(False, "replace an existing output folder (once the new one is complete)")
+
+    def check(self) -> None:
+        if not self.input:
+            raise CuteGPTError("INPUT is required: one or more conversation files (.pkl, .json, .jsonl) or folders of them.")
 
 
 # ---------------------------------------------------------------- planning
@@ -475,12 +482,14 @@ def _tokenizer_dir(model: str | None) -> Path:
 
         return embedded_model_dir()
     path = Path(model).expanduser()
+    if not path.exists():
+        raise CuteGPTError(f"--model {path} does not exist.")
     if not path.is_dir():
-        raise CuteGPTError(f"--model {path} is not a folder; convert needs a model (or tokenizer) folder to take the tokenizer from.")
+        raise CuteGPTError(f"--model {path} is a file, not a folder; convert needs a model (or tokenizer) folder to take the tokenizer from.")
     return path
 
 
-def _encode_all(source: Source, units: list[list[int]], settings: EncodeSettings, workers: int, store: SampleStore,
+def _encode_all(source: Sources, units: list[list[int]], settings: EncodeSettings, workers: int, store: SampleStore,
                 tokenizer: Any) -> collections.Counter:
     from tqdm import tqdm
 
@@ -524,15 +533,32 @@ def convert(cfg: ConvertConfig) -> Path:
     """Convert `cfg.input` into a dataset folder; returns its path (the Python API `train sft` calls)."""
     from cutegpt.model.loading import load_tokenizer
 
+    inputs = [cfg.input] if isinstance(cfg.input, (str, Path)) else list(cfg.input)
+    if not inputs:
+        raise CuteGPTError("INPUT is required: one or more conversation files (.pkl, .json, .jsonl) or folders of them.")
+    cfg = dataclasses.replace(cfg, input=[str(x) for x in inputs])
     if cfg.max_length < 16:
         raise CuteGPTError(f"--max-length must be at least 16 tokens, not {cfg.max_length}.")
     if cfg.workers < 1:
         raise CuteGPTError(f"--workers must be at least 1, not {cfg.workers}.")
-    in_path = Path(cfg.input).expanduser()
-    out = Path(cfg.out).expanduser() if cfg.out else in_path.with_name(in_path.stem + "-dataset")
-    if out.exists() and not cfg.overwrite:
-        raise CuteGPTError(f"output folder {out} already exists; pass --overwrite to replace it or choose another --out.")
+    if cfg.max_record_bytes < 1:
+        raise CuteGPTError(f"--max-record-bytes must be at least 1, not {cfg.max_record_bytes}.")
+    if cfg.template_pool and cfg.template not in (None, "cutegpt"):
+        raise CuteGPTError(f"--template-pool renders the original CuteGPT pools; it cannot be combined with --template {cfg.template}.")
+    # every setting and path is checked before anything is read or written
+    from cutegpt.data.readers import source_files
+
+    files = source_files(cfg.input)
+    in_path = files[0][0]
+    if cfg.out:
+        out = Path(cfg.out).expanduser()
+    elif len(cfg.input) == 1 and parse_spec(cfg.input[0])[0].is_file():
+        out = in_path.with_name(in_path.stem + "-dataset")
+    else:
+        raise CuteGPTError("--out is required with several inputs or a folder: name the dataset folder to write.")
     tok_dir = _tokenizer_dir(cfg.model)
+    given = [parse_spec(x)[0] for x in cfg.input]
+    check_output(out, flag="--out", inputs=[*given, *(f for f, _ in files), tok_dir], overwrite=cfg.overwrite, kind="folder")
     if cfg.template is None:  # e.g. `train sft` converting on the fly: the template the model was trained with
         cfg = dataclasses.replace(cfg, template=read_model_card(tok_dir).get("template") or "cutegpt")
     if cfg.template_pool and cfg.template != "cutegpt":
@@ -540,8 +566,10 @@ def convert(cfg: ConvertConfig) -> Path:
     tokenizer = load_tokenizer(tok_dir)
     if cfg.add_stop_token:
         add_stop_token(tokenizer)
-    get_template(cfg.template, tokenizer)  # unknown names fail before any work
-    source = Source(in_path, cfg.format, cfg.skip_invalid)
+    template = get_template(cfg.template, tokenizer)  # unknown names fail before any work
+    stop = "<end>" if cfg.template_pool else template.stop
+    stop_info = {"text": stop, "ids": tokenizer(stop, add_special_tokens=False)["input_ids"]} if stop else None
+    source = Sources(cfg.input, cfg.format, cfg.skip_invalid, cfg.max_record_bytes, cfg.seed)
     try:
         units = plan_units(source.n_turns, cfg.seed, cfg.group_single_turns)
         settings = EncodeSettings(str(tok_dir), cfg.template, cfg.template_pool, cfg.train_on_prompt, cfg.max_length,
@@ -566,6 +594,7 @@ def convert(cfg: ConvertConfig) -> Path:
             store.release()
             shutil.rmtree(scratch)
             manifest = _manifest(cfg, in_path, source, tokenizer, counts, row_stats, sample_tokens, len(units), n_samples)
+            manifest["stop"] = stop_info
             write_json(tmp / MANIFEST, manifest)
     finally:
         source.close()
@@ -587,15 +616,16 @@ def _save_dataset(arrow_file: Path, folder: Path) -> None:
             enable_progress_bar()
 
 
-def _manifest(cfg: ConvertConfig, in_path: Path, source: Source, tokenizer: Any, counts: collections.Counter,
+def _manifest(cfg: ConvertConfig, in_path: Path, source: Sources, tokenizer: Any, counts: collections.Counter,
               rows: dict[str, int], sample_tokens: int, n_units: int, n_samples: int) -> dict[str, Any]:
     n_rows = rows.get("rows", 0)
     block_tokens = n_rows * cfg.max_length
     counts_out = {
         "records_read": source.read,
         "records_skipped": len(source.skipped),
-        "conversations": len(source),
-        "turns": int(sum(source.n_turns)),
+        "conversations": sum(len(s) for s in source.sources),  # valid ones
+        "conversations_used": len(source),  # after the weights of the sources
+        "turns": int(sum(source.n_turns)),  # of the conversations used
         "units": n_units,  # conversations after grouping
         "samples": n_samples,  # training samples (a conversation longer than L may give several)
         "truncated_conversations": counts.get("truncated_conversations", 0),
@@ -614,6 +644,7 @@ def _manifest(cfg: ConvertConfig, in_path: Path, source: Source, tokenizer: Any,
         "version": VERSION,
         "source": str(in_path.resolve()),
         "source_container": source.container,
+        "sources": source.describe(),
         "tokenizer": tokenizer_info(tokenizer),
         "template": cfg.template,
         "template_pool": cfg.template_pool,

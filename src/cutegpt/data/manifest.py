@@ -50,7 +50,13 @@ def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
         "vocab_hash": tokenizer_hash(tokenizer),
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
     }
+
+
+# keys a manifest must have (the trainer and `data stats` read them), with their types
+REQUIRED = {"format": str, "tokenizer": dict, "max_length": int, "packing": str, "template": str}
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -62,10 +68,26 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise CuteGPTError(f"{folder} is not a CuteGPT dataset: it has no {MANIFEST} (make one with `cutegpt data convert`).")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise CuteGPTError(f"{path}: not valid JSON.") from None
+    except OSError as e:
+        from cutegpt.io import describe_os_error
+
+        raise CuteGPTError(describe_os_error(e, path, "reading")) from None
+    if not isinstance(manifest, dict):
+        raise CuteGPTError(f"{path}: a manifest must be a JSON object, not {type(manifest).__name__}; convert the data again.")
     if manifest.get("format") != FORMAT:
         raise CuteGPTError(f"{path}: not a CuteGPT dataset manifest (format is {manifest.get('format')!r}).")
+    for key, kind in REQUIRED.items():
+        value = manifest.get(key)
+        if value is None:
+            raise CuteGPTError(f"{path}: the manifest lacks '{key}'; convert the data again.")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CuteGPTError(f"{path}: the manifest's '{key}' is {type(value).__name__}, not {kind.__name__}; convert the data again.")
+    if not isinstance(manifest["tokenizer"].get("vocab_hash"), str):
+        raise CuteGPTError(f"{path}: the manifest lacks 'tokenizer.vocab_hash'; convert the data again.")
+    if not isinstance(manifest.get("counts", {}), dict):
+        raise CuteGPTError(f"{path}: the manifest's 'counts' is not a JSON object; convert the data again.")
     return manifest
 
 
@@ -79,6 +101,33 @@ def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, folder: str | Path
             f"(vocabulary {want}, {manifest['tokenizer'].get('vocab_size')} tokens), not with this model's tokenizer "
             f"{getattr(tokenizer, 'name_or_path', '')} (vocabulary {have}, {len(tokenizer)} tokens); convert the data again with --model."
         )
+    # same vocabulary, other special tokens (e.g. EOS <|endoftext|> vs <|im_end|>): the data would end
+    # conversations with one id while the model stops on another
+    info = manifest["tokenizer"]
+    for key, name in (("eos_token_id", "EOS"), ("bos_token_id", "BOS"), ("pad_token_id", "PAD")):
+        if key not in info:
+            continue  # a manifest from before these were recorded
+        have_id = getattr(tokenizer, key, None)
+        if info[key] != have_id:
+            raise CuteGPTError(
+                f"{folder} was converted with {name} id {info[key]} ({_token(tokenizer, info[key])}), but this model's "
+                f"tokenizer has {name} id {have_id} ({_token(tokenizer, have_id)}); convert the data again with this --model.")
+    stop = manifest.get("stop")
+    if isinstance(stop, dict) and isinstance(stop.get("text"), str) and stop["text"]:
+        ids = tokenizer(stop["text"], add_special_tokens=False)["input_ids"]
+        if list(ids) != list(stop.get("ids") or []):
+            raise CuteGPTError(
+                f"{folder} was converted with the stop marker {stop['text']!r} as ids {stop.get('ids')}, but this model's "
+                f"tokenizer gives {list(ids)}; convert the data again with this --model (and the same --add-stop-token).")
+
+
+def _token(tokenizer: Any, idx: Any) -> str:
+    if idx is None:
+        return "none"
+    try:
+        return repr(tokenizer.convert_ids_to_tokens(int(idx)))
+    except Exception:
+        return "unknown token"
 
 
 def load_dataset(folder: str | Path, tokenizer: Any = None) -> tuple[Any, dict[str, Any]]:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import random
 from array import array
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import Turn
@@ -76,66 +78,159 @@ def load_pickle(path: Path) -> Any:
                 "booleans and None are allowed, so it was not loaded (a pickle can run code)."
             ) from None
         raise CuteGPTError(f"{path}: not a valid pickle file ({msg}).") from None
-    except (EOFError, ValueError, IndexError, TypeError, KeyError, AttributeError, MemoryError, OverflowError) as e:
+    except (EOFError, ValueError, IndexError, TypeError, KeyError, AttributeError, MemoryError, OverflowError, RecursionError) as e:
         raise CuteGPTError(f"{path}: truncated or corrupt pickle file ({type(e).__name__}: {e}).") from None
 
 
 # ---------------------------------------------------------------- containers
 
-def sniff_container(path: Path) -> Literal["pickle", "json", "jsonl"]:
-    """pickle / json / jsonl from the content (a JSON file with more than one top-level value is JSON Lines)."""
+MAX_RECORD_BYTES = 4 << 20  # one JSON Lines record (a line); larger ones are refused or skipped, never parsed
+
+
+def _first_lines(path: Path, limit: int, n: int = 2) -> list[bytes | None]:
+    """The first `n` non-blank lines (None for one longer than `limit` bytes), read with bounded memory."""
+    out: list[bytes | None] = []
+    with open(path, "rb") as f:
+        while len(out) < n:
+            raw, size = _read_line(f, limit)
+            if size == 0:
+                break
+            if raw is not None and not raw.strip():
+                continue
+            out.append(raw)
+    return out
+
+
+def _read_line(f: Any, limit: int) -> tuple[bytes | None, int]:
+    """(the next line, its length in bytes); the line is None when it is longer than `limit` (read past, not kept).
+
+    At the end of the file: (None, 0).
+    """
+    raw = f.readline(limit + 1)
+    if not raw:
+        return None, 0
+    if len(raw) <= limit or raw.endswith(b"\n"):  # at most `limit` bytes before the newline
+        return raw, len(raw)
+    size = len(raw)
+    while not raw.endswith(b"\n"):  # skip the rest of the over-long line in bounded pieces
+        raw = f.readline(1 << 16)
+        if not raw:
+            break
+        size += len(raw)
+    return None, size
+
+
+def _json_value(raw: bytes | None) -> tuple[bool, Any]:
+    if raw is None:
+        return False, None
+    try:
+        return True, json.loads(raw.decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False, None
+
+
+def sniff_container(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> Literal["pickle", "json", "jsonl"]:
+    """pickle / json / jsonl from the content, whatever the file is called.
+
+    JSON Lines: the first line is a whole JSON value and more follows (or the
+    second line is a whole value), or the file is named .jsonl; a single scalar
+    value is read as JSON Lines too, so its error names line 1 and the record.
+    """
     if not path.exists():
         raise CuteGPTError(f"input file {path} does not exist.")
     if path.is_dir():
         raise CuteGPTError(f"{path} is a folder; give an instruction data file (.pkl, .json or .jsonl).")
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as e:
+        from cutegpt.io import describe_os_error
+
+        raise CuteGPTError(describe_os_error(e, path, "reading")) from None
     if not head.strip():
         raise CuteGPTError(f"{path}: the file is empty.")
     if head[:1] == b"\x80":  # pickle protocol >= 2
         return "pickle"
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
-    if text[:1] not in (b"[", b"{"):
-        if path.suffix in (".pkl", ".pickle"):
-            return "pickle"  # protocol 0/1 pickles; load_pickle reports a corrupt one
-        raise CuteGPTError(f"{path}: neither a pickle nor JSON / JSON Lines (it starts with {head[:20]!r}).")
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         return "jsonl"
-    if path.suffix == ".json":
+    if text[:1] in (b"[", b"{"):
+        lines = _first_lines(path, max_record_bytes)
+        ok1, _ = _json_value(lines[0] if lines else None)
+        if len(lines) > 1 and (ok1 or _json_value(lines[1])[0]):
+            return "jsonl"
         return "json"
-    first_line = text.split(b"\n", 1)
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        return "pickle"  # protocol 0/1 pickles; load_pickle reports a corrupt one
+    lines = _first_lines(path, max_record_bytes, 1)
+    if lines and _json_value(lines[0])[0]:
+        return "jsonl"  # a scalar first line: reported as line 1's record, not as an unknown format
+    if _looks_like_pickle(path):
+        return "pickle"
+    raise CuteGPTError(f"{path}: neither a pickle nor JSON / JSON Lines (it starts with {head[:20]!r}).")
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """A protocol 0/1 pickle not named .pkl: the restricted unpickler reads it, or refuses an object in it."""
     try:
-        json.loads(first_line[0])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return "json"  # a value spread over several lines
-    return "jsonl" if len(first_line) > 1 and first_line[1].strip() else "json"
+        load_pickle(path)
+    except CuteGPTError as e:
+        return "carries a Python object" in str(e)
+    return True
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
-    """(record label, byte offset, value) for each non-empty line, streamed."""
+class LineError(Exception):
+    """A JSON Lines line that is not one JSON value (its message names the line)."""
+
+
+def iter_jsonl(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, int, Any, str | None]]:
+    """(line number, byte offset, value, problem) for each non-blank line, streamed with bounded memory.
+
+    `problem` is None for a valid JSON value, else the reason the line was not
+    parsed (too long, not UTF-8, not JSON); the value is then None.
+    """
     with open(path, "rb") as f:
         offset = 0
-        for lineno, raw in enumerate(f, 1):
-            start, offset = offset, offset + len(raw)
+        lineno = 0
+        while True:
+            raw, size = _read_line(f, max_record_bytes)
+            if size == 0:
+                return
+            lineno += 1
+            start, offset = offset, offset + size
+            if raw is None:
+                yield lineno, start, None, (f"line {lineno} is {size:,} bytes, more than --max-record-bytes "
+                                            f"({max_record_bytes:,}), so it was not read")
+                continue
             if not raw.strip():
                 continue
-            yield f"line {lineno}", start, _parse_line(path, lineno, raw)
+            try:
+                yield lineno, start, _parse_line(lineno, raw), None
+            except LineError as e:
+                yield lineno, start, None, str(e)
 
 
-def _parse_line(path: Path, lineno: int, raw: bytes) -> Any:
+def _parse_line(lineno: int, raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        raise CuteGPTError(f"{path}: line {lineno} is not UTF-8 text (byte {e.start}); convert the file to UTF-8.") from None
+        raise LineError(f"line {lineno} is not UTF-8 text (byte {e.start})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CuteGPTError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}).") from None
+        raise LineError(f"line {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise LineError(f"line {lineno} is nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise LineError(f"line {lineno} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
 
 
 def read_jsonl_at(f: Any, path: Path, offset: int, lineno: int) -> Any:
     f.seek(offset)
-    return _parse_line(path, lineno, f.readline())
+    try:
+        return _parse_line(lineno, f.readline())
+    except LineError as e:
+        raise CuteGPTError(f"{path}: {e} (the file changed while it was read).") from None
 
 
 def load_array(path: Path, container: str) -> list[Any]:
@@ -149,6 +244,10 @@ def load_array(path: Path, container: str) -> list[Any]:
             raise CuteGPTError(f"{path}: not UTF-8 text (byte {e.start}); convert the file to UTF-8.") from None
         except json.JSONDecodeError as e:
             raise CuteGPTError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+        except RecursionError:
+            raise CuteGPTError(f"{path}: the JSON is nested too deeply to read.") from None
+        except ValueError as e:
+            raise CuteGPTError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}).") from None
     if isinstance(data, dict):
         data = [data]  # one record
     if not isinstance(data, list):
@@ -171,6 +270,11 @@ def _text(d: dict, key: str, where: str, required: bool = True, nonempty: bool =
     v = d[key]
     if not isinstance(v, str):
         raise RecordError(f"{where}: field '{key}' is {_typename(v)}, not text")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # "\ud800" in JSON: a lone surrogate no tokenizer can encode
+        raise RecordError(f"{where}: field '{key}' holds {v[e.start]!r} at character {e.start}, a lone surrogate, "
+                          "which is not valid Unicode text") from None
     if nonempty and not v.strip():
         raise RecordError(f"{where}: field '{key}' is empty")
     return v
@@ -257,6 +361,8 @@ def _parse_dialogue(items: Any, key: str, role_key: str, text_key: str, system: 
         elif role in USER_ROLES:
             if question is not None:
                 raise RecordError(f"{where}: two user messages in a row")
+            if not text.strip():  # as alpaca refuses an empty instruction: nothing to answer
+                raise RecordError(f"{where}: field '{text_key}' is empty")
             question = text
         elif role in ASSISTANT_ROLES:
             if question is None:
@@ -294,16 +400,21 @@ _PARSERS = {"cutegpt": _parse_cutegpt, "alpaca": _parse_alpaca, "sharegpt": _par
 class Source:
     """Random access to the valid conversations of one file.
 
-    JSON Lines keeps only byte offsets in memory and re-reads a line when asked;
-    pickle and JSON arrays are loaded (their format allows nothing else).
+    JSON Lines keeps only byte offsets in memory and re-reads a line when asked
+    (a line longer than `max_record_bytes` is never read whole); pickle and JSON
+    arrays are loaded (their format allows nothing else). With `skip_invalid`,
+    every bad record (unparseable, not UTF-8, too long, wrong shape) is skipped
+    and counted; without it the first one stops with its line or index.
     """
 
-    def __init__(self, path: str | Path, fmt: str = "auto", skip_invalid: bool = False):
+    def __init__(self, path: str | Path, fmt: str = "auto", skip_invalid: bool = False,
+                 max_record_bytes: int = MAX_RECORD_BYTES):
         if fmt not in FORMATS:
             raise CuteGPTError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
         self.path = Path(path)
         self.fmt = fmt
-        self.container = sniff_container(self.path)
+        self.max_record_bytes = max_record_bytes
+        self.container = sniff_container(self.path, max_record_bytes)
         self.read = 0
         self.skipped: list[str] = []  # messages of the skipped records
         # compact per-conversation columns: memory stays ~20 bytes a record for JSON Lines
@@ -312,27 +423,42 @@ class Source:
         self._offsets = array("q")
         self._items: list[Any] | None = None
         self._fh: Any = None
-        if self.container == "jsonl":
-            for label, offset, rec in iter_jsonl(self.path):
-                self._add(int(label.split()[-1]), label, rec, skip_invalid, offset=offset)
-        else:
-            items = load_array(self.path, self.container)
-            self._items = []
-            for i, rec in enumerate(items):
-                self._add(i, f"record [{i}]", rec, skip_invalid)
-            del items
+        try:
+            if self.container == "jsonl":
+                for lineno, offset, rec, problem in iter_jsonl(self.path, max_record_bytes):
+                    if problem is not None:
+                        self.read += 1
+                        self._invalid(f"{self.path}: {problem}.", skip_invalid)
+                        continue
+                    self._add(lineno, f"line {lineno}", rec, skip_invalid, offset=offset)
+            else:
+                items = load_array(self.path, self.container)
+                self._items = []
+                for i, rec in enumerate(items):
+                    self._add(i, f"record [{i}]", rec, skip_invalid)
+                del items
+        except OSError as e:
+            from cutegpt.io import describe_os_error
+
+            raise CuteGPTError(describe_os_error(e, self.path, "reading")) from None
         if not len(self._where):
             raise CuteGPTError(f"{self.path}: no valid conversation in the file ({self.read} records read, {len(self.skipped)} skipped).")
+
+    def _invalid(self, msg: str, skip_invalid: bool) -> None:
+        if not skip_invalid:
+            raise CuteGPTError(msg + " Fix it, or pass --skip-invalid to skip such records.")
+        self.skipped.append(msg)
 
     def _add(self, where: int, label: str, rec: Any, skip_invalid: bool, offset: int = 0) -> None:
         self.read += 1
         try:
             conv = parse_record(rec, self.fmt)
+            if self._items is not None:
+                size = sum(len(t.instruction.encode()) + len(t.input.encode()) + len(t.output.encode()) for t in conv.turns)
+                if size > self.max_record_bytes:
+                    raise RecordError(f"its text is {size:,} bytes, more than --max-record-bytes ({self.max_record_bytes:,})")
         except RecordError as e:
-            msg = f"{self.path}: {label}: {e}."
-            if not skip_invalid:
-                raise CuteGPTError(msg + " Fix it, or pass --skip-invalid to skip such records.") from None
-            self.skipped.append(msg)
+            self._invalid(f"{self.path}: {label}: {e}.", skip_invalid)
             return
         self._where.append(where)
         self.n_turns.append(len(conv.turns))
@@ -358,3 +484,123 @@ class Source:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+# ---------------------------------------------------------------- several files and folders, with weights
+
+DATA_SUFFIXES = (".pkl", ".pickle", ".json", ".jsonl")
+
+
+def parse_spec(spec: str | Path, flag: str = "INPUT") -> tuple[Path, float]:
+    """`a.pkl` -> (a.pkl, 1.0); `a.pkl:2` -> (a.pkl, 2.0) unless a file is really called `a.pkl:2`."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not path.exists():
+        try:
+            weight = float(tail)
+        except ValueError:
+            return path, 1.0
+        if not math.isfinite(weight) or weight <= 0:
+            raise CuteGPTError(f"{flag} {text}: the weight after ':' must be a positive number, not {tail!r}.")
+        return Path(head).expanduser(), weight
+    return path, 1.0
+
+
+def source_files(specs: Sequence[str | Path], flag: str = "INPUT") -> list[tuple[Path, float]]:
+    """(file, weight) for each data file named, folders expanded to their .pkl/.json/.jsonl files (sorted).
+
+    A folder's weight applies to each file in it. Raises one sentence naming the
+    flag for a missing path, an empty folder or a converted dataset folder.
+    """
+    if not specs:
+        raise CuteGPTError(f"{flag} is required: one or more conversation files (.pkl, .json, .jsonl) or folders of them.")
+    out: list[tuple[Path, float]] = []
+    for spec in specs:
+        path, weight = parse_spec(spec, flag)
+        if not path.exists():
+            raise CuteGPTError(f"{flag} {path} does not exist.")
+        if path.is_dir():
+            from cutegpt.data.manifest import MANIFEST
+
+            if (path / MANIFEST).is_file():
+                raise CuteGPTError(f"{flag} {path} is a converted dataset folder, not conversation files; "
+                                   "a converted dataset is used alone (`train sft --data FOLDER`), never mixed with other inputs.")
+            files = sorted(q for q in path.rglob("*") if q.suffix.lower() in DATA_SUFFIXES and q.is_file()
+                           and not any(part.startswith(".") for part in q.relative_to(path).parts))
+            if not files:
+                raise CuteGPTError(f"{flag} {path} is a folder without .pkl, .json or .jsonl files.")
+            out += [(q, weight) for q in files]
+        else:
+            out.append((path, weight))
+    return out
+
+
+class Sources:
+    """Several Sources as one, each repeated by its weight.
+
+    A weight w takes the source's conversations floor(w) times plus a seeded
+    random share (w - floor(w)) of them once more: `a.pkl:2` doubles a, `b.jsonl:0.5`
+    takes half of b. The combined order is source by source; `plan_units` shuffles it.
+    """
+
+    def __init__(self, specs: Sequence[str | Path], fmt: str = "auto", skip_invalid: bool = False,
+                 max_record_bytes: int = MAX_RECORD_BYTES, seed: int = 0, flag: str = "INPUT"):
+        self.files = source_files(specs, flag)
+        self.sources: list[Source] = []
+        self.weights: list[float] = []
+        self._src = array("l")
+        self._rec = array("q")
+        self.n_turns = array("l")
+        self.used: list[int] = []
+        rng = random.Random(seed)
+        try:
+            for k, (path, weight) in enumerate(self.files):
+                src = Source(path, fmt, skip_invalid, max_record_bytes)
+                self.sources.append(src)
+                self.weights.append(weight)
+                n = len(src)
+                whole = int(weight)
+                picks = list(range(n)) * whole
+                extra = round((weight - whole) * n)
+                if extra:
+                    picks += sorted(rng.sample(range(n), extra))
+                if not picks:
+                    raise CuteGPTError(f"{flag} {path}:{weight:g} takes no conversation of its {n}; raise the weight.")
+                self.used.append(len(picks))
+                for i in picks:
+                    self._src.append(k)
+                    self._rec.append(i)
+                    self.n_turns.append(src.n_turns[i])
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def read(self) -> int:
+        return sum(s.read for s in self.sources)
+
+    @property
+    def skipped(self) -> list[str]:
+        return [m for s in self.sources for m in s.skipped]
+
+    @property
+    def container(self) -> str:
+        kinds = {s.container for s in self.sources}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What each file gave, for the manifest."""
+        return [{"path": str(s.path.resolve()), "weight": w, "container": s.container, "records_read": s.read,
+                 "records_skipped": len(s.skipped), "conversations": len(s), "used": u}
+                for s, w, u in zip(self.sources, self.weights, self.used)]
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i: int) -> Conversation:
+        return self.sources[self._src[i]][self._rec[i]]
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()

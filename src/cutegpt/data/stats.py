@@ -21,7 +21,8 @@ class StatsConfig:
     """Settings of `cutegpt data stats`."""
 
     dataset: str = arg(help="dataset folder made by `cutegpt data convert`", positional=True)
-    plot: str | None = arg(None, "where to write the length histogram PNG", absent="DATASET/lengths.png")
+    plot: str | None = arg(None, "where to write the length histogram PNG", absent="DATASET/lengths.png (replaced each time)")
+    overwrite: bool = arg(False, "replace an existing --plot file")
 
 
 @dataclass
@@ -88,7 +89,13 @@ def plot_lengths(sample_lens: np.ndarray, row_tokens: np.ndarray, max_length: in
 
 
 def run_stats(cfg: StatsConfig) -> int:
-    folder = Path(cfg.dataset)
+    from cutegpt.data.manifest import DATA_DIR, MANIFEST
+    from cutegpt.io import check_input, check_output
+
+    folder = check_input(Path(cfg.dataset).expanduser(), flag="DATASET", kind="folder")
+    if cfg.plot:
+        check_output(Path(cfg.plot).expanduser(), flag="--plot", inputs=[folder / DATA_DIR, folder / MANIFEST],
+                     overwrite=cfg.overwrite, kind="file")
     ds, m = load_dataset(folder)
     st = dataset_stats(ds, m["max_length"])
     c = m.get("counts", {})
@@ -108,7 +115,7 @@ def run_stats(cfg: StatsConfig) -> int:
         if s:
             print(f"{name.replace('_', ' ')}: min {s['min']}, median {s['median']:.0f}, p90 {s['p90']:.0f}, p99 {s['p99']:.0f}, "
                   f"max {s['max']}, mean {s['mean']:.1f}")
-    plot = Path(cfg.plot) if cfg.plot else folder / "lengths.png"
+    plot = Path(cfg.plot).expanduser() if cfg.plot else folder / "lengths.png"
     plot_lengths(st["_sample_lens"], st["_row_tokens"], m["max_length"], plot, f"{folder.name} ({m['packing']})")
     print(f"histogram: {plot}")
     return 0
@@ -146,8 +153,13 @@ def run_show(cfg: ShowConfig) -> int:
     from cutegpt.data.convert import _tokenizer_dir
     from cutegpt.model.loading import load_tokenizer
 
+    from cutegpt.data.manifest import read_manifest
+    from cutegpt.io import check_input
+
+    folder = check_input(Path(cfg.dataset).expanduser(), flag="DATASET", kind="folder")
+    read_manifest(folder)  # a wrong folder is refused before the tokenizer loads
     tokenizer = load_tokenizer(_tokenizer_dir(cfg.model))
-    ds, m = load_dataset(cfg.dataset, tokenizer)
+    ds, m = load_dataset(folder, tokenizer)
     if not 0 <= cfg.index < len(ds):
         raise CuteGPTError(f"{cfg.dataset} has {len(ds)} rows; row {cfg.index} does not exist.")
     row = ds[cfg.index]

@@ -56,10 +56,18 @@ def _json_lines(path: Path, lines: Iterator[str], field: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise CuteGPTError(f"{path}, line {n} is not valid JSON.") from None
+        except RecursionError:
+            raise CuteGPTError(f"{path}, line {n} is nested too deeply to read.") from None
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise CuteGPTError(f"{path}, line {n} is not valid JSON ({str(e).splitlines()[0][:100]}).") from None
         if not isinstance(record, dict) or field not in record:
             raise CuteGPTError(f"{path}, line {n} has no '{field}' field (set --text-field to the field that holds the text).")
         value = record[field]
         if not isinstance(value, str):
             raise CuteGPTError(f"{path}, line {n}: field '{field}' is not a string.")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise CuteGPTError(f"{path}, line {n}: field '{field}' holds a lone surrogate ({value[e.start]!r}), which is not valid Unicode text.") from None
         if value.strip():
             yield value

@@ -48,6 +48,9 @@ def embedded_model_dir() -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
+    from cutegpt.io import clean_leftovers
+
+    clean_leftovers(target.parent)  # a conversion killed half-way left a hidden temporary folder
     if (target / "config.json").is_file():
         return target
     from cutegpt.model.gguf import convert_gguf

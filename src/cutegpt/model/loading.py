@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from cutegpt.model.args import ModelArgs  # noqa: F401  (re-exported: commands import it from here)
+from cutegpt.model.hub import resolve_model_path
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import Template, get_template, resolve_template_name
 
@@ -76,6 +77,7 @@ def _check_model_folder(path: Path) -> None:
         if (path / "adapter_config.json").is_file():
             raise CuteGPTError(f"{path} is a LoRA adapter, not a model: pass it as --lora and its base model as --model.")
         raise CuteGPTError(f"{path} is not a model folder: it has no config.json.")
+    read_json_object(path / "config.json")
     weights = [p for pattern in WEIGHT_FILES for p in path.glob(pattern)]
     if not weights:
         raise CuteGPTError(f"{path} has a config.json but no weights (*.safetensors or *.bin).")
@@ -127,6 +129,7 @@ def load_model(args: ModelArgs) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # loading notes (unused keys, TP plans) are not the user's business
+    hf_logging.disable_progress_bar()  # the "Loading weights" bar: a second of noise before every command
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     int8 = _int8_backend(args, device)
@@ -136,8 +139,8 @@ def load_model(args: ModelArgs) -> LoadedModel:
 
         model_path = embedded_model_dir()
     else:
-        model_path = Path(args.model).expanduser()
-    lora_path = Path(args.lora).expanduser() if args.lora else None
+        model_path = resolve_model_path(args.model, "--model")
+    lora_path = resolve_model_path(args.lora, "--lora") if args.lora else None
     if lora_path is None and (model_path / "adapter_config.json").is_file() and not (model_path / "config.json").is_file():
         # a LoRA checkpoint given as --model: put it on the base model it names, as `cutegpt chat --model OUT/checkpoint-N` expects
         model_path, lora_path = _adapter_base(model_path), model_path
@@ -177,8 +180,8 @@ def load_model(args: ModelArgs) -> LoadedModel:
             if "trust_remote_code" in str(e):
                 raise CuteGPTError(f"{model_path} needs its own Python code to load; pass --trust-remote-code if you trust it.") from None
             raise CuteGPTError(f"{model_path}: cannot load the model ({str(e).splitlines()[0][:300]}).") from None
-        except (OSError, RuntimeError, KeyError) as e:
-            raise CuteGPTError(f"{model_path}: cannot load the model ({str(e).splitlines()[0][:300]}).") from None
+        except Exception as e:  # transformers reports a bad config.json with many error types (TypeError, its own validation errors)
+            raise CuteGPTError(load_error(model_path, "the model", e)) from None
 
     tok_path = lora_path if lora_path is not None and _has_tokenizer(lora_path) else model_path
     if tokenizer is None or tok_path != model_path:
@@ -206,19 +209,36 @@ def _check_adapter_folder(path: Path) -> None:
         if (path / "config.json").is_file():
             raise CuteGPTError(f"{path} is a full model, not a LoRA adapter: pass it as --model.")
         raise CuteGPTError(f"{path} is not a LoRA adapter folder: it has no adapter_config.json.")
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CuteGPTError(f"{config}: not valid JSON.") from None
+    read_json_object(config)
     _check_safetensors(list(path.glob("*.safetensors")))
+
+
+def load_error(path: Path, what: str, e: BaseException) -> str:
+    """One sentence for a file that would not load; a pickle refused by torch's safe loader says so,
+    and never repeats torch's advice to load it unsafely."""
+    text = str(e)
+    if "Weights only load failed" in text or "UnpicklingError" in type(e).__name__ or "weights_only" in text:
+        return (f"{path}: {what} holds a pickle with objects other than tensors, which could run code; refused. "
+                "Use a safetensors copy from a source you trust.")
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    detail = " ".join(text.split())[:300] if len(first) < 60 else first[:300]
+    return f"{path}: cannot load {what} ({detail})."
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, adapter_config.json): one sentence otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        raise CuteGPTError(f"{path}: not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise CuteGPTError(f"{path}: must hold a JSON object of settings, not a {type(data).__name__}.")
+    return data
 
 
 def _adapter_base(adapter: Path) -> Path:
     config = adapter / "adapter_config.json"
-    try:
-        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CuteGPTError(f"{config}: not valid JSON.") from None
+    base = read_json_object(config).get("base_model_name_or_path")
     if not base or not Path(base).expanduser().exists():
         raise CuteGPTError(
             f"{adapter} is a LoRA adapter whose base model ({base or 'not recorded'}) is not a local folder: "
@@ -241,8 +261,8 @@ def _attach_lora(model: Any, lora_path: Path, model_path: Path, tokenizer: Any, 
     except RuntimeError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
         raise CuteGPTError(f"the LoRA adapter {lora_path} does not fit the base model {model_path}: {detail[:300]}") from None
-    except (ValueError, KeyError, OSError) as e:
-        raise CuteGPTError(f"{lora_path}: cannot load the LoRA adapter ({str(e).splitlines()[0][:300]}).") from None
+    except Exception as e:
+        raise CuteGPTError(load_error(lora_path, "the LoRA adapter", e)) from None
     if merge:
         model = model.merge_and_unload()
     return model

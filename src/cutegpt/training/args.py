@@ -50,7 +50,7 @@ class TrainArgs(ModelArgs):
     lr: float | None = arg(None, "peak learning rate", gt=0, aliases=("--learning_rate", "--learning-rate"),
                           absent="the DeepSpeed file's, else 3e-4 for LoRA, 5e-5 for full")
     lr_scheduler: Scheduler = arg("constant_with_warmup", "learning-rate schedule (transformers' names)", aliases=("--lr_scheduler_type",))
-    warmup_steps: int | None = arg(None, "warm-up steps", ge=0, absent="3%% of the steps, at most 300")
+    warmup_steps: int | None = arg(None, "warm-up steps", ge=0, absent="3% of the steps, at most 300")
     weight_decay: float = arg(0.0, "AdamW weight decay", ge=0)
     adam_betas: list[float] = arg([0.98, 0.999], "AdamW betas: two numbers in [0, 1)", ge=0, lt=1)
     adam_eps: float = arg(1e-9, "AdamW epsilon", gt=0)

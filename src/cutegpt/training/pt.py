@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 class PTConfig(TrainArgs):
     data: list[str] = arg([], ".txt files, JSON Lines files or folders of them")
     text_field: str = arg("text", "field holding the text in JSON Lines records")
-    out: str = arg("runs/pt", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs")
+    out: str = arg("runs/pt", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs",
+                   aliases=("--output", "--output-dir", "--output_dir"))
 
 
 def run_pt(cfg: PTConfig) -> int:

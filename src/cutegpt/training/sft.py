@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 class SFTConfig(TrainArgs):
     data: list[str] = arg([], "dataset folder made by `cutegpt data convert`, or conversation files converted on the fly")
     packing: Literal["bins", "pad", "concat"] = arg("bins", "layout for on-the-fly conversion (bins keeps samples apart)")
-    out: str = arg("runs/sft", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs")
+    out: str = arg("runs/sft", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs",
+                   aliases=("--output", "--output-dir", "--output_dir"))
 
 
 def run_sft(cfg: SFTConfig) -> int:

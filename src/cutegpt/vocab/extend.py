@@ -68,9 +68,14 @@ def run_vocab_extend(cfg: VocabExtendConfig) -> int:
         raise CuteGPTError("--pieces is required: the folder written by `cutegpt vocab train`.")
     if not cfg.out:
         raise CuteGPTError("--out is required: the folder for the extended model.")
+    from cutegpt.io import check_input, check_output
+    from cutegpt.vocab.train import check_corpus
+
     out = Path(cfg.out).expanduser()
-    if out.exists() and not cfg.overwrite:
-        raise CuteGPTError(f"output folder {out} already exists; pass --overwrite to replace it.")
+    pieces_in = check_input(Path(cfg.pieces).expanduser(), flag="--pieces")
+    corpus = check_corpus(cfg.corpus, "--corpus")
+    base_in = base_folder(cfg.model)
+    check_output(out, flag="--out", inputs=[base_in, pieces_in, *corpus], overwrite=cfg.overwrite, kind="folder")
     if cfg.lora or cfg.load_in_8bit:
         raise CuteGPTError("extend a plain model: merge the LoRA adapter first (`cutegpt export`) and do not pass --load-in-8bit.")
     if cfg.pad_to < 1:

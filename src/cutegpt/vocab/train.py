@@ -61,11 +61,24 @@ def base_folder(model: str | None) -> Path:
 
         return embedded_model_dir()
     path = Path(model).expanduser()
+    if not path.exists():
+        raise CuteGPTError(f"--model {path} does not exist.")
+    if path.is_dir():
+        return path  # even when it is called x.gguf
     if path.suffix == ".gguf":
-        raise CuteGPTError(f"{path}: vocabulary work needs a Hugging Face model folder, not a GGUF file; convert it to a folder first.")
-    if not path.is_dir():
-        raise CuteGPTError(f"base model folder {path} does not exist." if not path.exists() else f"{path} is not a folder.")
-    return path
+        raise CuteGPTError(f"--model {path}: vocabulary work needs a Hugging Face model folder, not a GGUF file; convert it to a folder first.")
+    raise CuteGPTError(f"--model {path} is a file; it must be a model folder.")
+
+
+def check_corpus(corpus: list[str], flag: str) -> list[Path]:
+    """The corpus paths, each checked to exist; folders count as inputs too."""
+    from cutegpt.data.text import corpus_files
+    from cutegpt.io import check_input
+
+    paths = [check_input(Path(c).expanduser(), flag=flag) for c in corpus]
+    if paths:
+        corpus_files(paths)
+    return paths
 
 
 def resolve_kind(kind: Kind, base: Path) -> Kind:
@@ -77,9 +90,14 @@ def resolve_kind(kind: Kind, base: Path) -> Kind:
 
 
 def run_vocab_train(cfg: VocabTrainConfig) -> int:
+    from cutegpt.io import check_output
+
     out = Path(cfg.out).expanduser()
-    if out.exists() and not cfg.overwrite:
-        raise CuteGPTError(f"output folder {out} already exists; pass --overwrite to replace it.")
+    if not cfg.corpus:
+        raise CuteGPTError("CORPUS is required: one or more .txt or .jsonl files (or folders of them).")
+    corpus = check_corpus(cfg.corpus, "CORPUS")
+    base = base_folder(cfg.model)
+    check_output(out, flag="--out", inputs=[*corpus, base], overwrite=cfg.overwrite, kind="folder")
     docs = read_corpus(cfg.corpus, cfg.text_field)
     names = ", ".join(map(str, cfg.corpus))
     if not docs:
@@ -90,7 +108,6 @@ def run_vocab_train(cfg: VocabTrainConfig) -> int:
         raise CuteGPTError(f"the corpus ({names}) has no Chinese (CJK) text to learn a Chinese vocabulary from.")
     if han < MIN_HAN_CHARS:
         raise CuteGPTError(f"the corpus ({names}) is too small: {han} Chinese characters for training, at least {MIN_HAN_CHARS} are needed.")
-    base = base_folder(cfg.model)
     kind = resolve_kind(cfg.kind, base)
     print(f"Training a {kind} tokenizer of {cfg.vocab_size} entries on {len(train)} documents "
           f"({han:,} Chinese characters); {len(held)} held out.", flush=True)
