@@ -599,8 +599,9 @@ def check_run(cfg: TrainArgs, record: dict[str, Any]) -> Start:
         if target and step >= target:
             return Start(ckpt, complete=True, step=step)
         return Start(ckpt, step=step)
-    if (done or earlier) and not cfg.overwrite:
-        what = ", ".join(earlier) or done[-1].name
+    leftovers = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+    if (done or earlier or leftovers) and not cfg.overwrite:
+        what = ", ".join(earlier) or (done[-1].name if done else ", ".join(sorted(leftovers)[:3]))
         raise CuteGPTError(f"--out {out} already holds a run ({what}); pass --resume to continue it, "
                            "--overwrite to replace it (the old final/ stays until the new one is complete), or choose another --out.")
     return Start(None)
