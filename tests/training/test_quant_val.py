@@ -131,6 +131,7 @@ def test_validation_loss_equals_each_heldout_conversation_alone(tiny_model_dir, 
     summary = engine.train(cfg, prepare)
     prep = kept["prep"]
     assert [s for s, _ in summary["val_loss_curve"]] == [5, 10]
+    assert [s for s, _ in summary["loss_curve"]] == list(range(1, 11))  # evaluating drops no training-loss point
     from cutegpt.training.validation import unpack
 
     held = unpack(prep.val_dataset)
@@ -212,3 +213,35 @@ def test_chunked_loss_matches_transformers(tmp_path, tied):
     torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
     for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------- the embedded model (slow)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_quantized_lora_on_the_embedded_model(embedded_dir, tmp_path, quant):
+    """SmolLM2-135M: 6 steps of QLoRA / 8-bit LoRA on one repeated sentence lower the loss; the adapter on the 16-bit base
+    gives logits close to the quantized training model's."""
+    pytest.importorskip("bitsandbytes")
+    from cutegpt.training.pt import PTConfig, prepare_pt
+
+    text = tmp_path / "t.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "The capital of France is Paris. " * 6}) for _ in range(8)) + "\n")
+    cfg = PTConfig(model=str(embedded_dir), data=[str(text)], out=str(tmp_path / "run"), quantization=quant, max_length=64,
+                   micro_batch=2, grad_accum=1, lr=2e-3, warmup_steps=0, max_steps=6, save_steps=1000, precision="bf16",
+                   lora_dropout=0.0, threads=1, report_to="none")
+    kept = {}
+
+    def prepare():
+        kept["prep"] = prepare_pt(cfg)
+        return kept["prep"]
+
+    curve = [loss for _, loss in engine.train(cfg, prepare)["loss_curve"]]
+    assert curve[-1] < curve[0] - 0.2, curve
+    ids = torch.tensor([kept["prep"].tokenizer("The capital of France is Paris.")["input_ids"]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = kept["prep"].model(input_ids=ids).logits.float()
+    lm = load_model(ModelArgs(model=str(embedded_dir), lora=str(tmp_path / "run" / "final")))
+    with torch.no_grad():
+        got = lm.model(input_ids=ids).logits.float()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8

@@ -448,7 +448,9 @@ def make_evaluator(trainer: Any, cfg: TrainArgs, prep: "Prepared", collator: Any
             if step % every and step != state.max_steps:
                 return
             loss = validation_loss(trainer.model, prep.val_dataset, collator, micro_batch, precision)
+            should_log = control.should_log  # trainer.log clears it, which would drop this step's training loss
             trainer.log({"eval_loss": loss})
+            control.should_log = should_log
             if cfg.keep_best and (self.best is None or loss < self.best):
                 self.best = loss
                 if trainer.is_world_process_zero():
