@@ -235,7 +235,8 @@ def _lora_overhead(shape: ModelShape, inp: PlanInput) -> float:
         if inp.device == "cpu":
             # on a CPU the 16-bit/fp32 weights are read into the same process to be quantized, and the allocator
             # keeps those pages: measured on the embedded model, the peak RSS of QLoRA is that of fp32 LoRA
-            extra += shape.layers * shape.layer_linear_params * 4
+            # (bounded by one checkpoint shard of a large model: transformers quantizes shard by shard)
+            extra += min(shape.layers * shape.layer_linear_params * 4, 4 * GiB)
     return extra
 
 
@@ -284,10 +285,14 @@ def suggestions(shape: ModelShape, inp: PlanInput, budget: float) -> list[str]:
         tries.append(("--gradient-checkpointing --micro-batch 1", replace(inp, gradient_checkpointing=True, micro_batch=1)))
     if inp.method == "full":
         tries.append(("--method lora", replace(inp, method="lora")))
+    if inp.method == "lora" and inp.quantization == "none" and _bytes_per_dtype(inp.weight_dtype) == 4:
+        tries.append(("--dtype bfloat16 (a 16-bit frozen base)", replace(inp, weight_dtype="bfloat16")))
     if inp.method == "lora" and inp.quantization != "4bit":
         tries.append(("--quantization 8bit", replace(inp, quantization="8bit")))
         tries.append(("--quantization 4bit", replace(inp, quantization="4bit")))
         tries.append(("--quantization 4bit --gradient-checkpointing", replace(inp, quantization="4bit", gradient_checkpointing=True)))
+        tries.append(("--quantization 4bit --gradient-checkpointing --micro-batch 1",
+                      replace(inp, quantization="4bit", gradient_checkpointing=True, micro_batch=1)))
     if inp.method == "full" and inp.zero_stage < 3 and inp.device != "cpu":
         tries.append(("--deepspeed configs/ds_zero3.json with more GPUs", replace(inp, zero_stage=3, processes=max(2, inp.processes * 2))))
         tries.append(("--deepspeed configs/ds_full_zero1_offload.json", replace(inp, zero_stage=1, offload=True)))
@@ -355,3 +360,37 @@ def disk_estimate(shape: ModelShape, inp: PlanInput, keep: int, keep_best: bool)
 
 def math_ceil_gib(x: float) -> float:
     return math.ceil(x / GiB * 10) / 10
+
+
+def run_plan(cfg: Any) -> Plan | None:
+    """`--plan`: the full table from config.json, without importing torch or reading any weights."""
+    import shutil
+
+    from cutegpt.training.args import METHOD_DEFAULTS
+
+    if cfg.model is None:
+        from cutegpt.model.embedded import embedded_model_dir
+
+        path = embedded_model_dir()
+    else:
+        path = Path(cfg.model).expanduser()
+    if path.suffix == ".gguf":
+        raise CuteGPTError(f"--plan reads a model folder's config.json; {path} is a GGUF file.")
+    on_gpu = cfg.device != "cpu" and (bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or shutil.which("nvidia-smi") is not None)
+    settings = {"micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+                "adam_eps": cfg.adam_eps, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
+                "precision": cfg.precision, "adam_betas": list(cfg.adam_betas)}
+    ds = None
+    if cfg.deepspeed:
+        from cutegpt.training.ds_config import read_ds_config, reconcile
+
+        ds, settings = reconcile(read_ds_config(cfg.deepspeed), settings, on_cpu=not on_gpu, source=cfg.deepspeed)
+    micro = settings["micro_batch"] or METHOD_DEFAULTS[cfg.method]["micro_batch"]
+    precision = settings["precision"] if settings["precision"] != "auto" else "bf16"  # bf16 where the hardware has it
+    shape = read_shape(path)
+    inp = plan_input_from_args(cfg, precision=precision, micro_batch=micro, ds=ds,
+                               processes=int(os.environ.get("WORLD_SIZE", "1")), device="cuda" if on_gpu else "cpu")
+    plan = estimate(shape, inp)
+    budget = cfg.device_memory_gb * GiB if cfg.device_memory_gb else device_memory(inp.device)
+    print(format_plan(plan, budget))
+    return plan

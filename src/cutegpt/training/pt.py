@@ -35,6 +35,11 @@ class PTConfig(TrainArgs):
 def run_pt(cfg: PTConfig) -> int:
     if not cfg.data and not cfg.plan:
         raise CuteGPTError("--data is required: .txt or .jsonl files (or folders of them).")
+    if cfg.plan:  # config.json only: no torch, no weights
+        from cutegpt.training.plan import run_plan
+
+        run_plan(cfg)
+        return 0
     from cutegpt.training.engine import train
 
     train(cfg, lambda: prepare_pt(cfg))

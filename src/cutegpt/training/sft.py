@@ -42,6 +42,11 @@ class SFTConfig(TrainArgs):
 def run_sft(cfg: SFTConfig) -> int:
     if not cfg.data and not cfg.plan:
         raise CuteGPTError("--data is required: a dataset folder from `cutegpt data convert` or conversation files.")
+    if cfg.plan:  # config.json only: no torch, no weights
+        from cutegpt.training.plan import run_plan
+
+        run_plan(cfg)
+        return 0
     from cutegpt.training.engine import train
 
     train(cfg, lambda: prepare_sft(cfg))
