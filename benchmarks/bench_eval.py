@@ -10,9 +10,14 @@ CSV files (converted losslessly to JSON Lines, see `to_jsonl`); it runs in its o
     python -m venv /tmp/venv-lmeval
     /tmp/venv-lmeval/bin/pip install torch==2.13.0 transformers==5.23.0 lm-eval
 
-Then:
+(or, quicker, `python -m venv --system-site-packages DIR` and `DIR/bin/pip install lm-eval`, which
+reuses the installed torch and transformers). Then:
 
     python benchmarks/bench_eval.py --threads 1 --lmeval-python /tmp/venv-lmeval/bin/python
+
+Without lm-eval (no --lmeval-python, or the interpreter is absent) only our side runs and is
+reported. The data: --data, else $CEVAL_DATA, else ../shared/data/ceval beside the repository
+($CUTEGPT_SHARED/data/ceval when set); when none exists the benchmark says so and exits (skipped).
 
 Printed: wall time and questions/s of each tool (model loading included, and the
 scoring time alone), the ratio, accuracy, and the agreement of predicted letters
@@ -33,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CUTEGPT_SHARED") or ROOT.parent / "shared")
 SUBJECTS = ["computer_network", "high_school_physics", "law", "basic_medicine"]  # one per category; physics is Hard
 LETTERS = "ABCD"
 
@@ -111,18 +118,25 @@ def softmax(xs: list[float]) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("CEVAL_DATA", "/work/shared/data/ceval"))
+    ap.add_argument("--data", default=os.environ.get("CEVAL_DATA") or str(SHARED / "data" / "ceval"))
     ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
     ap.add_argument("--subjects", nargs="+", default=SUBJECTS)
     ap.add_argument("--shots", nargs="+", type=int, default=[0, 5])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--lmeval-python", default="/tmp/venv-lmeval/bin/python")
+    ap.add_argument("--lmeval-python", default=None, help="python of a venv with lm-eval (omit: ours only)")
     ap.add_argument("--lmeval-batch-size", default="1")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating which goes first; the best is reported")
     ap.add_argument("--work", default="/tmp/bench-eval")
     args = ap.parse_args()
+    if not (Path(args.data) / "val").is_dir():
+        print(f"skipped: no C-Eval data at {args.data} (pass --data, or set $CEVAL_DATA or $CUTEGPT_SHARED)")
+        return
+    with_lm = bool(args.lmeval_python) and Path(args.lmeval_python).is_file()
+    if args.lmeval_python and not with_lm:
+        print(f"lm-eval interpreter {args.lmeval_python} is absent: reporting ours only")
 
     from cutegpt.evaluation.data import resource
+    from cutegpt.evaluation.results import fmt_acc
 
     if args.model is None:
         from cutegpt.model.embedded import embedded_model_dir
@@ -148,7 +162,7 @@ def main() -> None:
         ours_out = work / f"ours-{shots}shot"
         ours_cmd = [sys.executable, "-m", "cutegpt", "eval", "ceval", "--data", str(data), "--model", args.model,
                     "--shots", str(shots), "--subjects", *args.subjects, "--no-resume", "--threads", str(args.threads),
-                    "--output", str(ours_out)]
+                    "--out", str(ours_out), "--overwrite", "--prompt", "official", "--method", "logits"]
         lm_out = work / f"lmeval-{shots}shot"
         lm_cmd = [args.lmeval_python, "-m", "lm_eval", "--model", "hf",
                   "--model_args", f"pretrained={args.model},dtype=float32", "--device", "cpu",
@@ -161,18 +175,28 @@ def main() -> None:
         for rep in range(args.repeats):
             order = ["ours", "lm"] if rep % 2 == 0 else ["lm", "ours"]
             for tool in order:
+                if tool == "lm" and not with_lm:
+                    continue
                 if tool == "ours":
                     ours_walls.append(run(ours_cmd, env, work / f"ours-{shots}shot.log"))
                     res = json.loads((ours_out / "results.json").read_text(encoding="utf-8"))
-                    ours_scoring.append(res["timing"]["seconds"])
+                    ours_scoring.append(res["timing"]["seconds_this_run"])
                 else:
                     shutil.rmtree(lm_out, ignore_errors=True)
                     lm_walls.append(run(lm_cmd, env, work / f"lmeval-{shots}shot.log"))
-        ours_wall, lm_wall, ours_score_s = min(ours_walls), min(lm_walls), min(ours_scoring)
+        ours_wall, ours_score_s = min(ours_walls), min(ours_scoring)
         print(f"  runs (wall s): ours {[round(w, 1) for w in ours_walls]}, lm-eval {[round(w, 1) for w in lm_walls]}", flush=True)
         ours = {(r["subject"], i): r for s in args.subjects
                 for i, r in enumerate(x for x in map(json.loads, (ours_out / "predictions.jsonl").read_text(encoding="utf-8").splitlines())
                                       if x["subject"] == s)}
+        if not with_lm:
+            n = len(ours)
+            correct = sum(bool(r["correct"]) for r in ours.values())
+            rows.append((shots, n, ours_wall, ours_score_s, None, None, None, 100 * correct / n, None, None))
+            print(f"\n{shots}-shot, {n} questions (ours only)\n  ours    wall {ours_wall:7.1f} s ({n / ours_wall:.3f} q/s); "
+                  f"scoring alone {ours_score_s:.1f} s ({n / ours_score_s:.3f} q/s); accuracy {fmt_acc(100 * correct / n, n)}", flush=True)
+            continue
+        lm_wall = min(lm_walls)
         lm_pred, lm_ll, lm_eval_s = lmeval_predictions(lm_out, args.subjects)
 
         n = len(ours)
@@ -188,7 +212,7 @@ def main() -> None:
         print(f"  lm-eval wall {lm_wall:7.1f} s ({n / lm_wall:.3f} q/s)" +
               (f"; its total_evaluation_time {lm_eval_s:.1f} s" if lm_eval_s else ""))
         print(f"  speed-up (wall) {lm_wall / ours_wall:.2f}x; agreement {agree}/{n} = {100 * agree / n:.1f}%; "
-              f"accuracy ours {acc_ours:.1f}%, lm-eval {acc_lm:.1f}% (question-weighted); "
+              f"accuracy ours {fmt_acc(acc_ours, n)}, lm-eval {fmt_acc(acc_lm, n)} (question-weighted); "
               f"max |p_ours - p_lmeval| over the 4 letters {max_dp:.2e}")
         for k in sorted(ours):
             if ours[k]["pred"] != lm_pred[k]:
@@ -198,6 +222,9 @@ def main() -> None:
     print("\n| setting | questions | ours wall s (q/s) | lm-eval wall s (q/s) | speed-up | letter agreement | accuracy ours / lm-eval |")
     print("|---|---|---|---|---|---|---|")
     for shots, n, ow, _os, lw, _ls, agree, ao, al, _dp in rows:
+        if lw is None:
+            print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | not run | - | - | {fmt_acc(ao, n)} / - |")
+            continue
         print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | {lw:.1f} ({n / lw:.2f}) | {lw / ow:.2f}x | "
               f"{100 * agree / n:.1f}% | {ao:.1f} / {al:.1f} |")
 

@@ -4,7 +4,8 @@
 
 Both sides train the same LoRA (r 8, alpha 16, q_proj/v_proj, dropout 0.05),
 bf16 autocast, lr 3e-4 constant, one pass over the same single-turn samples of
-the original CuteGPT sample data (/work/shared/data/cutegpt_ift_sample.pkl,
+the original CuteGPT sample data (../shared/data/cutegpt_ift_sample.pkl beside the repository, or
+$CUTEGPT_SHARED/data/...,
 cutegpt template, truncated to --max-length), with about the same number of
 samples per optimizer step. Each side runs in its own process (peak RSS is
 that process's). Reported: trained (non-padding) tokens per second of
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CUTEGPT_SHARED", ROOT.parent / "shared"))
+SHARED = Path(os.environ.get("CUTEGPT_SHARED") or ROOT.parent / "shared")
 DATA = SHARED / "data" / "cutegpt_ift_sample.pkl"
 
 
@@ -266,6 +267,9 @@ def main() -> None:
     p.add_argument("--two-processes", action="store_true")
     p.add_argument("--role"), p.add_argument("--work"), p.add_argument("--result")
     a = p.parse_args()
+    if not DATA.is_file():
+        print(f"skipped: the shared sample data {DATA} is absent (set $CUTEGPT_SHARED to the folder holding data/)")
+        return
     if a.role:
         work = Path(a.work)
         res = role_ours(a, work) if a.role == "ours" else role_baseline(a, work)

@@ -44,13 +44,14 @@ def build_tokenizer(out: Path, chat_template: bool = True):
     return fast
 
 
-def build_tiny_llama(out: Path, vocab_size: int, seed: int = 0, tie: bool = False):
-    """A 2-layer LLaMA, hidden 32, with random weights (seeded)."""
+def build_tiny_llama(out: Path, vocab_size: int, seed: int = 0, tie: bool = False, heads: int = 4, kv_heads: int = 2,
+                     **config_kw):
+    """A 2-layer LLaMA, hidden 32, with random weights (seeded); kv_heads == heads is multi-head attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=tie)
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=tie, **config_kw)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the default init: outputs depend clearly on the input
@@ -59,3 +60,26 @@ def build_tiny_llama(out: Path, vocab_size: int, seed: int = 0, tie: bool = Fals
                 p.normal_(0, 0.2)
     model.save_pretrained(out)
     return model
+
+
+def build_sp_tokenizer(out: Path, vocab_size: int = 600):
+    """A SentencePiece BPE tokenizer.model with byte fallback (like LLaMA's / CuteGPT-13B's), saved to `out`."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 3), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", split_digits=True,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        hard_vocab_limit=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False}), encoding="utf-8")
+    return AutoTokenizer.from_pretrained(out)

@@ -210,10 +210,10 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
 
             run_eval(_make(EvalConfig, benchmark="ceval", model=model, data=str(paths["eval"]), split=cfg.eval_split,
                            shots=cfg.eval_shots, limit=cfg.eval_limit, out=str(folder), chat_template=True,
-                           resume=False, threads=cfg.threads))
+                           resume=False, threads=cfg.threads, overwrite=True))
             avg = _read(folder / "results.json").get("summary", {}).get("average", {})
             return {"accuracy_mean_of_subjects": avg.get("mean_of_subjects"), "accuracy_question_weighted": avg.get("question_weighted"),
-                    "questions": avg.get("questions")}
+                    "questions": avg.get("questions"), "correct": avg.get("correct")}
         return run
 
     steps: list[tuple[Step, Callable[[], dict[str, Any]], list[str]]] = [
@@ -425,4 +425,12 @@ def _print_table(steps: list[Step], out: Path, total: float) -> None:
         if s.name.startswith("evaluation") and s.status == "done" and s.info.get("accuracy_mean_of_subjects") is not None:
             print(f"{s.name}: C-Eval-style accuracy {s.info['accuracy_mean_of_subjects']:.1f}% "
                   f"(mean of subjects; {s.info['questions']} questions)")
+    scored = {s.name: s.info for s in steps if s.name.startswith("evaluation") and s.status == "done"
+              and s.info.get("correct") is not None and s.info.get("questions")}
+    if len(scored) == 2:
+        from cutegpt.evaluation.results import compare_accuracy
+
+        tuned, base = scored["evaluation"], scored["evaluation of the base model"]
+        print(compare_accuracy(tuned["correct"], tuned["questions"], base["correct"], base["questions"],
+                               a_label="tuned", b_label="base"))
     print(f"summary: {out / SUMMARY_FILE}")

@@ -182,6 +182,46 @@ class ChatTemplate(Template):
 TEMPLATES = ("cutegpt", "auto", "raw")
 
 
+def chat_template_jinja(template_name: str, system: str | None = None) -> str | None:
+    """The Jinja chat template that renders `template_name` exactly as this module does; None for `auto`/`raw`.
+
+    Messages are OpenAI-style dicts. A leading `system` message replaces the
+    default system line (an empty one drops it); a user message may carry an
+    `input` field, rendered on its own line as `Turn.input` is. Each assistant
+    message renders as `答：\n{answer}<end>` and `add_generation_prompt` opens
+    the answer with `答：\n`, so a conversation ending with a user message and
+    add_generation_prompt=True gives `CuteGPTTemplate.prompt` byte for byte.
+    `system` sets the default system line (None = the CuteGPT one, "" = none).
+    """
+    if template_name in ("auto", "raw"):
+        return None
+    if template_name != "cutegpt":
+        raise CuteGPTError(f"unknown template '{template_name}'; choose one of: {', '.join(TEMPLATES)}.")
+    default = CUTEGPT_SYSTEM if system is None else system
+    return (
+        "{%- set ns = namespace(system=" + _jinja_string(default) + ", start=0) -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}"
+        "{%- endif -%}"
+        "{%- if ns.system -%}{{ ns.system }}{%- if not ns.system.endswith('\\n') -%}{{ '\\n' }}{%- endif -%}{%- endif -%}"
+        "{%- for message in messages[ns.start:] -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ '问：' + message['content'] }}"
+        "{%- if message['input'] is defined and message['input'] -%}{{ '\\n' + message['input'] }}{%- endif -%}"
+        "{{ '\\n' }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ '答：\\n' + message['content'] + '" + CUTEGPT_STOP + "' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '答：\\n' }}{%- endif -%}"
+    )
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a single-quoted Jinja string literal (backslash escapes work in jinja2 and llama.cpp's engine)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
 def get_template(name: str, tokenizer: Any = None) -> Template:
     """Look up a template by name; `auto` needs the tokenizer."""
     if name == "cutegpt":

@@ -315,9 +315,12 @@ def test_original_sample_with_embedded_tokenizer(tmp_path, embedded_dir):
 
     from cutegpt.model.loading import load_tokenizer
 
-    sample = Path("/work/shared/data/cutegpt_ift_sample.pkl")
+    import os
+
+    shared = Path(os.environ.get("CUTEGPT_SHARED") or Path(__file__).resolve().parents[2].parent / "shared")
+    sample = shared / "data" / "cutegpt_ift_sample.pkl"
     if not sample.is_file():
-        pytest.skip("shared sample data not on this machine")
+        pytest.skip(f"the shared sample data {sample} is absent (set $CUTEGPT_SHARED to the folder holding data/)")
     out = convert(ConvertConfig(input=str(sample), out=str(tmp_path / "ds"), model=str(embedded_dir), max_length=1024))
     tok = load_tokenizer(embedded_dir)
     ds, m = load_dataset(out, tok)

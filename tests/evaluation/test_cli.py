@@ -102,3 +102,13 @@ def test_other_benchmarks_run(tiny_model_dir, cmmlu_dir, xiezhi_dir, tmp_path):
     assert run_eval(xz) == 0
     res = json.loads((tmp_path / "xz" / "results.json").read_text(encoding="utf-8"))
     assert set(res["summary"]["subjects"]) == {"医学", "艺术学"} and 0 < res["summary"]["average"]["mrr"] <= 1
+
+
+def test_new_flags_parse(capsys):
+    from cutegpt.config import parse_config
+
+    cfg = parse_config(EvalConfig, ["cmmlu", "--prompt", "lm-eval", "--target-delimiter", " ", "--out", "x", "--overwrite"], "eval")
+    assert cfg.prompt == "lm-eval" and cfg.target_delimiter == " " and cfg.out == "x" and cfg.overwrite
+    assert parse_config(EvalConfig, ["ceval", "--output", "y"], "eval").out == "y"
+    assert main(["eval", "cmmlu", "--prompt", "helm"]) == 1
+    assert "--prompt" in capsys.readouterr().err

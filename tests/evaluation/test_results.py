@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cutegpt.evaluation.data import Benchmark, Subject
-from cutegpt.evaluation.results import aggregate, submission, table
+from cutegpt.evaluation.results import aggregate, compare_accuracy, fmt_acc, submission, table, two_proportion_test, wilson
 
 
 def _bench() -> Benchmark:
@@ -39,10 +39,37 @@ def test_category_averages_by_hand():
     assert s["average"]["mean_of_subjects"] == pytest.approx((25 + 100 + 50) / 3)
     assert s["average"]["question_weighted"] == pytest.approx(100 * 4 / 8)
     assert s["hard"]["mean_of_subjects"] == 25.0 and s["hard"]["subjects"] == 1
-    assert s["average"]["mrr"] == pytest.approx((4 * 1 + 4 * 0.5) / 8)
+    assert "mrr" not in s["average"] and "mrr" not in s["subjects"]["law"]  # XieZhi's metric only
+    assert s["subjects"]["law"]["ci95"] == pytest.approx(list(wilson(1, 2)))
     t = table(_bench(), s, "zero-shot")
     assert t.splitlines()[0] == "| setting | STEM | Humanities | Average | Hard |"
     assert t.splitlines()[2] == "| zero-shot | 62.5 | 50.0 | 58.3 | 25.0 |"
+    assert t.splitlines()[3] == "| questions | 6 | 2 | 8 | 4 |"
+    assert t.splitlines()[4].startswith("| 95% CI | ")
+
+
+def test_wilson_by_hand():
+    # 8 of 10, z = 1.96: centre (0.8 + 1.96²/20) / (1 + 1.96²/10) = 0.71674,
+    # half-width 1.96·sqrt(0.8·0.2/10 + 1.96²/400) / 1.38415 = 0.22656  ->  [49.02, 94.33] %
+    lo, hi = wilson(8, 10)
+    assert lo == pytest.approx(49.016, abs=0.01) and hi == pytest.approx(94.331, abs=0.01)
+    # 0 of 12: [0, 1.96²/12 / (1 + 1.96²/12)] = [0, 24.25] %
+    lo, hi = wilson(0, 12)
+    assert lo == 0.0 and hi == pytest.approx(24.25, abs=0.01)
+    assert fmt_acc(80.0, 10) == "80.0% (n=10, 95% CI 49.0–94.3)"
+
+
+def test_compare_accuracy_says_whether_it_is_noise():
+    # the recipe's case: 12 questions cannot tell 1 of 12 from 4 of 12 (Fisher exact p = 0.317)
+    small = compare_accuracy(1, 12, 4, 12, a_label="tuned", b_label="base")
+    assert "Fisher's exact test" in small and "NOT distinguishable from noise" in small
+    assert "n=12" in small and "p = 0.317" in small
+    # 19/120 vs 39/120: pooled p = 58/240, z = -3.016, p = 0.00256
+    big = compare_accuracy(19, 120, 39, 120)
+    assert "two-proportion z-test p = 0.00256" in big and ", distinguishable from noise" in big
+    assert two_proportion_test(2, 12, 4, 12)[0] == pytest.approx(0.6404, abs=1e-4)  # scipy.stats.fisher_exact
+    with pytest.raises(ValueError):
+        compare_accuracy(5, 4, 1, 2)
 
 
 def test_submission_shape():

@@ -64,7 +64,7 @@ def write_dataset(folder: Path, tokenizer: Any, samples: list[tuple[list[int], l
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread: on a shared 2-core machine two threads spin and run 10-30x slower (FACTS.md)."""
+    """One torch thread: on a shared 2-core machine two threads spin and run 10-30x slower."""
     import torch
 
     before = torch.get_num_threads()

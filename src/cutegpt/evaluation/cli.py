@@ -1,7 +1,9 @@
 """`cutegpt eval`: C-Eval / CMMLU / MMLU / XieZhi multiple-choice evaluation.
 
-    cutegpt eval ceval --shots 5 --split val --data /path/to/ceval
-      -> eval-results/ceval-val-5shot-logits/
+    cutegpt eval ceval --shots 5 --split val --data DIR
+      -> eval-results/ceval-val-5shot-logits-official-<model>[+<adapter>]-<settings hash>/
+         (eval-results/latest points at the newest default folder; --out DIR chooses another,
+         an existing one is refused unless --overwrite)
            results.json        settings, protocol, token ids, data hash, per-subject and category scores
            predictions.jsonl   one line per question: prompt hash, gold, prediction, option probabilities
            categories.png      accuracy by category (mean of subjects), chance line
@@ -26,16 +28,17 @@ from cutegpt.config import arg
 from cutegpt.threads import THREADS_HELP, apply_threads
 from cutegpt.errors import CuteGPTError
 from cutegpt.evaluation.data import LETTERS, SPLITS, Benchmark, Question, Subject, load_benchmark, resolve_data_dir
-from cutegpt.evaluation.prompts import LETTER_PREFIX, PromptStyle, pick_shots
-from cutegpt.evaluation.results import aggregate, bar_chart, subject_table, submission, table
+from cutegpt.evaluation.prompts import PROMPTS, SOURCES, PromptStyle, pick_shots
+from cutegpt.evaluation.results import aggregate, bar_chart, fmt_acc, subject_table, submission, table
 from cutegpt.model.args import ModelArgs
 
 if TYPE_CHECKING:
     from cutegpt.evaluation.scoring import Item, Scored
     from cutegpt.model.loading import LoadedModel
 
-PROTOCOL_VERSION = 1  # bump when prompt rendering or scoring changes: old caches stop matching
+PROTOCOL_VERSION = 2  # bump when prompt rendering or scoring changes: old caches stop matching
 DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test", "mmlu": "test", "xiezhi": "spec"}
+RESULT_FILES = {"results.json", "predictions.jsonl", "categories.png", "submission.json"}
 
 
 @dataclass(kw_only=True)
@@ -46,7 +49,10 @@ class EvalConfig(ModelArgs):
     data: str | None = arg(None, "the benchmark's official data folder (else $CEVAL_DATA / $CMMLU_DATA / $MMLU_DATA / $XIEZHI_DATA, or $CUTEGPT_DATA/<benchmark>)")
     split: str | None = arg(None, "ceval: val|test|dev; cmmlu: test|dev; mmlu: test|val|dev; xiezhi: spec|inter", absent="val for ceval and mmlu, test for cmmlu, spec for xiezhi")
     shots: int = arg(5, "few-shot examples from the dev set (0 = zero-shot)", ge=0)
-    method: Literal["logits", "loglikelihood"] = arg("logits", "logits: next-token logit of each letter (C-Eval's LLaMA evaluator); loglikelihood: log-probability of each option's continuation (lm-evaluation-harness style)")
+    method: Literal["logits", "loglikelihood"] = arg("logits", "logits: next-token logit of each letter (C-Eval's LLaMA evaluator); loglikelihood: log-probability of each option's continuation, the target delimiter included (lm-evaluation-harness's multiple_choice)")
+    prompt: Literal["official", "lm-eval"] = arg("official", "prompt text: the benchmark authors' own (C-Eval, CMMLU, MMLU) or lm-evaluation-harness's task text")
+    target_delimiter: str | None = arg(None, "text between the answer cue and the letter, in the shots and in the scored continuation; stock lm-eval uses ' '",
+                                       absent="'' for ceval, cmmlu and xiezhi, ' ' for mmlu")
     chat_template: bool = arg(False, "wrap each prompt in the model's template (--template), for instruction-tuned models")
     fewshot_order: Literal["file", "random"] = arg("file", "few-shot examples: the first N dev questions (reference) or N seeded-random ones")
     seed: int = arg(1234, "seed for --fewshot-order random")
@@ -54,8 +60,9 @@ class EvalConfig(ModelArgs):
     limit: int | None = arg(None, "only the first N questions of each subject (quick looks; labelled in the results)", ge=1, absent="every question")
     batch_size: int = arg(4, "most questions in one forward pass (on CPU 2-4 is fastest)", ge=1)
     max_batch_tokens: int = arg(2048, "most (padded) question tokens in one forward pass", ge=1)
-    out: str | None = arg(None, "results folder", aliases=("--output", "--output-dir", "--output_dir"),
-                          absent="eval-results/<benchmark>-<split>-<shots>shot-<method>")
+    out: str | None = arg(None, "results folder (must not exist unless --overwrite)", aliases=("--output", "--output-dir", "--output_dir"),
+                          absent="a new eval-results/<benchmark>-<split>-<shots>shot-<method>-<prompt>-<model>[+<adapter>]-<settings hash>")
+    overwrite: bool = arg(False, "replace an existing --out folder (only one holding nothing but cutegpt eval results)")
     resume: bool = arg(True, "reuse finished subjects from the per-subject cache")
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
 
@@ -92,18 +99,50 @@ def letter_token_ids(tokenizer: Any, prefix: str = "") -> tuple[list[int], list[
     return ids, notes
 
 
-def continuations(tokenizer: Any, method: str, benchmark: str, letter_ids: list[int]) -> tuple[tuple[int, ...], ...]:
+def style_of(bench_name: str, cfg: EvalConfig) -> PromptStyle:
+    return PromptStyle(bench_name, cfg.prompt, cfg.target_delimiter)
+
+
+def continuations(tokenizer: Any, method: str, benchmark: str, letter_ids: list[int],
+                  delimiter: str | None = None) -> tuple[tuple[int, ...], ...]:
+    """The scored continuation of each option, encoded on its own: delimiter + letter."""
     if method == "logits":
         return tuple((i,) for i in letter_ids)
-    prefix = LETTER_PREFIX[benchmark]
+    prefix = PromptStyle(benchmark, delimiter=delimiter).target_delimiter
     return tuple(tuple(tokenizer(prefix + L, add_special_tokens=False)["input_ids"]) for L in LETTERS)
 
 
+def item_for(lm: LoadedModel, text: str, cfg: EvalConfig, conts: tuple[tuple[int, ...], ...], delimiter: str) -> Item:
+    """One question's ids and continuations.
+
+    loglikelihood on plain text follows lm-evaluation-harness: encode context + delimiter + letter
+    whole and take the tokens after the context's as the continuation (a SentencePiece tokenizer
+    encodes " A" alone differently from " A" after text). When the whole encoding does not start
+    with the context's tokens (a merge across the boundary), the separately encoded
+    continuation is used.
+    """
+    from cutegpt.evaluation.scoring import Item
+
+    ids = tuple(encode_prompt(lm, text, cfg.chat_template))
+    if cfg.method != "loglikelihood" or cfg.chat_template:
+        return Item(ids, conts)
+    own = []
+    for L, fallback in zip(LETTERS, conts):
+        whole = tuple(encode_prompt(lm, text + delimiter + L, False))
+        own.append(whole[len(ids):] if whole[: len(ids)] == ids and len(whole) > len(ids) else fallback)
+    return Item(ids, tuple(own))
+
+
 def subject_prompts(bench: Benchmark, sub: Subject, cfg: EvalConfig) -> list[tuple[Question, str]]:
-    style = PromptStyle(bench.name)
+    """Every question's full prompt. On the dev split the questions are the few-shot pool
+    itself: each question is left out of its own shots (as lm-evaluation-harness does)."""
+    style = style_of(bench.name, cfg)
+    questions = sub.questions[: cfg.limit] if cfg.limit else sub.questions
+    if bench.split == "dev" and cfg.shots:
+        return [(q, style.prefix(sub, pick_shots(sub, cfg.shots, cfg.fewshot_order, cfg.seed, sub.dev_file, leave_out=q))
+                 + style.question(q)) for q in questions]
     shots = pick_shots(sub, cfg.shots, cfg.fewshot_order, cfg.seed, sub.dev_file)
     prefix = style.prefix(sub, shots)
-    questions = sub.questions[: cfg.limit] if cfg.limit else sub.questions
     return [(q, prefix + style.question(q)) for q in questions]
 
 
@@ -136,6 +175,9 @@ def settings_key(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, letter_ids:
         "data_hash": bench.data_hash(),
         "shots": cfg.shots,
         "method": cfg.method,
+        "prompt": cfg.prompt,
+        "target_delimiter": style_of(bench.name, cfg).target_delimiter,
+        "fewshot_leaves_out_self": bench.split == "dev",
         "template": lm.template.name if cfg.chat_template else None,
         "fewshot_order": cfg.fewshot_order,
         "seed": cfg.seed if cfg.fewshot_order == "random" else None,
@@ -177,13 +219,19 @@ def _records(sub: Subject, prompts: list[tuple[Question, str]], items: list[Item
 
 def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Path | None = None,
              show_progress: bool = True) -> dict[str, Any]:
-    """Score every subject of `bench`; returns {records, settings, key, timing, notes, letter_ids}."""
+    """Score every subject of `bench`; returns {records, settings, key, timing, notes, letter_ids}.
+
+    timing: `seconds` / `questions_per_second` are those of the runs that computed the answers
+    (a subject served from the cache brings the timing recorded when it was computed);
+    `scored_questions` / `seconds_this_run` are this run's own work.
+    """
     from tqdm.auto import tqdm
 
-    from cutegpt.evaluation.scoring import Item, score_items
+    from cutegpt.evaluation.scoring import score_items
 
-    letter_ids, notes = letter_token_ids(lm.tokenizer, LETTER_PREFIX[bench.name])
-    conts = continuations(lm.tokenizer, cfg.method, bench.name, letter_ids)
+    delimiter = style_of(bench.name, cfg).target_delimiter
+    letter_ids, notes = letter_token_ids(lm.tokenizer, delimiter)
+    conts = continuations(lm.tokenizer, cfg.method, bench.name, letter_ids, delimiter)
     key, settings = settings_key(lm, bench, cfg, letter_ids)
     cache = (cache_root / f"{bench.name}-{bench.split}-{key}") if cache_root is not None else None
     if cache is not None:
@@ -198,6 +246,7 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
     all_prompts = {name: subject_prompts(bench, sub, cfg) for name, sub in bench.subjects.items()}
     records: dict[str, list[dict[str, Any]]] = {}
     scored_questions, seconds, resumed = 0, 0.0, 0
+    timed_questions, timed_seconds, untimed = 0, 0.0, []
     outer = tqdm(bench.subjects.items(), desc=f"{bench.name} {bench.split}", unit="subject", disable=not show_progress)
     for name, sub in outer:
         prompts = all_prompts[name]
@@ -207,56 +256,156 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
             if len(recs) == len(prompts):
                 records[name] = recs
                 resumed += 1
+                timing_path = path.with_suffix(".timing.json")
+                try:
+                    t = json.loads(timing_path.read_text(encoding="utf-8"))
+                    timed_questions += int(t["questions"])
+                    timed_seconds += float(t["seconds"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    untimed.append(name)  # cached by an older version: its timing was not kept
                 continue
-        items = [Item(tuple(encode_prompt(lm, text, cfg.chat_template)), conts) for _q, text in prompts]
+        items = [item_for(lm, text, cfg, conts, delimiter) for _q, text in prompts]
         context = lm.context_length
-        too_long = [q for (q, _t), it in zip(prompts, items) if len(it.ids) + max(map(len, conts)) > context]
+        too_long = [q for (q, _t), it in zip(prompts, items) if len(it.ids) + max(map(len, it.continuations)) > context]
         if too_long:
             raise CuteGPTError(f"{too_long[0].source}: the prompt has more tokens than the model's context of {context}; use fewer --shots.")
         bar = tqdm(total=len(items), desc=name, leave=False, disable=not show_progress)
         t0 = time.perf_counter()
         scored = score_items(lm.model, items, cfg.method, cfg.batch_size, cfg.max_batch_tokens, pad_id,
                              progress=bar.update)
-        seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        seconds += took
         bar.close()
         scored_questions += len(items)
+        timed_questions += len(items)
+        timed_seconds += took
         records[name] = _records(sub, prompts, items, scored)
         if path is not None:
-            from cutegpt.io import atomic_file
+            from cutegpt.io import atomic_file, write_json
 
             with atomic_file(path) as f:  # a subject is cached whole or not at all
                 for r in records[name]:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            import torch
+
+            write_json(path.with_suffix(".timing.json"),
+                       {"questions": len(items), "seconds": took, "threads": torch.get_num_threads()})
+    timing: dict[str, Any] = {
+        "questions_timed": timed_questions,
+        "seconds": round(timed_seconds, 3),
+        "questions_per_second": round(timed_questions / timed_seconds, 3) if timed_seconds else None,
+        "scored_questions": scored_questions,
+        "seconds_this_run": round(seconds, 3),
+        "subjects_resumed": resumed,
+    }
+    if untimed:
+        timing["subjects_without_timing"] = untimed
     return {"records": records, "settings": settings, "key": key, "letter_ids": letter_ids, "notes": notes,
-            "timing": {"scored_questions": scored_questions, "seconds": round(seconds, 3),
-                       "questions_per_second": round(scored_questions / seconds, 3) if seconds else None,
-                       "subjects_resumed": resumed}}
+            "timing": timing}
 
 
 def _protocol(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, letter_ids: list[int]) -> dict[str, Any]:
-    from cutegpt.evaluation.prompts import ANSWER_CUE, HEADERS
-
+    style = style_of(bench.name, cfg)
+    header, lead, cue = style.parts
     return {
-        "header": HEADERS[bench.name],
-        "answer_cue": ANSWER_CUE[bench.name],
+        "prompt": cfg.prompt,
+        "prompt_source": SOURCES[(bench.name, cfg.prompt)],
+        "header": header,
+        "question_prefix": lead,
+        "answer_cue": cue,
+        "target_delimiter": style.target_delimiter,
         "shots": cfg.shots,
         "fewshot_source": "train (xiezhi_train_chn)" if bench.name == "xiezhi" else "dev",
         "fewshot_order": cfg.fewshot_order if cfg.shots else None,
+        "fewshot_leaves_out_self": bool(cfg.shots) and bench.split == "dev",
+        "fewshot_note": ("dev split: each question is left out of its own shots (lm-evaluation-harness's rule), "
+                         "so its shots are the first (or seeded-random) others")
+                        if cfg.shots and bench.split == "dev" else None,
         "seed": cfg.seed if cfg.shots and cfg.fewshot_order == "random" else None,
         "method": cfg.method,
         "letter_tokens": {L: {"id": i, "token": lm.tokenizer.convert_ids_to_tokens(i)} for L, i in zip(LETTERS, letter_ids)},
-        "letter_convention": "first id of tokenizer.encode(letter) (C-Eval LLaMA evaluator)",
+        "letter_convention": ("first id of tokenizer.encode(delimiter + letter) (C-Eval LLaMA evaluator)" if cfg.method == "logits"
+                              else "log-probability of delimiter + letter after the prompt (lm-evaluation-harness)"),
         "template": lm.template.name if cfg.chat_template else "none (plain text, tokenizer's own special tokens)",
         "averages": "mean_of_subjects (C-Eval's convention, used in the table) and question_weighted",
+        "intervals": "ci95: 95% Wilson score interval in percent (for mean_of_subjects: that of a proportion of the same value over the same question count)",
         "limit_per_subject": cfg.limit,
     }
+
+
+def _safe(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60] or "model"
+
+
+def default_out(bench: Benchmark, cfg: EvalConfig, root: Path = Path("eval-results")) -> Path:
+    """A folder of its own for this run: what was evaluated and a hash of every setting.
+
+    The hash covers the model and adapter (path and file sizes/times), the data, and every flag
+    that changes a score or the question set (--subjects and --limit too). Running the very same
+    settings again gets a time stamp appended, so no earlier result is ever replaced.
+    """
+    model = _safe(Path(cfg.model).name.removesuffix(".gguf")) if cfg.model else "smollm2-135m-instruct"
+    if cfg.lora:
+        model += "+" + _safe(Path(cfg.lora).name)
+    ident = {
+        "model": cfg.model, "model_files": _files_fingerprint(Path(cfg.model)) if cfg.model and Path(cfg.model).exists() else None,
+        "lora": cfg.lora, "lora_files": _files_fingerprint(Path(cfg.lora)) if cfg.lora and Path(cfg.lora).exists() else None,
+        "dtype": cfg.dtype, "load_in_8bit": cfg.load_in_8bit, "int8_backend": cfg.int8_backend if cfg.load_in_8bit else None,
+        "merge_lora": cfg.merge_lora, "data_hash": bench.data_hash(), "benchmark": bench.name, "split": bench.split,
+        "subjects": sorted(bench.subjects), "limit": cfg.limit, "shots": cfg.shots, "method": cfg.method,
+        "prompt": cfg.prompt, "target_delimiter": style_of(bench.name, cfg).target_delimiter,
+        "chat_template": cfg.chat_template, "template": cfg.template if cfg.chat_template else None,
+        "fewshot_order": cfg.fewshot_order, "seed": cfg.seed if cfg.fewshot_order == "random" else None,
+        "protocol_version": PROTOCOL_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    base = f"{bench.name}-{bench.split}-{cfg.shots}shot-{cfg.method}-{cfg.prompt}-{model}-{digest}"
+    out = root / base
+    if out.exists() or out.is_symlink():
+        out = root / f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 2
+        while out.exists():
+            out = root / f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+            n += 1
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """--overwrite replaces a results folder, never a folder holding the user's own files."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RESULT_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CuteGPTError(f"--out {out} holds files cutegpt eval did not write ({shown}); --overwrite replaces only a "
+                           f"results folder, so choose another --out.")
+
+
+def update_latest(out: Path) -> None:
+    """Point <parent>/latest at `out` (a relative symbolic link), replacing an older pointer only."""
+    import os
+
+    latest = out.parent / "latest"
+    if latest.exists() and not latest.is_symlink():
+        return  # a folder or file of the user's named "latest": not ours to replace
+    tmp = out.parent / f".latest.tmp-{os.getpid()}"
+    try:
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(out.name, tmp, target_is_directory=True)
+        os.replace(tmp, latest)
+    except OSError:  # no symbolic links here (some Windows setups): the pointer is a convenience
+        with __import__("contextlib").suppress(OSError):
+            tmp.unlink()
 
 
 def run_eval(cfg: EvalConfig) -> int:
     import torch
 
     import cutegpt
-    from cutegpt.io import atomic_dir, write_json
+    from cutegpt.io import atomic_dir, check_output, write_json
     from cutegpt.model.loading import load_model
 
     if cfg.shots < 0:
@@ -265,6 +414,8 @@ def run_eval(cfg: EvalConfig) -> int:
         raise CuteGPTError(f"--limit must be 1 or more, not {cfg.limit}.")
     if cfg.batch_size < 1 or cfg.max_batch_tokens < 1:
         raise CuteGPTError("--batch-size and --max-batch-tokens must be 1 or more.")
+    if cfg.prompt not in PROMPTS:
+        raise CuteGPTError(f"--prompt must be one of {', '.join(PROMPTS)}, not {cfg.prompt!r}.")
     apply_threads(cfg.threads)
     split = cfg.split or DEFAULT_SPLIT[cfg.benchmark]
     if split not in SPLITS[cfg.benchmark]:
@@ -272,6 +423,11 @@ def run_eval(cfg: EvalConfig) -> int:
     bench = load_benchmark(cfg.benchmark, resolve_data_dir(cfg.benchmark, cfg.data), split, cfg.subjects)
     for sub in bench.subjects.values():  # fail on a short dev file before loading the model
         subject_prompts(bench, sub, cfg)
+    # The output is checked before the model loads: an existing --out is refused unless --overwrite.
+    out_dir = Path(cfg.out) if cfg.out else default_out(bench, cfg)
+    check_output(out_dir, flag="--out", inputs=(bench.data_dir, cfg.model, cfg.lora), overwrite=cfg.overwrite)
+    if cfg.overwrite:
+        _check_replaceable(out_dir)
 
     lm = load_model(cfg)
     print(f"model: {lm.describe()}", flush=True)
@@ -279,7 +435,7 @@ def run_eval(cfg: EvalConfig) -> int:
     records = run["records"]
     has_gold = all(r["gold"] is not None for recs in records.values() for r in recs)
     setting = f"{cfg.shots}-shot" if cfg.shots else "zero-shot"
-    out_dir = Path(cfg.out or f"eval-results/{bench.name}-{bench.split}-{cfg.shots}shot-{cfg.method}")
+    n_questions = sum(len(r) for r in records.values())
     results: dict[str, Any] = {
         "benchmark": bench.name,
         "split": bench.split,
@@ -287,50 +443,69 @@ def run_eval(cfg: EvalConfig) -> int:
         "model": str(lm.model_path),
         "adapter": str(lm.lora_path) if lm.lora_path else None,
         "dtype": str(lm.dtype).replace("torch.", ""),
-        "int8": lm.int8,
+        # "weights": what the linear layers hold: the dtype, or "int8 (<library>)" with --load-in-8bit
+        "weights": f"int8 ({lm.int8})" if lm.int8 else str(lm.dtype).replace("torch.", ""),
         "device": str(lm.device),
         "data_dir": str(bench.data_dir),
         "data_hash": run["settings"]["data_hash"],
         "cache_key": run["key"],
+        "settings": {
+            "subjects": cfg.subjects, "subjects_evaluated": list(bench.subjects), "limit": cfg.limit,
+            "shots": cfg.shots, "method": cfg.method, "prompt": cfg.prompt,
+            "target_delimiter": style_of(bench.name, cfg).target_delimiter, "chat_template": cfg.chat_template,
+            "fewshot_order": cfg.fewshot_order, "seed": cfg.seed,
+        },
         "protocol": _protocol(bench, cfg, lm, run["letter_ids"]),
         "versions": {"cutegpt": cutegpt.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
-        "questions": sum(len(r) for r in records.values()),
+        "questions": n_questions,
         "timing": {**run["timing"], "threads": torch.get_num_threads()},
         "warnings": run["notes"],
     }
     if has_gold:
         results["summary"] = aggregate(bench, records)
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
             for recs in records.values():
                 for r in recs:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         if has_gold:
-            title = f"{bench.name} {bench.split}, {setting}, {cfg.method}: {lm.model_path.name}"
-            bar_chart(bench, results["summary"], title, tmp / "categories.png")
+            bar_chart(bench, results["summary"], chart_title(bench, cfg, lm, setting, n_questions), tmp / "categories.png")
         else:
             write_json(tmp / "submission.json", submission(records))
         write_json(tmp / "results.json", results)
+    if not cfg.out:
+        update_latest(out_dir)
 
-    print(f"\n{bench.name} {bench.split}, {setting}, method {cfg.method}, template {results['protocol']['template']}"
-          + (f", first {cfg.limit} questions per subject" if cfg.limit else ""))
+    print(f"\n{bench.name} {bench.split}, {setting}, method {cfg.method}, prompt {cfg.prompt}, "
+          f"template {results['protocol']['template']}" + (f", first {cfg.limit} questions per subject" if cfg.limit else ""))
     if has_gold:
         summary = results["summary"]
         if len(summary["subjects"]) <= 20:
             print(subject_table(summary))
             print()
         print(table(bench, summary, setting))
-        qw = summary["average"]["question_weighted"]
-        print(f"(category and Average columns: mean of subject accuracies; question-weighted average {qw:.1f}"
-              + (f"; MRR {summary['average']['mrr']:.3f}" if bench.name == "xiezhi" else "") + ")")
+        avg = summary["average"]
+        print(f"(category and Average columns: mean of subject accuracies, 95% Wilson intervals; "
+              f"question-weighted average {fmt_acc(avg['question_weighted'], avg['questions'])}"
+              + (f"; MRR {avg['mrr']:.3f}" if bench.name == "xiezhi" else "") + ")")
     else:
         print(f"no answers in the {bench.split} split: wrote the submission file {out_dir / 'submission.json'}")
     t = run["timing"]
     if t["scored_questions"]:
-        print(f"{t['scored_questions']} questions in {t['seconds']:.1f} s ({t['questions_per_second']:.2f} questions/s)"
+        print(f"{t['scored_questions']} questions in {t['seconds_this_run']:.1f} s "
+              f"({t['scored_questions'] / t['seconds_this_run']:.2f} questions/s)"
               + (f", {t['subjects_resumed']} subjects from the cache" if t["subjects_resumed"] else ""))
     elif t["subjects_resumed"]:
-        print(f"all {t['subjects_resumed']} subjects from the cache")
+        print(f"all {t['subjects_resumed']} subjects from the cache"
+              + (f" (computed at {t['questions_per_second']:.2f} questions/s)" if t["questions_per_second"] else ""))
     print(f"results: {out_dir}/")
     return 0
+
+
+def chart_title(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, setting: str, n_questions: int) -> str:
+    name = lm.model_path.name + (f" + {lm.lora_path.name}" if lm.lora_path else "")
+    subjects = (f"subjects: {', '.join(cfg.subjects)}" if cfg.subjects else f"all {len(bench.subjects)} subjects")
+    limit = f", first {cfg.limit} questions per subject" if cfg.limit else ""
+    return (f"{bench.name} {bench.split}, {setting}, {cfg.method}, prompt {cfg.prompt}: {name} — "
+            f"{subjects}{limit}; {n_questions} questions (n per bar)")

@@ -65,7 +65,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # on CPU bf16 decodes slower than fp32 (FACTS.md); choose it explicitly for memory
+    return torch.float32  # on CPU bf16 decodes slower than fp32 (docs/benchmarks.md); choose it explicitly for memory
 
 
 def _check_model_folder(path: Path) -> None:
@@ -195,6 +195,7 @@ def load_model(args: ModelArgs) -> LoadedModel:
     if getattr(model, "hf_device_map", None) is None:
         model.to(device)
     model.eval()
+    release_memory()  # loading (dtype casts, GGUF dequantizing, quantizing) leaves freed pages in malloc's arenas
 
     template = get_template(resolve_template_name(args.template, [lora_path, model_path], tokenizer), tokenizer)
     actual_dtype = next(model.parameters()).dtype
@@ -274,7 +275,37 @@ def quantize_int8_quanto(model: Any) -> Any:
 
     quantize(model, weights=qint8, exclude=["lm_head"])
     freeze(model)
+    release_memory()  # the full-precision copies are freed by freeze(), but malloc keeps their pages: 1,053 -> 566 MB RSS
     return model
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the OS (glibc keeps freed blocks of large tensors in its arenas)."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
+def process_rss() -> int:
+    """Resident set size of this process in bytes (what `top` shows), to report beside `weight_bytes`."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # fallback: peak, KiB on Linux, bytes on macOS
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def weight_bytes(model: Any) -> int:
@@ -306,16 +337,30 @@ def weight_bytes(model: Any) -> int:
     return total
 
 
-def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
-    """`save_pretrained`, plus the SentencePiece `tokenizer.model` it came with.
+def save_tokenizer(tokenizer: Any, folder: str | Path, template: str | None = None) -> None:
+    """`save_pretrained`, plus the SentencePiece `tokenizer.model` it came with and the template as Jinja.
 
     transformers 5 writes only `tokenizer.json`; LLaMA tools (llama.cpp's
     converter, sentencepiece, the original CuteGPT scripts) still read
     `tokenizer.model`, so a trained or exported model must keep it.
+    With `template="cutegpt"` the saved tokenizer's `chat_template` renders the
+    CuteGPT format (`templates.chat_template_jinja`), so plain transformers,
+    llama.cpp or vLLM prompt the model as it was trained; `auto`/`raw`/None keep
+    the tokenizer's own template. The tokenizer object itself is left unchanged.
     """
     import shutil
 
-    tokenizer.save_pretrained(str(folder))
+    from cutegpt.templates import chat_template_jinja
+
+    jinja = chat_template_jinja(template) if template else None
+    previous = getattr(tokenizer, "chat_template", None)
+    if jinja is not None:
+        tokenizer.chat_template = jinja
+    try:
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        if jinja is not None:
+            tokenizer.chat_template = previous
     source = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "tokenizer.model"
     target = Path(folder) / "tokenizer.model"
     if source.is_file() and not target.exists():

@@ -366,7 +366,7 @@ def make_trainer_class():
                 self._staging = None
             if self.is_world_process_zero():
                 with os_errors(out / name, "saving a checkpoint"):
-                    save_tokenizer(self.processing_class, staging / name)  # adds tokenizer.model, which the Trainer drops
+                    save_tokenizer(self.processing_class, staging / name, self.template_name)  # adds tokenizer.model, which the Trainer drops
                     write_model_card(staging / name, self.template_name)
                     if self.run_record is not None:
                         write_json(staging / name / RUN_FILE, self.run_record)
@@ -794,7 +794,7 @@ def save_model_folder(trainer: Any, cfg: TrainArgs, prep: Prepared, precision: s
             model.save_pretrained(tmp, state_dict=state)
         else:
             model.save_pretrained(tmp)
-        save_tokenizer(prep.tokenizer, tmp)
+        save_tokenizer(prep.tokenizer, tmp, prep.template_name)
         write_model_card(tmp, prep.template_name)
         write_json(tmp / "cutegpt_training.json", training_record(cfg))
         for name, obj in (extra or {}).items():
@@ -810,7 +810,7 @@ def save_final(trainer: Any, cfg: TrainArgs, prep: Prepared, precision: str) -> 
         with os_errors(out, "saving the final model"):
             trainer.save_model(str(staging))
             if trainer.is_world_process_zero():
-                save_tokenizer(prep.tokenizer, staging)
+                save_tokenizer(prep.tokenizer, staging, prep.template_name)
                 write_model_card(staging, prep.template_name)
                 write_json(staging / "cutegpt_training.json", training_record(cfg))
                 if out.exists():

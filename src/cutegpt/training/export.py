@@ -1,6 +1,10 @@
-"""`cutegpt export`: merge a LoRA adapter into its base model and save a plain model folder.
+"""`cutegpt export`: merge a LoRA adapter into its base model and save a plain model folder, or write a GGUF file.
 
     cutegpt export --model BASE --lora runs/sft/final --out merged [--dtype float16]
+    cutegpt export --format gguf [--model DIR] [--lora ADAPTER] --out model.gguf [--quant q8_0] [--no-verify]
+
+GGUF export (llama.cpp, ollama, LM Studio) is `cutegpt.export.gguf.export_gguf`; with no
+--model it exports the embedded model.
 
 The merge is done in float32 and cast afterwards, so the result differs from
 base + adapter only by the final rounding. The folder holds safetensors, the
@@ -11,8 +15,8 @@ tokenizer (the adapter's, if it has one) and the template name, so
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
@@ -25,20 +29,35 @@ from cutegpt.templates import write_model_card
 class ExportConfig(ModelArgs):
     dropped_flags: ClassVar[tuple[str, ...]] = ("load_in_8bit", "int8_backend", "merge_lora", "device")
 
-    out: str = arg("", "folder for the merged model", aliases=("--output", "--output-dir", "--output_dir"))
-    overwrite: bool = arg(False, "replace --out if it exists")
+    out: str = arg("", "folder for the merged model (--format hf) or the .gguf file (--format gguf)",
+                   aliases=("--output", "--output-dir", "--output_dir"))
+    format: Literal["hf", "gguf"] = arg("hf", "hf: merged safetensors folder; gguf: one file for llama.cpp / ollama / LM Studio")
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg("f16", "GGUF tensor type (--format gguf)")
+    verify: bool = arg(True, "load the GGUF file in llama.cpp and check tokenization, top-1 agreement and the template")
+    quiet: bool = arg(False, "no progress bars")
+    overwrite: bool = arg(False, "replace --out if it exists (once the new output is complete)")
+
+    def check(self) -> None:
+        """Refuse a bad output before any model loads: never inside, or instead of, the model being exported."""
+        from cutegpt.io import check_output
+
+        if self.format == "gguf":
+            if self.out and not self.out.lower().endswith(".gguf"):
+                raise CuteGPTError(f"--out {self.out} must be a file name ending in .gguf.")
+            if self.out:
+                check_output(self.out, kind="file", inputs=(self.model, self.lora), overwrite=self.overwrite)
+            return
+        if not self.out:
+            raise CuteGPTError("--out is required: the folder for the merged model.")
+        if not self.lora:
+            raise CuteGPTError("--lora is required: the adapter folder to merge into --model (or --format gguf to convert a model).")
+        check_output(self.out, kind="folder", inputs=(self.model, self.lora), overwrite=self.overwrite)
 
 
 def run_export(cfg: ExportConfig) -> int:
-    if not cfg.out:
-        raise CuteGPTError("--out is required: the folder for the merged model.")
-    if not cfg.lora:
-        raise CuteGPTError("--lora is required: the adapter folder to merge into --model.")
+    if cfg.format == "gguf":
+        return run_export_gguf(cfg)
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise CuteGPTError(f"{out} already exists; pass --overwrite or choose another --out.")
-    if cfg.load_in_8bit:
-        raise CuteGPTError("--load-in-8bit cannot be merged and saved; export in float16/bfloat16/float32.")
     import torch
 
     from cutegpt.model.loading import DTYPES, load_model, save_tokenizer
@@ -54,7 +73,37 @@ def run_export(cfg: ExportConfig) -> int:
     model = model.to(dtype)
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         model.save_pretrained(tmp)
-        save_tokenizer(lm.tokenizer, tmp)
+        save_tokenizer(lm.tokenizer, tmp, lm.template.name)
         write_model_card(tmp, lm.template.name, merged_from={"model": str(lm.model_path.resolve()), "lora": str(lm.lora_path.resolve())})
     print(f"saved {out} ({str(dtype).replace('torch.', '')}, template {lm.template.name})")
+    return 0
+
+
+def run_export_gguf(cfg: ExportConfig) -> int:
+    from cutegpt.export import gguf as gguf_export
+
+    if not cfg.out:
+        raise CuteGPTError("--out is required: the .gguf file to write.")
+    if cfg.load_in_8bit:
+        raise CuteGPTError("--load-in-8bit does not apply to --format gguf; choose the file's precision with --quant.")
+    if cfg.dtype != "auto":
+        raise CuteGPTError("--dtype applies to --format hf; choose the GGUF tensor type with --quant.")
+    out = gguf_export.export_gguf(cfg.model, Path(cfg.out), lora=cfg.lora, quant=cfg.quant, template=cfg.template,
+                                  verify=cfg.verify, overwrite=cfg.overwrite, progress=not cfg.quiet)
+    report = gguf_export.last_report or {}
+    size = out.stat().st_size
+    print(f"saved {out} ({cfg.quant}, {size / 2**20:.1f} MiB, {report.get('tensors')} tensors, template {report.get('template')})")
+    check = report.get("verification")
+    if check:
+        top1 = check["top1"]
+        if top1.get("skipped"):
+            agreement = f"top-1 check skipped ({top1['skipped']})"
+        else:
+            agreement = (f"top-1 agreement with transformers {top1['agreement']:.1%} over {top1['positions']} positions, "
+                         f"greedy continuations {'identical' if top1['greedy_same'] else 'differ'}"
+                         + (f" ({top1['greedy_near_ties']} at a near tie)" if top1.get("greedy_near_ties") else ""))
+        print(f"verified in llama.cpp: tokenization identical ({check['tokenization']['probe_tokens']} probe tokens), "
+              f"chat template renders as in {'templates.py' if report.get('template') == 'cutegpt' else 'transformers'}, {agreement}")
+    else:
+        print("not verified (--no-verify)")
     return 0

@@ -28,7 +28,7 @@ from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir, write_json
 from cutegpt.model.args import ModelArgs
-from cutegpt.templates import write_model_card
+from cutegpt.templates import chat_template_jinja, write_model_card
 from cutegpt.vocab.merge import (
     JSON_FILE, SP_FILE, Family, Merged, detect_family, display, load_sp_proto, load_tokenizer_json,
     merge_byte_bpe, merge_sentencepiece, pieces_file,
@@ -130,6 +130,9 @@ def run_vocab_extend(cfg: VocabExtendConfig) -> int:
             "seconds": round(time.perf_counter() - t0, 2),
         }
         write_json(tmp / REPORT_FILE, report)
+        if chat_template_jinja(lm.template.name) is not None:  # the extended tokenizer carries the template as Jinja too
+            new_tok.chat_template = chat_template_jinja(lm.template.name)
+            new_tok.save_pretrained(tmp)
         write_model_card(tmp, lm.template.name, base=str(base), vocab_extension={
             "pieces_added": len(merged.added), "vocab_size": len(new_tok), "init": cfg.init})
     _print_summary(out, report)

@@ -8,7 +8,7 @@ SentencePiece (`tokenizer.model`, original LLaMA, CuteGPT's base):
   Only pieces the base lacks and that are made of CJK characters are appended, each scored below
   every existing piece: BPE applies merges by score, so the base's merges all run first and only
   then may two base pieces join into a new CJK piece. Descending scores keep SentencePiece and the
-  fast tokenizer transformers converts from it in agreement (FACTS.md: with score 0 they disagree).
+  fast tokenizer transformers converts from it in agreement (measured: with score 0 they disagree).
 
 Byte-level BPE (`tokenizer.json`, GPT-2 style: SmolLM2, LLaMA-3):
 

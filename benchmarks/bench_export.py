@@ -1,0 +1,122 @@
+"""GGUF export of the embedded model: cutegpt vs llama.cpp's own convert_hf_to_gguf.py, side by side.
+
+For f16 and q8_0 each side converts the embedded SmolLM2-135M-Instruct HF folder in a fresh
+process (one thread); the table shows wall time and peak RSS of that process (os.wait4), then
+the two files are compared: metadata keys and values, tensor names, types, shapes and bytes.
+Finally a projection for a 13B LLaMA from the measured throughput and the streaming design.
+
+llama.cpp's converter ships in the llama-cpp-python sdist; run it in its own venv with that
+checkout's gguf-py:
+
+    mkdir -p /tmp/llcpp && cd /tmp/llcpp
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    python -m venv --system-site-packages venv && venv/bin/pip install --no-deps llama_cpp_python-*/vendor/llama.cpp/gguf-py
+    cd -; OMP_NUM_THREADS=1 python benchmarks/bench_export.py --llamacpp /tmp/llcpp/llama_cpp_python-0.3.36/vendor/llama.cpp \\
+        --python /tmp/llcpp/venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def compare(ours: Path, ref: Path) -> dict:
+    import gguf
+    import numpy as np
+
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
+    fa = {k: v for k, v in a.fields.items() if not k.startswith("GGUF")}
+    fb = {k: v for k, v in b.fields.items() if not k.startswith("GGUF")}
+    diff = sorted(k for k in fa.keys() & fb.keys() if fa[k].contents() != fb[k].contents())
+    ta = {t.name: t for t in a.tensors}
+    tb = {t.name: t for t in b.tensors}
+    same_layout = {n: (t.tensor_type, tuple(t.shape)) for n, t in ta.items()} == {n: (t.tensor_type, tuple(t.shape)) for n, t in tb.items()}
+    different_bytes = [n for n in ta.keys() & tb.keys() if not np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data))]
+    types = {}
+    for t in a.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"only_ours": sorted(fa.keys() - fb.keys()), "only_ref": sorted(fb.keys() - fa.keys()), "different_values": diff,
+            "same_tensor_layout": same_layout, "tensors_with_different_bytes": len(different_bytes), "tensor_types": types,
+            "tensors": len(ta)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llamacpp", required=True, help="llama.cpp checkout (holds convert_hf_to_gguf.py)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter of the converter's venv")
+    ap.add_argument("--quants", nargs="+", default=["f16", "q8_0"])
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(SRC))
+    from cutegpt.model.embedded import embedded_model_dir
+
+    folder = embedded_model_dir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    ours_env = dict(env, PYTHONPATH=str(SRC))
+    converter = str(Path(args.llamacpp) / "convert_hf_to_gguf.py")
+    src_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    print(f"embedded model folder: {src_bytes / 2**20:.0f} MiB of safetensors; loaded machine (2 cores shared), one run each, side by side")
+    print("| quant | tool | seconds | peak RSS MiB | file MiB |\n|---|---|---|---|---|")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for q in args.quants:
+            ours = Path(tmp) / f"ours-{q}.gguf"
+            ref = Path(tmp) / f"ref-{q}.gguf"
+            cmd_ours = [sys.executable, "-m", "cutegpt", "export", "--format", "gguf", "--out", str(ours), "--quant", q, "--no-verify", "--quiet"]
+            cmd_ref = [args.python, converter, str(folder), "--outtype", q, "--outfile", str(ref)]
+            r_ours = run(cmd_ours, ours_env)
+            r_ref = run(cmd_ref, env)
+            for tool, (wall, rss), path in (("cutegpt export", r_ours, ours), ("convert_hf_to_gguf.py", r_ref, ref)):
+                print(f"| {q} | {tool} | {wall:.1f} | {rss / 2**20:.0f} | {path.stat().st_size / 2**20:.1f} |", flush=True)
+            results[q] = {"ours": r_ours, "ref": r_ref, "compare": compare(ours, ref)}
+        verify_out = Path(tmp) / "verify-f16.gguf"
+        wall_v, rss_v = run([sys.executable, "-m", "cutegpt", "export", "--format", "gguf", "--out", str(verify_out), "--quant", "f16", "--quiet"], ours_env)
+    print(f"\ncutegpt export f16 with verification (llama.cpp + transformers checks): {wall_v:.1f} s, peak RSS {rss_v / 2**20:.0f} MiB")
+    for q, r in results.items():
+        c = r["compare"]
+        print(f"\n{q}: {c['tensors']} tensors {c['tensor_types']}; same names/types/shapes as llama.cpp's: {c['same_tensor_layout']}; "
+              f"tensors with different bytes: {c['tensors_with_different_bytes']}")
+        print(f"  metadata only in ours: {c['only_ours']}; only in llama.cpp's: {c['only_ref']}; different values: {c['different_values']}")
+        print(f"  time ours / llama.cpp {r['ours'][0] / r['ref'][0]:.2f}x, peak RSS ours / llama.cpp {r['ours'][1] / r['ref'][1]:.2f}x")
+
+    # 13B projection: time scales with bytes read; memory = the process's fixed part + the largest tensor's working set.
+    import torch  # noqa: F401  (the fixed part is what an idle exporter process holds after imports)
+
+    base = run([sys.executable, "-c", "import torch, transformers, gguf, safetensors, numpy; import cutegpt.export.gguf"], ours_env)[1]
+    emb_rows, hidden = 70000, 5120  # CuteGPT-13B: LLaMA-13B with a 70k vocabulary, untied head, stored in fp16
+    n13 = 40 * (4 * hidden * hidden + 3 * hidden * 13824) + 2 * emb_rows * hidden + 81 * hidden
+    largest = emb_rows * hidden
+    chunk = 4096 * hidden * 4
+    for q, r in results.items():
+        ours_s = r["ours"][0]
+        per_param = ours_s / (src_bytes / 4)  # the embedded folder stores float32
+        out_bytes = 2 if q == "f16" else 34 / 32
+        mem = base + largest * 2 + largest * out_bytes + 6 * chunk
+        print(f"13B projection, {q}: about {per_param * n13 / 60:.0f} min at this machine's rate "
+              f"({n13 / 1e9:.1f}B parameters), peak RSS about {mem / 2**30:.1f} GiB "
+              f"(imports {base / 2**30:.2f} GiB + the 70k x 5120 embedding in fp16 and as {q} + conversion chunks)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,692 @@
+"""HF LLaMA-family folder (or base + LoRA, or the embedded model) -> one GGUF file for llama.cpp.
+
+    export_gguf(None, Path("smollm2.gguf"), quant="q8_0")
+
+The writer needs no llama.cpp checkout: it uses the `gguf` package (llama.cpp's
+own Python library). Tensors are streamed one at a time from the safetensors
+files, so memory stays near the size of the largest tensor (the embedding),
+not of the model. The output appears under its name only once it is complete
+and (unless verify=False) llama.cpp has loaded it and agreed with transformers:
+see `cutegpt.export.verify`.
+
+Layout notes (the same as llama.cpp's convert_hf_to_gguf.py, LlamaModel):
+- HF stores q_proj/k_proj rows permuted for its rotate-half rotary layout; GGUF
+  keeps the original interleaved layout, so the rows are permuted back per head
+  (n_head for q, n_kv_head for k).
+- 1-D tensors (norms) stay F32; 2-D tensors take the asked type, falling back
+  to F16 when a row is not a whole number of quantization blocks. For the
+  4/5-bit types the embedding and output head are Q8_0, as llama.cpp's own
+  quantizer keeps them at higher precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cutegpt.errors import CuteGPTError
+from cutegpt.io import check_output, describe_os_error, os_errors
+
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
+LLAMA_MODEL_TYPES = ("llama",)
+CHUNK_ROWS = 4096  # rows converted at a time, so a 70k x 5120 embedding never exists in float32 at once
+
+
+def _qtype(quant: str) -> Any:
+    import gguf
+
+    return {
+        "f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q5_1": gguf.GGMLQuantizationType.Q5_1, "q5_0": gguf.GGMLQuantizationType.Q5_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    }[quant]
+
+
+def _file_type(quant: str) -> Any:
+    import gguf
+
+    return {
+        "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }[quant]
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None = None, quant: str = "f16",
+                template: str | None = None, verify: bool = True, overwrite: bool = False,
+                progress: bool = True) -> Path:
+    """Write `model` (HF folder; None = the embedded model), with `lora` merged in, to the GGUF file `out`.
+
+    `template`: the prompt template whose Jinja the file carries (None = what the
+    model folder records, as every command resolves it). Raises CuteGPTError with one
+    sentence for every user mistake; nothing is left under `out` on failure.
+    Returns `out`; the verification report (if any) is in `last_report`.
+    """
+    global last_report
+    out = Path(out).expanduser()
+    if quant not in QUANTS:
+        raise CuteGPTError(f"unknown --quant '{quant}'; choose one of: {', '.join(QUANTS)}.")
+    if out.suffix.lower() != ".gguf":
+        raise CuteGPTError(f"--out {out} must be a file name ending in .gguf.")
+    check_output(out, kind="file", inputs=(model, lora), overwrite=overwrite)
+    with os_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+    source_info: dict[str, Any] = {}
+    if model is None:
+        from cutegpt.model.embedded import embedded_gguf, embedded_model_dir
+
+        folder = embedded_model_dir()
+        source_info = _embedded_general(embedded_gguf())
+    else:
+        folder = Path(model).expanduser()
+    if folder.suffix == ".gguf":
+        raise CuteGPTError(f"--model {folder} is already a GGUF file; export takes a model folder (or nothing for the embedded model).")
+    _check_source(folder)
+
+    with contextlib.ExitStack() as stack:
+        if lora is not None:
+            folder = _merge_lora(folder, Path(lora).expanduser(), stack, out.parent)
+        template_name, tokenizer = _template_and_tokenizer(template, folder, lora)
+        plan = plan_export(folder, tokenizer, quant, template_name, source_info)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)  # io.clean_leftovers knows it
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            write_gguf(plan, tmp, progress=progress)
+            report = None
+            if verify:
+                from cutegpt.export.verify import verify_gguf
+
+                report = verify_gguf(tmp, folder, tokenizer, quant, template_name, progress=progress)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, out)
+        except OSError as e:
+            _unlink(tmp)
+            if e.errno == errno.ENOSPC:
+                raise CuteGPTError(f"the disk is full while writing {out}; nothing was left behind (the model needs about {_gib(plan.nbytes)} GiB free).") from None
+            raise CuteGPTError(describe_os_error(e, out)) from None
+        except BaseException:
+            _unlink(tmp)
+            raise
+    last_report = {"out": str(out), "quant": quant, "template": template_name, "bytes": out.stat().st_size,
+                   "tensors": len(plan.tensors), "verification": report}
+    return out
+
+
+last_report: dict[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------------------------- source
+
+
+def _check_source(folder: Path) -> None:
+    if not folder.exists():
+        raise CuteGPTError(f"--model {folder} does not exist.")
+    if not (folder / "config.json").is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise CuteGPTError(f"--model {folder} is a LoRA adapter: pass it as --lora and its base model as --model.")
+        raise CuteGPTError(f"--model {folder} is not a model folder: it has no config.json.")
+    config = _read_json(folder / "config.json")
+    arch = (config.get("architectures") or [None])[0]
+    mtype = config.get("model_type")
+    if arch not in LLAMA_ARCHITECTURES or mtype not in LLAMA_MODEL_TYPES:
+        raise CuteGPTError(
+            f"{folder} is a {arch or mtype or 'model of unknown architecture'}, and GGUF export supports the LLaMA family "
+            f"({', '.join(LLAMA_ARCHITECTURES)}) only.")
+    if not list(folder.glob("*.safetensors")):
+        raise CuteGPTError(f"{folder} has no *.safetensors weights; GGUF export streams safetensors only (re-save the model with save_pretrained).")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        raise CuteGPTError(f"{path}: not valid JSON.") from None
+
+
+def _merge_lora(base: Path, lora: Path, stack: contextlib.ExitStack, near: Path) -> Path:
+    """Merge the adapter in float32 into a temporary folder beside the output (removed afterwards)."""
+    import shutil
+
+    import torch
+
+    from cutegpt.model.loading import ModelArgs, load_model, save_tokenizer
+    from cutegpt.templates import write_model_card
+
+    lm = load_model(ModelArgs(model=str(base), lora=str(lora), dtype="float32", device="cpu", merge_lora=True))
+    tmp = Path(tempfile.mkdtemp(prefix=".cutegpt-merge-", dir=near))
+    stack.callback(shutil.rmtree, tmp, True)
+    try:
+        lm.model.to(torch.float32).save_pretrained(tmp)
+        save_tokenizer(lm.tokenizer, tmp, lm.template.name)
+        write_model_card(tmp, lm.template.name, merged_from={"model": base.name, "lora": lora.name})
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CuteGPTError(f"the disk is full while merging {lora} into {base} (next to {near}).") from None
+        raise
+    return tmp
+
+
+def _template_and_tokenizer(template: str | None, folder: Path, lora: Any) -> tuple[str, Any]:
+    from cutegpt.model.loading import load_tokenizer
+    from cutegpt.templates import TEMPLATES, resolve_template_name
+
+    if template is not None and template not in TEMPLATES:
+        raise CuteGPTError(f"unknown --template '{template}'; choose one of: {', '.join(TEMPLATES)}.")
+    tokenizer = load_tokenizer(folder)
+    return resolve_template_name(template, [folder], tokenizer), tokenizer
+
+
+def _embedded_general(path: Path) -> dict[str, Any]:
+    """name / organization / licence of the embedded model, from the general.* keys at the head of its GGUF."""
+    info: dict[str, Any] = {"name": "SmolLM2-135M-Instruct"}
+    try:
+        general = read_general_fields(path)
+    except (OSError, ValueError, UnicodeDecodeError):  # metadata is a courtesy; a broken embedded file fails elsewhere
+        return info
+    for key in ("license", "organization"):
+        if isinstance(general.get(f"general.{key}"), str):
+            info[key] = general[f"general.{key}"]
+    return info
+
+
+def read_general_fields(path: Path) -> dict[str, Any]:
+    """The leading `general.*` key/values of a GGUF file, read from its header only.
+
+    gguf.GGUFReader maps and parses every field (the 49k-token vocabulary too), which
+    takes seconds; the general keys come first and need a few hundred bytes.
+    """
+    import struct
+
+    scalars = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    out: dict[str, Any] = {}
+    with open(path, "rb") as f:
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            return f.read(read("<Q")).decode("utf-8")
+
+        def value(vtype: int) -> Any:
+            if vtype in scalars:
+                return read(scalars[vtype])
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                item, n = read("<I"), read("<Q")
+                return [value(item) for _ in range(n)]
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        read("<I")  # version
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key = string()
+            if not key.startswith("general."):
+                break
+            out[key] = value(read("<I"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class TensorPlan:
+    name: str           # GGUF name
+    source: str         # safetensors key (or "" for computed tensors)
+    file: Path | None
+    shape: tuple[int, ...]
+    qtype: Any
+    permute_heads: int = 0  # >0: undo HF's rotary permutation with this many heads
+    data: Any = None    # precomputed float32 array (rope_freqs)
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype), dtype=np.int64))
+
+
+@dataclass
+class Plan:
+    folder: Path
+    quant: str
+    tensors: list[TensorPlan]
+    kv: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)  # (GGUFWriter method, args)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, source_info: dict[str, Any] | None = None) -> Plan:
+    """Everything to write, decided before a byte is written (so bad input fails fast)."""
+    import gguf
+
+    config = _read_json(folder / "config.json")
+    n_layer = int(config["num_hidden_layers"])
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    hidden = int(config["hidden_size"])
+    head_dim = int(config.get("head_dim") or hidden // n_head)
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    tied = bool(config.get("tie_word_embeddings", False))
+
+    plan = Plan(folder, quant, [])
+    kv = plan.kv
+    info = source_info or {}
+    name = info.get("name") or folder.name
+    kv.append(("add_type", ("model",)))
+    kv.append(("add_name", (str(name),)))
+    if info.get("organization"):
+        kv.append(("add_organization", (str(info["organization"]),)))
+    lic = info.get("license") or _licence(folder)
+    if lic:
+        kv.append(("add_license", (str(lic),)))
+    repo = config.get("_name_or_path")
+    if isinstance(repo, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not Path(repo).exists():
+        kv.append(("add_source_url", (f"https://huggingface.co/{repo}",)))
+    kv += [
+        ("add_context_length", (int(config.get("max_position_embeddings") or 2048),)),
+        ("add_embedding_length", (hidden,)),
+        ("add_block_count", (n_layer,)),
+        ("add_feed_forward_length", (int(config["intermediate_size"]),)),
+        ("add_head_count", (n_head,)),
+        ("add_head_count_kv", (n_kv,)),
+        ("add_rope_freq_base", (rope_theta,)),
+        ("add_layer_norm_rms_eps", (float(config.get("rms_norm_eps", 1e-6)),)),
+        ("add_file_type", (int(_file_type(quant)),)),
+        ("add_rope_dimension_count", (head_dim,)),
+    ]
+    kv += [("add_key_length", (head_dim,)), ("add_value_length", (head_dim,))]
+
+    # tensors
+    files = _weight_index(folder)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    n_rows = None
+    for key, (file, shape) in files.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if key == "lm_head.weight" and tied:
+            continue
+        new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise CuteGPTError(f"{folder}: the tensor {key} has no place in a LLaMA GGUF file (is this really a plain LLaMA model?).")
+        if new == "token_embd.weight":
+            n_rows = shape[0]
+        permute = n_head if ".attn_q." in new else n_kv if ".attn_k." in new else 0
+        plan.tensors.append(TensorPlan(new, key, file, shape, _tensor_qtype(new, shape, quant), permute))
+    if n_rows is None:
+        raise CuteGPTError(f"{folder}: no token embedding (model.embed_tokens.weight) in the weights.")
+
+    scaling = rope.get("rope_type") or rope.get("type")
+    if scaling and scaling != "default":
+        factor = float(rope.get("factor", 1.0))
+        if scaling == "linear":
+            kv += [("add_rope_scaling_type", (gguf.RopeScalingType.LINEAR,)), ("add_rope_scaling_factor", (factor,))]
+        elif scaling == "yarn":
+            kv += [("add_rope_scaling_type", (gguf.RopeScalingType.YARN,)), ("add_rope_scaling_factor", (factor,)),
+                   ("add_rope_scaling_orig_ctx_len", (int(rope["original_max_position_embeddings"]),))]
+        elif scaling == "llama3":
+            freqs = _llama3_rope_factors(rope, rope_theta, head_dim)
+            plan.tensors.insert(0, TensorPlan("rope_freqs.weight", "", None, freqs.shape, gguf.GGMLQuantizationType.F32, data=freqs))
+        else:
+            raise CuteGPTError(f"{folder}: rope scaling '{scaling}' cannot be written to GGUF yet (linear, yarn and llama3 can).")
+
+    kv += _tokenizer_kv(folder, tokenizer, n_rows, template_name)
+    return plan
+
+
+def _licence(folder: Path) -> str | None:
+    readme = folder / "README.md"
+    if readme.is_file():
+        m = re.search(r"^license:\s*(\S+)", readme.read_text(encoding="utf-8", errors="replace")[:4000], re.M)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _weight_index(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """safetensors key -> (file, shape), in file order; headers only, no tensor is read."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    out[k] = (f, tuple(st.get_slice(k).get_shape()))
+        except Exception as e:
+            raise CuteGPTError(f"{f}: the weights file is corrupt or truncated ({str(e).splitlines()[0][:200]}).") from None
+    return out
+
+
+def _tensor_qtype(name: str, shape: tuple[int, ...], quant: str) -> Any:
+    import gguf
+
+    if len(shape) == 1 or quant == "f32":
+        return gguf.GGMLQuantizationType.F32
+    q = quant
+    if quant.startswith(("q4", "q5")) and name in ("token_embd.weight", "output.weight"):
+        q = "q8_0"
+    qtype = _qtype(q)
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
+def _llama3_rope_factors(rope: dict[str, Any], base: float, dim: int) -> np.ndarray:
+    factor = float(rope.get("factor", 8.0))
+    low = float(rope.get("low_freq_factor", 1.0))
+    high = float(rope.get("high_freq_factor", 4.0))
+    old_ctx = int(rope.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    low_wl, high_wl = old_ctx / low, old_ctx / high
+    out = []
+    for f in freqs:
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wl - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_family(folder: Path) -> str:
+    """'llama' (SentencePiece) or 'gpt2' (byte-level BPE), as GGUF names them."""
+    if (folder / "tokenizer.model").is_file():
+        return "llama"
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        tj = _read_json(path)
+        model = tj.get("model") or {}
+        if model.get("type") == "BPE" and model.get("byte_fallback"):
+            return "llama"
+        if model.get("type") == "BPE" and _has_byte_level(tj.get("pre_tokenizer")):
+            return "gpt2"
+    raise CuteGPTError(
+        f"{folder}: GGUF export handles SentencePiece (tokenizer.model) and byte-level BPE (tokenizer.json) tokenizers, "
+        "and this one is neither.")
+
+
+def _has_byte_level(pre: Any) -> bool:
+    if not isinstance(pre, dict):
+        return False
+    if pre.get("type") == "ByteLevel":
+        return True
+    return any(_has_byte_level(p) for p in pre.get("pretokenizers") or [])
+
+
+# llama.cpp's fingerprint of a byte-level BPE pre-tokenizer: sha256 of the ids of this text
+# (convert_hf_to_gguf.py, get_vocab_base_pre); the hashes below are the ones it lists for these names.
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 '
+          '33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български '
+          '\'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, '
+          '\'D you like some tea? We\'Ve a\'lL')
+KNOWN_PRE = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+}
+
+
+def pre_tokenizer_name(tj: dict[str, Any], tokenizer: Any = None) -> str:
+    """llama.cpp's name for the pre-tokenizer in tokenizer.json (the regex it must apply before BPE).
+
+    First llama.cpp's own fingerprint (the ids of CHKTXT), so an unchanged vocabulary gets the
+    name llama.cpp's converter gives it; then the structure of tokenizer.json, so vocabularies
+    `vocab extend` grew from a known base (new ids, new fingerprint) keep the base's rules.
+    Verification then checks llama.cpp tokenizes like the HF tokenizer.
+    """
+    import hashlib
+
+    if tokenizer is not None:
+        ids = tokenizer.encode(CHKTXT)
+        name = KNOWN_PRE.get(hashlib.sha256(str(ids).encode()).hexdigest())
+        if name:
+            return name
+    pre = tj.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex", True)) for p in parts]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt-2"
+    if kinds == [("Digits", True, True), ("ByteLevel", None, True)]:
+        return "smollm"
+    raise CuteGPTError(
+        "the tokenizer's pre-tokenizer (" + " + ".join(str(k[0]) for k in kinds) + ") is not one llama.cpp is known "
+        "to reproduce (GPT-2 byte-level, or SmolLM2's digits + byte-level); export it with llama.cpp's own converter.")
+
+
+def _tokenizer_kv(folder: Path, tokenizer: Any, n_rows: int, template_name: str) -> list[tuple[str, tuple[Any, ...]]]:
+    import gguf
+
+    from cutegpt.templates import CUTEGPT_STOP, chat_template_jinja
+
+    family = tokenizer_family(folder)
+    n_tok = len(tokenizer)
+    if n_tok > n_rows:
+        raise CuteGPTError(f"{folder}: the tokenizer has {n_tok:,} tokens but the model only {n_rows:,} embedding rows.")
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    tokens: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
+    kv: list[tuple[str, tuple[Any, ...]]] = [("add_tokenizer_model", (family,))]
+    if family == "llama":
+        pieces = _sp_pieces(folder, tokenizer)
+        for i, (piece, score, ptype) in enumerate(pieces):
+            if i in added and ptype == gguf.TokenType.NORMAL:
+                ptype = gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
+            tokens.append(piece)
+            scores.append(score)
+            types.append(int(ptype))
+        for i in range(len(pieces), n_tok):
+            tok = added.get(i)
+            if tok is None:
+                raise CuteGPTError(f"{folder}: token id {i} is neither in tokenizer.model nor an added token.")
+            tokens.append(tok.content)
+            scores.append(-1000.0)
+            types.append(int(gguf.TokenType.CONTROL if tok.special else gguf.TokenType.USER_DEFINED))
+        kv.append(("add_tokenizer_pre", ("default",)))
+        sp_prefix = _sp_add_dummy_prefix(folder)
+        if sp_prefix is not None:
+            kv.append(("add_add_space_prefix", (sp_prefix,)))
+    else:
+        tj = _read_json(folder / "tokenizer.json")
+        vocab = tj["model"]["vocab"]
+        by_id = {i: t for t, i in vocab.items()}
+        for i in range(n_tok):
+            if i in added:
+                tokens.append(added[i].content)
+                types.append(int(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED))
+            elif i in by_id:
+                tokens.append(by_id[i])
+                types.append(int(gguf.TokenType.NORMAL))
+            else:
+                raise CuteGPTError(f"{folder}: token id {i} is missing from tokenizer.json.")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges") or []]
+        kv.append(("add_tokenizer_pre", (pre_tokenizer_name(tj, tokenizer),)))
+    for i in range(n_tok, n_rows):  # embedding rows past the vocabulary (padding to a multiple of 64)
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+    kv.append(("add_token_list", (tokens,)))
+    if family == "llama":
+        kv.append(("add_token_scores", (scores,)))
+    kv.append(("add_token_types", (types,)))
+    if family == "gpt2":
+        kv.append(("add_token_merges", (merges,)))
+    kv.append(("add_vocab_size", (n_rows,)))
+
+    for attr, method in (("bos_token_id", "add_bos_token_id"), ("eos_token_id", "add_eos_token_id"),
+                         ("unk_token_id", "add_unk_token_id"), ("pad_token_id", "add_pad_token_id")):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int) and value >= 0:
+            kv.append((method, (value,)))
+    probe = "hello"
+    with_specials = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    add_bos = bool(tokenizer.bos_token_id is not None and with_specials[:1] == [tokenizer.bos_token_id] and plain[:1] != [tokenizer.bos_token_id])
+    add_eos = bool(tokenizer.eos_token_id is not None and with_specials[-1:] == [tokenizer.eos_token_id] and plain[-1:] != [tokenizer.eos_token_id])
+    kv.append(("add_add_bos_token", (add_bos,)))
+    if add_eos:
+        kv.append(("add_add_eos_token", (True,)))
+
+    jinja = chat_template_jinja(template_name) if template_name != "auto" else getattr(tokenizer, "chat_template", None)
+    if isinstance(jinja, str) and jinja:
+        kv.append(("add_chat_template", (jinja,)))
+    if template_name == "cutegpt":
+        stop = tokenizer(CUTEGPT_STOP, add_special_tokens=False)["input_ids"]
+        if len(stop) == 1:
+            kv.append(("add_eot_token_id", (stop[0],)))
+    return kv
+
+
+def _sp_proto(folder: Path) -> Any:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+    except Exception:
+        raise CuteGPTError(f"{folder / 'tokenizer.model'}: not a SentencePiece model file.") from None
+    return proto
+
+
+def _sp_pieces(folder: Path, tokenizer: Any) -> list[tuple[str, float, int]]:
+    """(piece, score, GGUF token type) per id; SentencePiece's piece types use GGUF's numbering."""
+    import gguf
+
+    if (folder / "tokenizer.model").is_file():
+        proto = _sp_proto(folder)
+        return [(p.piece, float(p.score), int(p.type)) for p in proto.pieces]
+    # no tokenizer.model: a SentencePiece BPE converted to tokenizer.json (byte fallback);
+    # merge priority becomes the score, as SentencePiece BPE scores are ranks
+    tj = _read_json(folder / "tokenizer.json")
+    vocab = tj["model"]["vocab"]
+    out: list[tuple[str, float, int]] = []
+    for piece, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+            out.append((piece, 0.0, int(gguf.TokenType.BYTE)))
+        elif piece == tj["model"].get("unk_token"):
+            out.append((piece, 0.0, int(gguf.TokenType.UNKNOWN)))
+        else:
+            out.append((piece, -float(i), int(gguf.TokenType.NORMAL)))
+    return out
+
+
+def _sp_add_dummy_prefix(folder: Path) -> bool | None:
+    if (folder / "tokenizer.model").is_file():
+        return bool(_sp_proto(folder).normalizer_spec.add_dummy_prefix)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
+    """Write `plan` to `path`, one tensor in memory at a time."""
+    import gguf
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for method, args in plan.kv:
+        getattr(writer, method)(*args)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for t in plan.tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"GGUF {plan.quant}", disable=not progress, leave=False)
+    try:
+        for t in plan.tensors:
+            # a fresh handle per tensor: the mapping (and the file pages it made resident) goes away with it
+            with (safe_open(str(t.file), framework="pt") if t.file is not None else contextlib.nullcontext()) as st:
+                data = _convert(t, st)
+            writer.write_tensor_data(data)
+            bar.update(t.nbytes)
+            del data
+        writer.close()
+    finally:
+        bar.close()
+        with contextlib.suppress(Exception):
+            for f in writer.fout or []:
+                f.close()
+
+
+def _convert(t: TensorPlan, st: Any) -> np.ndarray:
+    """One tensor as GGUF bytes: unpermuted, then cast or quantized a block of rows at a time."""
+    import gguf
+    import torch
+
+    src = torch.from_numpy(t.data) if t.data is not None else st.get_tensor(t.source)
+    if t.permute_heads:
+        src = _unpermute(src, t.permute_heads)
+    if src.dim() == 1 or t.qtype == gguf.GGMLQuantizationType.F32:
+        return src.to(torch.float32).numpy()
+    if t.qtype == gguf.GGMLQuantizationType.F16:
+        return src.to(torch.float16).contiguous().numpy()  # one cast, no float32 copy (round-to-nearest-even, as numpy)
+    rows = []
+    for start in range(0, src.shape[0], CHUNK_ROWS):
+        rows.append(gguf.quants.quantize(src[start:start + CHUNK_ROWS].to(torch.float32).numpy(), t.qtype))
+    del src
+    return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+
+
+def _unpermute(w: Any, n_head: int) -> Any:
+    """HF's rotate-half row order -> llama.cpp's interleaved pairs, per head (LlamaModel.permute)."""
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+

@@ -1,0 +1,281 @@
+"""Check a GGUF file in llama.cpp (through xllamacpp) against the HF model it came from.
+
+    (a) tokenization   a mixed English / Chinese / code / emoji probe: llama.cpp ids == HF ids, id for id
+    (b) top-1          next-token argmax at every position of a probe corpus agrees with transformers
+                       (threshold per quant type); f32/f16/bf16 must also give the same greedy continuation
+    (c) template       llama.cpp's Jinja engine renders the embedded chat template like templates.py
+
+llama.cpp runs in-process (xllamacpp.Server); its HTTP side, bound to 127.0.0.1 on a
+free port, answers /tokenize and /apply-template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+from cutegpt.errors import CuteGPTError
+
+PROBE_TEXT = (
+    "Hello, world! The quick brown fox jumps over 13 lazy dogs. 你好，世界！今天天气很好，我们去公园散步吧。\n"
+    "def add(a, b):\n    return a + b  # 加法 <end>\n"
+    "Emoji 😀🚀 and naïve café — «quotes» 1234567890\t tabs  double  spaces"
+)
+PROBE_CORPUS = (
+    "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre and its cafes.",
+    "中国的首都是北京。北京是一座历史悠久的城市，有故宫、长城和天坛。",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Machine learning is a branch of artificial intelligence. 机器学习是人工智能的一个分支。",
+)
+GREEDY_TOKENS = 16
+# minimum top-1 agreement per type: exact types must match (measured: F16 agrees 100%), quantized ones must be sane (a broken file agrees at chance level; tiny random models quantize badly)
+THRESHOLDS = {"f32": 0.99, "f16": 0.99, "bf16": 0.95, "q8_0": 0.85, "q5_1": 0.5, "q5_0": 0.5, "q4_1": 0.4, "q4_0": 0.4}
+EXACT = ("f32", "f16")
+TIE = 0.05  # logit gap below which two next tokens are a tie (llama.cpp keeps the KV cache in f16)
+
+
+class LlamaCpp:
+    """A GGUF file loaded in llama.cpp, quiet, one thread, with the few calls verification needs."""
+
+    def __init__(self, path: Path, n_ctx: int = 1024, threads: int = 1):
+        import xllamacpp
+
+        p = xllamacpp.CommonParams()
+        p.model.path = str(path)
+        p.n_ctx = n_ctx
+        p.n_parallel = 1
+        p.cpuparams.n_threads = threads
+        p.cpuparams_batch.n_threads = threads
+        p.warmup = False
+        p.use_jinja = True
+        p.verbosity = -1
+        p.hostnames = ["127.0.0.1"]
+        p.port = 0
+        log: list[str] = []
+        try:
+            with _captured_stderr(log):
+                self.server = xllamacpp.Server(p)
+        except Exception as e:
+            reason = next((line.split("error loading model:", 1)[1].strip() for line in reversed(log) if "error loading model:" in line),
+                          str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            raise CuteGPTError(f"llama.cpp cannot load {path.name} ({reason}).") from None
+        address = str(self.server.listening_address)
+        self.base = address if address.startswith("http") else "http://" + address
+
+    def close(self) -> None:
+        self.server = None
+
+    def __enter__(self) -> "LlamaCpp":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return list(self._post("/tokenize", {"content": text, "add_special": add_special, "parse_special": True})["tokens"])
+
+    def apply_template(self, messages: list[dict[str, str]]) -> str:
+        return str(self._post("/apply-template", {"messages": messages})["prompt"])
+
+    def next_logprobs(self, ids: list[int], k: int = 1) -> list[tuple[int, float]] | None:
+        """The k most likely next tokens after `ids` (token ids, no BOS added) with their log-probabilities.
+
+        None when llama.cpp holds the token back as an incomplete UTF-8 character (it then reports no probabilities).
+        """
+        r = self.server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": k, "temperature": 0,
+                                            "cache_prompt": True, "ignore_eos": True, "post_sampling_probs": False})
+        logprobs = r.get("choices", [{}])[0].get("logprobs")
+        if not logprobs:
+            return None
+        return [(int(t["id"]), float(t["logprob"])) for t in logprobs["content"][0]["top_logprobs"]]
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        """Up to `n` greedy token ids after `ids` (n=1: the top-1 next token); ends early with an end-of-generation token, included."""
+        r = self._post("/completion", {"prompt": list(ids), "n_predict": n, "temperature": 0, "return_tokens": True,
+                                       "cache_prompt": True})
+        return [int(t) for t in r["tokens"]]
+
+
+@contextlib.contextmanager
+def _captured_stderr(lines: list[str]) -> Iterator[None]:
+    """Keep llama.cpp's C-level loading chatter off the terminal; its lines land in `lines` for error messages."""
+    import tempfile
+
+    if os.environ.get("CUTEGPT_DEBUG") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines())
+
+
+def template_conversations() -> list[tuple[list[dict[str, str]], Any]]:
+    """(messages, turns, system) cases for check (c): history, custom system, Chinese and English."""
+    from cutegpt.templates import Turn
+
+    return [
+        ([{"role": "user", "content": "你好"}], ([Turn("你好")], None)),
+        ([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is 2+2?"},
+          {"role": "assistant", "content": "4"}, {"role": "user", "content": "中国的首都是哪里？"}],
+         ([Turn("What is 2+2?", output="4"), Turn("中国的首都是哪里？")], "You are a helpful assistant.")),
+    ]
+
+
+def verify_gguf(path: Path, folder: Path, tokenizer: Any, quant: str, template_name: str, progress: bool = True) -> dict[str, Any]:
+    """Run checks (a)-(c); raise CuteGPTError naming the first failed check; return the report."""
+    report: dict[str, Any] = {}
+    with LlamaCpp(path) as cpp:
+        # (a) tokenization, id for id (with and without the BOS/EOS the tokenizer adds)
+        for add in (False, True):
+            hf = list(tokenizer(PROBE_TEXT, add_special_tokens=add)["input_ids"])
+            ll = cpp.tokenize(PROBE_TEXT, add_special=add)
+            if hf != ll:
+                at = next((i for i, (a, b) in enumerate(zip(hf, ll)) if a != b), min(len(hf), len(ll)))
+                raise CuteGPTError(
+                    f"verification failed (tokenization): llama.cpp tokenizes the probe text differently from the HF tokenizer "
+                    f"from token {at} on ({hf[at:at + 3]} vs {ll[at:at + 3]}{', special tokens added' if add else ''}); the file was not kept.")
+        report["tokenization"] = {"ok": True, "probe_tokens": len(hf)}
+
+        # (c) template
+        report["template"] = _check_template(cpp, tokenizer, template_name)
+
+        # (b) top-1 agreement and greedy continuation
+        report["top1"] = _check_top1(cpp, folder, tokenizer, quant, progress)
+    return report
+
+
+def _check_template(cpp: LlamaCpp, tokenizer: Any, template_name: str) -> dict[str, Any]:
+    from cutegpt.templates import get_template
+
+    if template_name == "raw" or (template_name == "auto" and not getattr(tokenizer, "chat_template", None)):
+        return {"ok": True, "checked": 0}
+    n = 0
+    for messages, (turns, system) in template_conversations():
+        if template_name == "cutegpt":
+            want = get_template("cutegpt").prompt(turns, system)
+        else:
+            want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        got = cpp.apply_template(messages)
+        if got != want:
+            raise CuteGPTError(
+                f"verification failed (chat template): llama.cpp renders the embedded {template_name} template as {got[-60:]!r} "
+                f"where cutegpt renders {want[-60:]!r}; the file was not kept.")
+        n += 1
+    return {"ok": True, "checked": n}
+
+
+def _check_top1(cpp: LlamaCpp, folder: Path, tokenizer: Any, quant: str, progress: bool) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    need = _fp32_bytes(folder)
+    avail = _available_memory()
+    if avail is not None and need > avail * 0.8:
+        return {"ok": None, "skipped": f"needs {need / 2**30:.1f} GiB for the float32 reference, {avail / 2**30:.1f} GiB available"}
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model.eval()
+    agree = total = 0
+    greedy_same = True
+    ties = 0
+    first_diff = None
+    texts = list(PROBE_CORPUS)
+    from tqdm import tqdm
+
+    for text in tqdm(texts, desc="verify top-1", disable=not progress, leave=False):
+        ids = list(tokenizer(text)["input_ids"])
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
+        for k in range(1, len(ids)):  # the next token after each prefix
+            total += 1
+            agree += int(cpp.greedy(ids[:k], 1) == [ref[k - 1]])
+        prompt = ids[: max(2, len(ids) // 2)]
+        want = _hf_greedy(model, prompt, GREEDY_TOKENS)
+        got = cpp.greedy(prompt, GREEDY_TOKENS)
+        if not got or got != want[: len(got)]:  # llama.cpp may stop early at a token it treats as end of generation
+            j = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), 0)
+            margin = _margin(model, prompt + want[:j], want[j], got[j] if got else want[j])
+            if margin > TIE:
+                greedy_same = False
+                first_diff = first_diff or text[:30]
+            else:  # transformers itself hesitated: its two choices are closer than float rounding
+                ties += 1
+    del model
+    rate = agree / max(total, 1)
+    threshold = THRESHOLDS[quant]
+    result = {"ok": True, "agreement": round(rate, 4), "positions": total, "threshold": threshold,
+              "greedy_same": greedy_same, "greedy_tokens": GREEDY_TOKENS,
+              "greedy_near_ties": ties}
+    if rate < threshold:
+        raise CuteGPTError(
+            f"verification failed (top-1 agreement): llama.cpp's next token agrees with transformers at {rate:.1%} of "
+            f"{total} positions, below the {threshold:.0%} a {quant} file must reach; the file was not kept.")
+    if quant in EXACT and not greedy_same:
+        raise CuteGPTError(
+            f"verification failed (greedy continuation): llama.cpp's {GREEDY_TOKENS} greedy tokens after {first_diff!r}... "
+            f"differ from transformers' on a {quant} file; the file was not kept.")
+    return result
+
+
+def _margin(model: Any, ids: list[int], a: int, b: int) -> float:
+    """transformers' logit of token `a` minus that of `b` after `ids`."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    return float(logits[a] - logits[b])
+
+
+def _hf_greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    """`n` argmax tokens from transformers, no logits processors (generate's min/max-length rules differ from llama.cpp's)."""
+    import torch
+
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):  # whole sequence each step: short probes, and no KV-cache API to keep up with
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def _fp32_bytes(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += 4 * n
+    return total
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,89 @@
+"""llama.cpp's server, in this process, through xllamacpp.
+
+It listens on a private loopback port with a random API key; only the front
+(`cutegpt.serve.front`) talks to it, so every request passes our checks.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cutegpt.errors import CuteGPTError
+from cutegpt.serve.config import ServeConfig
+from cutegpt.serve.source import ServedModel
+
+
+def resolve_threads(n: int) -> int:
+    """`--threads`: n, or with 0 the cores other processes leave free (see `cutegpt.threads`).
+
+    llama.cpp's worker threads spin while they wait for each other; with more of
+    them than free cores they get descheduled mid-step and throughput collapses
+    (2 threads on a loaded 2-core machine: 4-51 tok/s instead of 94-122).
+    """
+    from cutegpt.threads import resolve_threads as resolve
+
+    return resolve(n)
+
+
+@dataclass
+class Backend:
+    server: Any  # xllamacpp.Server
+    url: str  # http://127.0.0.1:PORT
+    key: str
+    threads: int
+
+    def close(self) -> None:
+        server, self.server = self.server, None
+        del server  # the destructor stops llama.cpp's loop and releases its port
+
+
+def backend_params(cfg: ServeConfig, served: ServedModel, threads: int, key: str) -> Any:
+    import xllamacpp
+
+    p = xllamacpp.CommonParams()
+    p.model.path = str(served.gguf)
+    p.model_alias = {served.name}
+    p.n_parallel = cfg.parallel
+    p.n_ctx = cfg.ctx * cfg.parallel  # llama.cpp splits n_ctx evenly between the slots
+    p.cpuparams.n_threads = threads
+    p.cpuparams_batch.n_threads = threads
+    p.hostnames = ["127.0.0.1"]
+    p.port = 0  # any free port; only the front connects
+    p.api_keys = [key]
+    # one HTTP thread per connection the front may hold: every slot busy plus as many waiting, so queued
+    # requests reach llama.cpp's task queue (and their disconnects are seen) instead of waiting in accept()
+    p.n_threads_http = 2 * cfg.parallel + 4
+    p.endpoint_metrics = True
+    p.ui = cfg.ui
+    p.cache_prompt = cfg.prompt_cache
+    p.verbosity = -1
+    if served.jinja is not None:
+        p.use_jinja = True
+        p.chat_template = served.jinja
+    # server-side defaults too (the front also writes them into each request that omits them)
+    p.sampling.top_p = cfg.top_p
+    p.sampling.top_k = cfg.top_k
+    p.sampling.temp = cfg.temperature
+    p.sampling.penalty_repeat = cfg.repetition_penalty
+    return p
+
+
+def start_backend(cfg: ServeConfig, served: ServedModel) -> Backend:
+    try:
+        import xllamacpp
+    except ImportError:
+        raise CuteGPTError("`cutegpt serve` needs the xllamacpp package: `pip install xllamacpp`.") from None
+    threads = resolve_threads(cfg.threads)
+    key = secrets.token_urlsafe(24)
+    params = backend_params(cfg, served, threads, key)
+    try:
+        server = xllamacpp.Server(params)
+    except RuntimeError as e:
+        raise CuteGPTError(f"llama.cpp could not load {served.gguf} with --ctx {cfg.ctx} x --parallel {cfg.parallel} ({e}).") from None
+    url = server.listening_address
+    if not url:
+        del server
+        raise CuteGPTError("llama.cpp's server did not start listening on a loopback port.")
+    return Backend(server, str(url).rstrip("/"), key, threads)

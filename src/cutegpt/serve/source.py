@@ -1,0 +1,223 @@
+"""What `cutegpt serve` serves: a GGUF file found or made from --model/--lora, and its chat template.
+
+- no --model (and no --lora): the embedded model's GGUF, served as it is;
+- a .gguf file: served as it is;
+- an HF folder or an adapter folder (with --lora merged): exported to GGUF once by
+  `cutegpt.export.gguf.export_gguf` and cached under `<cutegpt cache>/serve-gguf/<content hash>.gguf`;
+  the next start with the same files reuses it.
+
+The content hash covers every file of the model and adapter folders (names and
+bytes), the quant type and the template. Hashing a 13B folder reads ~26 GB, so
+each file's digest is remembered against its (size, mtime) in a small index and
+only changed files are read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cutegpt.errors import CuteGPTError
+
+CACHE_SUBDIR = "serve-gguf"
+HASH_INDEX = "file-digests.json"
+
+
+@dataclass
+class ServedModel:
+    gguf: Path
+    name: str  # the model id clients see in /v1/models
+    template: str  # "cutegpt" or "auto" (the GGUF's own)
+    jinja: str | None  # template text given to llama.cpp; None = the GGUF's own
+    stop: list[str]  # stop strings added to every request
+    hf_folder: Path | None  # for --engine vllm
+    source: str  # what the user asked for, for the start-up banner
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
+def _is_hf_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    """The `tokenizer.chat_template` stored in a GGUF file, or None."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path), "r")
+    except Exception as e:  # not a GGUF file, truncated, ...
+        raise CuteGPTError(f"--model {path} is not a readable GGUF file ({type(e).__name__}: {e}).") from None
+    field = reader.fields.get("tokenizer.chat_template")
+    if field is None:
+        return None
+    try:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception:
+        return None
+
+
+def _template_name(explicit: str | None, folders: list[Path | None]) -> str | None:
+    if explicit:
+        return explicit
+    from cutegpt.templates import read_model_card
+
+    for folder in folders:
+        if folder is not None and folder.is_dir():
+            recorded = read_model_card(folder).get("template")
+            if recorded:
+                return "cutegpt" if recorded == "cutegpt" else "auto"
+    return None
+
+
+def _adapter_base(adapter: Path) -> Path | None:
+    """The local base model folder an adapter records (None: the embedded model)."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        raise CuteGPTError(f"{adapter / 'adapter_config.json'} is not valid JSON.") from None
+    if not base:
+        return None
+    if Path(base).is_dir():
+        return Path(base)
+    raise CuteGPTError(f"the base model '{base}' of adapter {adapter} is not a local folder; pass the base folder as --model and the adapter as --lora.")
+
+
+def _looks_cutegpt(jinja: str | None) -> bool:
+    return bool(jinja) and "<end>" in jinja and "问：" in jinja
+
+
+def resolve_model(model: str | None, lora: str | None, template: str | None, quant: str,
+                  *, export: bool = True, progress: bool = True) -> ServedModel:
+    """Find (or make once) the GGUF to serve and decide its template; raises CuteGPTError for bad paths."""
+    from cutegpt.serve.template import cutegpt_jinja
+
+    hf_folder: Path | None = None
+    if model is None and lora is None:
+        from cutegpt.model.embedded import embedded_gguf
+
+        gguf = embedded_gguf()
+        source = f"embedded {gguf.name}"
+        name = "smollm2-135m-instruct"
+    elif model is not None and model.lower().endswith(".gguf"):
+        gguf = Path(model)
+        if not gguf.is_file():
+            raise CuteGPTError(f"--model {gguf} does not exist.")
+        if lora:
+            raise CuteGPTError("--lora needs an HF model folder as --model (a .gguf file already has its weights merged).")
+        source = str(gguf)
+        name = gguf.stem
+    else:
+        folder = Path(model) if model else None
+        adapter = Path(lora) if lora else None
+        for flag, path in (("--model", folder), ("--lora", adapter)):
+            if path is not None and not path.is_dir():
+                raise CuteGPTError(f"{flag} {path} is neither a .gguf file nor a folder.")
+        if folder is not None and not (_is_hf_model(folder) or _is_adapter(folder)):
+            raise CuteGPTError(f"--model {folder} has no config.json or adapter_config.json; give an HF model folder, an adapter folder or a .gguf file.")
+        if adapter is not None and not _is_adapter(adapter):
+            raise CuteGPTError(f"--lora {adapter} has no adapter_config.json.")
+        if folder is not None and _is_adapter(folder):
+            if adapter is not None:
+                raise CuteGPTError(f"--model {folder} is a LoRA adapter; give its base model as --model and the adapter as --lora.")
+            folder, adapter = _adapter_base(folder), folder
+            model, lora = (str(folder) if folder else None), str(adapter)
+        hf_folder = folder
+        template = _template_name(template, [adapter, folder]) or template
+        gguf = cached_export(model, lora, quant=quant, template=template, progress=progress) if export else Path("<not exported>")
+        source = " + LoRA ".join(str(p) for p in (folder, adapter) if p is not None) or "embedded model"
+        name = (adapter or folder).name if (adapter or folder) else "cutegpt"
+    own = gguf_chat_template(gguf) if gguf.is_file() else None
+    if template is None:
+        template = "cutegpt" if (own is None or _looks_cutegpt(own)) else "auto"
+    if template == "auto" and own is None:
+        raise CuteGPTError(f"--template auto needs a chat template in the model, and {gguf} has none; use --template cutegpt.")
+    jinja = cutegpt_jinja() if template == "cutegpt" else None
+    stop = ["<end>"] if template == "cutegpt" else []
+    return ServedModel(gguf, name, template, jinja, stop, hf_folder, source)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _file_digest(path: Path, index: dict[str, list], key: str) -> str:
+    st = path.stat()
+    known = index.get(key)
+    if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+        return known[2]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    index[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return index[key][2]
+
+
+def content_hash(folders: list[Path | None], extra: str, cache: Path) -> str:
+    """sha256 over the relative names and bytes of every file in the folders, plus `extra`."""
+    index_path = cache / HASH_INDEX
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    h = hashlib.sha256(extra.encode())
+    for i, folder in enumerate(folders):
+        h.update(f"|folder{i}|".encode())
+        if folder is None:
+            continue
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            if rel.startswith(".") or "/." in rel:
+                continue  # editor/VCS droppings do not change the model
+            h.update(rel.encode() + b"\0" + _file_digest(path, index, str(path.resolve())).encode())
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_name(index_path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index), encoding="utf-8")
+        os.replace(tmp, index_path)
+    except OSError:
+        pass  # the index only saves time
+    return h.hexdigest()[:24]
+
+
+def _exporter() -> Callable[..., Path]:
+    try:
+        from cutegpt.export.gguf import export_gguf  # type: ignore[import-not-found]
+    except ImportError:
+        raise CuteGPTError(
+            "serving an HF or adapter folder needs the GGUF exporter (cutegpt.export.gguf), which this version does not have yet; "
+            "pass a .gguf file as --model, or use --engine vllm for HF folders."
+        ) from None
+    return export_gguf
+
+
+def cached_export(model: str | None, lora: str | None, *, quant: str, template: str | None, progress: bool = True) -> Path:
+    """The GGUF of model (+ lora), exported once and reused while the files are unchanged."""
+    from cutegpt.model.embedded import cache_dir
+
+    export_gguf = _exporter()
+    cache = cache_dir() / CACHE_SUBDIR
+    folders = [Path(model) if model else None, Path(lora) if lora else None]
+    key = content_hash(folders, f"quant={quant};template={template}", cache)
+    target = cache / f"{key}-{quant}.gguf"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"Exporting {' + '.join(str(f) for f in folders if f)} to GGUF ({quant}) once: {target}", flush=True)
+    try:
+        out = export_gguf(model, target, lora=lora, quant=quant, template=template, verify=True, overwrite=False, progress=progress)
+    except (FileExistsError, CuteGPTError):
+        if not target.is_file():
+            raise
+        out = target  # another server exported the same files at the same time
+    out = Path(out)
+    if not out.is_file():
+        raise CuteGPTError(f"the GGUF export of {model or 'the embedded model'} did not produce {target}.")
+    return out

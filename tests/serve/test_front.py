@@ -1,0 +1,229 @@
+"""The front: defaults, checks, limits, API key and streaming, against a fake llama.cpp (fast)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from tests.serve.conftest import request
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+def test_defaults_and_stop_marker_are_added(front_factory):
+    port, fake, _ = front_factory()
+    status, body = request(port, "POST", CHAT, {"messages": HELLO})
+    assert status == 200
+    sent = body["echo"]
+    assert (sent["top_p"], sent["top_k"], sent["repeat_penalty"], sent["max_tokens"], sent["temperature"]) == (0.8, 50, 1.1, 256, 1.0)
+    assert sent["stop"] == ["<end>"] and sent["model"] == "tiny"
+    assert fake.auth[-1] == "Bearer backend-secret"
+
+
+def test_request_values_win(front_factory):
+    port, _, _ = front_factory()
+    status, body = request(port, "POST", CHAT, {"messages": HELLO, "model": "tiny", "top_p": 0.5, "top_k": 3,
+                                                "repetition_penalty": 1.3, "max_completion_tokens": 7, "stop": "\n\n",
+                                                "temperature": 0})
+    sent = body["echo"]
+    assert status == 200
+    assert (sent["top_p"], sent["top_k"], sent["repeat_penalty"], sent["max_tokens"], sent["temperature"]) == (0.5, 3, 1.3, 7, 0)
+    assert sent["stop"] == ["\n\n", "<end>"] and "max_completion_tokens" not in sent
+
+
+def test_completions_get_the_stop_marker(front_factory):
+    port, _, _ = front_factory()
+    status, body = request(port, "POST", "/v1/completions", {"prompt": "Once upon", "max_tokens": 4})
+    assert status == 200 and body["echo"]["stop"] == ["<end>"] and body["echo"]["max_tokens"] == 4
+
+
+BAD = [
+    (b"{not json", 400, "invalid_json"),
+    (b"", 400, "invalid_json"),
+    (b"\xff\xfe", 400, "invalid_json"),
+    (json.dumps([1, 2]).encode(), 400, "invalid_type"),
+    (json.dumps({}).encode(), 400, "missing_required_parameter"),
+    (json.dumps({"messages": []}).encode(), 400, "invalid_value"),
+    (json.dumps({"messages": "hello"}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": ["hello"]}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "invalid_value"),
+    (json.dumps({"messages": [{"role": "user"}]}).encode(), 400, "missing_required_parameter"),
+    (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": HELLO, "max_tokens": "10"}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": HELLO, "max_tokens": 10.5}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": HELLO, "max_tokens": True}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": HELLO, "max_tokens": 0}).encode(), 400, "invalid_value"),
+    (json.dumps({"messages": HELLO, "max_tokens": 513}).encode(), 400, "context_length_exceeded"),
+    (json.dumps({"messages": HELLO, "temperature": "hot"}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": HELLO, "top_p": 1.5}).encode(), 400, "invalid_value"),
+    (json.dumps({"messages": HELLO, "stream": "yes"}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": HELLO, "stop": [1]}).encode(), 400, "invalid_type"),
+    (json.dumps({"messages": HELLO, "model": "gpt-4"}).encode(), 404, "model_not_found"),
+    (json.dumps({"messages": HELLO, "model": 7}).encode(), 400, "invalid_type"),
+]
+
+
+@pytest.mark.parametrize("raw,status,code", BAD)
+def test_bad_chat_requests_get_openai_errors_and_the_server_keeps_serving(front_factory, raw, status, code):
+    port, fake, _ = front_factory()
+    got, body = request(port, "POST", CHAT, raw=raw)
+    assert got == status, body
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == code
+    assert body["error"]["message"].endswith(".")
+    assert not fake.bodies  # nothing reached llama.cpp
+    assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
+
+
+def test_bad_completion_requests(front_factory):
+    port, _, _ = front_factory()
+    for body in ({}, {"prompt": ""}, {"prompt": 5}, {"prompt": [""]}, {"prompt": ["a", 1]}):
+        got, answer = request(port, "POST", "/v1/completions", body)
+        assert got == 400 and answer["error"]["param"] == "prompt", body
+
+
+def test_one_megabyte_prompt_is_refused_with_413(front_factory):
+    port, fake, _ = front_factory()
+    got, body = request(port, "POST", CHAT, {"messages": [{"role": "user", "content": "x" * 1_048_576}]})
+    assert got == 413 and body["error"]["code"] == "request_too_large"
+    assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
+
+
+def test_routes_and_methods(front_factory):
+    port, _, _ = front_factory()
+    assert request(port, "GET", CHAT)[0] == 405
+    got, body = request(port, "GET", "/v1/nothing")
+    assert got == 404 and body["error"]["code"] == "not_found"
+    assert request(port, "POST", "/lora-adapters", {"x": 1})[0] == 404  # llama.cpp's state-changing routes stay private
+    got, body = request(port, "GET", "/v1/models")
+    assert got == 200 and [m["id"] for m in body["data"]] == ["tiny"]
+    got, text = request(port, "GET", "/metrics")
+    assert got == 200 and "llamacpp:requests_processing" in text and "cutegpt_requests_total" in text
+    assert request(port, "GET", "/health") == (200, {"status": "ok"})
+    assert request(port, "GET", "/")[1] == "<html>llama-ui</html>"
+
+
+def test_api_key_is_enforced_on_every_api_route(front_factory):
+    port, fake, _ = front_factory(api_key="s3cret")
+    for method, path, body in (("POST", CHAT, {"messages": HELLO}), ("POST", "/v1/completions", {"prompt": "a"}),
+                               ("GET", "/v1/models", None), ("GET", "/metrics", None), ("GET", "/props", None),
+                               ("POST", "/apply-template", {"messages": HELLO})):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            got, answer = request(port, method, path, body, headers)
+            assert got == 401 and answer["error"]["code"] == "invalid_api_key", (path, headers)
+    assert not fake.bodies
+    assert request(port, "POST", CHAT, {"messages": HELLO}, {"Authorization": "Bearer s3cret"})[0] == 200
+    assert request(port, "GET", "/v1/models", None, {"x-api-key": "s3cret"})[0] == 200
+    assert request(port, "GET", "/health")[0] == 200  # health checks and the static page stay open
+    assert request(port, "GET", "/")[0] == 200
+
+
+def _stream(port: int, body: dict, read_events: int | None = None) -> list[bytes]:
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(data), data))
+    buf = b""
+    while True:
+        piece = s.recv(65536)
+        if not piece:
+            break
+        buf += piece
+        if read_events is not None and buf.count(b"data: ") >= read_events:
+            break
+    s.close()
+    return buf.split(b"data: ")
+
+
+def test_streams_are_relayed_event_by_event(front_factory):
+    port, _, _ = front_factory()
+    parts = _stream(port, {"messages": HELLO, "stream": True, "max_tokens": 6})
+    assert parts[0].startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in parts[0]
+    assert len(parts) == 1 + 6 + 1 and parts[-1].startswith(b"[DONE]")
+
+
+def test_client_disconnect_mid_stream_frees_the_backend_and_the_server_keeps_serving(front_factory):
+    port, fake, front = front_factory()
+    _stream(port, {"messages": HELLO, "stream": True, "max_tokens": 200}, read_events=3)
+    deadline = time.monotonic() + 10
+    while fake.closed_early == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.closed_early == 1  # the backend saw its connection go away: llama.cpp frees the slot
+    assert front.counts["disconnects"] == 1
+    assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
+
+
+def test_keep_alive_connection_carries_several_requests(front_factory):
+    import http.client
+
+    port, _, _ = front_factory()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for _ in range(3):
+        conn.request("POST", CHAT, body=json.dumps({"messages": HELLO}), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["echo"]["messages"] == HELLO
+    conn.close()
+
+
+def test_malformed_http_is_refused(front_factory):
+    port, _, _ = front_factory()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"garbage\r\n\r\n")
+    assert s.recv(1000).startswith(b"HTTP/1.1 400")
+    s.close()
+    assert request(port, "GET", "/health")[0] == 200
+
+
+def test_tools_are_dropped_for_the_cutegpt_format(front_factory):
+    port, _, _ = front_factory(tools=False)
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+    status, body = request(port, "POST", CHAT, {"messages": HELLO, "tools": tools, "tool_choice": "auto"})
+    assert status == 200 and "tools" not in body["echo"] and "tool_choice" not in body["echo"]
+    status, body = request(port, "POST", CHAT, {"messages": HELLO, "tools": tools, "tool_choice": "required"})
+    assert status == 400 and body["error"]["param"] == "tool_choice"
+
+
+def test_shutdown_does_not_wait_for_idle_keep_alive_connections(front_factory):
+    import asyncio
+    import http.client
+
+    port, _, front = front_factory()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() == b'{"status":"ok"}'  # the connection now idles, kept alive
+    loop = front.server.get_loop()
+    # with a 600 s grace period, only cancelling the idle connection lets close() return within the minute
+    asyncio.run_coroutine_threadsafe(front.close(grace=600), loop).result(timeout=60)
+    assert not front.tasks
+    conn.close()
+
+
+def test_shutdown_lets_streams_in_progress_finish(front_factory):
+    import asyncio
+    import threading
+
+    port, fake, front = front_factory()
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(_stream(port, {"messages": HELLO, "stream": True, "max_tokens": 40})))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not front.active_streams and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert front.active_streams == 1
+    asyncio.run_coroutine_threadsafe(front.close(grace=60), front.server.get_loop()).result(timeout=90)
+    reader.join(30)
+    parts = got[0]
+    assert len(parts) == 1 + 40 + 1 and parts[-1].startswith(b"[DONE]")  # the answer ended completely
+    with pytest.raises(OSError):  # and nothing new is accepted
+        socket.create_connection(("127.0.0.1", port), timeout=5).recv(1)
+
+
+def test_backend_dying_mid_answer_is_a_500_and_the_server_keeps_serving(front_factory):
+    port, _, front = front_factory()
+    got, body = request(port, "POST", CHAT, {"messages": [{"role": "user", "content": "CRASH"}]})
+    assert got == 500 and body["error"]["type"] == "server_error"
+    assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
