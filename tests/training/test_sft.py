@@ -71,8 +71,8 @@ def test_adapter_round_trip_and_merged_export(tiny_model_dir, sft_dataset, tmp_p
     assert not any("lora" in n for n, _ in lm.model.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(lm.model(input_ids=ids).logits, want, atol=2e-4, rtol=0)
-    with pytest.raises(CuteGPTError, match="already exists"):
-        run_export(ExportConfig(model=str(tiny_model_dir), lora=str(tmp_path / "run" / "final"), out=str(merged)))
+    with pytest.raises(CuteGPTError, match="already exists"):  # checked before anything loads (parse_config runs check())
+        ExportConfig(model=str(tiny_model_dir), lora=str(tmp_path / "run" / "final"), out=str(merged)).check()
 
 
 def test_checkpoints_are_atomic_and_rotated(tiny_model_dir, sft_dataset, tmp_path):
