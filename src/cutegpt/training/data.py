@@ -8,7 +8,7 @@ Packed rows keep samples apart with position ids alone:
 
 transformers turns restarting position ids into a block-diagonal causal mask
 (SDPA, eager) or variable-length attention (flash_attention_2), but only when
-no KV cache is built (FACTS.md): the collator therefore sends `use_cache=False`
+no KV cache is built: the collator therefore sends `use_cache=False`
 with every batch. Padding sits at the end of a row, so causal attention keeps
 every real token from seeing it, and its labels are -100.
 """

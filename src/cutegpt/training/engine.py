@@ -100,7 +100,7 @@ def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str) -> Any
         model = load_quantized(cfg)
     else:
         model = load_model(args).model
-    model.config.use_cache = False  # restarting position ids separate samples only without a cache (FACTS.md)
+    model.config.use_cache = False  # restarting position ids separate samples only without a cache (tests/training/test_data.py)
     attn = pick_attention(cfg.attn_implementation)
     if attn and getattr(model.config, "_attn_implementation", None) != attn:
         model.set_attn_implementation(attn)
