@@ -144,7 +144,120 @@ def run_role(role: str, a, work: Path, nproc: int = 1) -> dict:
     return json.loads(result.read_text())
 
 
+# ---------------------------------------------------------------- suites added for issue 14
+
+def run_measured(flags: list[str], work: Path, name: str, env_extra: dict | None = None) -> dict:
+    """Like measure(), but the child's own peak RSS via a tiny wrapper (RUSAGE_CHILDREN mixes children)."""
+    out = work / name
+    res = work / f"{name}.rss"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
+    wrapper = work / "rss_wrapper.py"
+    wrapper.write_text(
+        "import resource, runpy, sys\n"
+        "res = sys.argv.pop(1)\n"
+        "sys.argv = ['cutegpt'] + sys.argv[1:]\n"
+        "code = 0\n"
+        "try:\n"
+        "    runpy.run_module('cutegpt', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    code = e.code or 0\n"
+        "open(res, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+        "sys.exit(code)\n")
+    cmd = [sys.executable, str(wrapper), str(res), "train", "sft", "--out", str(out), *flags]
+    r = subprocess.run(cmd, env=env, capture_output=True)
+    if r.returncode:
+        raise SystemExit(f"{name} failed:\n{r.stderr.decode()[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["peak_rss_gib"] = int(res.read_text()) / 1024 ** 2
+    return summary
+
+
+def base_flags(L: int, steps: int, extra: list[str]) -> list[str]:
+    return ["--data", str(DATA), "--max-length", str(L), "--micro-batch", "2", "--grad-accum", "1", "--max-steps", str(steps),
+            "--save-steps", "1000", "--precision", "bf16", "--threads", "1", "--lr", "3e-4", "--warmup-steps", "0",
+            "--report-to", "none", *extra]
+
+
+def planned(L: int, method: str, quant: str, ckpt: bool, precision: str = "bf16") -> float:
+    from cutegpt.model.embedded import embedded_model_dir
+    from cutegpt.training.plan import PlanInput, estimate, read_shape
+
+    shape = read_shape(embedded_model_dir())
+    return estimate(shape, PlanInput(method=method, precision=precision, quantization=quant, seq_len=L, micro_batch=2,
+                                     gradient_checkpointing=ckpt)).peak / 1024 ** 3
+
+
+def suite_quant(a, work: Path) -> None:
+    """LoRA 16-bit vs 8-bit LoRA vs QLoRA (+ the old full-logits loss), same steps, validation loss after them."""
+    rows = []
+    for name, extra, env in [
+        ("LoRA 16-bit, full-vocabulary logits (before)", [], {"CUTEGPT_FULL_LOGITS": "1"}),
+        ("LoRA 16-bit", [], None),
+        ("8-bit LoRA", ["--quantization", "8bit"], None),
+        ("QLoRA NF4", ["--quantization", "4bit"], None),
+    ]:
+        flags = base_flags(a.max_length, a.steps, ["--val-ratio", "0.05", "--eval-steps", str(a.steps), *extra])
+        r = run_measured(flags, work, name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""), env)
+        quant = "8bit" if "8-bit" in name else "4bit" if "QLoRA" in name else "none"
+        r["plan_gib"] = planned(a.max_length, "lora", quant, False)
+        rows.append((name, r))
+        print(f"{name:<46} {r['tokens_per_second']:>9.1f} tok/s  peak {r['peak_rss_gib']:.2f} GiB  plan {r['plan_gib']:.2f} GiB  "
+              f"val loss {r.get('final_val_loss', float('nan')):.4f}", flush=True)
+    print("\n| run | tokens/s | peak RSS GiB | plan GiB | plan / measured | validation loss |\n|---|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['tokens_per_second']:.1f} | {r['peak_rss_gib']:.2f} | {r['plan_gib']:.2f} | "
+              f"{r['plan_gib'] / r['peak_rss_gib']:.2f} | {r.get('final_val_loss', float('nan')):.4f} |")
+
+
+def suite_grid(a, work: Path) -> None:
+    """The plan's predicted peak vs the measured peak RSS over method x quantization x checkpointing x length."""
+    print("| method | L | checkpointing | plan GiB | measured GiB | plan / measured |\n|---|---|---|---|---|---|")
+    for method, quant in (("lora", "none"), ("lora", "4bit"), ("full", "none")):
+        for ckpt in (False, True):
+            for L in a.lengths:
+                extra = ["--method", method, "--quantization", quant] + (["--gradient-checkpointing"] if ckpt else [])
+                if method == "full":
+                    extra += ["--template", "chatml"]
+                r = run_measured(base_flags(L, 2, extra), work, f"grid-{method}-{quant}-{ckpt}-{L}")
+                p = planned(L, method, quant, ckpt)
+                print(f"| {method}{' ' + quant if quant != 'none' else ''} | {L} | {'on' if ckpt else 'off'} | {p:.2f} | "
+                      f"{r['peak_rss_gib']:.2f} | {p / r['peak_rss_gib']:.2f} |", flush=True)
+
+
+def suite_table() -> None:
+    """Plan figures for LLaMA 7B/13B on one GPU (bf16 weights, micro-batch 1 x 512 tokens, checkpointing) beside the
+    'Hardware Requirement' table of LLaMA-Factory's README (the version for 7B/13B, as kept in forks of it)."""
+    from cutegpt.training.plan import ModelShape, PlanInput, estimate
+
+    shapes = {"7B": ModelShape(4096, 11008, 32, 32, 32, 32000, False, "llama-7b"),
+              "13B": ModelShape(5120, 13824, 40, 40, 40, 32000, False, "llama-13b")}
+    lf = {("full", "none"): {"7B": 160, "13B": 320}, ("lora", "none"): {"7B": 16, "13B": 32},
+          ("lora", "8bit"): {"7B": 10, "13B": 16}, ("lora", "4bit"): {"7B": 6, "13B": 12}}
+    print("| setting | 7B plan GiB | 7B LLaMA-Factory GB | 13B plan GiB | 13B LLaMA-Factory GB |\n|---|---|---|---|---|")
+    for (method, quant), ref in lf.items():
+        cells = []
+        for size in ("7B", "13B"):
+            inp = PlanInput(method=method, precision="bf16", weight_dtype="bfloat16", quantization=quant, seq_len=512,
+                            micro_batch=1, gradient_checkpointing=True, device="cuda")
+            cells += [f"{estimate(shapes[size], inp).peak / 1024 ** 3:.1f}", str(ref[size])]
+        label = {"none": "16-bit", "8bit": "8-bit", "4bit": "4-bit"}[quant]
+        print(f"| {method} {label} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("quant", "grid", "table"):
+        q = argparse.ArgumentParser()
+        q.add_argument("suite")
+        q.add_argument("--max-length", type=int, default=512)
+        q.add_argument("--steps", type=int, default=4)
+        q.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
+        a = q.parse_args()
+        if a.suite != "table" and not DATA.is_file():
+            raise SystemExit(f"{DATA} is missing (set CUTEGPT_SHARED)")
+        work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+        print(f"one torch thread per run; loaded shared machine; work dir {work}", flush=True)
+        {"quant": lambda: suite_quant(a, work), "grid": lambda: suite_grid(a, work), "table": suite_table}[a.suite]()
+        return
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=96)
     p.add_argument("--max-length", type=int, default=512)

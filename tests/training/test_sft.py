@@ -71,8 +71,8 @@ def test_adapter_round_trip_and_merged_export(tiny_model_dir, sft_dataset, tmp_p
     assert not any("lora" in n for n, _ in lm.model.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(lm.model(input_ids=ids).logits, want, atol=2e-4, rtol=0)
-    with pytest.raises(CuteGPTError, match="already exists"):
-        run_export(ExportConfig(model=str(tiny_model_dir), lora=str(tmp_path / "run" / "final"), out=str(merged)))
+    with pytest.raises(CuteGPTError, match="already exists"):  # checked before anything loads (parse_config runs check())
+        ExportConfig(model=str(tiny_model_dir), lora=str(tmp_path / "run" / "final"), out=str(merged)).check()
 
 
 def test_checkpoints_are_atomic_and_rotated(tiny_model_dir, sft_dataset, tmp_path):
@@ -132,21 +132,21 @@ def test_tokenizer_mismatch_refused_before_loading(tiny_model_dir, tmp_path, mon
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny_model_dir, sft_dataset, tmp_path, monkeypatch):
-    from transformers import Trainer
+    from cutegpt.training import loss as loss_mod
 
-    real = Trainer.compute_loss
+    real = loss_mod.causal_lm_loss
     calls = {"n": 0}
 
-    def poisoned(self, model, inputs, *a, **kw):
+    def poisoned(*a, **kw):
         calls["n"] += 1
-        loss = real(self, model, inputs, *a, **kw)
-        return loss * float("nan") if calls["n"] == 5 else loss
+        loss, n = real(*a, **kw)
+        return (loss * float("nan") if calls["n"] == 5 else loss), n
 
-    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(loss_mod, "causal_lm_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(CuteGPTError, match=r"loss became nan at step 5.*checkpoint-4"):
         run_sft(_cfg(tiny_model_dir, sft_dataset, out, max_steps=10, save_steps=2))
-    assert [p.name for p in engine.complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]  # 3 = epoch end
+    assert [p.name for p in engine.complete_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]  # 3 = epoch end; two kept by default
     assert not (out / "final").exists()
 
 

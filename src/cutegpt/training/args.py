@@ -60,9 +60,22 @@ class TrainArgs(ModelArgs):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = arg("auto", "attention kernel; auto = flash_attention_2 when installed on a GPU, else sdpa")
     deepspeed: str | None = arg(None, "DeepSpeed JSON config (see configs/); works on one process without a launcher", absent="no DeepSpeed")
     save_steps: int = arg(2000, "save a checkpoint every N optimizer steps (and at each epoch end)", ge=1)
-    save_total_limit: int | None = arg(None, "keep only the newest N checkpoints", ge=1, absent="all")
+    save_total_limit: int = arg(2, "keep only the newest N checkpoints (--resume needs only the last)", ge=1)
     logging_steps: int = arg(1, "log loss and learning rate every N steps", ge=1)
     resume: bool = arg(False, "continue from the last complete checkpoint in --out")
+    force: bool = arg(False, "with --resume: continue even though the data or settings differ from the checkpoint's run")
+    overwrite: bool = arg(False, "train into an --out that holds an earlier run's final/ (replaced only when the new one is complete)")
+    quantization: Literal["none", "4bit", "8bit"] = arg("none", "load the frozen base in 4 bits (QLoRA) or 8 bits (bitsandbytes); LoRA only")
+    bnb_4bit_type: Literal["nf4", "fp4"] = arg("nf4", "4-bit data type with --quantization 4bit")
+    double_quant: bool = arg(True, "quantize the 4-bit scales too (saves ~0.4 bit per weight)")
+    val_data: str | None = arg(None, "held-out data (same kinds as --data) for a validation loss", absent="--val-ratio, else no validation")
+    val_ratio: float = arg(0.0, "hold out this share of whole conversations (documents for pt), chosen with --seed", ge=0, lt=1)
+    eval_steps: int | None = arg(None, "validation loss every N optimizer steps (and at the end)", ge=1,
+                                 absent="--save-steps")
+    keep_best: bool = arg(False, "keep the checkpoint with the lowest validation loss as OUT/best/")
+    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = arg("tensorboard", "where the Trainer logs metrics")
+    plan: bool = arg(False, "print the expected peak memory per device from config.json and stop (nothing loads)")
+    device_memory_gb: float | None = arg(None, "memory per device for --plan", gt=0, absent="the GPU's, else this machine's RAM")
     seed: int = arg(42, "random seed (data order, LoRA init, dropout)", ge=0)
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads", "--num_threads"))
     max_length: int = arg(2048, "longest row in tokens (pre-training block size; on-the-fly conversion limit)", ge=2,
@@ -71,5 +84,11 @@ class TrainArgs(ModelArgs):
     def check(self) -> None:
         if len(self.adam_betas) != 2:
             raise CuteGPTError(f"--adam-betas takes two numbers (beta1 beta2), not {len(self.adam_betas)}.")
+        if self.quantization != "none" and self.method == "full":
+            raise CuteGPTError(f"--quantization {self.quantization} trains a LoRA adapter on a frozen quantized base; drop it or use --method lora.")
+        if self.val_data and self.val_ratio:
+            raise CuteGPTError("--val-data and --val-ratio both choose validation data; give one of them.")
+        if self.keep_best and not (self.val_data or self.val_ratio):
+            raise CuteGPTError("--keep-best needs validation data: add --val-data FILE or --val-ratio 0.05.")
         if self.max_steps == 0:
             raise CuteGPTError("--max-steps must be a positive number of steps, or -1 to train for --epochs.")

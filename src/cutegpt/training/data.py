@@ -8,7 +8,7 @@ Packed rows keep samples apart with position ids alone:
 
 transformers turns restarting position ids into a block-diagonal causal mask
 (SDPA, eager) or variable-length attention (flash_attention_2), but only when
-no KV cache is built (FACTS.md): the collator therefore sends `use_cache=False`
+no KV cache is built: the collator therefore sends `use_cache=False`
 with every batch. Padding sits at the end of a row, so causal attention keeps
 every real token from seeing it, and its labels are -100.
 """
@@ -115,8 +115,13 @@ def pack_documents(docs: Iterable[list[int]], block: int) -> dict[str, list[list
     return rows
 
 
-def pretraining_dataset(paths: Sequence[str | Path], tokenizer: Any, block: int, text_field: str = "text") -> Any:
-    """Tokenize documents (EOS appended to each) and pack them into rows of `block` tokens."""
+def pretraining_dataset(paths: Sequence[str | Path], tokenizer: Any, block: int, text_field: str = "text",
+                        val_ratio: float = 0.0, seed: int = 0) -> Any:
+    """Tokenize documents (EOS appended to each) and pack them into rows of `block` tokens.
+
+    With `val_ratio`, a seeded share of whole documents is held out and packed
+    apart: returns (training rows, validation rows).
+    """
     from datasets import Dataset
 
     if tokenizer.eos_token_id is None:
@@ -133,6 +138,14 @@ def pretraining_dataset(paths: Sequence[str | Path], tokenizer: Any, block: int,
         if batch:
             yield from (ids + [eos] for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
 
+    if val_ratio:
+        from cutegpt.training.validation import choose
+
+        docs = list(tokenized())
+        held = choose(len(docs), val_ratio, seed)
+        train = pack_documents((d for i, d in enumerate(docs) if i not in held), block)
+        val = pack_documents((d for i, d in enumerate(docs) if i in held), block)
+        return Dataset.from_dict(train), Dataset.from_dict(val)
     rows = pack_documents(tokenized(), block)
     if not rows["input_ids"]:
         raise CuteGPTError(f"no text found in {', '.join(map(str, paths))}.")

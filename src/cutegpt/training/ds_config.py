@@ -9,7 +9,7 @@ so the original's files (configs/ds_lora_zero1.json) work as they are:
     file value  + flag given   -> the flag wins (said in the log)
 
 On a CPU the file's `optimizer` block is dropped (it would compile DeepSpeed's
-fused Adam; torch's AdamW gives the same losses, FACTS.md) and so is optimizer
+fused Adam; torch's AdamW gives the same losses) and so is optimizer
 and parameter offload (nothing to offload to).
 """
 

@@ -33,8 +33,13 @@ class PTConfig(TrainArgs):
 
 
 def run_pt(cfg: PTConfig) -> int:
-    if not cfg.data:
+    if not cfg.data and not cfg.plan:
         raise CuteGPTError("--data is required: .txt or .jsonl files (or folders of them).")
+    if cfg.plan:  # config.json only: no torch, no weights
+        from cutegpt.training.plan import run_plan
+
+        run_plan(cfg)
+        return 0
     from cutegpt.training.engine import train
 
     train(cfg, lambda: prepare_pt(cfg))
@@ -46,8 +51,15 @@ def prepare_pt(cfg: PTConfig) -> Prepared:
     from cutegpt.training.engine import Prepared, base_model_path, load_for_training, training_tokenizer
 
     tokenizer = training_tokenizer(cfg, None)  # pre-training text has no stop marker to add
-    dataset = pretraining_dataset(cfg.data, tokenizer, cfg.max_length, cfg.text_field)
+    val = None
+    if cfg.val_ratio:
+        dataset, val = pretraining_dataset(cfg.data, tokenizer, cfg.max_length, cfg.text_field,
+                                           val_ratio=cfg.val_ratio, seed=cfg.seed)
+    else:
+        dataset = pretraining_dataset(cfg.data, tokenizer, cfg.max_length, cfg.text_field)
+        if cfg.val_data:
+            val = pretraining_dataset([cfg.val_data], tokenizer, cfg.max_length, cfg.text_field)
     base = base_model_path(cfg)
     template = resolve_template_name(cfg.template, [base], tokenizer)
     model = load_for_training(cfg, tokenizer, template)
-    return Prepared(model, tokenizer, dataset, template)
+    return Prepared(model, tokenizer, dataset, template, val)

@@ -40,8 +40,13 @@ class SFTConfig(TrainArgs):
 
 
 def run_sft(cfg: SFTConfig) -> int:
-    if not cfg.data:
+    if not cfg.data and not cfg.plan:
         raise CuteGPTError("--data is required: a dataset folder from `cutegpt data convert` or conversation files.")
+    if cfg.plan:  # config.json only: no torch, no weights
+        from cutegpt.training.plan import run_plan
+
+        run_plan(cfg)
+        return 0
     from cutegpt.training.engine import train
 
     train(cfg, lambda: prepare_sft(cfg))
@@ -78,8 +83,26 @@ def prepare_sft(cfg: SFTConfig) -> Prepared:
                     "(as the original did); convert the data again with `cutegpt data convert --add-stop-token`, or train with --method lora."
                 ) from None
         raise
+    dataset, val = validation_split(cfg, dataset, manifest, tokenizer)
     model = load_for_training(cfg, tokenizer, template_name)
-    return Prepared(model, tokenizer, dataset, template_name)
+    return Prepared(model, tokenizer, dataset, template_name, val)
+
+
+def validation_split(cfg: SFTConfig, dataset: Any, manifest: dict[str, Any], tokenizer: Any) -> tuple[Any, Any]:
+    """(training rows, validation rows or None): --val-data as given, or --val-ratio of whole conversations."""
+    from cutegpt.training.data import load_packed_dataset
+    from cutegpt.training.validation import split_packed
+
+    if cfg.val_data:
+        given = Path(cfg.val_data)
+        if not given.exists():
+            raise CuteGPTError(f"--val-data {given} does not exist.")
+        folder = given if given.is_dir() else convert_cached(dataclasses.replace(cfg, data=[str(given)]))
+        val, _ = load_packed_dataset(folder, tokenizer)
+        return dataset, val
+    if cfg.val_ratio:
+        return split_packed(dataset, cfg.val_ratio, cfg.seed, int(manifest.get("max_length") or cfg.max_length))
+    return dataset, None
 
 
 def resolve_template(cfg: SFTConfig, manifest: dict[str, Any], folder: Path) -> str:

@@ -1,0 +1,130 @@
+"""The memory plan: from config.json alone, parts that add up, advice that fits; within 25% of the measured peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cutegpt.training.plan import GiB, PlanInput, estimate, format_plan, read_shape, suggestions
+from cutegpt.training.sft import SFTConfig, run_sft
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def llama13b(tmp_path: Path, vocab: int) -> Path:
+    folder = tmp_path / f"llama-13b-{vocab}"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824,
+        "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": vocab,
+        "tie_word_embeddings": False}))
+    return folder
+
+
+@pytest.mark.parametrize("vocab", [32000, 70000])
+def test_13b_plan_from_config_alone(tmp_path, vocab, capsys):
+    folder = llama13b(tmp_path, vocab)  # config.json only: no weights, no tokenizer
+    shape = read_shape(folder)
+    assert shape.total == pytest.approx(13.016e9 + 2 * (vocab - 32000) * 5120, rel=1e-3)
+    run_sft(SFTConfig(model=str(folder), plan=True, max_length=2048, micro_batch=1, precision="bf16",
+                      device_memory_gb=24, quantization="4bit", gradient_checkpointing=True))
+    out = capsys.readouterr().out
+    for part in ("weights", "gradients", "optimizer states", "activations", "LoRA/quantization overhead", "expected peak"):
+        assert part in out, out
+    lora16 = estimate(shape, PlanInput(method="lora", seq_len=2048, micro_batch=1, device="cuda"))
+    qlora = estimate(shape, PlanInput(method="lora", quantization="4bit", seq_len=2048, micro_batch=1,
+                                      gradient_checkpointing=True, device="cuda"))
+    full = estimate(shape, PlanInput(method="full", seq_len=2048, micro_batch=1, device="cuda"))
+    assert lora16.parts["weights"] == pytest.approx(4 * shape.total)  # fp32 master weights as train loads them
+    assert qlora.peak < 24 * GiB < lora16.peak < full.peak
+    assert full.parts["optimizer states"] == pytest.approx(8 * shape.total)
+    # the extended vocabulary costs its embedding and output rows (fp32 under QLoRA)
+    (tmp_path / "ref").mkdir()
+    ref = estimate(read_shape(llama13b(tmp_path / "ref", 32000)), qlora.inp)
+    assert qlora.parts["weights"] - ref.parts["weights"] == pytest.approx(2 * (vocab - 32000) * 5120 * 4)
+
+
+def test_advice_when_it_does_not_fit(tmp_path, capsys):
+    shape = read_shape(llama13b(tmp_path, 32000))
+    inp = PlanInput(method="lora", seq_len=2048, micro_batch=4, device="cuda")
+    fix = suggestions(shape, inp, 24 * GiB)
+    assert fix and all("--quantization 4bit" in f for f in fix)
+    text = format_plan(estimate(shape, inp), 24 * GiB)
+    assert "does not fit" in text and "--quantization 4bit" in text
+    assert "with --gradient-checkpointing" in text
+
+
+def test_plan_with_zero_uses_deepspeed_estimator(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shape = read_shape(llama13b(tmp_path, 32000))
+    plan = estimate(shape, PlanInput(method="full", seq_len=512, micro_batch=1, zero_stage=2, processes=4, device="cuda"))
+    want = estimate_zero2_model_states_mem_needs(shape.total, num_gpus_per_node=4, cpu_offload=False)[1]
+    assert plan.parts["model states (DeepSpeed estimator)"] == want
+
+
+def test_bad_config_is_one_sentence(tmp_path):
+    from cutegpt.errors import CuteGPTError
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": "big"}))
+    with pytest.raises(CuteGPTError, match=r"'hidden_size' must be a positive integer, not 'big'"):
+        read_shape(tmp_path)
+
+
+# ---------------------------------------------------------------- measured (slow)
+
+GRID = [  # method, quantization, checkpointing, L
+    ("lora", "none", False, 256),
+    ("lora", "none", True, 512),
+    ("lora", "4bit", False, 256),
+    ("full", "none", True, 256),
+]
+
+
+def measure_peak(model_dir: Path, text: Path, out: Path, method: str, quant: str, ckpt: bool, L: int) -> float:
+    """Peak RSS (GiB) of one `train pt` process: 2 steps, micro-batch 2 rows of L tokens, bf16, one thread."""
+    rss = out.with_suffix(".rss")
+    code = ("import resource, runpy, sys\n"
+            "res = sys.argv.pop(1); sys.argv = ['cutegpt'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('cutegpt', run_name='__main__', alter_sys=True)\n"
+            "finally:\n    open(res, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n")
+    cmd = [sys.executable, "-c", code, str(rss), "train", "pt", "--model", str(model_dir), "--data", str(text),
+           "--out", str(out), "--max-length", str(L), "--micro-batch", "2", "--grad-accum", "1", "--max-steps", "2",
+           "--save-steps", "1000", "--precision", "bf16", "--threads", "1", "--method", method, "--quantization", quant,
+           "--report-to", "none", *(["--gradient-checkpointing"] if ckpt else [])]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(rss.read_text()) / 1024 ** 2
+
+
+def corpus(path: Path) -> Path:
+    from tests.tiny import CORPUS
+
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(400):
+            f.write(json.dumps({"text": f"{i} " + CORPUS[i % len(CORPUS)] * 3}, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_plan_within_25_percent_of_measured_peak(embedded_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    text = corpus(tmp_path / "corpus.jsonl")
+    shape = read_shape(embedded_dir)
+    rows = []
+    for method, quant, ckpt, L in GRID:
+        measured = measure_peak(embedded_dir, text, tmp_path / f"{method}-{quant}-{ckpt}-{L}", method, quant, ckpt, L)
+        plan = estimate(shape, PlanInput(method=method, quantization=quant, gradient_checkpointing=ckpt, seq_len=L,
+                                         micro_batch=2, precision="bf16", device="cpu")).peak / GiB
+        rows.append((method, quant, ckpt, L, plan, measured))
+    print("\n".join(f"{r[0]} {r[1]} ckpt={r[2]} L={r[3]}: plan {r[4]:.2f} GiB, measured {r[5]:.2f} GiB" for r in rows))
+    for method, quant, ckpt, L, plan, measured in rows:
+        assert abs(plan - measured) <= 0.25 * measured, (method, quant, ckpt, L, plan, measured)
