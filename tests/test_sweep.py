@@ -337,13 +337,9 @@ def path_cases():
 
 # Cases that fail outside the safety helper's area (strict: they must start passing when fixed).
 # Filled from a run of this sweep; the reason names the owner.
-_TRAIN = ("train helper (item 1/3): an existing --out (holding an earlier final/) is trained into without --overwrite or "
-          "--resume, and an --out that is or lies inside --model/--data is accepted: io.check_output(inputs=[model, data, lora...]) "
-          "before loading")
 _EVAL = ("evalfix helper: eval checks --out only after the model loads (existing/file/read-only/inside an input); "
          "call io.check_output before loading (an existing --out with --resume is legitimate: say so)")
 KNOWN: dict[str, str] = {
-    **{f"train-{k}:out:{c}": _TRAIN for k in ("sft", "pt") for c in ("exists", "inside_input", "is_input")},
 }
 
 
@@ -554,9 +550,6 @@ def test_leftovers_beside_an_output_are_cleaned(tmp_path, shared, work, capsys):
 # ---------------------------------------------------------------- several --data sources for train sft (item 7, 13)
 
 
-@pytest.mark.xfail(strict=True, reason="train helper: `train sft --data dir1 dir2` (two converted datasets) says 'data file dir1 "
-                                       "does not exist'; call cutegpt.data.readers.source_files(cfg.data, flag='--data') in "
-                                       "training/sft.py conversion_key, which names the dataset folder")
 def test_train_sft_two_dataset_folders_named_right(shared, work, capsys):
     other = work / "dir2"
     shutil.copytree(shared["dataset"], other)
@@ -565,9 +558,6 @@ def test_train_sft_two_dataset_folders_named_right(shared, work, capsys):
     check_refused(argv_of(("train", "sft"), spec), ["is a converted dataset folder"], capsys, work, shared["root"])
 
 
-@pytest.mark.xfail(strict=True, reason="train helper: `train sft --data a.jsonl b.pkl:2` refuses several files; pass "
-                                       "input=list(cfg.data) to cutegpt.data.convert.convert (it takes files, folders and "
-                                       "FILE:W weights) and hash the files of cutegpt.data.readers.source_files(cfg.data)")
 def test_train_sft_several_conversation_files(shared, work, capsys):
     import pickle
 

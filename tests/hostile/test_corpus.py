@@ -170,11 +170,7 @@ WEIGHT_CASES = {
                                                   "--micro-batch", "1", "--grad-accum", "1", "--threads", "1"],
 }
 # Filled from a run: message problems outside the safety helper's area (the canary check still runs and must pass).
-WEIGHT_KNOWN: dict[str, str] = {
-    "train_sft-resume_lora_bin": ("train helper (--resume-lora): a hostile adapter_model.bin is refused by torch (no code "
-                                  "runs) but as 'unexpected UnpicklingError' over several lines suggesting weights_only=False; "
-                                  "load the adapter through model/loading.py's safe path"),
-}
+WEIGHT_KNOWN: dict[str, str] = {}
 
 
 def _prompt(w: Path) -> Path:

@@ -257,8 +257,12 @@ def _attach_lora(model: Any, lora_path: Path, model_path: Path, tokenizer: Any, 
             f"the tokenizer in {lora_path} has {len(tokenizer)} tokens but the base model {model_path} only {n_embed} embeddings: "
             "the adapter was trained on another (extended) base model."
         )
+    import warnings
+
     try:
-        model = PeftModel.from_pretrained(model, str(lora_path), is_trainable=False)
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecated: not the user's to see
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(lora_path), is_trainable=False)
     except RuntimeError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
         raise CuteGPTError(f"the LoRA adapter {lora_path} does not fit the base model {model_path}: {detail[:300]}") from None

@@ -54,7 +54,25 @@ class ExportConfig(ModelArgs):
         check_output(self.out, kind="folder", inputs=(self.model, self.lora), overwrite=self.overwrite)
 
 
+def _say_base(cfg: ExportConfig) -> None:
+    """An adapter trained on a 4-/8-bit base is merged onto the 16-bit base it records, never onto dequantized weights."""
+    import json
+
+    record = Path(cfg.lora) / "cutegpt_training.json" if cfg.lora else None
+    if record is None or not record.is_file():
+        return
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    quant = info.get("quantization", "none") if isinstance(info, dict) else "none"
+    if quant and quant != "none":
+        base = cfg.model or info.get("base_model") or "the recorded base"
+        print(f"merging {cfg.lora} (trained on a {quant} base) onto the 16-bit base {base}, never onto dequantized weights")
+
+
 def run_export(cfg: ExportConfig) -> int:
+    _say_base(cfg)
     if cfg.format == "gguf":
         return run_export_gguf(cfg)
     out = Path(cfg.out)

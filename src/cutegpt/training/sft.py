@@ -128,11 +128,11 @@ def cache_root() -> Path:
 
 def conversion_key(cfg: SFTConfig) -> str:
     """A name from the data files' bytes, the tokenizer and the settings that change the rows."""
+    from cutegpt.data.readers import source_files
+
     h = hashlib.sha256()
-    for p in map(Path, cfg.data):
-        if not p.is_file():
-            raise CuteGPTError(f"data file {p} does not exist.")
-        h.update(p.name.encode())
+    for p, weight in source_files(cfg.data, flag="--data"):  # names a missing path or a dataset folder mixed in
+        h.update(f"{p.name}:{weight}".encode())
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -158,13 +158,11 @@ def convert_cached(cfg: SFTConfig) -> Path:
                 return folder
             time.sleep(1)
         raise CuteGPTError(f"gave up waiting for process 0 to convert the data into {folder}.")
-    if len(cfg.data) != 1:
-        raise CuteGPTError(f"on-the-fly conversion takes one conversation file, not {len(cfg.data)}; convert them with `cutegpt data convert` first.")
     try:
         from cutegpt.data.convert import ConvertConfig, convert
     except ImportError:
         raise CuteGPTError("on-the-fly conversion needs `cutegpt data convert`, which this version lacks; pass a converted dataset folder.") from None
-    wanted: dict[str, Any] = {"input": cfg.data[0], "out": str(folder), "model": cfg.model, "max_length": cfg.max_length,
+    wanted: dict[str, Any] = {"input": list(cfg.data), "out": str(folder), "model": cfg.model, "max_length": cfg.max_length,
                               "packing": cfg.packing, "seed": cfg.seed}
     if cfg.template:
         wanted["template"] = cfg.template
