@@ -166,6 +166,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def put_in_place(new: Path, final: Path) -> None:
+    """Rename the complete folder `new` to `final` (readable modes), replacing an old `final` only now."""
+    fix_modes(new)
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")  # cleaned at a later start if we die here
+        os.replace(final, trash)
+        os.replace(new, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(new, final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; rename it to `final` on success.
@@ -182,17 +194,10 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         with os_errors(final):
             yield tmp
-            fix_modes(tmp)
-            if final.exists():
-                if not overwrite:
-                    raise OutputExistsError(f"{final} appeared while this run was writing it (another run on the same output?); "
-                                            f"the new result was discarded.")
-                trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-                os.replace(final, trash)
-                os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            if final.exists() and not overwrite:
+                raise OutputExistsError(f"{final} appeared while this run was writing it (another run on the same output?); "
+                                        f"the new result was discarded.")
+            put_in_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -338,16 +338,9 @@ def run_recipe(cfg: RecipeConfig) -> int:
                 raise failure
             raise CuteGPTError(f"{failure}; the previous run in {out} was kept as it was.")
         with os_errors(out, "putting the run in place"):
-            from cutegpt.io import fix_modes
+            from cutegpt.io import put_in_place
 
-            fix_modes(work)
-            if out.exists():
-                trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, trash)
-                os.replace(work, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(work, out)
+            put_in_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

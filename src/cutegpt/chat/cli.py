@@ -87,7 +87,8 @@ def run_batch_turns(session: ChatSession, source: str, out: IO[str]) -> None:
         r = session.ask(question, inp)
         record = {"turn": len(session.history), "line": lineno, "question": question, "answer": r.text,
                   "stop_reason": r.stop_reason, "prompt_tokens": r.prompt_tokens, "reused_tokens": r.reused_tokens,
-                  "new_tokens": r.new_tokens}
+                  "new_tokens": r.new_tokens, "time_to_first_token": round(r.time_to_first_token, 4),
+                  "tokens_per_second": round(r.decode_tokens_per_second, 2)}
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
         out.flush()
 

@@ -47,7 +47,7 @@ def banner(url: str, model: str, served, threads: int, cfg: ServeConfig, key: bo
         f"  GGUF      {served.gguf}",
         f"  template  {template}",
         f"  engine    llama.cpp, {cfg.parallel} parallel slot(s) x {cfg.ctx} tokens, {threads} thread(s)"
-        + (f", API key required" if key else ""),
+        + (", API key required" if key else ""),
         "",
         "try it:",
         f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\",

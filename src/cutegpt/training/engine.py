@@ -33,7 +33,7 @@ import torch
 
 from cutegpt.errors import CuteGPTError
 from cutegpt.threads import resolve_threads
-from cutegpt.io import atomic_dir, os_errors, write_json
+from cutegpt.io import atomic_dir, os_errors, put_in_place, write_json
 from cutegpt.model.loading import save_tokenizer
 from cutegpt.templates import CUTEGPT_STOP, add_stop_token, write_model_card
 from cutegpt.training.args import METHOD_DEFAULTS, TrainArgs
@@ -813,13 +813,7 @@ def save_final(trainer: Any, cfg: TrainArgs, prep: Prepared, precision: str) -> 
                 save_tokenizer(prep.tokenizer, staging, prep.template_name)
                 write_model_card(staging, prep.template_name)
                 write_json(staging / "cutegpt_training.json", training_record(cfg))
-                if out.exists():
-                    old = out.with_name(f".final.old-{os.getpid()}")
-                    os.replace(out, old)
-                    os.replace(staging, out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(staging, out)
+                put_in_place(staging, out)
         _barrier()
         return out
     if trainer.is_world_process_zero():
