@@ -50,7 +50,7 @@ from cutegpt.errors import CuteGPTError
 PATHS: dict[str, tuple[str, str]] = {
     "model": ("in", "model"), "lora": ("in", "folder"), "resume_lora": ("in", "folder"), "input": ("in", "file"),
     "data": ("in", "any"), "dataset": ("in", "folder"), "corpus": ("in", "any"), "pieces": ("in", "any"),
-    "deepspeed": ("in", "file"), "sft_data": ("in", "any"), "eval_data": ("in", "folder"),
+    "deepspeed": ("in", "file"), "sft_data": ("in", "any"), "eval_data": ("in", "folder"), "val_data": ("in", "any"),
     "out": ("out", "folder"), "plot": ("out", "file"),
 }
 PATHS_BY_COMMAND: dict[tuple[tuple[str, ...], str], tuple[str, str]] = {

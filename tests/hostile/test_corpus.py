@@ -38,7 +38,10 @@ def _tree(folder: Path) -> dict[str, str]:
 
 
 def _one_sentence(err: str, name: str | None = None) -> None:
-    assert err.startswith("error: ") and "\n" not in err, err[-800:]
+    # the command may have said what it is about to do ("cutegpt: memory plan ..."); the error is one last line
+    lines = err.splitlines()
+    assert lines and lines[-1].startswith("error: "), err[-800:]
+    assert all(line.startswith("cutegpt: ") for line in lines[:-1]), err[-800:]
     assert "Traceback" not in err and "unexpected" not in err and "weights_only" not in err, err[-800:]
     if name is not None:
         assert name in err, err

@@ -92,3 +92,16 @@ class TrainArgs(ModelArgs):
             raise CuteGPTError("--keep-best needs validation data: add --val-data FILE or --val-ratio 0.05.")
         if self.max_steps == 0:
             raise CuteGPTError("--max-steps must be a positive number of steps, or -1 to train for --epochs.")
+        self.check_inputs()
+
+    def check_inputs(self) -> None:
+        """Every input path exists and has the right kind, before the plan line and before anything loads."""
+        from cutegpt.io import check_input
+
+        for flag, value in (("--lora", self.lora), ("--resume-lora", self.resume_lora)):
+            if value:
+                check_input(value, flag=flag, kind="folder")
+        if self.val_data:
+            check_input(self.val_data, flag="--val-data")
+        if self.deepspeed:
+            check_input(self.deepspeed, flag="--deepspeed", kind="file")

@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -886,11 +887,23 @@ def plot_loss(curve: list[list[float]], path: Path, val_curve: list[list[float]]
     plt.close(fig)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a handler made once must not keep a replaced stream)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging() -> None:
     """Our INFO lines on stderr, from the first process only."""
     if log.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("cutegpt: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)

@@ -31,6 +31,13 @@ class PTConfig(TrainArgs):
     out: str = arg("runs/pt", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs",
                    aliases=("--output", "--output-dir", "--output_dir"))
 
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        from cutegpt.io import check_input
+
+        for path in self.data:
+            check_input(path, flag="--data")
+
 
 def run_pt(cfg: PTConfig) -> int:
     if not cfg.data and not cfg.plan:

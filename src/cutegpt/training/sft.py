@@ -38,6 +38,16 @@ class SFTConfig(TrainArgs):
     out: str = arg("runs/sft", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs",
                    aliases=("--output", "--output-dir", "--output_dir"))
 
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        if not self.data:
+            return
+        if len(self.data) == 1 and Path(self.data[0]).is_dir() and (Path(self.data[0]) / "manifest.json").is_file():
+            return  # a converted dataset
+        from cutegpt.data.readers import source_files
+
+        source_files(self.data, flag="--data")  # each file or folder exists; a dataset folder is never mixed in
+
 
 def run_sft(cfg: SFTConfig) -> int:
     if not cfg.data and not cfg.plan:
