@@ -92,10 +92,10 @@ class TrainArgs(ModelArgs):
             raise CuteGPTError("--keep-best needs validation data: add --val-data FILE or --val-ratio 0.05.")
         if self.max_steps == 0:
             raise CuteGPTError("--max-steps must be a positive number of steps, or -1 to train for --epochs.")
-        self.check_inputs()
 
     def check_inputs(self) -> None:
-        """Every input path exists and has the right kind, before the plan line and before anything loads."""
+        """Every input path exists and has the right kind: run first, before the plan line and before anything
+        loads (not in `check`, which also validates settings whose paths do not exist yet, as the recipe's)."""
         from cutegpt.io import check_input
 
         for flag, value in (("--lora", self.lora), ("--resume-lora", self.resume_lora)):

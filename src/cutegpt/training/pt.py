@@ -42,6 +42,8 @@ class PTConfig(TrainArgs):
 def run_pt(cfg: PTConfig) -> int:
     if not cfg.data and not cfg.plan:
         raise CuteGPTError("--data is required: .txt or .jsonl files (or folders of them).")
+    if not cfg.plan:
+        cfg.check_inputs()
     if cfg.plan:  # config.json only: no torch, no weights
         from cutegpt.training.plan import run_plan
 

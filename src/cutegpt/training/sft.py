@@ -52,6 +52,8 @@ class SFTConfig(TrainArgs):
 def run_sft(cfg: SFTConfig) -> int:
     if not cfg.data and not cfg.plan:
         raise CuteGPTError("--data is required: a dataset folder from `cutegpt data convert` or conversation files.")
+    if not cfg.plan:
+        cfg.check_inputs()
     if cfg.plan:  # config.json only: no torch, no weights
         from cutegpt.training.plan import run_plan
 
