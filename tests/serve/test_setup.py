@@ -62,12 +62,12 @@ def test_auto_threads_leave_busy_cores_alone(monkeypatch):
     from cutegpt.serve import engine
 
     monkeypatch.setattr(threads, "available_cores", lambda: 2)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(threads, "busy_cores", lambda window=0.2: 1.9)
     assert engine.resolve_threads(0) == 1
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(threads, "busy_cores", lambda window=0.2: 0.1)
     assert engine.resolve_threads(0) == 2
     monkeypatch.setattr(threads, "available_cores", lambda: 8)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.2, 2, 2))
+    monkeypatch.setattr(threads, "busy_cores", lambda window=0.2: 2.2)
     assert engine.resolve_threads(0) == 6
     assert engine.resolve_threads(3) == 3
 

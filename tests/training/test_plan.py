@@ -99,7 +99,11 @@ def measure_peak(model_dir: Path, text: Path, out: Path, method: str, quant: str
            "--out", str(out), "--max-length", str(L), "--micro-batch", "2", "--grad-accum", "1", "--max-steps", "2",
            "--save-steps", "1000", "--precision", "bf16", "--threads", "1", "--method", method, "--quantization", quant,
            "--report-to", "none", *(["--gradient-checkpointing"] if ckpt else [])]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    # one process, as a user runs it: an earlier in-process DeepSpeed test leaves RANK/WORLD_SIZE in this
+    # process's environment, and with them the Trainer wraps the model (DDP) and skips the chunked loss
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                           "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     return int(rss.read_text()) / 1024 ** 2
