@@ -25,13 +25,7 @@ from cutegpt.chat.session import ChatSession
 from cutegpt.model.loading import ModelArgs, load_model, weight_bytes
 from cutegpt.templates import Turn, encode_segments
 
-PROMPT = "Explain in detail why the sky is blue and why sunsets are red."
-ENGLISH = ("The history of science is the study of the development of science and scientific knowledge, "
-           "including both the natural and social sciences. Science is a body of empirical, theoretical, and "
-           "practical knowledge about the natural world, produced by scientists who emphasize the observation, "
-           "explanation, and prediction of real-world phenomena.")
-CHINESE = ("科学史是研究科学和科学知识发展的学科，包括自然科学和社会科学。科学是关于自然界的经验、理论和实践知识的总体，"
-           "由强调观察、解释和预测现实世界现象的科学家所产生。中国古代在天文、数学和医学方面都有重要的成就。")
+from bench_chat import CHINESE, ENGLISH, PROMPT  # the same texts as the backend comparison (run from benchmarks/)
 
 
 def median(xs: list[float]) -> float:
