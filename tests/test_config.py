@@ -96,7 +96,6 @@ def test_help_shows_each_flag_once_with_truthful_defaults(name, cls):
     assert not [s for s in spellings if "_" in s], f"{name}: underscore spellings are shown"
     assert "--no-no-" not in text
     assert "(default: None)" not in text and "(default: )" not in text and "%%" not in text
-    assert text.count("(default:") == len(re.findall(r"\(default:", text))  # each default once per flag
     for entry in re.split(r"\n  -", text):
         assert entry.count("(default:") <= 1, f"{name}: two defaults in one entry: {entry[:120]}"
 
