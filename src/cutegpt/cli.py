@@ -69,6 +69,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # the libraries' own bars ("Loading weights", "Writing model shards") on every load and save; ours stay
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # deepspeed warns on each import when it has to guess the accelerator; CUDA_VISIBLE_DEVICES
     # or an nvidia device node tells us without importing torch (which costs seconds)
     if "DS_ACCELERATOR" not in os.environ and not (os.path.exists("/dev/nvidia0") or os.environ.get("CUDA_VISIBLE_DEVICES")):
