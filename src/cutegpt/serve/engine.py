@@ -13,18 +13,7 @@ from typing import Any
 from cutegpt.errors import CuteGPTError
 from cutegpt.serve.config import ServeConfig
 from cutegpt.serve.source import ServedModel
-
-
-def resolve_threads(n: int) -> int:
-    """`--threads`: n, or with 0 the cores other processes leave free (see `cutegpt.threads`).
-
-    llama.cpp's worker threads spin while they wait for each other; with more of
-    them than free cores they get descheduled mid-step and throughput collapses
-    (2 threads on a loaded 2-core machine: 4-51 tok/s instead of 94-122).
-    """
-    from cutegpt.threads import resolve_threads as resolve
-
-    return resolve(n)
+from cutegpt.threads import resolve_threads
 
 
 @dataclass
@@ -75,6 +64,8 @@ def start_backend(cfg: ServeConfig, served: ServedModel) -> Backend:
         import xllamacpp
     except ImportError:
         raise CuteGPTError("`cutegpt serve` needs the xllamacpp package: `pip install xllamacpp`.") from None
+    # llama.cpp's workers spin while they wait for each other: more of them than free cores collapses
+    # throughput (2 threads on a loaded 2-core machine: 4-51 tok/s instead of 94-122), hence auto
     threads = resolve_threads(cfg.threads)
     key = secrets.token_urlsafe(24)
     params = backend_params(cfg, served, threads, key)
