@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "int8 quanto": {"load_in_8bit": True}}
 
 CHILD = r"""
-import json, resource, sys
+import json, re, sys
 import torch
 torch.set_num_threads(1)
 from cutegpt.model.loading import ModelArgs, load_model, weight_bytes
@@ -36,7 +36,8 @@ lm = load_model(ModelArgs(device="cpu", **kw))
 with torch.no_grad():
     lm.model(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]))
 print(json.dumps({"weights": weight_bytes(lm.model), "rss": process_rss(),
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  # VmHWM, not ru_maxrss (which keeps the parent's peak across fork+exec)
+                  "peak": int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024}))
 """
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import subprocess
 import sys
 import tempfile
@@ -153,7 +152,8 @@ def run_measured(flags: list[str], work: Path, name: str, env_extra: dict | None
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
     wrapper = work / "rss_wrapper.py"
     wrapper.write_text(
-        "import resource, runpy, sys\n"
+        "import runpy, sys\n"
+        "from cutegpt.model.loading import peak_rss\n"
         "res = sys.argv.pop(1)\n"
         "sys.argv = ['cutegpt'] + sys.argv[1:]\n"
         "code = 0\n"
@@ -161,7 +161,7 @@ def run_measured(flags: list[str], work: Path, name: str, env_extra: dict | None
         "    runpy.run_module('cutegpt', run_name='__main__', alter_sys=True)\n"
         "except SystemExit as e:\n"
         "    code = e.code or 0\n"
-        "open(res, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+        "open(res, 'w').write(str(peak_rss() // 1024))\n"
         "sys.exit(code)\n")
     cmd = [sys.executable, str(wrapper), str(res), "train", "sft", "--out", str(out), *flags]
     r = subprocess.run(cmd, env=env, capture_output=True)
@@ -273,7 +273,9 @@ def main() -> None:
     if a.role:
         work = Path(a.work)
         res = role_ours(a, work) if a.role == "ours" else role_baseline(a, work)
-        res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        from cutegpt.model.loading import peak_rss
+
+        res["peak_rss_mb"] = round(peak_rss() / 1024 ** 2)
         if os.environ.get("RANK", "0") == "0":
             Path(a.result).write_text(json.dumps(res))
         return

@@ -89,7 +89,8 @@ def test_slash_commands(tiny_lm, tmp_path, capsys):
 def test_own_calls_raise_no_deprecation_or_future_warning(tiny_lm, tmp_path):
     """transformers 5.24 deprecates `past_key_values` in forward (removed in 5.40): our calls must use `cache`."""
     from cutegpt.chat.batch import generate_batch
-    from cutegpt.chat.engine import Engine, cache_kwarg
+    from cutegpt.chat.engine import Engine
+    from cutegpt.model.kv import cache_kwarg
 
     if "cache" in __import__("inspect").signature(tiny_lm.model.forward).parameters:
         assert cache_kwarg(tiny_lm.model) == "cache"

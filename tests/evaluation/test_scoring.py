@@ -92,3 +92,20 @@ def test_letter_fallback_warns():
     with pytest.warns(UserWarning, match="no single token for 'C'"):
         ids, notes = letter_token_ids(Tok())
     assert ids == [165, 166, 167, 168] and len(notes) == 1
+
+
+def test_prefix_cached_scoring_raises_no_deprecation(tiny_lm, capfd):
+    """transformers 5.24 renamed the cache argument and output field (old names warn, gone in 5.40): we use the new."""
+    import warnings
+
+    tok = tiny_lm.tokenizer
+    ctx = tok("以下是单项选择题。\n问：中国的首都是哪里？\n答：")["input_ids"]
+    ctx2 = tok("以下是单项选择题。\n问：请推荐五本名著。\n答：")["input_ids"]
+    items = [Item(tuple(ctx), ((5,), (6,))), Item(tuple(ctx2), ((5,), (6,)))]
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        got = score_items(tiny_lm.model, items, "logits", batch_size=2)
+    assert "deprecated" not in capfd.readouterr().err  # transformers logs the output-field rename, it does not warn
+    _same(got, brute_force(tiny_lm.model, items, "logits"))

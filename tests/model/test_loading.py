@@ -294,3 +294,15 @@ def test_hostile_pickle_weights_are_refused_without_running(tiny_model_dir, tmp_
             load_model(ModelArgs(model=str(evil)))
         assert "could run code; refused" in str(e.value) and "weights_only=False" not in str(e.value)
         assert not canary.exists()
+
+
+def test_lora_loading_raises_no_deprecation(tiny_model_dir, adapter_dir, capfd):
+    """peft reads a property transformers 5 deprecated: the user must not see it on every `--lora` load."""
+    import warnings
+
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        load_model(ModelArgs(model=str(tiny_model_dir), lora=str(adapter_dir)))
+    assert "deprecated" not in capfd.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -91,10 +90,13 @@ GRID = [  # method, quantization, checkpointing, L
 def measure_peak(model_dir: Path, text: Path, out: Path, method: str, quant: str, ckpt: bool, L: int) -> float:
     """Peak RSS (GiB) of one `train pt` process: 2 steps, micro-batch 2 rows of L tokens, bf16, one thread."""
     rss = out.with_suffix(".rss")
-    code = ("import resource, runpy, sys\n"
+    # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark across fork+exec into ru_maxrss, so
+    # under a pytest process that has grown to 4 GiB every child "peaked" at 4 GiB
+    code = ("import re, runpy, sys\n"
             "res = sys.argv.pop(1); sys.argv = ['cutegpt'] + sys.argv[1:]\n"
             "try:\n    runpy.run_module('cutegpt', run_name='__main__', alter_sys=True)\n"
-            "finally:\n    open(res, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n")
+            "finally:\n    hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+            "    open(res, 'w').write(hwm)\n")
     cmd = [sys.executable, "-c", code, str(rss), "train", "pt", "--model", str(model_dir), "--data", str(text),
            "--out", str(out), "--max-length", str(L), "--micro-batch", "2", "--grad-accum", "1", "--max-steps", "2",
            "--save-steps", "1000", "--precision", "bf16", "--threads", "1", "--method", method, "--quantization", quant,

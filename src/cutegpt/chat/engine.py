@@ -16,7 +16,6 @@ token for token.
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any, Callable
 
@@ -24,23 +23,12 @@ import torch
 
 from cutegpt.chat.args import GenerationArgs
 from cutegpt.chat.stream import GenerationResult, complete, cut_at_stop, held_back
+from cutegpt.model.kv import cache_kwarg, new_cache
 from cutegpt.model.loading import LoadedModel
 
 _held_back = held_back  # older name, kept for tests and callers
 
 __all__ = ["Engine", "GenerationArgs", "GenerationResult", "cut_at_stop", "logits_processors", "stop_token_ids"]
-
-
-def cache_kwarg(model: Any) -> str:
-    """The keyword the model's forward takes the KV cache by: `cache` (transformers >= 5.24) or `past_key_values`.
-
-    Passing `past_key_values` where `cache` exists triggers a FutureWarning (removed in 5.40).
-    """
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def logits_processors(gen: GenerationArgs) -> Any:
@@ -101,15 +89,13 @@ class Engine:
 
     def _prepare_cache(self, prompt_ids: list[int]) -> int:
         """Crop the cache to the longest prefix it shares with the prompt; return that length."""
-        from transformers import DynamicCache
-
         n = 0
         if self.reuse_cache and self._cache is not None:
             limit = min(len(self._cached_ids), len(prompt_ids) - 1)  # at least one token must be fed
             while n < limit and self._cached_ids[n] == prompt_ids[n]:
                 n += 1
         if n == 0:
-            self._cache = DynamicCache(config=self.lm.model.config)
+            self._cache = new_cache(self.lm.model)
         elif n < self._cache.get_seq_length():
             self._cache.crop(n - self._cache.get_seq_length())  # transformers 5: a negative count removes tokens
         self._cached_ids = list(prompt_ids[:n])

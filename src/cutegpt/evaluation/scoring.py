@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from cutegpt.model.kv import cache_kwarg, new_cache
+
 
 @dataclass(frozen=True)
 class Item:
@@ -144,7 +146,8 @@ def score_items(model: Any, items: Sequence[Item], method: str = "logits", batch
     prefix_cache = None
     if prefix_len > 0:
         prefix = torch.tensor([rows[0].ids[:prefix_len]], device=device)
-        prefix_cache = model(prefix, use_cache=True).past_key_values
+        prefix_cache = new_cache(model)
+        model(prefix, use_cache=True, **{cache_kwarg(model): prefix_cache})  # fills prefix_cache in place
 
     suffix_len = [len(r.ids) - prefix_len for r in rows]
     order = sorted(range(len(rows)), key=lambda r: -suffix_len[r])
@@ -165,7 +168,7 @@ def score_items(model: Any, items: Sequence[Item], method: str = "logits", batch
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(batch))
-            kwargs["past_key_values"] = cache
+            kwargs[cache_kwarg(model)] = cache
         logits = model(input_ids, **kwargs).logits  # (B, K, V)
         for b, r in enumerate(batch):
             row = rows[r]

@@ -305,11 +305,27 @@ def process_rss() -> int:
 
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        import resource
-        import sys
+        return peak_rss()  # fallback: the peak is the best this platform tells
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # fallback: peak, KiB on Linux, bytes on macOS
-        return peak if sys.platform == "darwin" else peak * 1024
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes since it started (VmHWM).
+
+    Not `ru_maxrss`: on Linux that keeps the parent's high-water mark across fork+exec, so a child of a large
+    process (a pytest run, a notebook) reports the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def weight_bytes(model: Any) -> int:
