@@ -1,6 +1,6 @@
 """`cutegpt serve` under load on the embedded model, loopback only, side by side in one run.
 
-    python benchmarks/bench_serve.py [--threads 1] [--tokens 64] [--load-seconds 60] [--quick]
+    python benchmarks/bench_serve.py [--threads 1] [--tokens 64] [--load-seconds 60] [--quick] [--quant q8_0]
 
 Prints (and writes to --out as JSON):
   1. aggregate generated tokens/s and p50/p95 time to first token (TTFT) at 1, 4, 8, 16 concurrent
@@ -22,9 +22,9 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,13 +127,11 @@ class Serve:
 class RawServer:
     """llama.cpp's own HTTP server through xllamacpp, no cutegpt front (same settings)."""
 
-    def __init__(self, parallel: int, threads: int, ctx: int):
+    def __init__(self, model: Path, parallel: int, threads: int, ctx: int):
         import xllamacpp
 
-        from cutegpt.model.embedded import embedded_gguf
-
         p = xllamacpp.CommonParams()
-        p.model.path = str(embedded_gguf())
+        p.model.path = str(model)
         p.n_parallel = parallel
         p.n_ctx = ctx * parallel
         p.cpuparams.n_threads = threads
@@ -194,22 +192,41 @@ def load_test(srv: "Serve", seconds: float, tokens: int) -> dict:
     return {**counts, "seconds": seconds, "rss_mb": rss}
 
 
+def gguf_file(quant: str | None) -> Path:
+    """The embedded model's shipped GGUF, or our export of it at `quant` (made once, kept in the temp folder)."""
+    from cutegpt.model.embedded import embedded_gguf
+
+    if quant is None:
+        return Path(embedded_gguf())
+    out = Path(tempfile.gettempdir()) / f"cutegpt-bench-serve-embedded.{quant}.gguf"
+    if not out.is_file():
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-m", "cutegpt", "export", "--format", "gguf", "--quant", quant, "--out", str(out)],
+                       cwd=REPO, env=env, check=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads for every server (the machine is shared)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--load-seconds", type=float, default=60)
     ap.add_argument("--quick", action="store_true", help="1 and 8 clients only, 20 s load test")
+    ap.add_argument("--quant", choices=["f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+                    help="serve the embedded model exported by `cutegpt export --format gguf --quant Q` "
+                         "(default: the Q4_1 GGUF the package ships)")
     ap.add_argument("--out", default="bench_serve.json")
     args = ap.parse_args()
+    model = gguf_file(args.quant)
     clients = [1, 8] if args.quick else [1, 4, 8, 16]
     load_s = 20 if args.quick else args.load_seconds
     print(f"load average at start: {os.getloadavg()}, threads {args.threads}", flush=True)
-    results: dict = {"threads": args.threads, "tokens": args.tokens, "loadavg_start": os.getloadavg()}
+    results: dict = {"threads": args.threads, "tokens": args.tokens, "model": model.name, "loadavg_start": os.getloadavg()}
     # all four servers up at once; each client count runs on each in turn, so load drift hits them alike
-    p8 = Serve("--parallel", "8", "--threads", str(args.threads), "--ctx", "2048")
-    p1 = Serve("--parallel", "1", "--threads", str(args.threads), "--ctx", "2048")
-    raw8, raw1 = RawServer(8, args.threads, 2048), RawServer(1, args.threads, 2048)
+    print(f"model: {model}", flush=True)
+    p8 = Serve("--model", str(model), "--parallel", "8", "--threads", str(args.threads), "--ctx", "2048")
+    p1 = Serve("--model", str(model), "--parallel", "1", "--threads", str(args.threads), "--ctx", "2048")
+    raw8, raw1 = RawServer(model, 8, args.threads, 2048), RawServer(model, 1, args.threads, 2048)
     servers = {"cutegpt_p8": p8.port, "cutegpt_p1": p1.port, "raw_p8": raw8.port, "raw_p1": raw1.port}
     for name, port in servers.items():
         stream_one(port, [{"role": "user", "content": "warm up"}], 4)

@@ -85,3 +85,22 @@ def test_one_process_without_launcher_uses_the_original_deepspeed_file(tiny_mode
     lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
     assert lrs[0] == pytest.approx(1e-4) and lrs[0] < lrs[1] < lrs[2] < 3e-4
     assert read_summary(out)["processes"] == 1
+
+
+def test_launcher_variables_last_only_for_the_run(monkeypatch):
+    """One-process DeepSpeed sets RANK/WORLD_SIZE for itself; afterwards a child of this Python must not see them."""
+    from cutegpt.training.ds_config import process_group_env
+
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")  # a user's own setting survives
+    with process_group_env():
+        assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"].isdigit()
+        assert os.environ["MASTER_ADDR"] == "10.0.0.7"
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ
+    assert os.environ["MASTER_ADDR"] == "10.0.0.7"
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with process_group_env():  # under a real launcher nothing changes
+        assert os.environ["RANK"] == "3"
+    assert os.environ["RANK"] == "3"

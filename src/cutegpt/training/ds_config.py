@@ -15,13 +15,14 @@ and parameter offload (nothing to offload to).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cutegpt.errors import CuteGPTError
 
@@ -111,10 +112,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_process_group_env() -> None:
-    """DeepSpeed needs a launcher's variables even for one process (else it looks for mpi4py)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+@contextlib.contextmanager
+def process_group_env() -> Iterator[None]:
+    """A launcher's variables for one process, for the run only: DeepSpeed needs them (else it looks for mpi4py).
+
+    Restored afterwards so that later child processes of the same Python (a notebook, a test run) do not
+    believe they are rank 0 of a distributed job.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a real launcher set them
+        yield
         return
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

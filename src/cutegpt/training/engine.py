@@ -640,7 +640,7 @@ def print_plan(cfg: TrainArgs, settings: dict[str, Any], precision: str, ds_dict
 
 def train(cfg: TrainArgs, prepare: Callable[[], Prepared]) -> dict[str, Any]:
     """Build the Trainer, train, save OUT/final, write summary.json and loss.png; returns the summary."""
-    from cutegpt.training.ds_config import ensure_process_group_env, read_ds_config, reconcile
+    from cutegpt.training.ds_config import process_group_env, read_ds_config, reconcile
 
     setup_logging()
     on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
@@ -681,79 +681,78 @@ def train(cfg: TrainArgs, prepare: Callable[[], Prepared]) -> dict[str, Any]:
             return json.loads(summary_path.read_text(encoding="utf-8"))
         return {"steps": start_at.step, "complete": True}
     resume_from = start_at.resume_from
-    if cfg.deepspeed:
-        ensure_process_group_env()
-    with contextlib.suppress(CuteGPTError, OSError):
-        print_plan(cfg, settings, precision, ds_dict, world, on_gpu, full=False)
+    with process_group_env() if cfg.deepspeed else contextlib.nullcontext():
+        with contextlib.suppress(CuteGPTError, OSError):
+            print_plan(cfg, settings, precision, ds_dict, world, on_gpu, full=False)
 
-    set_seed(cfg.seed)  # before the adapter is created: its init must be the same in every process and run
-    prep = prepare()
-    rows_per_step = settings["micro_batch"] * world * settings["grad_accum"]
-    if cfg.max_steps <= 0 and len(prep.dataset) * cfg.epochs < rows_per_step:
-        raise CuteGPTError(f"--epochs {cfg.epochs:g} covers {len(prep.dataset) * cfg.epochs:.1f} of {len(prep.dataset)} rows, less than one "
-                           f"optimizer step ({rows_per_step} rows = micro-batch x accumulation x processes); raise --epochs or use --max-steps.")
-    per_epoch = math.ceil(len(prep.dataset) / (settings["micro_batch"] * world)) // settings["grad_accum"]
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(per_epoch * cfg.epochs))
-    warmup = settings["warmup_steps"] if settings["warmup_steps"] is not None else min(300, int(0.03 * total))
-    say_disk_use(cfg, prep.model)
+        set_seed(cfg.seed)  # before the adapter is created: its init must be the same in every process and run
+        prep = prepare()
+        rows_per_step = settings["micro_batch"] * world * settings["grad_accum"]
+        if cfg.max_steps <= 0 and len(prep.dataset) * cfg.epochs < rows_per_step:
+            raise CuteGPTError(f"--epochs {cfg.epochs:g} covers {len(prep.dataset) * cfg.epochs:.1f} of {len(prep.dataset)} rows, less than one "
+                               f"optimizer step ({rows_per_step} rows = micro-batch x accumulation x processes); raise --epochs or use --max-steps.")
+        per_epoch = math.ceil(len(prep.dataset) / (settings["micro_batch"] * world)) // settings["grad_accum"]
+        total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(per_epoch * cfg.epochs))
+        warmup = settings["warmup_steps"] if settings["warmup_steps"] is not None else min(300, int(0.03 * total))
+        say_disk_use(cfg, prep.model)
 
-    args = TrainingArguments(
-        output_dir=str(cfg.out), per_device_train_batch_size=settings["micro_batch"],
-        gradient_accumulation_steps=settings["grad_accum"], learning_rate=settings["lr"],
-        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=warmup, weight_decay=settings["weight_decay"],
-        adam_beta1=settings["adam_betas"][0], adam_beta2=settings["adam_betas"][1], adam_epsilon=settings["adam_eps"],
-        max_grad_norm=settings["max_grad_norm"], num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
-        report_to=report_to, seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False,
-        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-           if cfg.gradient_checkpointing else {}),
-        deepspeed=ds_dict, disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
-        log_level="warning",
-    )
-    from transformers.trainer_callback import PrinterCallback
+        args = TrainingArguments(
+            output_dir=str(cfg.out), per_device_train_batch_size=settings["micro_batch"],
+            gradient_accumulation_steps=settings["grad_accum"], learning_rate=settings["lr"],
+            lr_scheduler_type=cfg.lr_scheduler, warmup_steps=warmup, weight_decay=settings["weight_decay"],
+            adam_beta1=settings["adam_betas"][0], adam_beta2=settings["adam_betas"][1], adam_epsilon=settings["adam_eps"],
+            max_grad_norm=settings["max_grad_norm"], num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+            bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
+            logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+            report_to=report_to, seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False,
+            **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+               if cfg.gradient_checkpointing else {}),
+            deepspeed=ds_dict, disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+            log_level="warning",
+        )
+        from transformers.trainer_callback import PrinterCallback
 
-    collator = PackedCollator(pad_id=_pad_id(prep.tokenizer))
-    with quiet_deprecations():
-        trainer = make_trainer_class()(
-            model=prep.model, args=args, train_dataset=prep.dataset, processing_class=prep.tokenizer,
-            data_collator=collator, template_name=prep.template_name,
-            keep_checkpoints=cfg.save_total_limit, run_record=record,
-            fused_loss=os.environ.get("CUTEGPT_FULL_LOGITS") != "1")  # the env switch exists for the before/after benchmark
-    trainer.remove_callback(PrinterCallback)
-    torch.set_num_threads(threads)
-    callbacks = make_callbacks(lambda: trainer.tokens_seen, world)
-    if prep.val_dataset is not None:
-        callbacks.append(make_evaluator(trainer, cfg, prep, collator, settings["micro_batch"], precision))
-    for cb in callbacks:
-        trainer.add_callback(cb)
-    if trainer.is_world_process_zero():
-        if cfg.overwrite and not resume_from:
-            clear_previous_run(Path(cfg.out))
-        shutil.rmtree(Path(cfg.out) / STAGING, ignore_errors=True)  # leftovers of a killed run
-        val = f", {len(prep.val_dataset)} validation rows" if prep.val_dataset is not None else ""
-        log.info("training %s%s: %d rows%s, %d steps, micro-batch %d x accumulation %d x %d process(es), lr %g, %s%s",
-                 cfg.method, f" on a {cfg.quantization} base" if cfg.quantization != "none" else "", len(prep.dataset), val,
-                 total, settings["micro_batch"], settings["grad_accum"], world,
-                 settings["lr"], precision, f", resuming from {resume_from}" if resume_from else "")
-    start = time.perf_counter()
-    try:
+        collator = PackedCollator(pad_id=_pad_id(prep.tokenizer))
         with quiet_deprecations():
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except torch.OutOfMemoryError:
-        raise CuteGPTError(
-            f"out of GPU memory (micro-batch {settings['micro_batch']}, max length {cfg.max_length}); lower --micro-batch "
-            "(raise --grad-accum to keep the batch), lower --max-length, add --gradient-checkpointing, use --method lora, "
-            "--quantization 4bit, or a DeepSpeed config with ZeRO-2/3 and CPU offload (configs/); --plan shows the budget."
-        ) from None
-    finally:
-        if callbacks[0].bar is not None:  # a stopped run (NaN, Ctrl-C) leaves no dangling bar
-            callbacks[0].bar.close()
-    seconds = time.perf_counter() - start
-    if trainer.is_world_process_zero():
-        shutil.rmtree(Path(cfg.out) / STAGING, ignore_errors=True)
-    final = save_final(trainer, cfg, prep, precision)
-    return write_summary(trainer, cfg, final, seconds, world, settings["lr"])
+            trainer = make_trainer_class()(
+                model=prep.model, args=args, train_dataset=prep.dataset, processing_class=prep.tokenizer,
+                data_collator=collator, template_name=prep.template_name,
+                keep_checkpoints=cfg.save_total_limit, run_record=record,
+                fused_loss=os.environ.get("CUTEGPT_FULL_LOGITS") != "1")  # the env switch exists for the before/after benchmark
+        trainer.remove_callback(PrinterCallback)
+        torch.set_num_threads(threads)
+        callbacks = make_callbacks(lambda: trainer.tokens_seen, world)
+        if prep.val_dataset is not None:
+            callbacks.append(make_evaluator(trainer, cfg, prep, collator, settings["micro_batch"], precision))
+        for cb in callbacks:
+            trainer.add_callback(cb)
+        if trainer.is_world_process_zero():
+            if cfg.overwrite and not resume_from:
+                clear_previous_run(Path(cfg.out))
+            shutil.rmtree(Path(cfg.out) / STAGING, ignore_errors=True)  # leftovers of a killed run
+            val = f", {len(prep.val_dataset)} validation rows" if prep.val_dataset is not None else ""
+            log.info("training %s%s: %d rows%s, %d steps, micro-batch %d x accumulation %d x %d process(es), lr %g, %s%s",
+                     cfg.method, f" on a {cfg.quantization} base" if cfg.quantization != "none" else "", len(prep.dataset), val,
+                     total, settings["micro_batch"], settings["grad_accum"], world,
+                     settings["lr"], precision, f", resuming from {resume_from}" if resume_from else "")
+        start = time.perf_counter()
+        try:
+            with quiet_deprecations():
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError:
+            raise CuteGPTError(
+                f"out of GPU memory (micro-batch {settings['micro_batch']}, max length {cfg.max_length}); lower --micro-batch "
+                "(raise --grad-accum to keep the batch), lower --max-length, add --gradient-checkpointing, use --method lora, "
+                "--quantization 4bit, or a DeepSpeed config with ZeRO-2/3 and CPU offload (configs/); --plan shows the budget."
+            ) from None
+        finally:
+            if callbacks[0].bar is not None:  # a stopped run (NaN, Ctrl-C) leaves no dangling bar
+                callbacks[0].bar.close()
+        seconds = time.perf_counter() - start
+        if trainer.is_world_process_zero():
+            shutil.rmtree(Path(cfg.out) / STAGING, ignore_errors=True)
+        final = save_final(trainer, cfg, prep, precision)
+        return write_summary(trainer, cfg, final, seconds, world, settings["lr"])
 
 
 def say_disk_use(cfg: TrainArgs, model: Any) -> None:
