@@ -296,7 +296,7 @@ def test_hostile_pickle_weights_are_refused_without_running(tiny_model_dir, tmp_
         assert not canary.exists()
 
 
-def test_lora_loading_raises_no_deprecation(tiny_model_dir, adapter_dir, capfd):
+def test_lora_loading_and_use_raise_no_deprecation(tiny_model_dir, adapter_dir, capfd):
     """peft reads a property transformers 5 deprecated: the user must not see it on every `--lora` load."""
     import warnings
 
@@ -304,5 +304,10 @@ def test_lora_loading_raises_no_deprecation(tiny_model_dir, adapter_dir, capfd):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         warnings.simplefilter("error", FutureWarning)
-        load_model(ModelArgs(model=str(tiny_model_dir), lora=str(adapter_dir)))
+        lm = load_model(ModelArgs(model=str(tiny_model_dir), lora=str(adapter_dir)))
+        from cutegpt.chat.engine import Engine, GenerationArgs
+        from cutegpt.evaluation.scoring import Item, score_items
+
+        Engine(lm).generate([5, 6, 7], GenerationArgs(greedy=True, max_new_tokens=3))  # the cache goes through peft
+        score_items(lm.model, [Item((5, 6, 7, 8), ((9,), (10,))), Item((5, 6, 7, 11), ((9,), (10,)))], "logits")
     assert "deprecated" not in capfd.readouterr().err

@@ -13,6 +13,8 @@ from typing import Any
 
 def cache_kwarg(model: Any) -> str:
     """The keyword the model's forward takes the KV cache by: `cache` (transformers >= 5.24) or `past_key_values`."""
+    if hasattr(model, "get_base_model"):  # a peft model passes **kwargs on; its own signature names neither
+        model = model.get_base_model()
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
