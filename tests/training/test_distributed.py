@@ -51,6 +51,7 @@ def test_two_processes_match_one(tiny_model_dir, sft_dataset, tmp_path, one_proc
     _torchrun(flags, out)
     summary = read_summary(out)
     assert summary["processes"] == 2
+    assert summary["loss_path"] == "chunked"  # inside the model's forward, so the DeepSpeed engine runs it too
     got = summary["loss_curve"]
     assert [s for s, _ in got] == [s for s, _ in one_process_curve]
     for (_, a), (_, b) in zip(got, one_process_curve):

@@ -197,3 +197,19 @@ def test_full_tuning_on_data_converted_with_add_stop_token(tiny_model_dir, tmp_p
     ds, _ = load_dataset(data)
     trained = [t for row in ds for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
     assert trained.count(end_id) == 2  # one <end> token closes each answer
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_chunked_loss_trains_like_full_logits(tiny_model_dir, sft_dataset, sft_dataset_end, tmp_path, monkeypatch, method):
+    """The loss inside the model's forward (so DDP/DeepSpeed use it too) gives transformers' loss curve."""
+    from tests.training.conftest import read_summary
+
+    data = sft_dataset_end if method == "full" else sft_dataset  # full training makes <end> one token
+    run_sft(_cfg(tiny_model_dir, data, tmp_path / "chunked", method=method, max_steps=4, lr=3e-3))
+    monkeypatch.setenv("CUTEGPT_FULL_LOGITS", "1")
+    run_sft(_cfg(tiny_model_dir, data, tmp_path / "full", method=method, max_steps=4, lr=3e-3))
+    ours, ref = read_summary(tmp_path / "chunked"), read_summary(tmp_path / "full")
+    assert ours["loss_path"] == "chunked" and ref["loss_path"] == "full logits"
+    assert [s for s, _ in ours["loss_curve"]] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(ours["loss_curve"], ref["loss_curve"]):
+        assert a == pytest.approx(b, abs=1e-4)

@@ -313,7 +313,13 @@ def make_trainer_class():
             super().__init__(*a, **kw)
             self.template_name = template_name
             self.run_record = run_record
-            self.fused_loss = fused_loss
+            self.loss_use = {"batches": 0}
+            if fused_loss:
+                from cutegpt.training import loss
+
+                lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                if loss.supported(lm):
+                    self.loss_use = loss.install(lm)
             self.keep_checkpoints = keep_checkpoints  # our rotation (the Trainer's would only see the staging folder)
             self.tokens_seen = 0  # real (non-padding) tokens this process trained on since start/resume
             self._staging: str | None = None
@@ -330,21 +336,6 @@ def make_trainer_class():
                     "(lower --lr, use --precision bf16 instead of fp16, or check the data, then --resume)."
                 )
             self.tokens_seen += int(n_tokens)
-            return loss
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """Our chunked loss on loss-bearing positions only (training/loss.py) when the model is not wrapped."""
-            from cutegpt.training.loss import causal_lm_loss, supported
-
-            base = self.accelerator.unwrap_model(model)
-            lm = base.get_base_model() if hasattr(base, "get_base_model") else base
-            if not (self.fused_loss and model is base and not return_outputs and "labels" in inputs and model.training
-                    and supported(lm)):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, _ = causal_lm_loss(lm, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
-            if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
-                    and num_items_in_batch is not None):
-                loss = loss * self.accelerator.num_processes
             return loss
 
         def _get_output_dir(self, trial):
@@ -839,6 +830,8 @@ def write_summary(trainer: Any, cfg: TrainArgs, final: Path, seconds: float, wor
         "seconds": round(seconds, 2),
         "tokens_per_second": round(int(tokens.item()) / max(seconds, 1e-9), 1),
         "final_loss": curve[-1][1] if curve else None,
+        # how the loss was computed: on loss-bearing positions in chunks (training/loss.py), or transformers' full logits
+        "loss_path": "chunked" if trainer.loss_use["batches"] else "full logits",
         "loss_curve": curve,
         "final": str(final),
     }

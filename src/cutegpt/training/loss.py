@@ -9,6 +9,10 @@ although prompts and padding carry no loss. Here:
         --chunks of 1,024 rows--> logits (chunk, V) fp32 -> loss sum, d loss / d hidden, d loss / d W
                                   (the chunk's logits are freed before the next one)
 
+`install` puts this loss inside the model's own forward (for training batches with
+labels), so DDP and DeepSpeed, which only call the wrapped model's forward, keep
+their gradient hooks and every process uses it.
+
 The gradients are computed during the forward pass (softmax - one-hot is the
 gradient of cross-entropy), so nothing is recomputed: the same matrix products
 as the usual path, on fewer rows. The result equals transformers' loss
@@ -100,3 +104,28 @@ def causal_lm_loss(causal_lm: Any, inputs: dict[str, Any], num_items: Any = None
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device)
     return total / denom, n
+
+
+def install(causal_lm: Any) -> dict[str, int]:
+    """Make `causal_lm`'s forward compute the chunked loss for training batches with labels.
+
+    Returns a counter of batches that went through it (`{"batches": n}`), for the run summary.
+    Evaluation (model.eval()) and calls without labels take the model's own forward.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    original = causal_lm.forward
+    used = {"batches": 0}
+
+    def forward(*args: Any, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if labels is None or args or not causal_lm.training:
+            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            return original(*args, labels=labels, **kwargs, **extra)
+        used["batches"] += 1
+        kwargs.pop("return_dict", None)
+        # a module-level lookup, so a test can wrap causal_lm_loss
+        loss, _ = causal_lm_loss(causal_lm, {**kwargs, "labels": labels}, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss)
+
+    causal_lm.forward = forward  # an instance attribute: nn.Module.__call__ and peft's LoraModel both call it
+    return used
