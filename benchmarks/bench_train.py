@@ -81,8 +81,8 @@ def role_ours(a, work: Path) -> dict:
                     deepspeed=str(ROOT / "configs" / "ds_zero1_cpu.json") if world > 1 else None)
     kept = {}
 
-    def prepare():
-        kept["p"] = prepare_sft(cfg)
+    def prepare(check_rows):
+        kept["p"] = prepare_sft(cfg, check_rows)
         return kept["p"]
 
     summary = engine.train(cfg, prepare)

@@ -57,8 +57,8 @@ def test_quantized_lora_learns_and_reloads_on_16bit_base(tiny64_dir, sft_dataset
     cfg = _cfg(tiny_model_dir, sft_dataset, tmp_path / "run", quantization=quant, max_steps=25, lora_dropout=0.0)
     kept = {}
 
-    def prepare():
-        kept["prep"] = prepare_sft(cfg)
+    def prepare(check_rows):
+        kept["prep"] = prepare_sft(cfg, check_rows)
         return kept["prep"]
 
     summary = engine.train(cfg, prepare)
@@ -124,8 +124,8 @@ def test_validation_loss_equals_each_heldout_conversation_alone(tiny_model_dir, 
     cfg = _cfg(tiny_model_dir, sft_dataset, tmp_path / "run", val_ratio=0.25, eval_steps=5, max_steps=10, lora_dropout=0.0)
     kept = {}
 
-    def prepare():
-        kept["prep"] = prepare_sft(cfg)
+    def prepare(check_rows):
+        kept["prep"] = prepare_sft(cfg, check_rows)
         return kept["prep"]
 
     summary = engine.train(cfg, prepare)
@@ -232,8 +232,8 @@ def test_quantized_lora_on_the_embedded_model(embedded_dir, tmp_path, quant):
                    lora_dropout=0.0, threads=1, report_to="none")
     kept = {}
 
-    def prepare():
-        kept["prep"] = prepare_pt(cfg)
+    def prepare(check_rows):
+        kept["prep"] = prepare_pt(cfg, check_rows)
         return kept["prep"]
 
     curve = [loss for _, loss in engine.train(cfg, prepare)["loss_curve"]]

@@ -145,9 +145,12 @@ def test_disk_full_while_saving_is_one_sentence(tiny_model_dir, sft_dataset, tmp
         run_sft(_cfg(tiny_model_dir, sft_dataset, tmp_path / "run"))
 
 
-def test_epochs_below_one_step(tiny_model_dir, sft_dataset, tmp_path):
+def test_epochs_below_one_step(tiny_model_dir, sft_dataset, tmp_path, monkeypatch):
+    # refused from the dataset's size alone, before minutes of model loading
+    monkeypatch.setattr(engine, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(CuteGPTError, match=r"^--epochs 0.1 covers 1.2 of 12 rows, less than one optimizer step"):
         run_sft(_cfg(tiny_model_dir, sft_dataset, tmp_path / "run", max_steps=-1, epochs=0.1))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flag,value,pattern", [

@@ -43,8 +43,8 @@ def test_adapter_round_trip_and_merged_export(tiny_model_dir, sft_dataset, tmp_p
     cfg = _cfg(tiny_model_dir, sft_dataset, tmp_path / "run", max_steps=12, save_steps=6)
     kept = {}
 
-    def prepare():
-        kept["prep"] = prepare_sft(cfg)
+    def prepare(check_rows):
+        kept["prep"] = prepare_sft(cfg, check_rows)
         return kept["prep"]
 
     engine.train(cfg, prepare)

@@ -629,8 +629,12 @@ def print_plan(cfg: TrainArgs, settings: dict[str, Any], precision: str, ds_dict
     return plan
 
 
-def train(cfg: TrainArgs, prepare: Callable[[], Prepared]) -> dict[str, Any]:
-    """Build the Trainer, train, save OUT/final, write summary.json and loss.png; returns the summary."""
+def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared]) -> dict[str, Any]:
+    """Build the Trainer, train, save OUT/final, write summary.json and loss.png; returns the summary.
+
+    `prepare(check_rows)` loads data and model; it calls `check_rows(len(dataset))` before the model loads, so a
+    dataset too small for one optimizer step is refused without minutes of loading.
+    """
     from cutegpt.training.ds_config import process_group_env, read_ds_config, reconcile
 
     setup_logging()
@@ -676,12 +680,16 @@ def train(cfg: TrainArgs, prepare: Callable[[], Prepared]) -> dict[str, Any]:
         with contextlib.suppress(CuteGPTError, OSError):
             print_plan(cfg, settings, precision, ds_dict, world, on_gpu, full=False)
 
-        set_seed(cfg.seed)  # before the adapter is created: its init must be the same in every process and run
-        prep = prepare()
         rows_per_step = settings["micro_batch"] * world * settings["grad_accum"]
-        if cfg.max_steps <= 0 and len(prep.dataset) * cfg.epochs < rows_per_step:
-            raise CuteGPTError(f"--epochs {cfg.epochs:g} covers {len(prep.dataset) * cfg.epochs:.1f} of {len(prep.dataset)} rows, less than one "
-                               f"optimizer step ({rows_per_step} rows = micro-batch x accumulation x processes); raise --epochs or use --max-steps.")
+
+        def check_rows(rows: int) -> None:
+            if cfg.max_steps <= 0 and rows * cfg.epochs < rows_per_step:
+                raise CuteGPTError(f"--epochs {cfg.epochs:g} covers {rows * cfg.epochs:.1f} of {rows} rows, less than one optimizer "
+                                   f"step ({rows_per_step} rows = micro-batch x accumulation x processes); raise --epochs or use --max-steps.")
+
+        set_seed(cfg.seed)  # before the adapter is created: its init must be the same in every process and run
+        prep = prepare(check_rows)
+        check_rows(len(prep.dataset))
         per_epoch = math.ceil(len(prep.dataset) / (settings["micro_batch"] * world)) // settings["grad_accum"]
         total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(per_epoch * cfg.epochs))
         warmup = settings["warmup_steps"] if settings["warmup_steps"] is not None else min(300, int(0.03 * total))

@@ -13,7 +13,7 @@ training/data.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
@@ -51,11 +51,11 @@ def run_pt(cfg: PTConfig) -> int:
         return 0
     from cutegpt.training.engine import train
 
-    train(cfg, lambda: prepare_pt(cfg))
+    train(cfg, lambda check_rows: prepare_pt(cfg, check_rows))
     return 0
 
 
-def prepare_pt(cfg: PTConfig) -> Prepared:
+def prepare_pt(cfg: PTConfig, check_rows: Callable[[int], None] = lambda rows: None) -> Prepared:
     from cutegpt.training.data import pretraining_dataset
     from cutegpt.training.engine import Prepared, base_model_path, load_for_training, training_tokenizer
 
@@ -68,6 +68,7 @@ def prepare_pt(cfg: PTConfig) -> Prepared:
         dataset = pretraining_dataset(cfg.data, tokenizer, cfg.max_length, cfg.text_field)
         if cfg.val_data:
             val = pretraining_dataset([cfg.val_data], tokenizer, cfg.max_length, cfg.text_field)
+    check_rows(len(dataset))
     base = base_model_path(cfg)
     template = resolve_template_name(cfg.template, [base], tokenizer)
     model = load_for_training(cfg, tokenizer, template)

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
@@ -61,7 +61,7 @@ def run_sft(cfg: SFTConfig) -> int:
         return 0
     from cutegpt.training.engine import train
 
-    train(cfg, lambda: prepare_sft(cfg))
+    train(cfg, lambda check_rows: prepare_sft(cfg, check_rows))
     return 0
 
 
@@ -73,7 +73,7 @@ def dataset_folder(cfg: SFTConfig) -> Path:
     return convert_cached(cfg)
 
 
-def prepare_sft(cfg: SFTConfig) -> Prepared:
+def prepare_sft(cfg: SFTConfig, check_rows: Callable[[int], None] = lambda rows: None) -> Prepared:
     from cutegpt.data.manifest import read_manifest
     from cutegpt.training.data import load_packed_dataset
     from cutegpt.training.engine import Prepared, load_for_training, training_tokenizer
@@ -96,6 +96,7 @@ def prepare_sft(cfg: SFTConfig) -> Prepared:
                 ) from None
         raise
     dataset, val = validation_split(cfg, dataset, manifest, tokenizer)
+    check_rows(len(dataset))
     model = load_for_training(cfg, tokenizer, template_name)
     return Prepared(model, tokenizer, dataset, template_name, val)
 
