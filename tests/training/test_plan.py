@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from cutegpt.training.args import training_weight_dtype
 from cutegpt.training.plan import GiB, PlanInput, estimate, format_plan, read_shape, suggestions
 from cutegpt.training.sft import SFTConfig, run_sft
 
@@ -36,11 +38,11 @@ def test_13b_plan_from_config_alone(tmp_path, vocab, capsys):
     out = capsys.readouterr().out
     for part in ("weights", "gradients", "optimizer states", "activations", "LoRA/quantization overhead", "expected peak"):
         assert part in out, out
-    lora16 = estimate(shape, PlanInput(method="lora", seq_len=2048, micro_batch=1, device="cuda"))
+    lora16 = estimate(shape, PlanInput(method="lora", weight_dtype="bfloat16", seq_len=2048, micro_batch=1, device="cuda"))
     qlora = estimate(shape, PlanInput(method="lora", quantization="4bit", seq_len=2048, micro_batch=1,
                                       gradient_checkpointing=True, device="cuda"))
-    full = estimate(shape, PlanInput(method="full", seq_len=2048, micro_batch=1, device="cuda"))
-    assert lora16.parts["weights"] == pytest.approx(4 * shape.total)  # fp32 master weights as train loads them
+    full = estimate(shape, PlanInput(method="full", seq_len=2048, micro_batch=1, device="cuda"))  # fp32 master weights
+    assert lora16.parts["weights"] == pytest.approx(2 * shape.total)  # the frozen base in bf16, as train loads it
     assert qlora.peak < 24 * GiB < lora16.peak < full.peak
     assert full.parts["optimizer states"] == pytest.approx(8 * shape.total)
     # the extended vocabulary costs its embedding and output rows (fp32 under QLoRA)
@@ -128,8 +130,9 @@ def test_plan_within_25_percent_of_measured_peak(embedded_dir, tmp_path):
     rows = []
     for method, quant, ckpt, L in GRID:
         measured = measure_peak(embedded_dir, text, tmp_path / f"{method}-{quant}-{ckpt}-{L}", method, quant, ckpt, L)
+        weights = training_weight_dtype(SimpleNamespace(dtype="auto", method=method), "bf16")  # as `train` loads them
         plan = estimate(shape, PlanInput(method=method, quantization=quant, gradient_checkpointing=ckpt, seq_len=L,
-                                         micro_batch=2, precision="bf16", device="cpu")).peak / GiB
+                                         micro_batch=2, precision="bf16", weight_dtype=weights, device="cpu")).peak / GiB
         rows.append((method, quant, ckpt, L, plan, measured))
     print("\n".join(f"{r[0]} {r[1]} ckpt={r[2]} L={r[3]}: plan {r[4]:.2f} GiB, measured {r[5]:.2f} GiB" for r in rows))
     for method, quant, ckpt, L, plan, measured in rows:

@@ -213,3 +213,26 @@ def test_chunked_loss_trains_like_full_logits(tiny_model_dir, sft_dataset, sft_d
     assert [s for s, _ in ours["loss_curve"]] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(ours["loss_curve"], ref["loss_curve"]):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_bf16_lora_computes_in_bf16(tiny_model_dir, sft_dataset, tmp_path, monkeypatch):
+    """--precision bf16 LoRA: the frozen base is loaded in bf16 (no fp32 copy), the adapter stays fp32, and the loss
+    sees bf16 hidden states (the loss runs inside the autocast the Trainer puts around the model's forward)."""
+    from cutegpt.training import loss as loss_mod
+
+    seen = []
+    real = loss_mod._LinearCrossEntropy.apply
+    monkeypatch.setattr(loss_mod._LinearCrossEntropy, "apply", lambda h, *a: seen.append(h.dtype) or real(h, *a))
+    kept = {}
+
+    def prepare(check_rows):
+        kept["prep"] = prepare_sft(cfg, check_rows)
+        return kept["prep"]
+
+    cfg = _cfg(tiny_model_dir, sft_dataset, tmp_path / "run", precision="bf16", max_steps=2)
+    engine.train(cfg, prepare)
+    model = kept["prep"].model
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert seen and set(seen) == {torch.bfloat16}

@@ -26,12 +26,28 @@ METHOD_DEFAULTS = {
 }
 
 
+def training_weight_dtype(cfg: TrainArgs, precision: str) -> str:
+    """The dtype the model's weights are loaded in for training, `precision` being resolved (bf16/fp16/fp32).
+
+    A LoRA base is frozen, so it needs no fp32 master copy: in the 16-bit compute type it takes half the memory
+    and autocast has nothing to cast (what peft and LLaMA-Factory do). Full training keeps fp32 master weights.
+    """
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if cfg.method == "lora" and precision in ("bf16", "fp16"):
+        return "bfloat16" if precision == "bf16" else "float16"
+    return "float32"
+
+
 @dataclass
 class TrainArgs(ModelArgs):
     """Model, method, optimiser, schedule, saving: everything but the data."""
 
     dropped_flags: ClassVar[tuple[str, ...]] = ("load_in_8bit", "int8_backend", "merge_lora")
 
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
+        "auto", "weights as loaded for training; auto = the frozen base of LoRA in the compute precision's 16-bit type "
+        "(the adapter stays float32), float32 master weights for full training and for --precision fp32")
     out: str = arg("runs/train", "output folder: checkpoint-N/, final/, summary.json, loss.png, tensorboard logs",
                    aliases=("--output", "--output-dir", "--output_dir"))
     method: Literal["lora", "full"] = arg("lora", "lora (an adapter) or full (all weights)")

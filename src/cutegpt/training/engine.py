@@ -37,7 +37,7 @@ from cutegpt.threads import resolve_threads
 from cutegpt.io import atomic_dir, os_errors, put_in_place, write_json
 from cutegpt.model.loading import save_tokenizer
 from cutegpt.templates import CUTEGPT_STOP, add_stop_token, write_model_card
-from cutegpt.training.args import METHOD_DEFAULTS, TrainArgs
+from cutegpt.training.args import METHOD_DEFAULTS, TrainArgs, training_weight_dtype
 
 log = logging.getLogger("cutegpt.training")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -94,7 +94,7 @@ def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str) -> Any
         raise CuteGPTError(f"--lora {cfg.lora}: to continue training that adapter pass it as --resume-lora; "
                            "to train a new adapter on top of it add --merge-lora.")
     args = ModelArgs(model=cfg.model, lora=cfg.lora, template=template_name,
-                     dtype="float32" if cfg.dtype == "auto" else cfg.dtype,  # fp32 master weights; autocast does bf16
+                     dtype=training_weight_dtype(cfg, resolve_precision(cfg.precision)),
                      device="cpu",  # the Trainer places the model (no device_map: it breaks DDP/DeepSpeed)
                      trust_remote_code=cfg.trust_remote_code, merge_lora=cfg.merge_lora)
     if cfg.quantization != "none":
@@ -189,7 +189,7 @@ def attach_lora(model: Any, cfg: TrainArgs) -> Any:
             check_torch_file(f, "--resume-lora")
         try:
             with quiet_deprecations():
-                return PeftModel.from_pretrained(model, cfg.resume_lora, is_trainable=True)
+                return trainable_in_fp32(PeftModel.from_pretrained(model, cfg.resume_lora, is_trainable=True))
         except pickle.UnpicklingError:
             raise CuteGPTError(f"--resume-lora {cfg.resume_lora}: the adapter weights are not a plain tensor file (refused unread).") from None
         except (RuntimeError, ValueError, KeyError, OSError) as e:
@@ -200,9 +200,18 @@ def attach_lora(model: Any, cfg: TrainArgs) -> Any:
                       target_modules=targets, modules_to_save=cfg.modules_to_save or None, task_type="CAUSAL_LM")
     try:
         with quiet_deprecations():
-            return get_peft_model(model, lora)
+            return trainable_in_fp32(get_peft_model(model, lora))
     except ValueError as e:
         raise CuteGPTError(f"--lora-targets {' '.join(cfg.lora_targets)}: {str(e).splitlines()[0][:300]}") from None
+
+
+def trainable_in_fp32(model: Any) -> Any:
+    """Trained weights in float32 over a 16-bit frozen base: AdamW updates of 16-bit weights lose small steps, and
+    fp16's gradient scaler refuses fp16 gradients. peft upcasts the adapter itself, not `--modules-to-save` copies."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def check_module_names(model: Any, cfg: TrainArgs) -> None:
