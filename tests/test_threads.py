@@ -42,3 +42,33 @@ def test_busy_cores_sees_a_spinning_process():
     finally:
         proc.terminate()
         proc.join()
+
+
+def test_every_command_that_computes_has_threads():
+    """One `--threads` flag on every command that runs a model, a tokenizer or a trainer (issue 13, item 1)."""
+    import dataclasses
+    import importlib
+
+    from cutegpt.cli import COMMANDS
+
+    reads_only = {("data", "stats"), ("data", "show")}  # print counts and one sample; nothing to parallelise
+    missing = []
+    for words, (module, cls, *_rest) in COMMANDS.items():
+        fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+        if words not in reads_only and "threads" not in fields:
+            missing.append(" ".join(words))
+    assert not missing, missing
+
+
+def test_tokenizer_threads_follow_the_flag(monkeypatch):
+    import os
+
+    for var in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS"):
+        monkeypatch.setenv(var, "x")  # recorded, so both are restored (or removed) after the test
+        monkeypatch.delenv(var)
+    with threads.tokenizer_threads(1) as n:
+        assert n == 1 and os.environ["RAYON_NUM_THREADS"] == "1" and os.environ["RAYON_RS_NUM_CPUS"] == "1"
+    assert "RAYON_NUM_THREADS" not in os.environ and "RAYON_RS_NUM_CPUS" not in os.environ  # for the command only
+    monkeypatch.setenv("RAYON_NUM_THREADS", "7")
+    with threads.tokenizer_threads(1):
+        assert os.environ["RAYON_NUM_THREADS"] == "7"  # the user's own setting wins

@@ -9,8 +9,10 @@ cores that other processes leave free (their CPU use over 0.2 s), at least one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from typing import Iterator
 
 
 def available_cores() -> int:
@@ -68,6 +70,23 @@ def apply_threads(requested: int) -> int:
 
     torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def tokenizer_threads(requested: int) -> Iterator[int]:
+    """Size the tokenizers library's thread pool (rayon) from `--threads` for one command; yields the count.
+
+    rayon reads these variables once, when the pool first starts (in this process or a worker process), so they
+    are set for the command only and restored afterwards; a variable the user set is left as it is.
+    """
+    n = resolve_threads(requested)
+    added = [v for v in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS") if v not in os.environ]
+    os.environ.update({v: str(n) for v in added})
+    try:
+        yield n
+    finally:
+        for v in added:
+            os.environ.pop(v, None)
 
 
 THREADS_HELP = ("CPU threads; 0 = auto: the cores other processes leave free (1 on a busy machine, "

@@ -271,3 +271,25 @@ def test_padded_embedding_rows(tmp_path):
     assert r.fields["llama.vocab_size"].contents() == rows
     assert r.fields["tokenizer.ggml.tokens"].contents()[-1] == f"[PAD{rows - 1}]"
     assert r.fields["tokenizer.ggml.token_type"].contents()[-1] == int(gguf.TokenType.UNUSED)
+
+
+def test_threads_reach_llamacpp_and_torch(bpe_dir, tmp_path, monkeypatch):
+    """`export --threads 2`: the verification's llama.cpp runs on 2 threads and torch is set to 2."""
+    from cutegpt.cli import main
+    from cutegpt.export import verify
+
+    seen = []
+    real = verify.LlamaCpp.__init__
+
+    def record(self, path, n_ctx=1024, threads=1):
+        seen.append(threads)
+        real(self, path, n_ctx, threads)
+
+    monkeypatch.setattr(verify.LlamaCpp, "__init__", record)
+    before = torch.get_num_threads()
+    try:
+        assert main(["export", "--format", "gguf", "--model", str(bpe_dir), "--out", str(tmp_path / "m.gguf"),
+                     "--threads", "2", "--quiet"]) == 0
+        assert seen == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -65,3 +65,15 @@ def test_existing_output_and_unsupported_base(tmp_path, corpus_txt, bpe_base):
     (wordpiece / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}, "pre_tokenizer": None}))
     with pytest.raises(CuteGPTError, match="WordPiece tokenizer without byte-level pre-tokenization is not supported"):
         _run(tmp_path, corpus_txt.read_text(encoding="utf-8"), model=str(wordpiece), out=str(tmp_path / "o2"))
+
+
+def test_threads_reach_sentencepiece(tmp_path, sp_base, corpus_txt, monkeypatch):
+    """`vocab train --threads 1` trains SentencePiece on one thread (it used to take 2 whatever the machine did)."""
+    import sentencepiece as spm
+
+    seen = []
+    real = spm.SentencePieceTrainer.train
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda *a, **kw: seen.append(kw.get("num_threads")) or real(*a, **kw))
+    run_vocab_train(VocabTrainConfig(corpus=[str(corpus_txt)], out=str(tmp_path / "out"), model=str(sp_base),
+                                     vocab_size=1500, threads=1))
+    assert seen == [1]

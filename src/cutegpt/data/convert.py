@@ -46,6 +46,7 @@ from cutegpt.data.readers import MAX_RECORD_BYTES, Conversation, Sources, parse_
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir, atomic_file, check_output, write_json
 from cutegpt.templates import Segment, add_stop_token, get_template, read_model_card
+from cutegpt.threads import THREADS_HELP, tokenizer_threads
 
 IGNORE = -100
 CHUNK_UNITS = 512  # conversations per tokenizer call / per task sent to a worker
@@ -69,6 +70,7 @@ class ConvertConfig:
     format: Literal["auto", "cutegpt", "alpaca", "sharegpt", "messages"] = arg("auto", "record format (auto-detected per record)")
     seed: int = arg(42, "seed for shuffling, grouping and the template pool")
     workers: int = arg(1, "tokenizer processes (1 already uses the fast tokenizer's own threads)", ge=1)
+    threads: int = arg(0, THREADS_HELP + "; here the fast tokenizer's threads in each process", ge=0, aliases=("--num-threads",))
     skip_invalid: bool = arg(False, "skip and count invalid records (unparseable, not UTF-8, too long, wrong shape) instead of stopping at the first")
     max_record_bytes: int = arg(MAX_RECORD_BYTES, "largest JSON Lines record (one line) in bytes; a longer one is refused, "
                                 "or skipped with --skip-invalid, without being read whole", ge=1)
@@ -662,7 +664,8 @@ def _manifest(cfg: ConvertConfig, in_path: Path, source: Sources, tokenizer: Any
 
 
 def run_convert(cfg: ConvertConfig) -> int:
-    out = convert(cfg)
+    with tokenizer_threads(cfg.threads):
+        out = convert(cfg)
     from cutegpt.data.manifest import read_manifest
 
     m = read_manifest(out)

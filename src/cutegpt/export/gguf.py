@@ -69,7 +69,7 @@ def _file_type(quant: str) -> Any:
 
 def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None = None, quant: str = "f16",
                 template: str | None = None, verify: bool = True, overwrite: bool = False,
-                progress: bool = True) -> Path:
+                progress: bool = True, threads: int = 1) -> Path:
     """Write `model` (HF folder; None = the embedded model), with `lora` merged in, to the GGUF file `out`.
 
     `template`: the prompt template whose Jinja the file carries (None = what the
@@ -113,7 +113,7 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
             if verify:
                 from cutegpt.export.verify import verify_gguf
 
-                report = verify_gguf(tmp, folder, tokenizer, quant, template_name, progress=progress)
+                report = verify_gguf(tmp, folder, tokenizer, quant, template_name, progress=progress, threads=threads)
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, out)
         except OSError as e:

@@ -40,7 +40,7 @@ TIE = 0.05  # logit gap below which two next tokens are a tie (llama.cpp keeps t
 
 
 class LlamaCpp:
-    """A GGUF file loaded in llama.cpp, quiet, one thread, with the few calls verification needs."""
+    """A GGUF file loaded in llama.cpp, quiet, with the few calls verification needs."""
 
     def __init__(self, path: Path, n_ctx: int = 1024, threads: int = 1):
         import xllamacpp
@@ -140,10 +140,11 @@ def template_conversations() -> list[tuple[list[dict[str, str]], Any]]:
     ]
 
 
-def verify_gguf(path: Path, folder: Path, tokenizer: Any, quant: str, template_name: str, progress: bool = True) -> dict[str, Any]:
-    """Run checks (a)-(c); raise CuteGPTError naming the first failed check; return the report."""
+def verify_gguf(path: Path, folder: Path, tokenizer: Any, quant: str, template_name: str, progress: bool = True,
+                threads: int = 1) -> dict[str, Any]:
+    """Run checks (a)-(c) with llama.cpp on `threads` threads; raise CuteGPTError naming the first failed check."""
     report: dict[str, Any] = {}
-    with LlamaCpp(path) as cpp:
+    with LlamaCpp(path, threads=threads) as cpp:
         # (a) tokenization, id for id (with and without the BOS/EOS the tokenizer adds)
         for add in (False, True):
             hf = list(tokenizer(PROBE_TEXT, add_special_tokens=add)["input_ids"])

@@ -23,6 +23,7 @@ from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir
 from cutegpt.model.args import ModelArgs
 from cutegpt.templates import write_model_card
+from cutegpt.threads import THREADS_HELP, resolve_threads
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ExportConfig(ModelArgs):
     format: Literal["hf", "gguf"] = arg("hf", "hf: merged safetensors folder; gguf: one file for llama.cpp / ollama / LM Studio")
     quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg("f16", "GGUF tensor type (--format gguf)")
     verify: bool = arg(True, "load the GGUF file in llama.cpp and check tokenization, top-1 agreement and the template")
+    threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     quiet: bool = arg(False, "no progress bars")
     overwrite: bool = arg(False, "replace --out if it exists (once the new output is complete)")
 
@@ -72,7 +74,10 @@ def _say_base(cfg: ExportConfig) -> None:
 
 
 def run_export(cfg: ExportConfig) -> int:
+    from cutegpt.threads import apply_threads
+
     _say_base(cfg)
+    apply_threads(cfg.threads)
     if cfg.format == "gguf":
         return run_export_gguf(cfg)
     out = Path(cfg.out)
@@ -107,7 +112,8 @@ def run_export_gguf(cfg: ExportConfig) -> int:
     if cfg.dtype != "auto":
         raise CuteGPTError("--dtype applies to --format hf; choose the GGUF tensor type with --quant.")
     out = gguf_export.export_gguf(cfg.model, Path(cfg.out), lora=cfg.lora, quant=cfg.quant, template=cfg.template,
-                                  verify=cfg.verify, overwrite=cfg.overwrite, progress=not cfg.quiet)
+                                  verify=cfg.verify, overwrite=cfg.overwrite, progress=not cfg.quiet,
+                                  threads=resolve_threads(cfg.threads))
     report = gguf_export.last_report or {}
     size = out.stat().st_size
     print(f"saved {out} ({cfg.quant}, {size / 2**20:.1f} MiB, {report.get('tensors')} tensors, template {report.get('template')})")

@@ -29,6 +29,7 @@ from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir, write_json
 from cutegpt.model.args import ModelArgs
 from cutegpt.templates import chat_template_jinja, write_model_card
+from cutegpt.threads import THREADS_HELP
 from cutegpt.vocab.merge import (
     JSON_FILE, SP_FILE, Family, Merged, detect_family, display, load_sp_proto, load_tokenizer_json,
     merge_byte_bpe, merge_sentencepiece, pieces_file,
@@ -54,6 +55,7 @@ class VocabExtendConfig(ModelArgs):
     max_pieces: int | None = arg(None, "append at most this many new tokens (in the Chinese tokenizer's order)", ge=1, absent="every new piece")
     corpus: list[str] = arg([], "held-out text (.txt/.jsonl) for the before/after statistics", absent="heldout.jsonl of --pieces")
     text_field: str = arg("text", "field holding the text in .jsonl corpus files")
+    threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     overwrite: bool = arg(False, "replace an existing output folder")
 
 
@@ -61,6 +63,7 @@ def run_vocab_extend(cfg: VocabExtendConfig) -> int:
     import torch
 
     from cutegpt.model.loading import load_model
+    from cutegpt.threads import apply_threads
     from cutegpt.vocab.checks import run_checks
 
     t0 = time.perf_counter()
@@ -76,6 +79,7 @@ def run_vocab_extend(cfg: VocabExtendConfig) -> int:
     corpus = check_corpus(cfg.corpus, "--corpus")
     base_in = base_folder(cfg.model)
     check_output(out, flag="--out", inputs=[base_in, pieces_in, *corpus], overwrite=cfg.overwrite, kind="folder")
+    apply_threads(cfg.threads)
     if cfg.lora or cfg.load_in_8bit:
         raise CuteGPTError("extend a plain model: merge the LoRA adapter first (`cutegpt export`) and do not pass --load-in-8bit.")
     if cfg.pad_to < 1:

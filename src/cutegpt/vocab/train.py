@@ -28,6 +28,7 @@ from typing import Any, Literal
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir, atomic_file, write_json
+from cutegpt.threads import THREADS_HELP, tokenizer_threads
 from cutegpt.vocab.merge import JSON_FILE, SP_FILE, detect_family, load_sp_proto, load_tokenizer_json
 from cutegpt.vocab.text import cjk_runs, count_han, read_corpus, split_held_out
 
@@ -51,6 +52,7 @@ class VocabTrainConfig:
     character_coverage: float = arg(0.9995, "SentencePiece: share of characters covered by pieces (the rest fall back to bytes)", gt=0, le=1)
     min_frequency: int = arg(2, "byte-level BPE: merges seen fewer times are not learned", ge=1)
     seed: int = arg(0, "seed for the held-out split")
+    threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     overwrite: bool = arg(False, "replace an existing output folder")
 
 
@@ -112,11 +114,11 @@ def run_vocab_train(cfg: VocabTrainConfig) -> int:
     print(f"Training a {kind} tokenizer of {cfg.vocab_size} entries on {len(train)} documents "
           f"({han:,} Chinese characters); {len(held)} held out.", flush=True)
 
-    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-        if kind == "byte-bpe":
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp, tokenizer_threads(cfg.threads) as threads:
+        if kind == "byte-bpe":  # trains on the tokenizers library's pool, sized by tokenizer_threads
             size = train_byte_bpe(train, base, cfg.vocab_size, cfg.min_frequency, tmp / JSON_FILE)
         else:
-            size = train_sentencepiece(train, base, kind, cfg.vocab_size, cfg.character_coverage, tmp / SP_FILE)
+            size = train_sentencepiece(train, base, kind, cfg.vocab_size, cfg.character_coverage, tmp / SP_FILE, threads)
         with atomic_file(tmp / HELD_OUT_FILE) as f:
             for d in held:
                 f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
@@ -132,7 +134,8 @@ def run_vocab_train(cfg: VocabTrainConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_sentencepiece(docs: list[str], base: Path, kind: Kind, vocab_size: int, coverage: float, dest: Path) -> int:
+def train_sentencepiece(docs: list[str], base: Path, kind: Kind, vocab_size: int, coverage: float, dest: Path,
+                        threads: int = 1) -> int:
     """A SentencePiece model with the base's normalisation settings (LLaMA: identity, byte fallback, split digits)."""
     import sentencepiece as spm
 
@@ -147,7 +150,7 @@ def train_sentencepiece(docs: list[str], base: Path, kind: Kind, vocab_size: int
             sentence_iterator=iter(docs), model_writer=buf, model_type="unigram" if kind == "sp-unigram" else "bpe",
             vocab_size=vocab_size, character_coverage=coverage, normalization_rule_name="identity",
             remove_extra_whitespaces=False, max_sentence_length=1 << 16, input_sentence_size=2_000_000,
-            shuffle_input_sentence=True, num_threads=2, minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, **spec,
+            shuffle_input_sentence=True, num_threads=threads, minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, **spec,
         )
     except RuntimeError as e:
         raise CuteGPTError(_sp_error(str(e), vocab_size)) from None
