@@ -227,8 +227,6 @@ def suite_grid(a, work: Path) -> None:
 def suite_table() -> None:
     """Plan figures for LLaMA 7B/13B on one GPU (weights as `train` loads them, micro-batch 1 x 512 tokens, checkpointing) beside the
     'Hardware Requirement' table of LLaMA-Factory's README (the version for 7B/13B, as kept in forks of it)."""
-    from types import SimpleNamespace
-
     from cutegpt.training.args import training_weight_dtype
     from cutegpt.training.plan import ModelShape, PlanInput, estimate
 
@@ -240,7 +238,7 @@ def suite_table() -> None:
     for (method, quant), ref in lf.items():
         cells = []
         for size in ("7B", "13B"):
-            weights = training_weight_dtype(SimpleNamespace(dtype="auto", method=method), "bf16")  # as `train` loads them
+            weights = training_weight_dtype(method, "bf16")  # as `train` loads them
             inp = PlanInput(method=method, precision="bf16", weight_dtype=weights, quantization=quant, seq_len=512,
                             micro_batch=1, gradient_checkpointing=True, device="cuda")
             cells += [f"{estimate(shapes[size], inp).peak / 1024 ** 3:.1f}", str(ref[size])]

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -130,7 +129,7 @@ def test_plan_within_25_percent_of_measured_peak(embedded_dir, tmp_path):
     rows = []
     for method, quant, ckpt, L in GRID:
         measured = measure_peak(embedded_dir, text, tmp_path / f"{method}-{quant}-{ckpt}-{L}", method, quant, ckpt, L)
-        weights = training_weight_dtype(SimpleNamespace(dtype="auto", method=method), "bf16")  # as `train` loads them
+        weights = training_weight_dtype(method, "bf16")  # as `train` loads them
         plan = estimate(shape, PlanInput(method=method, quantization=quant, gradient_checkpointing=ckpt, seq_len=L,
                                          micro_batch=2, precision="bf16", weight_dtype=weights, device="cpu")).peak / GiB
         rows.append((method, quant, ckpt, L, plan, measured))

@@ -26,15 +26,15 @@ METHOD_DEFAULTS = {
 }
 
 
-def training_weight_dtype(cfg: TrainArgs, precision: str) -> str:
-    """The dtype the model's weights are loaded in for training, `precision` being resolved (bf16/fp16/fp32).
+def training_weight_dtype(method: str, precision: str, dtype: str = "auto") -> str:
+    """The dtype the model's weights are loaded in for training: `dtype` (the flag) unless auto; `precision` resolved.
 
     A LoRA base is frozen, so it needs no fp32 master copy: in the 16-bit compute type it takes half the memory
     and autocast has nothing to cast (what peft and LLaMA-Factory do). Full training keeps fp32 master weights.
     """
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    if cfg.method == "lora" and precision in ("bf16", "fp16"):
+    if dtype != "auto":
+        return dtype
+    if method == "lora" and precision in ("bf16", "fp16"):
         return "bfloat16" if precision == "bf16" else "float16"
     return "float32"
 

@@ -94,7 +94,7 @@ def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str) -> Any
         raise CuteGPTError(f"--lora {cfg.lora}: to continue training that adapter pass it as --resume-lora; "
                            "to train a new adapter on top of it add --merge-lora.")
     args = ModelArgs(model=cfg.model, lora=cfg.lora, template=template_name,
-                     dtype=training_weight_dtype(cfg, resolve_precision(cfg.precision)),
+                     dtype=training_weight_dtype(cfg.method, resolve_precision(cfg.precision), cfg.dtype),
                      device="cpu",  # the Trainer places the model (no device_map: it breaks DDP/DeepSpeed)
                      trust_remote_code=cfg.trust_remote_code, merge_lora=cfg.merge_lora)
     if cfg.quantization != "none":

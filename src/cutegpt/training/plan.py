@@ -340,7 +340,7 @@ def plan_input_from_args(cfg: Any, *, precision: str, micro_batch: int, ds: dict
     stage = int(zero.get("stage", 0) or 0)
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
     return PlanInput(method=cfg.method, precision=precision,
-                     weight_dtype=training_weight_dtype(cfg, precision), quantization=cfg.quantization,
+                     weight_dtype=training_weight_dtype(cfg.method, precision, cfg.dtype), quantization=cfg.quantization,
                      seq_len=cfg.max_length, micro_batch=micro_batch, gradient_checkpointing=cfg.gradient_checkpointing,
                      lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_targets), modules_to_save=tuple(cfg.modules_to_save or ()),
                      zero_stage=stage, offload=offload, processes=processes, device=device, double_quant=cfg.double_quant)
