@@ -144,10 +144,11 @@ def score_items(model: Any, items: Sequence[Item], method: str = "logits", batch
     rows = _rows(items)
     prefix_len = common_prefix_length([r.ids for r in rows]) if use_prefix_cache else 0
     prefix_cache = None
+    cache_kw = cache_kwarg(model)  # reads the forward's signature: once, not per batch
     if prefix_len > 0:
         prefix = torch.tensor([rows[0].ids[:prefix_len]], device=device)
         prefix_cache = new_cache(model)
-        model(prefix, use_cache=True, **{cache_kwarg(model): prefix_cache})  # fills prefix_cache in place
+        model(prefix, use_cache=True, **{cache_kw: prefix_cache})  # fills prefix_cache in place
 
     suffix_len = [len(r.ids) - prefix_len for r in rows]
     order = sorted(range(len(rows)), key=lambda r: -suffix_len[r])
@@ -168,7 +169,7 @@ def score_items(model: Any, items: Sequence[Item], method: str = "logits", batch
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(batch))
-            kwargs[cache_kwarg(model)] = cache
+            kwargs[cache_kw] = cache
         logits = model(input_ids, **kwargs).logits  # (B, K, V)
         for b, r in enumerate(batch):
             row = rows[r]

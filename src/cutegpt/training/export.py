@@ -23,7 +23,7 @@ from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir
 from cutegpt.model.args import ModelArgs
 from cutegpt.templates import write_model_card
-from cutegpt.threads import THREADS_HELP, resolve_threads
+from cutegpt.threads import THREADS_HELP
 
 
 @dataclass
@@ -77,9 +77,9 @@ def run_export(cfg: ExportConfig) -> int:
     from cutegpt.threads import apply_threads
 
     _say_base(cfg)
-    apply_threads(cfg.threads)
+    threads = apply_threads(cfg.threads)  # auto measures the machine once; llama.cpp's verification gets the same count
     if cfg.format == "gguf":
-        return run_export_gguf(cfg)
+        return run_export_gguf(cfg, threads)
     out = Path(cfg.out)
     import torch
 
@@ -102,7 +102,7 @@ def run_export(cfg: ExportConfig) -> int:
     return 0
 
 
-def run_export_gguf(cfg: ExportConfig) -> int:
+def run_export_gguf(cfg: ExportConfig, threads: int = 1) -> int:
     from cutegpt.export import gguf as gguf_export
 
     if not cfg.out:
@@ -113,7 +113,7 @@ def run_export_gguf(cfg: ExportConfig) -> int:
         raise CuteGPTError("--dtype applies to --format hf; choose the GGUF tensor type with --quant.")
     out = gguf_export.export_gguf(cfg.model, Path(cfg.out), lora=cfg.lora, quant=cfg.quant, template=cfg.template,
                                   verify=cfg.verify, overwrite=cfg.overwrite, progress=not cfg.quiet,
-                                  threads=resolve_threads(cfg.threads))
+                                  threads=threads)
     report = gguf_export.last_report or {}
     size = out.stat().st_size
     print(f"saved {out} ({cfg.quant}, {size / 2**20:.1f} MiB, {report.get('tensors')} tensors, template {report.get('template')})")
