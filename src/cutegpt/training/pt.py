@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from cutegpt.config import arg
-from cutegpt.errors import CuteGPTError
 from cutegpt.templates import resolve_template_name
-from cutegpt.training.args import TrainArgs
+from cutegpt.training.args import TrainArgs, run_training
 
 if TYPE_CHECKING:
     from cutegpt.training.engine import Prepared
@@ -40,19 +39,7 @@ class PTConfig(TrainArgs):
 
 
 def run_pt(cfg: PTConfig) -> int:
-    if not cfg.data and not cfg.plan:
-        raise CuteGPTError("--data is required: .txt or .jsonl files (or folders of them).")
-    if not cfg.plan:
-        cfg.check_inputs()
-    if cfg.plan:  # config.json only: no torch, no weights
-        from cutegpt.training.plan import run_plan
-
-        run_plan(cfg)
-        return 0
-    from cutegpt.training.engine import train
-
-    train(cfg, lambda check_rows: prepare_pt(cfg, check_rows))
-    return 0
+    return run_training(cfg, prepare_pt, ".txt or .jsonl files (or folders of them)")
 
 
 def prepare_pt(cfg: PTConfig, check_rows: Callable[[int], None] = lambda rows: None) -> Prepared:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import resolve_template_name
-from cutegpt.training.args import TrainArgs
+from cutegpt.training.args import TrainArgs, run_training
 
 if TYPE_CHECKING:
     from cutegpt.training.engine import Prepared
@@ -50,19 +50,7 @@ class SFTConfig(TrainArgs):
 
 
 def run_sft(cfg: SFTConfig) -> int:
-    if not cfg.data and not cfg.plan:
-        raise CuteGPTError("--data is required: a dataset folder from `cutegpt data convert` or conversation files.")
-    if not cfg.plan:
-        cfg.check_inputs()
-    if cfg.plan:  # config.json only: no torch, no weights
-        from cutegpt.training.plan import run_plan
-
-        run_plan(cfg)
-        return 0
-    from cutegpt.training.engine import train
-
-    train(cfg, lambda check_rows: prepare_sft(cfg, check_rows))
-    return 0
+    return run_training(cfg, prepare_sft, "a dataset folder from `cutegpt data convert` or conversation files")
 
 
 def dataset_folder(cfg: SFTConfig) -> Path:
