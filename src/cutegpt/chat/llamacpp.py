@@ -50,6 +50,22 @@ def xllamacpp_module() -> Any:
     return xllamacpp
 
 
+def server_params(xl: Any, path: Path, n_ctx: int, threads: int, parallel: int = 1) -> Any:
+    """The llama.cpp server settings chat, serve and export's verification all start from: the file, the context
+    (split between `parallel` slots), the same thread count for prompt and generation, quiet, and listening only
+    on a free loopback port (the in-process server always serves HTTP too)."""
+    p = xl.CommonParams()
+    p.model.path = str(path)
+    p.n_ctx = n_ctx
+    p.n_parallel = parallel
+    p.cpuparams.n_threads = threads
+    p.cpuparams_batch.n_threads = threads
+    p.verbosity = -1  # llama.cpp's own log lines are not the user's business
+    p.hostnames = ["127.0.0.1"]
+    p.port = 0
+    return p
+
+
 # --- GGUF metadata without loading tensors -------------------------------------------------------
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -201,16 +217,8 @@ def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, 
     if tokenizer is None:
         tokenizer = gguf_tokenizer(path)
     tmpl = template_for(template, tokenizer)
-    params = xl.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx = n_ctx or train_ctx
-    params.n_parallel = 1
-    params.cpuparams.n_threads = threads
-    params.cpuparams_batch.n_threads = threads
-    params.verbosity = -1  # llama.cpp's own log lines are not the user's business
+    params = server_params(xl, path, n_ctx or train_ctx, threads)
     params.warmup = False
-    params.hostnames = ["127.0.0.1"]  # the server also listens on HTTP: keep it on this machine only
-    params.port = 0
     try:
         server = xl.Server(params)
     except Exception as e:

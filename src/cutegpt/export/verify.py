@@ -45,17 +45,11 @@ class LlamaCpp:
     def __init__(self, path: Path, n_ctx: int = 1024, threads: int = 1):
         import xllamacpp
 
-        p = xllamacpp.CommonParams()
-        p.model.path = str(path)
-        p.n_ctx = n_ctx
-        p.n_parallel = 1
-        p.cpuparams.n_threads = threads
-        p.cpuparams_batch.n_threads = threads
+        from cutegpt.chat.llamacpp import server_params
+
+        p = server_params(xllamacpp, path, n_ctx, threads)
         p.warmup = False
         p.use_jinja = True
-        p.verbosity = -1
-        p.hostnames = ["127.0.0.1"]
-        p.port = 0
         log: list[str] = []
         try:
             with _captured_stderr(log):

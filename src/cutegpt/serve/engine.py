@@ -31,15 +31,11 @@ class Backend:
 def backend_params(cfg: ServeConfig, served: ServedModel, threads: int, key: str) -> Any:
     import xllamacpp
 
-    p = xllamacpp.CommonParams()
-    p.model.path = str(served.gguf)
+    from cutegpt.chat.llamacpp import server_params
+
+    # llama.cpp splits n_ctx evenly between the slots; the loopback port is free and only the front connects
+    p = server_params(xllamacpp, served.gguf, cfg.ctx * cfg.parallel, threads, cfg.parallel)
     p.model_alias = {served.name}
-    p.n_parallel = cfg.parallel
-    p.n_ctx = cfg.ctx * cfg.parallel  # llama.cpp splits n_ctx evenly between the slots
-    p.cpuparams.n_threads = threads
-    p.cpuparams_batch.n_threads = threads
-    p.hostnames = ["127.0.0.1"]
-    p.port = 0  # any free port; only the front connects
     p.api_keys = [key]
     # one HTTP thread per connection the front may hold: every slot busy plus as many waiting, so queued
     # requests reach llama.cpp's task queue (and their disconnects are seen) instead of waiting in accept()
@@ -47,7 +43,6 @@ def backend_params(cfg: ServeConfig, served: ServedModel, threads: int, key: str
     p.endpoint_metrics = True
     p.ui = cfg.ui
     p.cache_prompt = cfg.prompt_cache
-    p.verbosity = -1
     if served.jinja is not None:
         p.use_jinja = True
         p.chat_template = served.jinja
