@@ -53,6 +53,15 @@ def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any],
     from cutegpt.training.engine import train
 
     train(cfg, lambda check_rows: prepare(cfg, check_rows))
+    import os
+
+    import torch.distributed as dist
+
+    # under torchrun, close the process group before exit: left to the interpreter's teardown, gloo's threads
+    # were once seen to abort a rank that had finished (SIGABRT, "terminate called without an active exception")
+    if "TORCHELASTIC_RUN_ID" in os.environ and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
