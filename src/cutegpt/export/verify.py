@@ -62,6 +62,12 @@ class LlamaCpp:
         self.base = address if address.startswith("http") else "http://" + address
 
     def close(self) -> None:
+        from cutegpt.chat.llamacpp import _never_destroy
+
+        # xllamacpp's Server destructor can deadlock (it hung a test run in `close` here, as it did in chat):
+        # the server is kept until the process ends instead, as chat's are
+        if self.server is not None:
+            _never_destroy(self.server)
         self.server = None
 
     def __enter__(self) -> "LlamaCpp":
