@@ -29,7 +29,8 @@ import torch
 
 from cutegpt.chat.args import GenerationArgs
 from cutegpt.chat.engine import Engine
-from cutegpt.chat.llamacpp import LlamaCppEngine, load_llamacpp, request_for
+from cutegpt.chat.llamacpp import LlamaCppEngine
+from cutegpt.runtime.llamacpp import load_llamacpp, request_for
 from cutegpt.model.embedded import embedded_gguf
 from cutegpt.model.loading import ModelArgs, load_model
 from cutegpt.templates import Turn, encode_segments

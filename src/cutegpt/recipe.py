@@ -169,7 +169,7 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
                      max_steps=cfg.pt_steps, lr=cfg.pt_lr, **pt_method, **train_common))
         s = _read(d["3-pt"] / "summary.json")
         if cfg.pt_method == "lora":  # later steps need a plain model: merge the adapter (embeddings and head included)
-            from cutegpt.training.export import ExportConfig, run_export
+            from cutegpt.export.cli import ExportConfig, run_export
 
             run_export(_make(ExportConfig, model=str(d["2-extended"]), lora=str(d["3-pt"] / "final"), out=str(pt_model), dtype="float32"))
         return {"steps": s.get("steps"), "loss": _first_last(s), "final": str(pt_model)}
@@ -191,7 +191,7 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
         return {"steps": s.get("steps"), "loss": _first_last(s), "final": s.get("final")}
 
     def export() -> dict[str, Any]:
-        from cutegpt.training.export import ExportConfig, run_export
+        from cutegpt.export.cli import ExportConfig, run_export
 
         run_export(_make(ExportConfig, model=str(pt_model), lora=str(d["5-sft"] / "final"), out=str(d["6-merged"]), dtype="float32"))
         return {}

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def shipped_cutegpt():
     """The shipped Q4_1 file, prompted with the CuteGPT template (which SmolLM2 was never trained on)."""
-    from cutegpt.chat.llamacpp import load_llamacpp
+    from cutegpt.runtime.llamacpp import load_llamacpp
     from cutegpt.model.embedded import embedded_gguf
 
     return load_llamacpp(embedded_gguf(), template="cutegpt", threads=1)

@@ -60,7 +60,7 @@ def parrot(tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def parrot_lm(parrot):
-    from cutegpt.chat.llamacpp import load_llamacpp
+    from cutegpt.runtime.llamacpp import load_llamacpp
 
     return load_llamacpp(parrot.gguf, threads=1)
 
@@ -149,33 +149,6 @@ def test_hf_folder_on_llamacpp_is_exported_once(parrot, tmp_path, monkeypatch):
     stamp = files[0].stat().st_mtime_ns
     load_chat_model(cfg, "llamacpp", 1)
     assert files[0].stat().st_mtime_ns == stamp  # not exported again
-
-
-def test_gguf_metadata_reader_and_sampling_defaults(tmp_path):
-    gguf = pytest.importorskip("gguf")
-    from cutegpt.chat.llamacpp import gguf_generation_defaults, read_gguf_metadata
-
-    path = tmp_path / "meta.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("Tiny Parrot")
-    w.add_context_length(512)
-    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
-    w.add_float32("general.sampling.temp", 0.2)
-    w.add_float32("general.sampling.top_p", 0.9)
-    w.add_int32("general.sampling.top_k", 20)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    meta = read_gguf_metadata(path)
-    assert meta["general.name"] == "Tiny Parrot" and meta["llama.context_length"] == 512
-    assert "tokenizer.ggml.tokens" not in meta  # arrays are skipped
-    d = gguf_generation_defaults(path)
-    assert d == {"temperature": pytest.approx(0.2), "top_p": pytest.approx(0.9), "top_k": 20}
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"not a gguf")
-    with pytest.raises(CuteGPTError, match="not a GGUF file"):
-        read_gguf_metadata(bad)
 
 
 @pytest.mark.parametrize("kw,expected", [

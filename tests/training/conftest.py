@@ -83,7 +83,7 @@ def sft_dataset_end(tmp_path_factory, tiny_model_dir) -> Path:
     """The same data tokenized with <end> as one special token (what --method full trains on)."""
     from transformers import AutoTokenizer
 
-    from cutegpt.training.engine import add_stop_token
+    from cutegpt.templates import add_stop_token
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     add_stop_token(tok)

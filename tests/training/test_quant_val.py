@@ -9,7 +9,7 @@ import torch
 
 from cutegpt.errors import CuteGPTError
 from cutegpt.model.loading import ModelArgs, load_model
-from cutegpt.training import engine
+from cutegpt.training import engine, trainer
 from cutegpt.training.sft import SFTConfig, prepare_sft, run_sft
 from tests.training.conftest import QA, encode_samples, read_summary, write_dataset
 
@@ -176,8 +176,8 @@ def test_report_to_missing_package_is_one_sentence(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(CuteGPTError, match=r"^--report-to wandb needs the wandb package: pip install wandb"):
-        engine.check_report_to("wandb")
-    assert engine.check_report_to("none") == []
+        trainer.check_report_to("wandb")
+    assert trainer.check_report_to("none") == []
 
 
 def test_loss_png_has_both_curves_and_a_title(tiny_model_dir, sft_dataset, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cutegpt.training import engine
+from cutegpt.training import checkpoints
 from cutegpt.training.sft import SFTConfig, run_sft
 from tests.training.conftest import read_summary
 
@@ -43,13 +43,13 @@ def test_sigkill_then_resume_reproduces_the_curve(tiny_model_dir, sft_dataset, t
     proc = subprocess.Popen([sys.executable, "-m", "cutegpt", "train", "sft", *_argv(_flags(tiny_model_dir, sft_dataset, out))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
-    while not engine.complete_checkpoints(out) and proc.poll() is None and time.time() < deadline:
+    while not checkpoints.complete_checkpoints(out) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (out / "summary.json").exists(), "the run finished before it was killed"
-    last = engine.complete_checkpoints(out)[-1]
+    last = checkpoints.complete_checkpoints(out)[-1]
     k = int(last.name.split("-")[1])
     assert k < STEPS - 2  # some steps are left to compare
 

@@ -15,7 +15,7 @@ import pytest
 
 from cutegpt.config import parse_config
 from cutegpt.errors import CuteGPTError
-from cutegpt.training import engine
+from cutegpt.training import checkpoints, engine, prepare
 from cutegpt.training.pt import PTConfig
 from cutegpt.training.sft import SFTConfig, run_sft
 from tests.training.conftest import QA, encode_samples, read_summary, write_dataset
@@ -42,7 +42,7 @@ class Evil:
 def done_run(tiny_model_dir, sft_dataset, tmp_path):
     out = tmp_path / "run"
     run_sft(_cfg(tiny_model_dir, sft_dataset, out))
-    assert [p.name for p in engine.complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     return out
 
 
@@ -79,11 +79,11 @@ def test_truncated_newest_checkpoint_falls_back_and_says_so(done_run, tiny_model
     said: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: said.append(record.getMessage())
-    engine.log.addHandler(handler)
+    checkpoints.log.addHandler(handler)
     try:
-        assert engine.resumable_checkpoint(done_run).name == "checkpoint-2"
+        assert checkpoints.resumable_checkpoint(done_run).name == "checkpoint-2"
     finally:
-        engine.log.removeHandler(handler)
+        checkpoints.log.removeHandler(handler)
     assert any("skipping checkpoint-4" in m and "adapter_model.safetensors" in m and "falling back" in m for m in said), said
     all_tokens = read_summary(done_run)["tokens"]
     shutil.rmtree(done_run / "final")
@@ -91,15 +91,15 @@ def test_truncated_newest_checkpoint_falls_back_and_says_so(done_run, tiny_model
     run_sft(_cfg(tiny_model_dir, sft_dataset, done_run, resume=True))
     summary = read_summary(done_run)
     assert summary["steps"] == 4 and 0 < summary["tokens"] < all_tokens  # only steps 3-4 were trained again
-    assert engine.checkpoint_problem(done_run / "checkpoint-4") is None
+    assert checkpoints.checkpoint_problem(done_run / "checkpoint-4") is None
 
 
 @pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth"])
 def test_hostile_checkpoint_file_is_named_and_never_unpickled(done_run, name, capsys):
-    for ck in engine.complete_checkpoints(done_run):
+    for ck in checkpoints.complete_checkpoints(done_run):
         (ck / name).write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CuteGPTError) as e:
-        engine.resumable_checkpoint(done_run)
+        checkpoints.resumable_checkpoint(done_run)
     msg = str(e.value)
     assert name in msg and "weights_only=False" not in msg and "\n" not in msg
     assert "pwned" not in capsys.readouterr().out
@@ -147,7 +147,7 @@ def test_disk_full_while_saving_is_one_sentence(tiny_model_dir, sft_dataset, tmp
 
 def test_epochs_below_one_step(tiny_model_dir, sft_dataset, tmp_path, monkeypatch):
     # refused from the dataset's size alone, before minutes of model loading
-    monkeypatch.setattr(engine, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(prepare, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(CuteGPTError, match=r"^--epochs 0.1 covers 1.2 of 12 rows, less than one optimizer step"):
         run_sft(_cfg(tiny_model_dir, sft_dataset, tmp_path / "run", max_steps=-1, epochs=0.1))
     assert not (tmp_path / "run").exists()

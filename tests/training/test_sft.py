@@ -10,7 +10,8 @@ import torch
 
 from cutegpt.errors import CuteGPTError
 from cutegpt.model.loading import ModelArgs, load_model
-from cutegpt.training import engine
+from cutegpt.templates import add_stop_token
+from cutegpt.training import checkpoints, engine, prepare
 from cutegpt.training.sft import SFTConfig, prepare_sft, run_sft
 from tests.training.conftest import encode_samples, read_summary, write_dataset
 
@@ -62,7 +63,7 @@ def test_adapter_round_trip_and_merged_export(tiny_model_dir, sft_dataset, tmp_p
         with torch.no_grad():
             torch.testing.assert_close(lm.model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
 
-    from cutegpt.training.export import ExportConfig, run_export
+    from cutegpt.export.cli import ExportConfig, run_export
 
     merged = tmp_path / "merged"
     assert run_export(ExportConfig(model=str(tiny_model_dir), lora=str(tmp_path / "run" / "final"), out=str(merged), dtype="float32")) == 0
@@ -94,7 +95,7 @@ def test_full_tuning_adds_end_token(tiny_model_dir, tiny_tokenizer, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert len(tok("<end>", add_special_tokens=False)["input_ids"]) > 1
-    assert engine.add_stop_token(tok)
+    assert add_stop_token(tok)
     end_id = tok.convert_tokens_to_ids("<end>")
     data = write_dataset(tmp_path / "data", tok, encode_samples(tok), 128)
 
@@ -126,7 +127,7 @@ def test_tokenizer_mismatch_refused_before_loading(tiny_model_dir, tmp_path, mon
     other = build_tokenizer(tmp_path / "other-tok", chat_template=False)
     other.add_tokens(["额外"])
     data = write_dataset(tmp_path / "data", other, encode_samples(other), 128)
-    monkeypatch.setattr(engine, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(prepare, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(CuteGPTError, match="tokenized with .*convert the data again"):
         run_sft(_cfg(tiny_model_dir, data, tmp_path / "run"))
 
@@ -146,7 +147,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny_model_dir, sft_data
     out = tmp_path / "run"
     with pytest.raises(CuteGPTError, match=r"loss became nan at step 5.*checkpoint-4"):
         run_sft(_cfg(tiny_model_dir, sft_dataset, out, max_steps=10, save_steps=2))
-    assert [p.name for p in engine.complete_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]  # 3 = epoch end; two kept by default
+    assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]  # 3 = epoch end; two kept by default
     assert not (out / "final").exists()
 
 

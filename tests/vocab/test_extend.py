@@ -185,7 +185,7 @@ def test_continued_pretraining_trains_and_exports_the_new_rows(sp_extended, tmp_
                     threads=1, warmup_steps=0, **extra))
     final = tmp_path / "pt" / "final"
     if method == "lora":
-        from cutegpt.training.export import ExportConfig, run_export
+        from cutegpt.export.cli import ExportConfig, run_export
 
         run_export(ExportConfig(model=str(sp_extended), lora=str(final), out=str(tmp_path / "merged")))
         final = tmp_path / "merged"

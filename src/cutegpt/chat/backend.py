@@ -75,7 +75,7 @@ def display_name(cfg: Any, lm: Any) -> str:
     if model is None:
         name = f"{EMBEDDED_NAME} (embedded)"
     elif Path(model).suffix == ".gguf":
-        from cutegpt.chat.llamacpp import gguf_model_name
+        from cutegpt.runtime.llamacpp import gguf_model_name
 
         name = gguf_model_name(Path(model).expanduser())
     else:
@@ -139,7 +139,7 @@ def load_chat_model(cfg: Any, backend: str, threads: int) -> Any:
         from cutegpt.model.loading import load_model
 
         return load_model(cfg)
-    from cutegpt.chat.llamacpp import load_llamacpp
+    from cutegpt.runtime.llamacpp import load_llamacpp
 
     name = display_name(cfg, None)
     if cfg.model is None:
@@ -173,7 +173,7 @@ def model_generation_defaults(cfg: Any, lm: Any) -> tuple[dict[str, Any], str]:
         return from_llamacpp, "GGUF metadata"
     path = Path(lm.model_path)
     if path.suffix == ".gguf":
-        from cutegpt.chat.llamacpp import gguf_generation_defaults
+        from cutegpt.runtime.llamacpp import gguf_generation_defaults
 
         return gguf_generation_defaults(path), "GGUF metadata"
     return generation_config_defaults(path), "generation_config.json"

@@ -1,4 +1,4 @@
-"""llama.cpp as a backend for `chat` and `generate`, through the PyPI package `xllamacpp`.
+"""The llama.cpp backend of `chat` and `generate`: a streaming engine with the torch engine's interface.
 
 llama.cpp only completes text, so everything that makes an answer ours stays
 in Python and is shared with the torch engine:
@@ -11,8 +11,9 @@ in Python and is shared with the torch engine:
   streamed text with the same hold-back rule as the torch engine, EOS stops too,
   and neither is ever printed;
 - the sampling settings: mapped onto llama.cpp's samplers in transformers' order
-  (repetition penalty over the whole context, temperature, top-k, top-p; min-p off).
+  (runtime/llamacpp.py `request_for`).
 
+Loading the file, its tokenizer and template is the runtime's (`runtime.llamacpp.load_llamacpp`).
 History is reused through llama.cpp's prompt cache (`cache_prompt`, one slot):
 a new turn that extends the previous prompt + answer only prefills the new
 tokens. Ctrl-C sets a flag the streaming callback sees at the next token; the
@@ -21,252 +22,16 @@ callback then tells llama.cpp to stop, and the conversation is kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import signal
-import struct
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from cutegpt.chat.args import GenerationArgs
 from cutegpt.chat.stream import GenerationResult, complete, cut_at_stop, held_back
 from cutegpt.errors import CuteGPTError
-from cutegpt.templates import Template
-
-# llama.cpp's GGUF keys for a model's recommended sampling (written by its converter from generation_config.json)
-GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
-                      "general.sampling.top_k": "top_k", "general.sampling.penalty_repeat": "repetition_penalty"}
-
-
-def xllamacpp_module() -> Any:
-    try:
-        import xllamacpp
-    except ImportError:
-        raise CuteGPTError("--backend llamacpp needs the xllamacpp package: run `pip install xllamacpp`.") from None
-    return xllamacpp
-
-
-def server_params(xl: Any, path: Path, n_ctx: int, threads: int, parallel: int = 1) -> Any:
-    """The llama.cpp server settings chat, serve and export's verification all start from: the file, the context
-    (split between `parallel` slots), the same thread count for prompt and generation, quiet, and listening only
-    on a free loopback port (the in-process server always serves HTTP too)."""
-    p = xl.CommonParams()
-    p.model.path = str(path)
-    p.n_ctx = n_ctx
-    p.n_parallel = parallel
-    p.cpuparams.n_threads = threads
-    p.cpuparams_batch.n_threads = threads
-    p.verbosity = -1  # llama.cpp's own log lines are not the user's business
-    p.hostnames = ["127.0.0.1"]
-    p.port = 0
-    return p
-
-
-# --- GGUF metadata without loading tensors -------------------------------------------------------
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf_metadata(path: Path, wanted: Callable[[str], bool] = lambda k: True) -> dict[str, Any]:
-    """The scalar and string key/values of a GGUF header whose key `wanted` accepts (arrays are skipped).
-
-    Reads only the header (the token list is skipped, not decoded), in milliseconds,
-    where `gguf.GGUFReader` takes seconds on a 49k-token vocabulary.
-    """
-    out: dict[str, Any] = {}
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise CuteGPTError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")
-            version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-            if version < 2:
-                raise CuteGPTError(f"{path}: GGUF version {version} is too old for llama.cpp; export it again.")
-
-            def read_str() -> str:
-                (n,) = struct.unpack("<Q", f.read(8))
-                return f.read(n).decode("utf-8", errors="replace")
-
-            def skip(vtype: int) -> Any:
-                if vtype in _SCALARS:
-                    fmt = _SCALARS[vtype]
-                    return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-                if vtype == 8:
-                    return read_str()
-                if vtype == 9:
-                    itype, count = struct.unpack("<IQ", f.read(12))
-                    if itype in _SCALARS:
-                        f.seek(count * struct.calcsize(_SCALARS[itype]), 1)
-                    else:
-                        for _ in range(count):
-                            skip(itype)
-                    return None
-                raise CuteGPTError(f"{path}: unknown GGUF value type {vtype}; the file is corrupt.")
-
-            for _ in range(n_kv):
-                key = read_str()
-                (vtype,) = struct.unpack("<I", f.read(4))
-                value = skip(vtype)
-                if value is not None and wanted(key):
-                    out[key] = value
-    except struct.error:
-        raise CuteGPTError(f"{path}: the GGUF header is truncated.") from None
-    except OSError as e:
-        from cutegpt.io import describe_os_error
-
-        raise CuteGPTError(describe_os_error(e, path, "reading")) from None
-    return out
-
-
-def gguf_generation_defaults(path: Path) -> dict[str, Any]:
-    """The sampling settings a GGUF file recommends (`general.sampling.*`), as GenerationArgs fields."""
-    meta = read_gguf_metadata(path, lambda k: k in GGUF_SAMPLING_KEYS)
-    out: dict[str, Any] = {}
-    for key, name in GGUF_SAMPLING_KEYS.items():
-        if key in meta:
-            out[name] = int(meta[key]) if name == "top_k" else float(meta[key])
-    return out
-
-
-def gguf_model_name(path: Path) -> str:
-    meta = read_gguf_metadata(path, lambda k: k in ("general.name", "general.basename", "general.finetune", "general.size_label"))
-    return str(meta.get("general.name") or path.stem)
-
-
-# --- tokenizer: the GGUF's, converted by transformers once and cached as a folder ---------------
-
-def gguf_tokenizer(path: Path) -> Any:
-    """The HF tokenizer stored in a GGUF file (converting takes seconds, so the result is cached)."""
-    from transformers import AutoTokenizer
-
-    from cutegpt.model.embedded import cache_dir
-
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "tokenizers" / f"{path.stem}-{key}"
-    if (folder / "tokenizer_config.json").is_file():
-        try:
-            return AutoTokenizer.from_pretrained(str(folder))
-        except Exception:
-            pass  # a damaged cache entry: convert again
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        raise CuteGPTError(f"{path}: cannot read the tokenizer of this GGUF file ({str(e).splitlines()[0][:200]}).") from None
-    try:
-        from cutegpt.io import atomic_dir
-
-        with atomic_dir(folder, overwrite=True) as tmp:
-            tok.save_pretrained(str(tmp))
-    except (OSError, CuteGPTError):
-        pass  # an unwritable cache only costs the conversion next time
-    return tok
-
-
-def template_for(name: str | None, tokenizer: Any) -> Template:
-    """The template for a GGUF model: the one asked for, else `cutegpt` when the file carries CuteGPT's Jinja, else auto."""
-    from cutegpt.templates import default_template_name, get_template
-
-    if not name:
-        name = default_template_name(tokenizer)
-        if name == "auto":
-            try:
-                from cutegpt.templates import chat_template_jinja
-
-                if tokenizer.chat_template == chat_template_jinja("cutegpt"):
-                    name = "cutegpt"
-            except ImportError:
-                pass
-    return get_template(name, tokenizer)
-
-
-# --- the model ----------------------------------------------------------------------------------
-
-@dataclass
-class LlamaCppModel:
-    """A GGUF file loaded in llama.cpp, with our tokenizer and template (duck-types `LoadedModel` for chat)."""
-
-    server: Any
-    tokenizer: Any
-    template: Template
-    model_path: Path
-    context_length: int
-    threads: int
-    name: str
-    lora_path: Path | None = None
-    device: str = "cpu"
-    int8: str | None = None
-    generation_defaults: dict[str, Any] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        return f"{self.name} (llama.cpp, {self.threads} thread{'s' if self.threads != 1 else ''}, template {self.template.name})"
-
-
-def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, n_ctx: int = 0,
-                  tokenizer: Any = None, name: str | None = None) -> LlamaCppModel:
-    """Load a GGUF file in llama.cpp (one slot, prompt cache on) with its tokenizer and template."""
-    xl = xllamacpp_module()
-    if not path.is_file():
-        raise CuteGPTError(f"GGUF file {path} does not exist." if not path.exists() else f"{path} is a folder, not a .gguf file.")
-    meta = read_gguf_metadata(path, lambda k: k.endswith(".context_length") or k == "general.architecture")
-    arch = meta.get("general.architecture", "llama")
-    train_ctx = int(meta.get(f"{arch}.context_length") or 2048)
-    if tokenizer is None:
-        tokenizer = gguf_tokenizer(path)
-    tmpl = template_for(template, tokenizer)
-    params = server_params(xl, path, n_ctx or train_ctx, threads)
-    params.warmup = False
-    try:
-        server = xl.Server(params)
-    except Exception as e:
-        raise CuteGPTError(f"{path}: llama.cpp cannot load this GGUF file ({str(e).splitlines()[0][:200]}).") from None
-    _never_destroy(server)
-    return LlamaCppModel(server=server, tokenizer=tokenizer, template=tmpl, model_path=path,
-                         context_length=params.n_ctx, threads=threads, name=name or gguf_model_name(path),
-                         generation_defaults=gguf_generation_defaults(path))
-
-
-def _never_destroy(server: Any) -> None:
-    """Keep the server alive until the process ends.
-
-    xllamacpp's `Server` destructor can deadlock: it asks the llama.cpp loop thread to stop and joins
-    it, and the loop sometimes misses the request (seen in the tests: the process hung in
-    `~Server` -> `thread::join` for good). A server is never freed, so the destructor never runs;
-    the operating system reclaims it at exit.
-    """
-    import ctypes
-
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(server))
-
-
-# --- generation -----------------------------------------------------------------------------------
-
-def request_for(prompt_ids: list[int], gen: GenerationArgs, stop: str | None, n_ctx: int, cache_prompt: bool = True) -> dict[str, Any]:
-    """The /v1/completions request that samples like our torch engine."""
-    req: dict[str, Any] = {
-        "prompt": list(prompt_ids),
-        "max_tokens": gen.max_new_tokens,
-        "stream": True,
-        "cache_prompt": cache_prompt,
-        "stream_options": {"include_usage": True},
-        "repeat_penalty": gen.repetition_penalty,
-        "repeat_last_n": n_ctx,  # transformers penalises every token of prompt and answer
-        "min_p": 0.0,
-        "typical_p": 1.0,
-        "ignore_eos": bool(gen.ignore_eos),
-        "samplers": ["penalties", "temperature", "top_k", "top_p"],  # transformers' order
-        "seed": gen.seed if gen.seed is not None else random.randrange(2**31),
-    }
-    if gen.greedy:
-        req.update(temperature=0.0, top_k=1, top_p=1.0)
-    else:
-        req.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
-    if stop and not gen.ignore_eos:
-        req["stop"] = [stop]
-    return req
+from cutegpt.runtime.llamacpp import LlamaCppModel, request_for
 
 
 class _SigintFlag:

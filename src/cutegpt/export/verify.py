@@ -11,15 +11,11 @@ free port, answers /tokenize and /apply-template.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import sys
-import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cutegpt.errors import CuteGPTError
+from cutegpt.runtime.llamacpp import LlamaCpp
 
 PROBE_TEXT = (
     "Hello, world! The quick brown fox jumps over 13 lazy dogs. 你好，世界！今天天气很好，我们去公园散步吧。\n"
@@ -37,95 +33,6 @@ GREEDY_TOKENS = 16
 THRESHOLDS = {"f32": 0.99, "f16": 0.99, "bf16": 0.95, "q8_0": 0.85, "q5_1": 0.5, "q5_0": 0.5, "q4_1": 0.4, "q4_0": 0.4}
 EXACT = ("f32", "f16")
 TIE = 0.05  # logit gap below which two next tokens are a tie (llama.cpp keeps the KV cache in f16)
-
-
-class LlamaCpp:
-    """A GGUF file loaded in llama.cpp, quiet, with the few calls verification needs."""
-
-    def __init__(self, path: Path, n_ctx: int = 1024, threads: int = 1):
-        import xllamacpp
-
-        from cutegpt.chat.llamacpp import server_params
-
-        p = server_params(xllamacpp, path, n_ctx, threads)
-        p.warmup = False
-        p.use_jinja = True
-        log: list[str] = []
-        try:
-            with _captured_stderr(log):
-                self.server = xllamacpp.Server(p)
-        except Exception as e:
-            reason = next((line.split("error loading model:", 1)[1].strip() for line in reversed(log) if "error loading model:" in line),
-                          str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-            raise CuteGPTError(f"llama.cpp cannot load {path.name} ({reason}).") from None
-        address = str(self.server.listening_address)
-        self.base = address if address.startswith("http") else "http://" + address
-
-    def close(self) -> None:
-        from cutegpt.chat.llamacpp import _never_destroy
-
-        # xllamacpp's Server destructor can deadlock (it hung a test run in `close` here, as it did in chat):
-        # the server is kept until the process ends instead, as chat's are
-        if self.server is not None:
-            _never_destroy(self.server)
-        self.server = None
-
-    def __enter__(self) -> "LlamaCpp":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode("utf-8"),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return json.loads(r.read())
-
-    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
-        return list(self._post("/tokenize", {"content": text, "add_special": add_special, "parse_special": True})["tokens"])
-
-    def apply_template(self, messages: list[dict[str, str]]) -> str:
-        return str(self._post("/apply-template", {"messages": messages})["prompt"])
-
-    def next_logprobs(self, ids: list[int], k: int = 1) -> list[tuple[int, float]] | None:
-        """The k most likely next tokens after `ids` (token ids, no BOS added) with their log-probabilities.
-
-        None when llama.cpp holds the token back as an incomplete UTF-8 character (it then reports no probabilities).
-        """
-        r = self.server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": k, "temperature": 0,
-                                            "cache_prompt": True, "ignore_eos": True, "post_sampling_probs": False})
-        logprobs = r.get("choices", [{}])[0].get("logprobs")
-        if not logprobs:
-            return None
-        return [(int(t["id"]), float(t["logprob"])) for t in logprobs["content"][0]["top_logprobs"]]
-
-    def greedy(self, ids: list[int], n: int) -> list[int]:
-        """Up to `n` greedy token ids after `ids` (n=1: the top-1 next token); ends early with an end-of-generation token, included."""
-        r = self._post("/completion", {"prompt": list(ids), "n_predict": n, "temperature": 0, "return_tokens": True,
-                                       "cache_prompt": True})
-        return [int(t) for t in r["tokens"]]
-
-
-@contextlib.contextmanager
-def _captured_stderr(lines: list[str]) -> Iterator[None]:
-    """Keep llama.cpp's C-level loading chatter off the terminal; its lines land in `lines` for error messages."""
-    import tempfile
-
-    if os.environ.get("CUTEGPT_DEBUG") == "1":
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            lines.extend(sink.read().decode("utf-8", "replace").splitlines())
 
 
 def template_conversations() -> list[tuple[list[dict[str, str]], Any]]:

@@ -31,7 +31,7 @@ class Backend:
 def backend_params(cfg: ServeConfig, served: ServedModel, threads: int, key: str) -> Any:
     import xllamacpp
 
-    from cutegpt.chat.llamacpp import server_params
+    from cutegpt.runtime.llamacpp import server_params
 
     # llama.cpp splits n_ctx evenly between the slots; the loopback port is free and only the front connects
     p = server_params(xllamacpp, served.gguf, cfg.ctx * cfg.parallel, threads, cfg.parallel)

@@ -9,7 +9,7 @@ DeepSpeed file when one is given, else from the method's default.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
@@ -37,32 +37,6 @@ def training_weight_dtype(method: str, precision: str, dtype: str = "auto") -> s
     if method == "lora" and precision in ("bf16", "fp16"):
         return "bfloat16" if precision == "bf16" else "float16"
     return "float32"
-
-
-def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any], data_help: str) -> int:
-    """`train sft|pt`: with --plan, the memory plan from config.json alone (no torch, no weights); else check the
-    inputs and train, `prepare(cfg, check_rows)` loading data and model (see training.engine.train)."""
-    if cfg.plan:
-        from cutegpt.training.plan import run_plan
-
-        run_plan(cfg)
-        return 0
-    if not cfg.data:
-        raise CuteGPTError(f"--data is required: {data_help}.")
-    cfg.check_inputs()
-    from cutegpt.training.engine import train
-
-    train(cfg, lambda check_rows: prepare(cfg, check_rows))
-    import os
-
-    import torch.distributed as dist
-
-    # under torchrun, close the process group before exit: left to the interpreter's teardown, gloo's threads
-    # were once seen to abort a rank that had finished (SIGABRT, "terminate called without an active exception")
-    if "TORCHELASTIC_RUN_ID" in os.environ and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
 
 
 @dataclass

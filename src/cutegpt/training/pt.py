@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Callable
 
 from cutegpt.config import arg
 from cutegpt.templates import resolve_template_name
-from cutegpt.training.args import TrainArgs, run_training
+from cutegpt.training.args import TrainArgs
+from cutegpt.training.run import run_training
 
 if TYPE_CHECKING:
-    from cutegpt.training.engine import Prepared
+    from cutegpt.training.prepare import Prepared
 
 
 @dataclass
@@ -44,7 +45,7 @@ def run_pt(cfg: PTConfig) -> int:
 
 def prepare_pt(cfg: PTConfig, check_rows: Callable[[int], None] = lambda rows: None) -> Prepared:
     from cutegpt.training.data import pretraining_dataset
-    from cutegpt.training.engine import Prepared, base_model_path, load_for_training, training_tokenizer
+    from cutegpt.training.prepare import Prepared, base_model_path, load_for_training, training_tokenizer
 
     tokenizer = training_tokenizer(cfg, None)  # pre-training text has no stop marker to add
     val = None

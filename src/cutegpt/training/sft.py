@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import resolve_template_name
-from cutegpt.training.args import TrainArgs, run_training
+from cutegpt.training.args import TrainArgs
+from cutegpt.training.run import run_training
 
 if TYPE_CHECKING:
-    from cutegpt.training.engine import Prepared
+    from cutegpt.training.prepare import Prepared
 
 
 @dataclass
@@ -64,7 +65,7 @@ def dataset_folder(cfg: SFTConfig) -> Path:
 def prepare_sft(cfg: SFTConfig, check_rows: Callable[[int], None] = lambda rows: None) -> Prepared:
     from cutegpt.data.manifest import read_manifest
     from cutegpt.training.data import load_packed_dataset
-    from cutegpt.training.engine import Prepared, load_for_training, training_tokenizer
+    from cutegpt.training.prepare import Prepared, load_for_training, training_tokenizer
 
     folder = dataset_folder(cfg)
     manifest = read_manifest(folder)
@@ -115,7 +116,7 @@ def resolve_template(cfg: SFTConfig, manifest: dict[str, Any], folder: Path) -> 
     if cfg.template or made_with:
         return str(cfg.template or made_with)
     from cutegpt.model.loading import load_tokenizer
-    from cutegpt.training.engine import base_model_path
+    from cutegpt.training.prepare import base_model_path
 
     base = base_model_path(cfg)
     return resolve_template_name(None, [base], load_tokenizer(base))
@@ -138,7 +139,7 @@ def conversion_key(cfg: SFTConfig) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     from cutegpt.data.manifest import tokenizer_hash
-    from cutegpt.training.engine import training_tokenizer
+    from cutegpt.training.prepare import training_tokenizer
 
     template = cfg.template or "default"
     tokenizer = training_tokenizer(cfg, cfg.template)

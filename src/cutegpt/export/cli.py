@@ -1,28 +1,26 @@
 """`cutegpt export`: merge a LoRA adapter into its base model and save a plain model folder, or write a GGUF file.
 
+    export/cli.py     the command: settings, checks before anything loads, what is printed
+    export/hf.py      --format hf: the merged safetensors folder
+    export/gguf.py    --format gguf: one file for llama.cpp / ollama / LM Studio, streamed tensor by tensor
+    export/verify.py  the GGUF file checked in llama.cpp (runtime/llamacpp.py) against transformers
+
     cutegpt export --model BASE --lora runs/sft/final --out merged [--dtype float16]
     cutegpt export --format gguf [--model DIR] [--lora ADAPTER] --out model.gguf [--quant q8_0] [--no-verify]
 
 GGUF export (llama.cpp, ollama, LM Studio) is `cutegpt.export.gguf.export_gguf`; with no
 --model it exports the embedded model.
-
-The merge is done in float32 and cast afterwards, so the result differs from
-base + adapter only by the final rounding. The folder holds safetensors, the
-tokenizer (the adapter's, if it has one) and the template name, so
-`cutegpt chat --model merged` needs no other flag.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
-from cutegpt.io import atomic_dir
 from cutegpt.model.args import ModelArgs
-from cutegpt.templates import write_model_card
 from cutegpt.threads import THREADS_HELP
 
 
@@ -80,25 +78,9 @@ def run_export(cfg: ExportConfig) -> int:
     threads = apply_threads(cfg.threads)  # auto measures the machine once; llama.cpp's verification gets the same count
     if cfg.format == "gguf":
         return run_export_gguf(cfg, threads)
-    out = Path(cfg.out)
-    import torch
+    from cutegpt.export.hf import export_merged
 
-    from cutegpt.model.loading import DTYPES, load_model, save_tokenizer
-
-    target = cfg.dtype
-    lm = load_model(replace(cfg, dtype="float32", device="cpu", merge_lora=True))
-    model = lm.model
-    if target == "auto":  # keep the base model's stored precision
-        stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-        dtype = stored if isinstance(stored, torch.dtype) else DTYPES.get(str(stored).replace("torch.", ""), torch.float32)
-    else:
-        dtype = DTYPES[target]
-    model = model.to(dtype)
-    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-        model.save_pretrained(tmp)
-        save_tokenizer(lm.tokenizer, tmp, lm.template.name)
-        write_model_card(tmp, lm.template.name, merged_from={"model": str(lm.model_path.resolve()), "lora": str(lm.lora_path.resolve())})
-    print(f"saved {out} ({str(dtype).replace('torch.', '')}, template {lm.template.name})")
+    export_merged(cfg)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Runtimes below chat, serve, export and evaluation: llama.cpp (llamacpp.py)."""

@@ -1,0 +1,33 @@
+"""`train sft|pt` as a command: the memory plan, or the input checks and the run (no torch until it trains)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from cutegpt.errors import CuteGPTError
+
+
+def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any], data_help: str) -> int:
+    """`train sft|pt`: with --plan, the memory plan from config.json alone (no torch, no weights); else check the
+    inputs and train, `prepare(cfg, check_rows)` loading data and model (see training.engine.train)."""
+    if cfg.plan:
+        from cutegpt.training.plan import run_plan
+
+        run_plan(cfg)
+        return 0
+    if not cfg.data:
+        raise CuteGPTError(f"--data is required: {data_help}.")
+    cfg.check_inputs()
+    from cutegpt.training.engine import train
+
+    train(cfg, lambda check_rows: prepare(cfg, check_rows))
+    import os
+
+    import torch.distributed as dist
+
+    # under torchrun, close the process group before exit: left to the interpreter's teardown, gloo's threads
+    # were once seen to abort a rank that had finished (SIGABRT, "terminate called without an active exception")
+    if "TORCHELASTIC_RUN_ID" in os.environ and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
