@@ -81,9 +81,15 @@ def test_quantized_lora_learns_and_reloads_on_16bit_base(tiny64_dir, sft_dataset
         lm = load_model(ModelArgs(model=str(tiny_model_dir), lora=str(final)))
         got = lm.model(input_ids=ids).logits.float()
         base = load_model(ModelArgs(model=str(tiny_model_dir))).model(input_ids=ids).logits.float()
-    # quantization error stays well below what training changed
-    err, moved = (got - want).abs().mean(), (base - got).abs().mean()
-    assert err < 0.5 * moved, (float(err), float(moved))
+    with torch.no_grad(), model.disable_adapter():
+        qbase = model(input_ids=ids).logits.float()
+    # the 16-bit base + adapter differs from the trained quantized model by the base's own quantization error and
+    # no more (NF4 on this tiny model: 0.45 mean logit error on an AMD EPYC, near what training moved), and the
+    # adapter changes both bases the same way; an adapter that did not load fails both
+    err, quant_err = (got - want).abs().mean(), (qbase - base).abs().mean()
+    assert err < 1.25 * quant_err + 0.02, (float(err), float(quant_err))
+    delta = torch.corrcoef(torch.stack([(got - base).flatten(), (want - qbase).flatten()]))[0, 1]
+    assert delta > 0.75, float(delta)
     assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.85
 
 
