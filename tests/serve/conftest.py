@@ -35,12 +35,14 @@ class FakeLlama:
         self.bodies: list[dict] = []
         self.closed_early = 0
         self.auth: list[str] = []
+        self.headers: list[list[tuple[str, str]]] = []  # every request's headers as sent, repeats kept
 
     async def handle(self, reader, writer):
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
             self.auth.append(headers.get("authorization", ""))
+            self.headers.append([(k.lower(), v.strip()) for k, _, v in (line.partition(":") for line in head[1:] if line)])
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             method, path, _ = head[0].split(" ")
             if path == "/health":

@@ -142,7 +142,7 @@ def _stream(port: int, body: dict, read_events: int | None = None) -> list[bytes
 def test_streams_are_relayed_event_by_event(front_factory):
     port, _, _ = front_factory()
     parts = _stream(port, {"messages": HELLO, "stream": True, "max_tokens": 6})
-    assert parts[0].startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in parts[0]
+    assert parts[0].startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in parts[0].lower()  # names are case-insensitive
     assert len(parts) == 1 + 6 + 1 and parts[-1].startswith(b"[DONE]")
 
 
@@ -227,3 +227,62 @@ def test_backend_dying_mid_answer_is_a_500_and_the_server_keeps_serving(front_fa
     got, body = request(port, "POST", CHAT, {"messages": [{"role": "user", "content": "CRASH"}]})
     assert got == 500 and body["error"]["type"] == "server_error"
     assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
+
+
+def test_forwarded_headers_are_sent_once_with_the_clients_value(front_factory):
+    # the browser's Accept-Encoding must reach llama.cpp alone: a second default value made it refuse the page (415)
+    port, fake, _ = front_factory()
+    status, _ = request(port, "GET", "/", headers={"Accept-Encoding": "gzip, br"})
+    assert status == 200
+    sent = fake.headers[-1]
+    assert [v for k, v in sent if k == "accept-encoding"] == ["gzip, br"]
+    assert [v for k, v in sent if k == "authorization"] == ["Bearer backend-secret"]
+    request(port, "POST", CHAT, {"messages": HELLO})
+    assert [v for k, v in fake.headers[-1] if k == "accept-encoding"] == ["identity"]  # JSON answers come uncompressed
+
+
+def _raw(port: int, data: bytes, wait: float = 30) -> bytes:
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    s.sendall(data)
+    buf = b""
+    try:
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            buf += piece
+    except (ConnectionResetError, TimeoutError):
+        pass
+    s.close()
+    return buf
+
+
+def test_chunked_body_over_the_limit_is_a_413(front_factory):
+    port, fake, _ = front_factory(max_body_bytes=2048)
+    chunk = b"x" * 1000
+    data = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5)) + b"0\r\n\r\n"
+    answer = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + data)
+    assert answer.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in answer and not fake.bodies
+    body = json.dumps({"messages": HELLO}).encode()
+    small = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    answer = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + small)
+    assert answer.startswith(b"HTTP/1.1 200") and fake.bodies[-1]["messages"] == HELLO
+
+
+def test_a_body_that_never_arrives_is_a_408(front_factory, monkeypatch):
+    from cutegpt.serve import front as front_module
+
+    monkeypatch.setattr(front_module, "READ_TIMEOUT", 0.5)
+    port, fake, _ = front_factory()
+    answer = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"messages\"")
+    assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer and not fake.bodies
+    assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
+
+
+def test_huge_headers_are_refused_and_the_server_keeps_serving(front_factory):
+    port, fake, _ = front_factory()
+    answer = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 4") and not fake.bodies
+    assert request(port, "GET", "/health")[0] == 200

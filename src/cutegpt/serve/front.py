@@ -9,7 +9,7 @@ CuteGPT-format model (llama.cpp never returns a stop string, also when
 streaming); keep the API key out of llama.cpp's own exemptions.
 
 HTTP is uvicorn's (parsing, keep-alive, chunking, graceful shutdown) and
-Starlette's (requests, responses); forwarding is httpx's. Every request gets
+Starlette's (requests, responses); forwarding is aiohttp's. Every request gets
 its own backend connection (no keep-alive pool: an idle pooled connection would
 hold one of llama.cpp's HTTP threads), so a client that goes away closes its
 backend connection and llama.cpp frees the slot.
@@ -303,10 +303,10 @@ def _relay_class():
 
         def __init__(self, front: Front, upstream: Any, headers: dict[str, str]):
             self.front, self.upstream, self.complete = front, upstream, False
-            super().__init__(self._pieces(), status_code=upstream.status_code, headers=headers)
+            super().__init__(self._pieces(), status_code=upstream.status, headers=headers)
 
         async def _pieces(self):
-            async for piece in self.upstream.aiter_raw():
+            async for piece in self.upstream.content.iter_any():
                 if piece:
                     yield piece
             self.complete = True
@@ -323,7 +323,7 @@ def _relay_class():
                 raise  # headers are out: uvicorn cuts the connection, so the client sees an incomplete answer
             finally:
                 self.front.active_streams -= 1
-                await self.upstream.aclose()  # a client that went away: llama.cpp sees the close and frees the slot
+                self.upstream.close()  # a client that went away: llama.cpp sees the close and frees the slot
             if not self.complete:
                 self.front.counts["disconnects"] += 1
 
@@ -339,7 +339,7 @@ class Front:
         self.backend_key = backend_key
         self.server: asyncio.AbstractServer | None = None  # the listening socket's server
         self.uvicorn: Any = None
-        self.client: Any = None  # httpx.AsyncClient
+        self.client: Any = None  # aiohttp.ClientSession
         self.active_streams = 0
         self.counts: dict[str, int] = {"requests": 0, "rejected": 0, "disconnects": 0, "backend_errors": 0}
         self.started = time.time()
@@ -353,17 +353,18 @@ class Front:
     # -- lifecycle
 
     async def start(self, sock) -> None:
-        import httpx
+        import aiohttp
         import uvicorn
         from starlette.applications import Starlette
         from starlette.routing import Route as StarletteRoute
 
         app = Starlette(routes=[StarletteRoute("/{path:path}", self._dispatch, methods=METHODS, include_in_schema=False)])
         config = uvicorn.Config(app, lifespan="off", log_config=None, log_level="error", access_log=False,
-                                h11_max_incomplete_event_size=HEADER_LIMIT, server_header=False)
+                                http="h11", h11_max_incomplete_event_size=HEADER_LIMIT, server_header=False)
         config.load()
-        self.client = httpx.AsyncClient(base_url=self.backend, timeout=httpx.Timeout(None, connect=10),
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+        self.client = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=10), auto_decompress=False,  # the page's gzip passes through
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), skip_auto_headers=("Accept-Encoding", "User-Agent"))
         self.uvicorn = uvicorn.Server(config)
         # uvicorn's serve() would also take over SIGINT/SIGTERM; `cutegpt serve` handles them (run.py), so start
         # and stop the server's parts directly
@@ -380,7 +381,7 @@ class Front:
         cut = [t for t in self.uvicorn.server_state.tasks if not t.done()]
         if cut:
             await asyncio.wait(cut, timeout=2)
-        await self.client.aclose()
+        await self.client.close()
 
     # -- dispatch
 
@@ -453,8 +454,8 @@ class Front:
         from starlette.responses import Response
 
         try:
-            upstream = await self.client.get("/metrics", headers=self._backend_headers(request, forward=()))
-            text = upstream.text if upstream.status_code == 200 else ""
+            async with self.client.get(self.backend + "/metrics", headers=self._backend_headers(request, forward=())) as upstream:
+                text = (await upstream.text()) if upstream.status == 200 else ""
         except Exception:
             text = ""
         ours = [
@@ -476,35 +477,36 @@ class Front:
     # -- backend
 
     def _backend_headers(self, request: Any, forward=("accept", "accept-encoding", "if-none-match")) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {self.backend_key}", "Accept-Encoding": "identity"}
+        headers = {"authorization": f"Bearer {self.backend_key}", "accept-encoding": "identity"}
         headers.update({h: request.headers[h] for h in forward if h in request.headers})
         return headers
 
     async def _forward(self, request: Any, body: bytes, path: str | None = None) -> Any:
         """Send the request to llama.cpp and relay the answer; streams are relayed piece by piece."""
-        import httpx
+        import aiohttp
         from starlette.responses import Response
+        from yarl import URL
 
         headers = self._backend_headers(request)
         if body or request.method == "POST":
-            headers["Content-Type"] = "application/json"
-        upstream_request = self.client.build_request(request.method, path or request.url.path,
-                                                     params=request.url.query or None, content=body or None, headers=headers)
+            headers["content-type"] = "application/json"
+        query = request.url.query
+        url = URL(self.backend + (path or request.url.path) + ("?" + query if query else ""), encoded=True)
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
-        except httpx.ConnectError:
+            upstream = await self.client.request(request.method, url, data=body or None, headers=headers)
+        except aiohttp.ClientConnectorError:
             self.counts["backend_errors"] += 1
             raise ApiError(503, "The model server is not available.", code="backend_unavailable") from None
-        except httpx.TransportError:
+        except aiohttp.ClientError:
             self.counts["backend_errors"] += 1
             raise ApiError(502, "The model server closed the connection without an answer.", code="backend_error") from None
         passthrough = {k: upstream.headers[k] for k in PASSTHROUGH if k in upstream.headers}
-        if "content-length" not in upstream.headers:  # streamed (chunked) or read-to-EOF answer
+        if upstream.content_length is None:  # streamed (chunked) or read-to-EOF answer
             return self._relay(self, upstream, {**passthrough, "Cache-Control": "no-cache"})
         try:
-            data = b"".join([piece async for piece in upstream.aiter_raw()])
+            data = await upstream.read()
         finally:
-            await upstream.aclose()
-        if upstream.status_code >= 400 and not data.lstrip().startswith(b"{"):
-            raise ApiError(upstream.status_code, data.decode("utf-8", "replace").strip()[:300] or upstream.reason_phrase)
-        return Response(data, status_code=upstream.status_code, headers=passthrough)
+            upstream.close()
+        if upstream.status >= 400 and not data.lstrip().startswith(b"{"):
+            raise ApiError(upstream.status, data.decode("utf-8", "replace").strip()[:300] or str(upstream.reason))
+        return Response(data, status_code=upstream.status, headers=passthrough)
