@@ -37,7 +37,8 @@ class ServeConfig:
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     engine: Literal["llamacpp", "vllm"] = arg("llamacpp", "llamacpp: llama.cpp in this process (CPU or GPU wheels); vllm: run `vllm serve` on the HF folder (GPUs)")
     quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg(
-        "q8_0", "weight type when an HF folder is exported to GGUF (once, then cached)")
+        "f16", "weight type when an HF folder is exported to GGUF (once, then cached); f16, as chat and generate "
+        "run a folder on llama.cpp, gives the same answers as they do")
     tensor_parallel_size: int = arg(1, "vllm only: GPUs to split the model over", ge=1)
     # None = not given: resolved as chat and generate resolve them (cutegpt.chat.args.resolve_generation), so
     # the same model gives the same answer everywhere
