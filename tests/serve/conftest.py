@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import json
 import os
@@ -51,9 +52,15 @@ class FakeLlama:
             elif path == "/metrics":
                 data = b"llamacpp:requests_processing 0\n"
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
-            elif path == "/":
-                data = b"<html>llama-ui</html>"
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            elif path == "/":  # as llama.cpp: the page exists only gzip-compressed
+                if "gzip" in headers.get("accept-encoding", ""):
+                    data = gzip.compress(b"<html>llama-ui</html>")
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Encoding: gzip\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                else:
+                    data = b"Error: gzip is not supported by this browser"
+                    writer.write(b"HTTP/1.1 415 Unsupported Media Type\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(data), data))
             else:
                 req = json.loads(body)
                 self.bodies.append(req)
@@ -68,6 +75,9 @@ class FakeLlama:
                             writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
                             await writer.drain()
                             await asyncio.sleep(0.02)
+                        if req.get("ignore_eos"):  # ran to max_tokens: the last event says so, as llama.cpp's
+                            ev = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}],"object":"chat.completion.chunk"}\n\n'
+                            writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
                         ev = b"data: [DONE]\n\n"
                         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(ev), ev))
                         await writer.drain()

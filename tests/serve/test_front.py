@@ -286,3 +286,48 @@ def test_huge_headers_are_refused_and_the_server_keeps_serving(front_factory):
     answer = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 4") and not fake.bodies
     assert request(port, "GET", "/health")[0] == 200
+
+
+def test_the_page_comes_to_clients_with_and_without_gzip(front_factory):
+    import gzip
+    import http.client
+
+    port, _, _ = front_factory(api_key="s3cret")
+    assert request(port, "GET", "/") == (200, "<html>llama-ui</html>")  # curl, http.client: no gzip, unpacked here
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/", headers={"Accept-Encoding": "gzip, deflate, br"})  # a browser: passed through packed
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Encoding") == "gzip"
+    assert gzip.decompress(resp.read()) == b"<html>llama-ui</html>"
+    conn.close()
+
+
+def test_what_the_page_asks_for_at_start_is_answered(front_factory):
+    port, fake, _ = front_factory(api_key="s3cret")
+    assert request(port, "GET", "/tools") == (200, [])  # no server tools, as a list the page can read
+    status, build = request(port, "GET", "/build.json")
+    assert status == 200 and build["version"].startswith("cutegpt ")
+    assert not fake.bodies
+
+
+def _sse(port: int, body: dict, referer: str | None) -> list[dict]:
+    data = json.dumps(body).encode()
+    extra = b"Referer: %s\r\n" % referer.encode() if referer else b""
+    raw = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n%s"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (port, extra, len(data), data))
+    return [json.loads(e.split(b"\n\n")[0]) for e in raw.split(b"data: ")[1:] if not e.startswith(b"[DONE]")]
+
+
+def test_a_cut_off_answer_is_marked_for_the_web_page_only(front_factory):
+    from cutegpt.serve.front import CUT_OFF_NOTE
+
+    port, _, _ = front_factory()
+    body = {"messages": HELLO, "stream": True, "max_tokens": 3, "ignore_eos": True}
+    page = _sse(port, body, f"http://127.0.0.1:{port}/")
+    text = "".join(e["choices"][0].get("delta", {}).get("content") or "" for e in page)
+    assert text == "t0 t1 t2 " + CUT_OFF_NOTE and page[-1]["choices"][0]["finish_reason"] == "length"
+    api = _sse(port, body, None)  # an API client gets llama.cpp's answer as it is
+    assert "".join(e["choices"][0].get("delta", {}).get("content") or "" for e in api) == "t0 t1 t2 "
+    assert _sse(port, body, "http://elsewhere.example/") == api
+    finished = _sse(port, {**body, "ignore_eos": False}, f"http://127.0.0.1:{port}/")  # not cut off: nothing added
+    assert CUT_OFF_NOTE not in json.dumps(finished, ensure_ascii=False)

@@ -230,13 +230,16 @@ class Route:
 
 
 ROUTES: dict[str, Route] = {
-    **{p: Route("GET", "forward", keyed=False) for p in PUBLIC_GET},
+    **{p: Route("GET", "pass", keyed=False) for p in PUBLIC_GET},
+    # asked for by llama.cpp's web page at start: answered here so its log has no failed request
+    "/tools": Route("GET", "tools", keyed=False),  # no server-side tools (llama.cpp answers 403 unless enabled)
+    "/build.json": Route("GET", "build", keyed=False),
     "/v1/models": Route("GET", "models"), "/models": Route("GET", "models"),
     "/metrics": Route("GET", "metrics"),
     **{p: Route("POST", "chat") for p in CHAT_PATHS},
     **{p: Route("POST", "completion") for p in COMPLETION_PATHS},
     **{p: Route("POST", "forward_json") for p in FORWARD_POST},
-    **{p: Route("GET", "forward") for p in FORWARD_GET_KEYED},
+    **{p: Route("GET", "pass") for p in FORWARD_GET_KEYED},
 }
 
 
@@ -294,6 +297,26 @@ def _json(raw: bytes) -> Any:
                        code="invalid_json") from None
 
 
+CUT_OFF = b'"finish_reason":"length"'
+CUT_OFF_NOTE = "\n\n*[cut off: the answer reached its token limit (max_tokens)]*"
+
+
+def _mark_cut_off(piece: bytes) -> list[bytes]:
+    """The piece with one more SSE event, the cut-off note, before the event that ends the answer at its limit.
+
+    For llama.cpp's web page, which shows a cut-off answer as if it were complete (it never reads finish_reason).
+    """
+    at = piece.find(CUT_OFF)
+    start = piece.rfind(b"data: ", 0, at)
+    kind = b"text_completion" if b'"text_completion"' in piece else b"chat.completion.chunk"
+    choice = {"index": 0, "finish_reason": None}
+    choice.update({"text": CUT_OFF_NOTE} if kind == b"text_completion" else {"delta": {"content": CUT_OFF_NOTE}})
+    note = b"data: " + json.dumps({"choices": [choice], "object": kind.decode()}).encode() + b"\n\n"
+    if start < 0:  # the event began in an earlier piece: the note follows it
+        return [piece, note]
+    return [p for p in (piece[:start], note, piece[start:]) if p]
+
+
 def _relay_class():
     from starlette.requests import ClientDisconnect
     from starlette.responses import StreamingResponse
@@ -301,13 +324,17 @@ def _relay_class():
     class Relay(StreamingResponse):
         """Relays a streamed llama.cpp answer; closes the backend connection however the stream ends."""
 
-        def __init__(self, front: Front, upstream: Any, headers: dict[str, str]):
+        def __init__(self, front: Front, upstream: Any, headers: dict[str, str], mark_cut_off: bool = False):
             self.front, self.upstream, self.complete = front, upstream, False
+            self.mark_cut_off = mark_cut_off
             super().__init__(self._pieces(), status_code=upstream.status, headers=headers)
 
         async def _pieces(self):
             async for piece in self.upstream.content.iter_any():
-                if piece:
+                if self.mark_cut_off and CUT_OFF in piece:
+                    for part in _mark_cut_off(piece):
+                        yield part
+                elif piece:
                     yield piece
             self.complete = True
 
@@ -394,8 +421,8 @@ class Front:
             if method == "OPTIONS":
                 return Response(status_code=204, headers={"Allow": "GET, POST, OPTIONS"})
             route = ROUTES.get(path)
-            if route is not None and not route.keyed and method == "GET":
-                return await self._forward(request, b"")
+            if route is not None and not route.keyed and method == route.method:
+                return await getattr(self, "_" + route.handler)(request, path)
             if self._is_static(request):
                 return await self._forward(request, b"")
             if not self._authorized(request):
@@ -423,6 +450,14 @@ class Front:
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
         return hmac.compare_digest(given.encode(), key.encode())
 
+    @staticmethod
+    def _from_page(request: Any) -> bool:
+        """A request made by the web page this server serves (same host, page at / or /index.html)."""
+        from urllib.parse import urlsplit
+
+        referer = urlsplit(request.headers.get("referer", ""))
+        return referer.netloc == request.headers.get("host") and referer.path in ("", "/", "/index.html")
+
     def _is_static(self, request: Any) -> bool:
         p = request.url.path
         return self.policy.ui and request.method == "GET" and not p.startswith("/v1/") and (
@@ -432,11 +467,27 @@ class Front:
 
     async def _chat(self, request: Any, path: str) -> Any:
         body = check_chat(_json(await _read_body(request, self.policy.max_body_bytes)), self.policy)
-        return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"))
+        return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"),
+                                   mark_cut_off=bool(body.get("stream")) and self._from_page(request))
 
     async def _completion(self, request: Any, path: str) -> Any:
         body = check_completion(_json(await _read_body(request, self.policy.max_body_bytes)), self.policy)
         return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"))
+
+    async def _pass(self, request: Any, path: str) -> Any:
+        return await self._forward(request, b"")
+
+    async def _tools(self, request: Any, path: str) -> Any:
+        from starlette.responses import Response
+
+        return Response(b"[]", media_type="application/json")
+
+    async def _build(self, request: Any, path: str) -> Any:
+        from starlette.responses import Response
+
+        from cutegpt import __version__
+
+        return Response(json.dumps({"version": f"cutegpt {__version__}"}), media_type="application/json")
 
     async def _forward_json(self, request: Any, path: str) -> Any:
         raw = await _read_body(request, self.policy.max_body_bytes)
@@ -481,13 +532,18 @@ class Front:
         headers.update({h: request.headers[h] for h in forward if h in request.headers})
         return headers
 
-    async def _forward(self, request: Any, body: bytes, path: str | None = None) -> Any:
+    async def _forward(self, request: Any, body: bytes, path: str | None = None, mark_cut_off: bool = False) -> Any:
         """Send the request to llama.cpp and relay the answer; streams are relayed piece by piece."""
         import aiohttp
         from starlette.responses import Response
         from yarl import URL
 
         headers = self._backend_headers(request)
+        # llama.cpp has the page only gzip-compressed and refuses a client that does not take gzip (415, e.g.
+        # curl): ask for gzip and unpack it here for such a client
+        unpack = self._is_static(request) and "gzip" not in headers.get("accept-encoding", "")
+        if unpack:
+            headers["accept-encoding"] = "gzip"
         if body or request.method == "POST":
             headers["content-type"] = "application/json"
         query = request.url.query
@@ -502,11 +558,16 @@ class Front:
             raise ApiError(502, "The model server closed the connection without an answer.", code="backend_error") from None
         passthrough = {k: upstream.headers[k] for k in PASSTHROUGH if k in upstream.headers}
         if upstream.content_length is None:  # streamed (chunked) or read-to-EOF answer
-            return self._relay(self, upstream, {**passthrough, "Cache-Control": "no-cache"})
+            return self._relay(self, upstream, {**passthrough, "Cache-Control": "no-cache"}, mark_cut_off)
         try:
             data = await upstream.read()
         finally:
             upstream.close()
+        if unpack and passthrough.get("content-encoding") == "gzip":
+            import gzip
+
+            data = gzip.decompress(data)
+            passthrough = {k: v for k, v in passthrough.items() if k.lower() != "content-encoding"}
         if upstream.status >= 400 and not data.lstrip().startswith(b"{"):
             raise ApiError(upstream.status, data.decode("utf-8", "replace").strip()[:300] or str(upstream.reason))
         return Response(data, status_code=upstream.status, headers=passthrough)
