@@ -305,6 +305,9 @@ def test_the_page_comes_to_clients_with_and_without_gzip(front_factory):
 def test_what_the_page_asks_for_at_start_is_answered(front_factory):
     port, fake, _ = front_factory(api_key="s3cret")
     assert request(port, "GET", "/tools") == (200, [])  # no server tools, as a list the page can read
+    status, call = request(port, "POST", "/tools", {"tool": "glob", "params": {}})
+    assert status == 200 and call["error"].endswith("no server-side tools.")  # a tool's failure, as the page reads it
+    assert request(port, "POST", "/v1/streams/lookup", {"conversation_ids": ["a"]}) == (200, [])  # nothing to resume
     status, build = request(port, "GET", "/build.json")
     assert status == 200 and build["version"].startswith("cutegpt ")
     assert not fake.bodies

@@ -224,7 +224,7 @@ def check_completion(body: Any, policy: Policy) -> dict:
 
 @dataclass(frozen=True)
 class Route:
-    method: str  # the one method the route takes
+    method: str  # the method the route takes
     handler: str  # name of the Front method that answers it
     keyed: bool = True  # needs the API key
 
@@ -232,8 +232,9 @@ class Route:
 ROUTES: dict[str, Route] = {
     **{p: Route("GET", "pass", keyed=False) for p in PUBLIC_GET},
     # asked for by llama.cpp's web page at start: answered here so its log has no failed request
-    "/tools": Route("GET", "tools", keyed=False),  # no server-side tools (llama.cpp answers 403 unless enabled)
+    "/tools": Route("GET POST", "tools", keyed=False),  # no server-side tools (llama.cpp answers 403 unless enabled)
     "/build.json": Route("GET", "build", keyed=False),
+    "/v1/streams/lookup": Route("POST", "streams", keyed=False),  # no resumable streams
     "/v1/models": Route("GET", "models"), "/models": Route("GET", "models"),
     "/metrics": Route("GET", "metrics"),
     **{p: Route("POST", "chat") for p in CHAT_PATHS},
@@ -421,7 +422,7 @@ class Front:
             if method == "OPTIONS":
                 return Response(status_code=204, headers={"Allow": "GET, POST, OPTIONS"})
             route = ROUTES.get(path)
-            if route is not None and not route.keyed and method == route.method:
+            if route is not None and not route.keyed and method in route.method.split():
                 return await getattr(self, "_" + route.handler)(request, path)
             if self._is_static(request):
                 return await self._forward(request, b"")
@@ -430,8 +431,9 @@ class Front:
             if route is None:
                 raise ApiError(404, f"No route {method} {request.url.path} on this server; see /v1/chat/completions, "
                                     "/v1/completions, /v1/models.", code="not_found")
-            if method != route.method:
-                raise ApiError(405, f"Use {route.method} for this route, not {method}.", code="method_not_allowed")
+            if method not in route.method.split():
+                raise ApiError(405, f"Use {' or '.join(route.method.split())} for this route, not {method}.",
+                               code="method_not_allowed")
             return await getattr(self, "_" + route.handler)(request, path)
         except ApiError as e:
             self.counts["rejected"] += 1
@@ -480,6 +482,15 @@ class Front:
     async def _tools(self, request: Any, path: str) -> Any:
         from starlette.responses import Response
 
+        if request.method == "GET":  # the list: empty
+            return Response(b"[]", media_type="application/json")
+        # a call: the page reads a tool's failure from the result, as llama.cpp's tools report it
+        return Response(json.dumps({"error": "This server runs no server-side tools."}), media_type="application/json")
+
+    async def _streams(self, request: Any, path: str) -> Any:
+        from starlette.responses import Response
+
+        await _read_body(request, self.policy.max_body_bytes)
         return Response(b"[]", media_type="application/json")
 
     async def _build(self, request: Any, path: str) -> Any:
