@@ -334,3 +334,50 @@ def test_a_cut_off_answer_is_marked_for_the_web_page_only(front_factory):
     assert _sse(port, body, "http://elsewhere.example/") == api
     finished = _sse(port, {**body, "ignore_eos": False}, f"http://127.0.0.1:{port}/")  # not cut off: nothing added
     assert CUT_OFF_NOTE not in json.dumps(finished, ensure_ascii=False)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = {"role": "assistant", "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}
+BAD_TOOLS = [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": 5}}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({"tools": "get_weather"}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": [*HELLO, {"role": "tool", "tool_call_id": "c9", "content": "sunny"}]}, "messages[1].tool_call_id"),
+    ({"messages": [*HELLO, {"role": "tool", "content": "sunny"}]}, "messages[1].tool_call_id"),
+    ({"messages": [*HELLO, {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": {}}}]}]},
+     "messages[1].tool_calls[0]"),
+]
+
+
+@pytest.mark.parametrize("extra,param", BAD_TOOLS, ids=[p for _, p in BAD_TOOLS])
+def test_bad_tools_and_formats_are_400s_naming_the_field(front_factory, extra, param):
+    port, fake, _ = front_factory()
+    status, body = request(port, "POST", CHAT, {"messages": HELLO, **extra})
+    assert status == 400 and body["error"]["param"] == param and body["error"]["message"].endswith("."), body
+    assert body["error"]["message"].startswith(f"'{param}'") and not fake.bodies
+
+
+def test_good_tools_and_formats_reach_llama_cpp_unchanged(front_factory):
+    port, fake, _ = front_factory(tools=True, stop=[])
+    schema = {"name": "person", "schema": {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}}
+    sent = {"messages": [*HELLO, CALL, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "response_format": {"type": "json_schema", "json_schema": schema}}
+    status, body = request(port, "POST", CHAT, sent)
+    assert status == 200
+    for key in ("messages", "tools", "tool_choice", "response_format"):
+        assert body["echo"][key] == sent[key]
+    assert request(port, "POST", CHAT, {"messages": HELLO, "tools": [WEATHER], "tool_choice": "required",
+                                        "response_format": {"type": "json_object"}})[0] == 200

@@ -175,3 +175,22 @@ def test_tiny_cutegpt_model_from_an_hf_folder_never_returns_the_stop_marker(tiny
             status, body = request(port, "POST", "/v1/chat/completions",
                                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "seed": seed})
             assert status == 200 and "<end>" not in body["choices"][0]["message"]["content"]
+
+
+def test_structured_output_answers_parse_and_validate(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person."}], temperature=0, max_tokens=64,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    jsonschema.validate(json.loads(answer.choices[0].message.content), schema)  # llama.cpp's grammar guarantees the shape
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Give a colour as JSON."}],
+                                            temperature=0, max_tokens=64, response_format={"type": "json_object"})
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="response_format.json_schema.schema"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": 3}}})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,7 +201,111 @@ def check_chat(body: Any, policy: Policy) -> dict:
         if "content" not in m and role != "assistant":
             raise ApiError(400, f"'messages[{i}].content' is required.", param=f"messages[{i}].content", code="missing_required_parameter")
         _content_text(m.get("content"), i, role)
+    _check_tool_turns(messages)
+    _check_tools(body)
+    _check_response_format(body)
     return _common(body, policy)
+
+
+# ----------------------------------------------------------------------------- tools and structured output
+# llama.cpp renders tools with the model's Jinja template, parses the calls and builds the grammar of a
+# response_format; it answers malformed ones with a 500 or ignores them, so they are refused here by field.
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, f"'{param}' {message}", param=param, code=code)
+
+
+def _check_schema(schema: Any, param: str) -> None:
+    """A JSON Schema, checked against its metaschema by the jsonschema package."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise _bad(param, "must be a JSON Schema object.", "invalid_type")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as e:
+        where = "/".join(str(p) for p in e.path)
+        raise _bad(param, f"is not a valid JSON Schema ({e.message[:120]}{' at ' + where if where else ''}).") from None
+
+
+def _check_tools(body: dict) -> None:
+    tools = body.get("tools")
+    names: list[str] = []
+    if tools is not None:
+        if not isinstance(tools, list) or len(tools) > 128:
+            raise _bad("tools", "must be a list of at most 128 {\"type\": \"function\", \"function\": {...}} objects.", "invalid_type")
+        for i, tool in enumerate(tools):
+            param = f"tools[{i}]"
+            if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+                raise _bad(param, "must be {\"type\": \"function\", \"function\": {\"name\", \"parameters\"}}.", "invalid_type")
+            fn = tool["function"]
+            if not isinstance(fn.get("name"), str) or not TOOL_NAME.match(fn["name"]):
+                raise _bad(param + ".function.name", "must be 1-64 letters, digits, '_', '.' or '-'.")
+            if fn["name"] in names:
+                raise _bad(param + ".function.name", f"repeats the name '{fn['name']}'.")
+            names.append(fn["name"])
+            if fn.get("description") is not None and not isinstance(fn["description"], str):
+                raise _bad(param + ".function.description", "must be a string.", "invalid_type")
+            if fn.get("parameters") is not None:
+                _check_schema(fn["parameters"], param + ".function.parameters")
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("auto", "none"):
+        return
+    if choice == "required" or isinstance(choice, dict):
+        if not names:
+            raise _bad("tool_choice", "needs a non-empty 'tools' list to choose from.")
+        if choice == "required":
+            return
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise _bad("tool_choice", "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}.")
+        if name not in names:
+            raise _bad("tool_choice", f"names the function '{name[:64]}', which is not in 'tools' ({', '.join(names)}).")
+        return
+    raise _bad("tool_choice", "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}.")
+
+
+def _check_tool_turns(messages: list) -> None:
+    """Assistant tool calls are well formed, and every tool message answers a call made before it."""
+    called: set[str] = set()
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls")
+        if m["role"] == "assistant" and calls is not None:
+            if not isinstance(calls, list):
+                raise _bad(f"messages[{i}].tool_calls", "must be a list of tool calls.", "invalid_type")
+            for j, call in enumerate(calls):
+                param = f"messages[{i}].tool_calls[{j}]"
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not (isinstance(call, dict) and isinstance(call.get("id"), str) and isinstance(fn, dict)
+                        and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), str)):
+                    raise _bad(param, "must be {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\": \"<JSON text>\"}}.",
+                               "invalid_type")
+                called.add(call["id"])
+        if m["role"] == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise _bad(f"messages[{i}].tool_call_id", "is required in a tool message: the id of the call it answers.",
+                           "missing_required_parameter")
+            if call_id not in called:
+                raise _bad(f"messages[{i}].tool_call_id", f"is '{call_id[:64]}', but no earlier assistant message made a call with that id.")
+
+
+def _check_response_format(body: dict) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    kinds = ("text", "json_object", "json_schema")
+    if not isinstance(fmt, dict) or fmt.get("type") not in kinds:
+        raise _bad("response_format", "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                      "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}.")
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise _bad("response_format.json_schema", "must be an object with a 'schema'.", "missing_required_parameter")
+        _check_schema(spec["schema"], "response_format.json_schema.schema")
 
 
 def check_completion(body: Any, policy: Policy) -> dict:
