@@ -150,8 +150,11 @@ def test_cutegpt_template_never_returns_the_stop_marker():
         answer = body["choices"][0]
         assert status == 200 and "<end>" not in answer["message"]["content"]
         assert answer["finish_reason"] == "stop" and body["usage"]["completion_tokens"] < 64  # it stopped at the marker
+        # no repetition penalty: the pattern makes <end> the next token (with 1.1 the f16 file, now served as in
+        # chat, writes "</end>=0x..." instead and the request never reaches the marker)
         status, body = request(port, "POST", "/v1/completions", {"prompt": "a<end>b<end>a<end>b<end>a<end>b<end>a",
-                                                                  "temperature": 0, "max_tokens": 32, "stream": False})
+                                                                  "temperature": 0, "max_tokens": 32, "stream": False,
+                                                                  "repeat_penalty": 1.0})
         assert "<end>" not in body["choices"][0]["text"] and body["choices"][0]["finish_reason"] == "stop"
 
 
