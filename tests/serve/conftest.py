@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import json
 import os
@@ -35,12 +36,14 @@ class FakeLlama:
         self.bodies: list[dict] = []
         self.closed_early = 0
         self.auth: list[str] = []
+        self.headers: list[list[tuple[str, str]]] = []  # every request's headers as sent, repeats kept
 
     async def handle(self, reader, writer):
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
             self.auth.append(headers.get("authorization", ""))
+            self.headers.append([(k.lower(), v.strip()) for k, _, v in (line.partition(":") for line in head[1:] if line)])
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             method, path, _ = head[0].split(" ")
             if path == "/health":
@@ -49,9 +52,15 @@ class FakeLlama:
             elif path == "/metrics":
                 data = b"llamacpp:requests_processing 0\n"
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
-            elif path == "/":
-                data = b"<html>llama-ui</html>"
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            elif path == "/":  # as llama.cpp: the page exists only gzip-compressed
+                if "gzip" in headers.get("accept-encoding", ""):
+                    data = gzip.compress(b"<html>llama-ui</html>")
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Encoding: gzip\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                else:
+                    data = b"Error: gzip is not supported by this browser"
+                    writer.write(b"HTTP/1.1 415 Unsupported Media Type\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(data), data))
             else:
                 req = json.loads(body)
                 self.bodies.append(req)
@@ -66,6 +75,9 @@ class FakeLlama:
                             writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
                             await writer.drain()
                             await asyncio.sleep(0.02)
+                        if req.get("ignore_eos"):  # ran to max_tokens: the last event says so, as llama.cpp's
+                            ev = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}],"object":"chat.completion.chunk"}\n\n'
+                            writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
                         ev = b"data: [DONE]\n\n"
                         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(ev), ev))
                         await writer.drain()

@@ -142,7 +142,7 @@ def _stream(port: int, body: dict, read_events: int | None = None) -> list[bytes
 def test_streams_are_relayed_event_by_event(front_factory):
     port, _, _ = front_factory()
     parts = _stream(port, {"messages": HELLO, "stream": True, "max_tokens": 6})
-    assert parts[0].startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in parts[0]
+    assert parts[0].startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in parts[0].lower()  # names are case-insensitive
     assert len(parts) == 1 + 6 + 1 and parts[-1].startswith(b"[DONE]")
 
 
@@ -227,3 +227,157 @@ def test_backend_dying_mid_answer_is_a_500_and_the_server_keeps_serving(front_fa
     got, body = request(port, "POST", CHAT, {"messages": [{"role": "user", "content": "CRASH"}]})
     assert got == 500 and body["error"]["type"] == "server_error"
     assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
+
+
+def test_forwarded_headers_are_sent_once_with_the_clients_value(front_factory):
+    # the browser's Accept-Encoding must reach llama.cpp alone: a second default value made it refuse the page (415)
+    port, fake, _ = front_factory()
+    status, _ = request(port, "GET", "/", headers={"Accept-Encoding": "gzip, br"})
+    assert status == 200
+    sent = fake.headers[-1]
+    assert [v for k, v in sent if k == "accept-encoding"] == ["gzip, br"]
+    assert [v for k, v in sent if k == "authorization"] == ["Bearer backend-secret"]
+    request(port, "POST", CHAT, {"messages": HELLO})
+    assert [v for k, v in fake.headers[-1] if k == "accept-encoding"] == ["identity"]  # JSON answers come uncompressed
+
+
+def _raw(port: int, data: bytes, wait: float = 30) -> bytes:
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    s.sendall(data)
+    buf = b""
+    try:
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            buf += piece
+    except (ConnectionResetError, TimeoutError):
+        pass
+    s.close()
+    return buf
+
+
+def test_chunked_body_over_the_limit_is_a_413(front_factory):
+    port, fake, _ = front_factory(max_body_bytes=2048)
+    chunk = b"x" * 1000
+    data = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5)) + b"0\r\n\r\n"
+    answer = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + data)
+    assert answer.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in answer and not fake.bodies
+    body = json.dumps({"messages": HELLO}).encode()
+    small = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    answer = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + small)
+    assert answer.startswith(b"HTTP/1.1 200") and fake.bodies[-1]["messages"] == HELLO
+
+
+def test_a_body_that_never_arrives_is_a_408(front_factory, monkeypatch):
+    from cutegpt.serve import front as front_module
+
+    monkeypatch.setattr(front_module, "READ_TIMEOUT", 0.5)
+    port, fake, _ = front_factory()
+    answer = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"messages\"")
+    assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer and not fake.bodies
+    assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
+
+
+def test_huge_headers_are_refused_and_the_server_keeps_serving(front_factory):
+    port, fake, _ = front_factory()
+    answer = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 4") and not fake.bodies
+    assert request(port, "GET", "/health")[0] == 200
+
+
+def test_the_page_comes_to_clients_with_and_without_gzip(front_factory):
+    import gzip
+    import http.client
+
+    port, _, _ = front_factory(api_key="s3cret")
+    assert request(port, "GET", "/") == (200, "<html>llama-ui</html>")  # curl, http.client: no gzip, unpacked here
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/", headers={"Accept-Encoding": "gzip, deflate, br"})  # a browser: passed through packed
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Encoding") == "gzip"
+    assert gzip.decompress(resp.read()) == b"<html>llama-ui</html>"
+    conn.close()
+
+
+def test_what_the_page_asks_for_at_start_is_answered(front_factory):
+    port, fake, _ = front_factory(api_key="s3cret")
+    assert request(port, "GET", "/tools") == (200, [])  # no server tools, as a list the page can read
+    status, call = request(port, "POST", "/tools", {"tool": "glob", "params": {}})
+    assert status == 200 and call["error"].endswith("no server-side tools.")  # a tool's failure, as the page reads it
+    assert request(port, "POST", "/v1/streams/lookup", {"conversation_ids": ["a"]}) == (200, [])  # nothing to resume
+    status, build = request(port, "GET", "/build.json")
+    assert status == 200 and build["version"].startswith("cutegpt ")
+    assert not fake.bodies
+
+
+def _sse(port: int, body: dict, referer: str | None) -> list[dict]:
+    data = json.dumps(body).encode()
+    extra = b"Referer: %s\r\n" % referer.encode() if referer else b""
+    raw = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n%s"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (port, extra, len(data), data))
+    return [json.loads(e.split(b"\n\n")[0]) for e in raw.split(b"data: ")[1:] if not e.startswith(b"[DONE]")]
+
+
+def test_a_cut_off_answer_is_marked_for_the_web_page_only(front_factory):
+    from cutegpt.serve.front import CUT_OFF_NOTE
+
+    port, _, _ = front_factory()
+    body = {"messages": HELLO, "stream": True, "max_tokens": 3, "ignore_eos": True}
+    page = _sse(port, body, f"http://127.0.0.1:{port}/")
+    text = "".join(e["choices"][0].get("delta", {}).get("content") or "" for e in page)
+    assert text == "t0 t1 t2 " + CUT_OFF_NOTE and page[-1]["choices"][0]["finish_reason"] == "length"
+    api = _sse(port, body, None)  # an API client gets llama.cpp's answer as it is
+    assert "".join(e["choices"][0].get("delta", {}).get("content") or "" for e in api) == "t0 t1 t2 "
+    assert _sse(port, body, "http://elsewhere.example/") == api
+    finished = _sse(port, {**body, "ignore_eos": False}, f"http://127.0.0.1:{port}/")  # not cut off: nothing added
+    assert CUT_OFF_NOTE not in json.dumps(finished, ensure_ascii=False)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = {"role": "assistant", "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}
+BAD_TOOLS = [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": 5}}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({"tools": "get_weather"}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": [*HELLO, {"role": "tool", "tool_call_id": "c9", "content": "sunny"}]}, "messages[1].tool_call_id"),
+    ({"messages": [*HELLO, {"role": "tool", "content": "sunny"}]}, "messages[1].tool_call_id"),
+    ({"messages": [*HELLO, {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": {}}}]}]},
+     "messages[1].tool_calls[0]"),
+]
+
+
+@pytest.mark.parametrize("extra,param", BAD_TOOLS, ids=[p for _, p in BAD_TOOLS])
+def test_bad_tools_and_formats_are_400s_naming_the_field(front_factory, extra, param):
+    port, fake, _ = front_factory()
+    status, body = request(port, "POST", CHAT, {"messages": HELLO, **extra})
+    assert status == 400 and body["error"]["param"] == param and body["error"]["message"].endswith("."), body
+    assert body["error"]["message"].startswith(f"'{param}'") and not fake.bodies
+
+
+def test_good_tools_and_formats_reach_llama_cpp_unchanged(front_factory):
+    port, fake, _ = front_factory(tools=True, stop=[])
+    schema = {"name": "person", "schema": {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}}
+    sent = {"messages": [*HELLO, CALL, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "response_format": {"type": "json_schema", "json_schema": schema}}
+    status, body = request(port, "POST", CHAT, sent)
+    assert status == 200
+    for key in ("messages", "tools", "tool_choice", "response_format"):
+        assert body["echo"][key] == sent[key]
+    assert request(port, "POST", CHAT, {"messages": HELLO, "tools": [WEATHER], "tool_choice": "required",
+                                        "response_format": {"type": "json_object"}})[0] == 200

@@ -150,8 +150,11 @@ def test_cutegpt_template_never_returns_the_stop_marker():
         answer = body["choices"][0]
         assert status == 200 and "<end>" not in answer["message"]["content"]
         assert answer["finish_reason"] == "stop" and body["usage"]["completion_tokens"] < 64  # it stopped at the marker
+        # no repetition penalty: the pattern makes <end> the next token (with 1.1 the f16 file, now served as in
+        # chat, writes "</end>=0x..." instead and the request never reaches the marker)
         status, body = request(port, "POST", "/v1/completions", {"prompt": "a<end>b<end>a<end>b<end>a<end>b<end>a",
-                                                                  "temperature": 0, "max_tokens": 32, "stream": False})
+                                                                  "temperature": 0, "max_tokens": 32, "stream": False,
+                                                                  "repeat_penalty": 1.0})
         assert "<end>" not in body["choices"][0]["text"] and body["choices"][0]["finish_reason"] == "stop"
 
 
@@ -175,3 +178,25 @@ def test_tiny_cutegpt_model_from_an_hf_folder_never_returns_the_stop_marker(tiny
             status, body = request(port, "POST", "/v1/chat/completions",
                                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "seed": seed})
             assert status == 200 and "<end>" not in body["choices"][0]["message"]["content"]
+
+
+def test_structured_output_answers_parse_and_validate(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person."}], temperature=0, max_tokens=64,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    jsonschema.validate(json.loads(answer.choices[0].message.content), schema)  # llama.cpp's grammar guarantees the shape
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Give a colour as JSON."}],
+                                            temperature=0, max_tokens=200, response_format={"type": "json_object"})
+    text = answer.choices[0].message.content
+    assert text.lstrip().startswith("{")  # an object from the first token; complete when the model ended it
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="response_format.json_schema.schema"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": 3}}})

@@ -231,3 +231,51 @@ def test_vllm_plan_from_the_cli(tmp_path, monkeypatch, capsys):
     assert " k " not in out  # the key never appears on the command line
     assert main(["serve", "--engine", "vllm", "--plan"]) == 1
     assert "needs an HF model folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- defaults and names, as chat has them
+
+
+def test_request_defaults_resolve_like_chat(tmp_path):
+    from cutegpt.chat.args import GenerationArgs, resolve_generation
+
+    plain = ServeConfig().request_defaults("auto", {})
+    assert plain == {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 50, "repeat_penalty": 1.0}  # greedy
+    original = ServeConfig().request_defaults("cutegpt", {})
+    assert original == {"max_tokens": 256, "temperature": 1.0, "top_p": 0.8, "top_k": 50, "repeat_penalty": 1.1}
+    # the model's recommendation (generation_config.json / GGUF metadata) comes before the template's
+    model = {"greedy": False, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 100}
+    gen, _ = resolve_generation(GenerationArgs(), model, "model", "auto")
+    assert ServeConfig().request_defaults("auto", model) == {
+        "max_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k,
+        "repeat_penalty": gen.repetition_penalty} == {"max_tokens": 100, "temperature": 0.7, "top_p": 0.9, "top_k": 50,
+                                                       "repeat_penalty": 1.0}
+    # flags first; --temperature 0 means greedy, --no-greedy samples
+    assert ServeConfig(temperature=0).request_defaults("cutegpt", model)["temperature"] == 0.0
+    assert ServeConfig(greedy=False).request_defaults("auto", {})["temperature"] == 1.0
+    assert ServeConfig(top_k=7, max_new_tokens=9).request_defaults("auto", model)["top_k"] == 7
+    assert ServeConfig(ctx=64).request_defaults("auto", {"max_new_tokens": 4096})["max_tokens"] == 64  # within the context
+
+
+def test_cli_greedy_flags_parse():
+    from cutegpt.config import parse_config
+
+    assert parse_config(ServeConfig, ["--no-greedy"], prog="cutegpt serve").greedy is False
+    assert parse_config(ServeConfig, [], prog="cutegpt serve").greedy is None
+
+
+@pytest.mark.parametrize("path,name", [("runs/sft/final", "sft"), ("runs/sft/checkpoint-40", "sft-checkpoint-40"),
+                                       ("adapters/zh-chat", "zh-chat"), ("runs/pt/best", "pt")])
+def test_a_run_folder_is_served_under_the_runs_name(tmp_path, path, name):
+    folder = tmp_path / path
+    folder.mkdir(parents=True)
+    assert source.run_name(folder) == name
+
+
+def test_generation_config_of_a_folder_reaches_the_served_defaults(tmp_path, fake_exporter):
+    model = _hf_folder(tmp_path / "runs" / "sft" / "final")
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95}))
+    served = source.resolve_model(str(model), None, None, "q8_0", progress=False)
+    assert served.name == "sft" and served.model_defaults == {"greedy": False, "temperature": 0.6, "top_p": 0.95}
+    d = ServeConfig().request_defaults(served.template, served.model_defaults)
+    assert (d["temperature"], d["top_p"], d["repeat_penalty"]) == (0.6, 0.95, 1.1)  # the rest: cutegpt's

@@ -5,13 +5,14 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 
 API_KEY_ENV = "CUTEGPT_API_KEY"
 
+_RESOLVED = "the model's generation_config.json or GGUF metadata, else the template's, as in chat"
 THREADS_HELP = (
     "llama.cpp compute threads; 0 = auto: the cores other processes leave free when the server starts "
     "(cores minus the 1-minute load average, at least 1). llama.cpp's threads spin while they wait, so "
@@ -36,13 +37,20 @@ class ServeConfig:
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     engine: Literal["llamacpp", "vllm"] = arg("llamacpp", "llamacpp: llama.cpp in this process (CPU or GPU wheels); vllm: run `vllm serve` on the HF folder (GPUs)")
     quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg(
-        "q8_0", "weight type when an HF folder is exported to GGUF (once, then cached)")
+        "f16", "weight type when an HF folder is exported to GGUF (once, then cached); f16, as chat and generate "
+        "run a folder on llama.cpp, gives the same answers as they do")
     tensor_parallel_size: int = arg(1, "vllm only: GPUs to split the model over", ge=1)
-    max_new_tokens: int = arg(256, "answer length when a request gives no max_tokens", ge=1)
-    temperature: float = arg(1.0, "sampling temperature when a request gives none (0 = greedy)", ge=0)
-    top_p: float = arg(0.8, "top-p when a request gives none", gt=0, le=1)
-    top_k: int = arg(50, "top-k when a request gives none (0 = off)", ge=0)
-    repetition_penalty: float = arg(1.1, "repetition penalty when a request gives none (1.0 = off)", gt=0)
+    # None = not given: resolved as chat and generate resolve them (cutegpt.chat.args.resolve_generation), so
+    # the same model gives the same answer everywhere
+    max_new_tokens: int | None = arg(None, "answer length when a request gives no max_tokens", ge=1, absent=_RESOLVED + " (256)")
+    greedy: bool | None = arg(None, "requests that give no temperature decode greedily (temperature 0); --no-greedy samples",
+                              absent=_RESOLVED + " (greedy for the model's own template, sampling for cutegpt)")
+    temperature: float | None = arg(None, "sampling temperature when a request gives none (0 = greedy)", ge=0,
+                                    absent=_RESOLVED + " (1.0)")
+    top_p: float | None = arg(None, "top-p when a request gives none", gt=0, le=1, absent=_RESOLVED + " (0.8 for cutegpt, 1.0 otherwise)")
+    top_k: int | None = arg(None, "top-k when a request gives none (0 = off)", ge=0, absent=_RESOLVED + " (50)")
+    repetition_penalty: float | None = arg(None, "repetition penalty when a request gives none (1.0 = off)", gt=0,
+                                           absent=_RESOLVED + " (1.1 for cutegpt, 1.0 otherwise)")
     max_tokens_limit: int | None = arg(None, "largest max_tokens a request may ask for", ge=1, absent="--ctx")
     max_body_bytes: int = arg(1_048_576, "largest request body accepted; larger ones get HTTP 413", ge=1024)
     prompt_cache: bool = arg(True, "reuse the KV cache of a slot's previous prompt (multi-turn chats prefill only the new turn)")
@@ -67,8 +75,21 @@ class ServeConfig:
                 "so every request must carry it, or keep the default --host 127.0.0.1.")
         if self.engine == "llamacpp" and self.tensor_parallel_size != 1:
             raise CuteGPTError("--tensor-parallel-size needs --engine vllm (llama.cpp here runs in one process).")
-        if self.max_new_tokens > self.token_limit:
+        if self.max_new_tokens is not None and self.max_new_tokens > self.token_limit:
             raise CuteGPTError(f"--max-new-tokens {self.max_new_tokens} exceeds the request limit {self.token_limit} (--max-tokens-limit or --ctx).")
+
+    def request_defaults(self, template: str, model_defaults: dict[str, Any]) -> dict[str, Any]:
+        """What a request that leaves a field out gets, in llama.cpp's names: the flags, then the model's
+        recommendation, then the template's defaults (`resolve_generation`, as chat and generate)."""
+        from cutegpt.chat.args import GenerationArgs, resolve_generation
+
+        given = GenerationArgs(max_new_tokens=self.max_new_tokens, greedy=self.greedy, temperature=self.temperature or None,
+                               top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty)
+        if self.temperature == 0:  # --temperature 0 is llama.cpp's way of saying greedy
+            given.greedy = True
+        gen, _ = resolve_generation(given, model_defaults, "model", template)
+        return {"max_tokens": min(gen.max_new_tokens, self.token_limit), "temperature": 0.0 if gen.greedy else gen.temperature,
+                "top_p": gen.top_p, "top_k": gen.top_k, "repeat_penalty": gen.repetition_penalty}
 
     @property
     def token_limit(self) -> int:

@@ -47,10 +47,11 @@ def backend_params(cfg: ServeConfig, served: ServedModel, threads: int, key: str
         p.use_jinja = True
         p.chat_template = served.jinja
     # server-side defaults too (the front also writes them into each request that omits them)
-    p.sampling.top_p = cfg.top_p
-    p.sampling.top_k = cfg.top_k
-    p.sampling.temp = cfg.temperature
-    p.sampling.penalty_repeat = cfg.repetition_penalty
+    defaults = cfg.request_defaults(served.template, served.model_defaults)
+    p.sampling.top_p = defaults["top_p"]
+    p.sampling.top_k = defaults["top_k"]
+    p.sampling.temp = defaults["temperature"]
+    p.sampling.penalty_repeat = defaults["repeat_penalty"]
     return p
 
 

@@ -6,9 +6,13 @@ refuse an unknown model name, empty or malformed `messages`, wrong types, an
 oversized body or `max_tokens`; fill in CuteGPT's sampling defaults for fields
 a request leaves out; add the stop marker `<end>` to every request of a
 CuteGPT-format model (llama.cpp never returns a stop string, also when
-streaming); keep the API key out of llama.cpp's own exemptions. It is plain
-asyncio (no web framework), one backend connection per request, so a client
-that goes away closes its backend connection and llama.cpp frees the slot.
+streaming); keep the API key out of llama.cpp's own exemptions.
+
+HTTP is uvicorn's (parsing, keep-alive, chunking, graceful shutdown) and
+Starlette's (requests, responses); forwarding is aiohttp's. Every request gets
+its own backend connection (no keep-alive pool: an idle pooled connection would
+hold one of llama.cpp's HTTP threads), so a client that goes away closes its
+backend connection and llama.cpp frees the slot.
 """
 
 from __future__ import annotations
@@ -16,25 +20,24 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 HEADER_LIMIT = 64 * 1024
-MAX_DISCARD = 64 * 1024 * 1024  # a refused body larger than this is cut off, not read
+MAX_DISCARD = 64 * 1024 * 1024  # a refused body up to this size is read and dropped, so the client reads the 413
 READ_TIMEOUT = 60.0
 ROLES = ("system", "developer", "user", "assistant", "tool")
-STATUS_TEXT = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-               405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
-               415: "Unsupported Media Type", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-               502: "Bad Gateway", 503: "Service Unavailable"}
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 COMPLETION_PATHS = ("/v1/completions", "/completions")
 FORWARD_POST = ("/apply-template", "/tokenize", "/detokenize")  # harmless llama.cpp helpers, key-protected
 FORWARD_GET_KEYED = ("/props", "/slots")
 PUBLIC_GET = ("/health", "/v1/health")
 STATIC_SUFFIXES = (".html", ".js", ".css", ".svg", ".png", ".ico", ".webp", ".woff", ".woff2", ".map", ".txt", ".webmanifest")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # all reach the dispatch, which answers 404/405
+PASSTHROUGH = ("content-type", "content-encoding", "etag", "cache-control", "cross-origin-embedder-policy",
+               "cross-origin-opener-policy")
 
 
 class ApiError(Exception):
@@ -48,7 +51,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        self.discard = 0  # request body bytes still to be read and dropped
+        self.close = False  # end the connection after this answer (the rest of the request cannot be read)
 
     def body(self) -> bytes:
         return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -198,7 +201,111 @@ def check_chat(body: Any, policy: Policy) -> dict:
         if "content" not in m and role != "assistant":
             raise ApiError(400, f"'messages[{i}].content' is required.", param=f"messages[{i}].content", code="missing_required_parameter")
         _content_text(m.get("content"), i, role)
+    _check_tool_turns(messages)
+    _check_tools(body)
+    _check_response_format(body)
     return _common(body, policy)
+
+
+# ----------------------------------------------------------------------------- tools and structured output
+# llama.cpp renders tools with the model's Jinja template, parses the calls and builds the grammar of a
+# response_format; it answers malformed ones with a 500 or ignores them, so they are refused here by field.
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, f"'{param}' {message}", param=param, code=code)
+
+
+def _check_schema(schema: Any, param: str) -> None:
+    """A JSON Schema, checked against its metaschema by the jsonschema package."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise _bad(param, "must be a JSON Schema object.", "invalid_type")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as e:
+        where = "/".join(str(p) for p in e.path)
+        raise _bad(param, f"is not a valid JSON Schema ({e.message[:120]}{' at ' + where if where else ''}).") from None
+
+
+def _check_tools(body: dict) -> None:
+    tools = body.get("tools")
+    names: list[str] = []
+    if tools is not None:
+        if not isinstance(tools, list) or len(tools) > 128:
+            raise _bad("tools", "must be a list of at most 128 {\"type\": \"function\", \"function\": {...}} objects.", "invalid_type")
+        for i, tool in enumerate(tools):
+            param = f"tools[{i}]"
+            if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+                raise _bad(param, "must be {\"type\": \"function\", \"function\": {\"name\", \"parameters\"}}.", "invalid_type")
+            fn = tool["function"]
+            if not isinstance(fn.get("name"), str) or not TOOL_NAME.match(fn["name"]):
+                raise _bad(param + ".function.name", "must be 1-64 letters, digits, '_', '.' or '-'.")
+            if fn["name"] in names:
+                raise _bad(param + ".function.name", f"repeats the name '{fn['name']}'.")
+            names.append(fn["name"])
+            if fn.get("description") is not None and not isinstance(fn["description"], str):
+                raise _bad(param + ".function.description", "must be a string.", "invalid_type")
+            if fn.get("parameters") is not None:
+                _check_schema(fn["parameters"], param + ".function.parameters")
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("auto", "none"):
+        return
+    if choice == "required" or isinstance(choice, dict):
+        if not names:
+            raise _bad("tool_choice", "needs a non-empty 'tools' list to choose from.")
+        if choice == "required":
+            return
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise _bad("tool_choice", "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}.")
+        if name not in names:
+            raise _bad("tool_choice", f"names the function '{name[:64]}', which is not in 'tools' ({', '.join(names)}).")
+        return
+    raise _bad("tool_choice", "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}.")
+
+
+def _check_tool_turns(messages: list) -> None:
+    """Assistant tool calls are well formed, and every tool message answers a call made before it."""
+    called: set[str] = set()
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls")
+        if m["role"] == "assistant" and calls is not None:
+            if not isinstance(calls, list):
+                raise _bad(f"messages[{i}].tool_calls", "must be a list of tool calls.", "invalid_type")
+            for j, call in enumerate(calls):
+                param = f"messages[{i}].tool_calls[{j}]"
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not (isinstance(call, dict) and isinstance(call.get("id"), str) and isinstance(fn, dict)
+                        and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), str)):
+                    raise _bad(param, "must be {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\": \"<JSON text>\"}}.",
+                               "invalid_type")
+                called.add(call["id"])
+        if m["role"] == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise _bad(f"messages[{i}].tool_call_id", "is required in a tool message: the id of the call it answers.",
+                           "missing_required_parameter")
+            if call_id not in called:
+                raise _bad(f"messages[{i}].tool_call_id", f"is '{call_id[:64]}', but no earlier assistant message made a call with that id.")
+
+
+def _check_response_format(body: dict) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    kinds = ("text", "json_object", "json_schema")
+    if not isinstance(fmt, dict) or fmt.get("type") not in kinds:
+        raise _bad("response_format", "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                      "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}.")
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise _bad("response_format.json_schema", "must be an object with a 'schema'.", "missing_required_parameter")
+        _check_schema(spec["schema"], "response_format.json_schema.schema")
 
 
 def check_completion(body: Any, policy: Policy) -> dict:
@@ -216,112 +323,144 @@ def check_completion(body: Any, policy: Policy) -> dict:
     return _common(body, policy)
 
 
-# ----------------------------------------------------------------------------- HTTP plumbing
+
+# ----------------------------------------------------------------------------- routes
 
 
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: str
-    version: str
-    headers: dict[str, str]
-    body: bytes = b""
-
-    @property
-    def keep_alive(self) -> bool:
-        conn = self.headers.get("connection", "").lower()
-        return "close" not in conn if self.version == "HTTP/1.1" else "keep-alive" in conn
+@dataclass(frozen=True)
+class Route:
+    method: str  # the method the route takes
+    handler: str  # name of the Front method that answers it
+    keyed: bool = True  # needs the API key
 
 
-class ClientGone(Exception):
-    pass
+ROUTES: dict[str, Route] = {
+    **{p: Route("GET", "pass", keyed=False) for p in PUBLIC_GET},
+    # asked for by llama.cpp's web page at start: answered here so its log has no failed request
+    "/tools": Route("GET POST", "tools", keyed=False),  # no server-side tools (llama.cpp answers 403 unless enabled)
+    "/build.json": Route("GET", "build", keyed=False),
+    "/v1/streams/lookup": Route("POST", "streams", keyed=False),  # no resumable streams
+    "/v1/models": Route("GET", "models"), "/models": Route("GET", "models"),
+    "/metrics": Route("GET", "metrics"),
+    **{p: Route("POST", "chat") for p in CHAT_PATHS},
+    **{p: Route("POST", "completion") for p in COMPLETION_PATHS},
+    **{p: Route("POST", "forward_json") for p in FORWARD_POST},
+    **{p: Route("GET", "pass") for p in FORWARD_GET_KEYED},
+}
 
 
-async def _read_request_start(reader: asyncio.StreamReader, policy: Policy) -> Request | None:
+def _error(e: ApiError) -> Any:
+    from starlette.responses import Response
+
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    if e.close:
+        headers["Connection"] = "close"
+    return Response(e.body(), status_code=e.status, media_type="application/json", headers=headers)
+
+
+async def _read_body(request: Any, limit: int) -> bytes:
+    """The request body, at most `limit` bytes (413 beyond), read within READ_TIMEOUT (408 after)."""
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length")
+    if declared is not None and int(declared) > limit:  # uvicorn has already refused a malformed Content-Length
+        e = ApiError(413, f"The request body is {declared} bytes; this server accepts at most {limit} (--max-body-bytes).",
+                     code="request_too_large")
+        e.close = int(declared) > MAX_DISCARD  # up to that size uvicorn reads and drops the rest itself
+        raise e
+    async def collect() -> bytes:
+        out = bytearray()
+        async for piece in request.stream():
+            out += piece
+            if len(out) > limit:
+                e = ApiError(413, f"The request body exceeds this server's limit of {limit} bytes (--max-body-bytes).",
+                             code="request_too_large")
+                e.close = True
+                raise e
+        return bytes(out)
+
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
-    except asyncio.IncompleteReadError as e:
-        if e.partial.strip():
-            raise ApiError(400, "Incomplete HTTP request.") from None
-        return None
-    except asyncio.LimitOverrunError:
-        raise ApiError(431, f"Request headers exceed {HEADER_LIMIT} bytes.") from None
+        return await asyncio.wait_for(collect(), READ_TIMEOUT)
     except asyncio.TimeoutError:
-        return None
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-        raise ApiError(400, "Malformed HTTP request line.")
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ApiError(400, "Malformed HTTP header.")
-        headers[name.strip().lower()] = value.strip()
-    url = urlsplit(target)
-    return Request(method.upper(), url.path or "/", url.query, version, headers)
+        e = ApiError(408, f"The request body did not arrive within {READ_TIMEOUT:.0f} seconds.", code="request_timeout")
+        e.close = True
+        raise e from None
+    except ClientDisconnect:  # nobody is left to read the answer
+        e = ApiError(400, "The client went away before its request body was complete.", code="client_disconnected")
+        e.close = True
+        raise e from None
 
 
-async def _read_request_body(reader: asyncio.StreamReader, req: Request, policy: Policy) -> Request:
-    headers = req.headers
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        req.body = await _read_chunked(reader, policy.max_body_bytes)
-    elif "content-length" in headers:
-        try:
-            length = int(headers["content-length"])
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise ApiError(400, "Invalid Content-Length header.") from None
-        if length > policy.max_body_bytes:
-            e = ApiError(413, f"The request body is {length} bytes; this server accepts at most {policy.max_body_bytes} "
-                              "(--max-body-bytes).", code="request_too_large")
-            e.discard = length  # read and drop it after answering, so the client gets to read the answer
-            raise e
-        try:
-            req.body = await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
-            raise ClientGone() from None
-    return req
-
-
-async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
-    out = bytearray()
-    while True:
-        size_line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
-        try:
-            size = int(size_line.split(b";")[0].strip(), 16)
-        except ValueError:
-            raise ApiError(400, "Malformed chunked request body.") from None
-        if size == 0:
-            while (await asyncio.wait_for(reader.readline(), READ_TIMEOUT)).strip():
-                pass
-            return bytes(out)
-        if len(out) + size > limit:
-            raise ApiError(413, f"The request body exceeds this server's limit of {limit} bytes (--max-body-bytes).",
-                           code="request_too_large")
-        out += await asyncio.wait_for(reader.readexactly(size), READ_TIMEOUT)
-        await reader.readexactly(2)
-
-
-async def _discard(reader: asyncio.StreamReader, n: int) -> None:
+def _json(raw: bytes) -> Any:
+    if not raw:
+        raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        while n > 0:
-            piece = await asyncio.wait_for(reader.read(min(n, 1 << 16)), 10)
-            if not piece:
-                return
-            n -= len(piece)
-    except (asyncio.TimeoutError, ConnectionError):
-        pass
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "The request body is not UTF-8 text.", code="invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"The request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).",
+                       code="invalid_json") from None
 
 
-def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Status')}"] + [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+CUT_OFF = b'"finish_reason":"length"'
+CUT_OFF_NOTE = "\n\n*[cut off: the answer reached its token limit (max_tokens)]*"
+
+
+def _mark_cut_off(piece: bytes) -> list[bytes]:
+    """The piece with one more SSE event, the cut-off note, before the event that ends the answer at its limit.
+
+    For llama.cpp's web page, which shows a cut-off answer as if it were complete (it never reads finish_reason).
+    """
+    at = piece.find(CUT_OFF)
+    start = piece.rfind(b"data: ", 0, at)
+    kind = b"text_completion" if b'"text_completion"' in piece else b"chat.completion.chunk"
+    choice = {"index": 0, "finish_reason": None}
+    choice.update({"text": CUT_OFF_NOTE} if kind == b"text_completion" else {"delta": {"content": CUT_OFF_NOTE}})
+    note = b"data: " + json.dumps({"choices": [choice], "object": kind.decode()}).encode() + b"\n\n"
+    if start < 0:  # the event began in an earlier piece: the note follows it
+        return [piece, note]
+    return [p for p in (piece[:start], note, piece[start:]) if p]
+
+
+def _relay_class():
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import StreamingResponse
+
+    class Relay(StreamingResponse):
+        """Relays a streamed llama.cpp answer; closes the backend connection however the stream ends."""
+
+        def __init__(self, front: Front, upstream: Any, headers: dict[str, str], mark_cut_off: bool = False):
+            self.front, self.upstream, self.complete = front, upstream, False
+            self.mark_cut_off = mark_cut_off
+            super().__init__(self._pieces(), status_code=upstream.status, headers=headers)
+
+        async def _pieces(self):
+            async for piece in self.upstream.content.iter_any():
+                if self.mark_cut_off and CUT_OFF in piece:
+                    for part in _mark_cut_off(piece):
+                        yield part
+                elif piece:
+                    yield piece
+            self.complete = True
+
+        async def __call__(self, scope, receive, send) -> None:
+            self.front.active_streams += 1
+            try:
+                # Starlette stops the stream when the client's disconnect arrives
+                await super().__call__(scope, receive, send)
+            except ClientDisconnect:
+                pass
+            except Exception:
+                self.front.counts["backend_errors"] += 1
+                raise  # headers are out: uvicorn cuts the connection, so the client sees an incomplete answer
+            finally:
+                self.front.active_streams -= 1
+                self.upstream.close()  # a client that went away: llama.cpp sees the close and frees the slot
+            if not self.complete:
+                self.front.counts["disconnects"] += 1
+
+    return Relay
 
 
 class Front:
@@ -329,178 +468,163 @@ class Front:
 
     def __init__(self, policy: Policy, backend: str, backend_key: str):
         self.policy = policy
-        u = urlsplit(backend)
-        self.backend_host = u.hostname or "127.0.0.1"
-        self.backend_port = u.port or 80
+        self.backend = backend.rstrip("/")
         self.backend_key = backend_key
-        self.server: asyncio.AbstractServer | None = None
-        self.tasks: set[asyncio.Task] = set()
-        self.idle: set[asyncio.Task] = set()
+        self.server: asyncio.AbstractServer | None = None  # the listening socket's server
+        self.uvicorn: Any = None
+        self.client: Any = None  # aiohttp.ClientSession
         self.active_streams = 0
         self.counts: dict[str, int] = {"requests": 0, "rejected": 0, "disconnects": 0, "backend_errors": 0}
         self.started = time.time()
-        self.closing = False
+        self._relay = _relay_class()
+
+    @property
+    def tasks(self) -> set:
+        """Requests being answered now."""
+        return self.uvicorn.server_state.tasks if self.uvicorn is not None else set()
 
     # -- lifecycle
 
     async def start(self, sock) -> None:
-        self.server = await asyncio.start_server(self._connection, sock=sock, limit=HEADER_LIMIT)
+        import aiohttp
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import Route as StarletteRoute
+
+        app = Starlette(routes=[StarletteRoute("/{path:path}", self._dispatch, methods=METHODS, include_in_schema=False)])
+        config = uvicorn.Config(app, lifespan="off", log_config=None, log_level="error", access_log=False,
+                                http="h11", h11_max_incomplete_event_size=HEADER_LIMIT, server_header=False)
+        config.load()
+        self.client = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=10), auto_decompress=False,  # the page's gzip passes through
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), skip_auto_headers=("Accept-Encoding", "User-Agent"))
+        self.uvicorn = uvicorn.Server(config)
+        # uvicorn's serve() would also take over SIGINT/SIGTERM; `cutegpt serve` handles them (run.py), so start
+        # and stop the server's parts directly
+        self.uvicorn.lifespan = config.lifespan_class(config)
+        await self.uvicorn.startup(sockets=[sock])
+        self.server = self.uvicorn.servers[0]
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop accepting; let in-flight requests finish for up to `grace` seconds, then cut them."""
-        self.closing = True
-        if self.server is not None:
-            self.server.close()
-        for t in list(self.idle):  # keep-alive connections waiting for a next request: nothing to finish
-            t.cancel()
-        pending = [t for t in self.tasks if not t.done()]
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=grace)
-            for t in still:
-                t.cancel()
-            if still:
-                await asyncio.wait(still, timeout=2)
-        if self.server is not None:
-            try:
-                await asyncio.wait_for(self.server.wait_closed(), 2)
-            except asyncio.TimeoutError:
-                pass
+        if self.uvicorn is None:
+            return
+        self.uvicorn.config.timeout_graceful_shutdown = grace
+        await self.uvicorn.shutdown()  # idle keep-alive connections close at once
+        cut = [t for t in self.uvicorn.server_state.tasks if not t.done()]
+        if cut:
+            await asyncio.wait(cut, timeout=2)
+        await self.client.close()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks.add(task)
+    # -- dispatch
+
+    async def _dispatch(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        self.counts["requests"] += 1
+        path, method = request.url.path.rstrip("/") or "/", request.method
         try:
-            while not self.closing:
-                try:
-                    if task is not None:
-                        self.idle.add(task)
-                    try:
-                        req = await _read_request_start(reader, self.policy)
-                    finally:
-                        if task is not None:
-                            self.idle.discard(task)
-                    if req is not None:
-                        req = await _read_request_body(reader, req, self.policy)
-                except ApiError as e:
-                    self.counts["rejected"] += 1
-                    await self._send_error(writer, e, keep_alive=False)
-                    await _discard(reader, min(e.discard, MAX_DISCARD))
-                    return
-                except ClientGone:
-                    return
-                if req is None:
-                    return
-                self.counts["requests"] += 1
-                keep = await self._dispatch(req, writer) and req.keep_alive and not self.closing
-                if not keep:
-                    return
-        except (ConnectionError, ClientGone):
-            self.counts["disconnects"] += 1
+            if method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": "GET, POST, OPTIONS"})
+            route = ROUTES.get(path)
+            if route is not None and not route.keyed and method in route.method.split():
+                return await getattr(self, "_" + route.handler)(request, path)
+            if self._is_static(request):
+                return await self._forward(request, b"")
+            if not self._authorized(request):
+                raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
+            if route is None:
+                raise ApiError(404, f"No route {method} {request.url.path} on this server; see /v1/chat/completions, "
+                                    "/v1/completions, /v1/models.", code="not_found")
+            if method not in route.method.split():
+                raise ApiError(405, f"Use {' or '.join(route.method.split())} for this route, not {method}.",
+                               code="method_not_allowed")
+            return await getattr(self, "_" + route.handler)(request, path)
+        except ApiError as e:
+            self.counts["rejected"] += 1
+            return _error(e)
         except asyncio.CancelledError:
-            pass
+            raise
         except Exception as e:  # e.g. llama.cpp dropped the connection mid-answer: answer 500, keep serving
             self.counts["backend_errors"] += 1
-            await self._send_error(writer, ApiError(500, f"The model server failed while answering ({type(e).__name__})."),
-                                   keep_alive=False)
-        finally:
-            if task is not None:
-                self.tasks.discard(task)
-            writer.close()
+            return _error(ApiError(500, f"The model server failed while answering ({type(e).__name__})."))
 
-    # -- responses
-
-    async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str = "application/json",
-                    keep_alive: bool = True, extra: list[tuple[str, str]] | None = None) -> None:
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                   ("Connection", "keep-alive" if keep_alive else "close")] + (extra or [])
-        writer.write(_head(status, headers) + body)
-        await writer.drain()
-
-    async def _send_error(self, writer: asyncio.StreamWriter, e: ApiError, keep_alive: bool = True) -> None:
-        extra = [("WWW-Authenticate", "Bearer")] if e.status == 401 else None
-        try:
-            await self._send(writer, e.status, e.body(), keep_alive=keep_alive, extra=extra)
-        except (ConnectionError, RuntimeError):
-            pass
-
-    def _authorized(self, req: Request) -> bool:
+    def _authorized(self, request: Any) -> bool:
         key = self.policy.api_key
         if key is None:
             return True
-        auth = req.headers.get("authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else req.headers.get("x-api-key", "")
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
         return hmac.compare_digest(given.encode(), key.encode())
 
-    def _is_static(self, req: Request) -> bool:
-        p = req.path
-        return self.policy.ui and req.method == "GET" and not p.startswith("/v1/") and (
+    @staticmethod
+    def _from_page(request: Any) -> bool:
+        """A request made by the web page this server serves (same host, page at / or /index.html)."""
+        from urllib.parse import urlsplit
+
+        referer = urlsplit(request.headers.get("referer", ""))
+        return referer.netloc == request.headers.get("host") and referer.path in ("", "/", "/index.html")
+
+    def _is_static(self, request: Any) -> bool:
+        p = request.url.path
+        return self.policy.ui and request.method == "GET" and not p.startswith("/v1/") and (
             p in ("/", "/index.html") or p.startswith("/_app/") or p.lower().endswith(STATIC_SUFFIXES))
 
-    async def _dispatch(self, req: Request, writer: asyncio.StreamWriter) -> bool:
-        """Answer one request; True if the connection may carry another."""
-        p, m = req.path.rstrip("/") or "/", req.method
-        try:
-            if m == "OPTIONS":
-                await self._send(writer, 204, b"", extra=[("Allow", "GET, POST, OPTIONS")])
-                return True
-            if p in PUBLIC_GET and m == "GET":
-                return await self._forward(req, writer, req.body)
-            if self._is_static(req):
-                return await self._forward(req, writer, b"")
-            if not self._authorized(req):
-                raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
-            if p in ("/v1/models", "/models"):
-                self._method(m, "GET")
-                return await self._models(writer)
-            if p == "/metrics":
-                self._method(m, "GET")
-                return await self._metrics(writer)
-            if p in CHAT_PATHS or p in COMPLETION_PATHS:
-                self._method(m, "POST")
-                body = self._json(req)
-                body = check_chat(body, self.policy) if p in CHAT_PATHS else check_completion(body, self.policy)
-                return await self._forward(req, writer, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + p.removeprefix("/v1"))
-            if p in FORWARD_POST:
-                self._method(m, "POST")
-                self._json(req)
-                return await self._forward(req, writer, req.body)
-            if p in FORWARD_GET_KEYED:
-                self._method(m, "GET")
-                return await self._forward(req, writer, b"")
-            raise ApiError(404, f"No route {m} {req.path} on this server; see /v1/chat/completions, /v1/completions, /v1/models.",
-                           code="not_found")
-        except ApiError as e:
-            self.counts["rejected"] += 1
-            await self._send_error(writer, e)
-            return True
+    # -- handlers (one per route kind)
 
-    @staticmethod
-    def _method(method: str, allowed: str) -> None:
-        if method != allowed:
-            raise ApiError(405, f"Use {allowed} for this route, not {method}.", code="method_not_allowed")
+    async def _chat(self, request: Any, path: str) -> Any:
+        body = check_chat(_json(await _read_body(request, self.policy.max_body_bytes)), self.policy)
+        return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"),
+                                   mark_cut_off=bool(body.get("stream")) and self._from_page(request))
 
-    @staticmethod
-    def _json(req: Request) -> Any:
-        if not req.body:
-            raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
-        try:
-            return json.loads(req.body.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(400, "The request body is not UTF-8 text.", code="invalid_json") from None
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"The request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).",
-                           code="invalid_json") from None
+    async def _completion(self, request: Any, path: str) -> Any:
+        body = check_completion(_json(await _read_body(request, self.policy.max_body_bytes)), self.policy)
+        return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"))
 
-    async def _models(self, writer: asyncio.StreamWriter) -> bool:
+    async def _pass(self, request: Any, path: str) -> Any:
+        return await self._forward(request, b"")
+
+    async def _tools(self, request: Any, path: str) -> Any:
+        from starlette.responses import Response
+
+        if request.method == "GET":  # the list: empty
+            return Response(b"[]", media_type="application/json")
+        # a call: the page reads a tool's failure from the result, as llama.cpp's tools report it
+        return Response(json.dumps({"error": "This server runs no server-side tools."}), media_type="application/json")
+
+    async def _streams(self, request: Any, path: str) -> Any:
+        from starlette.responses import Response
+
+        await _read_body(request, self.policy.max_body_bytes)
+        return Response(b"[]", media_type="application/json")
+
+    async def _build(self, request: Any, path: str) -> Any:
+        from starlette.responses import Response
+
+        from cutegpt import __version__
+
+        return Response(json.dumps({"version": f"cutegpt {__version__}"}), media_type="application/json")
+
+    async def _forward_json(self, request: Any, path: str) -> Any:
+        raw = await _read_body(request, self.policy.max_body_bytes)
+        _json(raw)
+        return await self._forward(request, raw)
+
+    async def _models(self, request: Any, path: str) -> Any:
+        from starlette.responses import Response
+
         data = {"object": "list", "data": [{"id": self.policy.model_id, "object": "model", "created": int(self.started),
                                             "owned_by": "cutegpt", "context_length": self.policy.ctx}]}
-        await self._send(writer, 200, json.dumps(data).encode())
-        return True
+        return Response(json.dumps(data), media_type="application/json")
 
-    async def _metrics(self, writer: asyncio.StreamWriter) -> bool:
-        status, _, body = await self._backend_simple("GET", "/metrics")
-        text = body.decode("utf-8", "replace") if status == 200 else ""
+    async def _metrics(self, request: Any, path: str) -> Any:
+        from starlette.responses import Response
+
+        try:
+            async with self.client.get(self.backend + "/metrics", headers=self._backend_headers(request, forward=())) as upstream:
+                text = (await upstream.text()) if upstream.status == 200 else ""
+        except Exception:
+            text = ""
         ours = [
             "# HELP cutegpt_requests_total HTTP requests received by the cutegpt front",
             "# TYPE cutegpt_requests_total counter",
@@ -515,109 +639,51 @@ class Front:
             "# TYPE cutegpt_active_streams gauge",
             f"cutegpt_active_streams {self.active_streams}",
         ]
-        await self._send(writer, 200, (text + "\n".join(ours) + "\n").encode(), content_type="text/plain; version=0.0.4")
-        return True
+        return Response(text + "\n".join(ours) + "\n", media_type="text/plain; version=0.0.4")
 
     # -- backend
 
-    async def _backend_simple(self, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
-        reader, bw = await asyncio.open_connection(self.backend_host, self.backend_port, limit=HEADER_LIMIT)
-        try:
-            bw.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {self.backend_key}\r\n"
-                     "Connection: close\r\n\r\n".encode())
-            await bw.drain()
-            status, headers = await self._backend_head(reader)
-            body = await reader.read()
-            return status, headers, body
-        finally:
-            bw.close()
+    def _backend_headers(self, request: Any, forward=("accept", "accept-encoding", "if-none-match")) -> dict[str, str]:
+        headers = {"authorization": f"Bearer {self.backend_key}", "accept-encoding": "identity"}
+        headers.update({h: request.headers[h] for h in forward if h in request.headers})
+        return headers
 
-    @staticmethod
-    async def _backend_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        status = int(head[0].split(" ")[1])
-        headers = {}
-        for line in head[1:]:
-            if line:
-                k, _, v = line.partition(":")
-                headers[k.strip().lower()] = v.strip()
-        return status, headers
+    async def _forward(self, request: Any, body: bytes, path: str | None = None, mark_cut_off: bool = False) -> Any:
+        """Send the request to llama.cpp and relay the answer; streams are relayed piece by piece."""
+        import aiohttp
+        from starlette.responses import Response
+        from yarl import URL
 
-    async def _forward(self, req: Request, writer: asyncio.StreamWriter, body: bytes, path: str | None = None) -> bool:
-        """Send the request to llama.cpp and relay the answer; streams are relayed chunk by chunk."""
-        target = (path or req.path) + (("?" + req.query) if req.query else "")
+        headers = self._backend_headers(request)
+        # llama.cpp has the page only gzip-compressed and refuses a client that does not take gzip (415, e.g.
+        # curl): ask for gzip and unpack it here for such a client
+        unpack = self._is_static(request) and "gzip" not in headers.get("accept-encoding", "")
+        if unpack:
+            headers["accept-encoding"] = "gzip"
+        if body or request.method == "POST":
+            headers["content-type"] = "application/json"
+        query = request.url.query
+        url = URL(self.backend + (path or request.url.path) + ("?" + query if query else ""), encoded=True)
         try:
-            br, bw = await asyncio.open_connection(self.backend_host, self.backend_port, limit=HEADER_LIMIT)
-        except OSError:
+            upstream = await self.client.request(request.method, url, data=body or None, headers=headers)
+        except aiohttp.ClientConnectorError:
             self.counts["backend_errors"] += 1
             raise ApiError(503, "The model server is not available.", code="backend_unavailable") from None
-        streaming = False
+        except aiohttp.ClientError:
+            self.counts["backend_errors"] += 1
+            raise ApiError(502, "The model server closed the connection without an answer.", code="backend_error") from None
+        passthrough = {k: upstream.headers[k] for k in PASSTHROUGH if k in upstream.headers}
+        if upstream.content_length is None:  # streamed (chunked) or read-to-EOF answer
+            return self._relay(self, upstream, {**passthrough, "Cache-Control": "no-cache"}, mark_cut_off)
         try:
-            headers = [f"{req.method} {target} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {self.backend_key}",
-                       "Connection: close"]
-            if body or req.method == "POST":
-                headers += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-            for h in ("accept", "accept-encoding", "if-none-match"):
-                if h in req.headers:
-                    headers.append(f"{h}: {req.headers[h]}")
-            bw.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + body)
-            await bw.drain()
-            try:
-                status, bh = await self._backend_head(br)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                self.counts["backend_errors"] += 1
-                raise ApiError(502, "The model server closed the connection without an answer.", code="backend_error") from None
-            passthrough = [(k.title(), bh[k]) for k in ("content-type", "content-encoding", "etag", "cache-control",
-                                                        "cross-origin-embedder-policy", "cross-origin-opener-policy") if k in bh]
-            if "content-length" in bh:
-                data = await br.readexactly(int(bh["content-length"]))
-                if status >= 400 and not data.lstrip().startswith(b"{"):
-                    raise ApiError(status, data.decode("utf-8", "replace").strip()[:300] or STATUS_TEXT.get(status, "error"))
-                writer.write(_head(status, passthrough + [("Content-Length", str(len(data))),
-                                                          ("Connection", "keep-alive" if req.keep_alive else "close")]) + data)
-                await writer.drain()
-                return True
-            # streamed (chunked) or read-to-EOF answer: relay as chunked
-            streaming = True
-            self.active_streams += 1
-            writer.write(_head(status, passthrough + [("Transfer-Encoding", "chunked"), ("Cache-Control", "no-cache"),
-                                                      ("Connection", "keep-alive" if req.keep_alive else "close")]))
-            chunked = "chunked" in bh.get("transfer-encoding", "").lower()
-            async for piece in (_dechunk(br) if chunked else _until_eof(br)):
-                if not piece:
-                    continue
-                try:
-                    writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
-                    await writer.drain()
-                except ConnectionError:
-                    raise ClientGone() from None
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-            return True
+            data = await upstream.read()
         finally:
-            if streaming:
-                self.active_streams -= 1
-            bw.close()  # a client that went away closes this too, and llama.cpp cancels its task
+            upstream.close()
+        if unpack and passthrough.get("content-encoding") == "gzip":
+            import gzip
 
-
-async def _dechunk(reader: asyncio.StreamReader):
-    while True:
-        line = await reader.readline()
-        if not line:
-            return
-        try:
-            size = int(line.split(b";")[0].strip(), 16)
-        except ValueError:
-            return
-        if size == 0:
-            return
-        yield await reader.readexactly(size)
-        await reader.readexactly(2)
-
-
-async def _until_eof(reader: asyncio.StreamReader):
-    while True:
-        piece = await reader.read(65536)
-        if not piece:
-            return
-        yield piece
+            data = gzip.decompress(data)
+            passthrough = {k: v for k, v in passthrough.items() if k.lower() != "content-encoding"}
+        if upstream.status >= 400 and not data.lstrip().startswith(b"{"):
+            raise ApiError(upstream.status, data.decode("utf-8", "replace").strip()[:300] or str(upstream.reason))
+        return Response(data, status_code=upstream.status, headers=passthrough)

@@ -37,6 +37,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def describe_defaults(d: dict) -> str:
+    sampling = "greedy" if d["temperature"] == 0 else f"temperature {d['temperature']}, top-p {d['top_p']}, top-k {d['top_k']}"
+    return f"{sampling}, repetition penalty {d['repeat_penalty']}, {d['max_tokens']} new tokens"
+
+
 def banner(url: str, model: str, served, threads: int, cfg: ServeConfig, key: bool) -> str:
     auth = ' -H "Authorization: Bearer $' + API_KEY_ENV + '"' if key else ""
     api_key = f'os.environ["{API_KEY_ENV}"]' if key else '"none"'
@@ -46,6 +51,7 @@ def banner(url: str, model: str, served, threads: int, cfg: ServeConfig, key: bo
         f"  model     {model}  <- {served.source}",
         f"  GGUF      {served.gguf}",
         f"  template  {template}",
+        f"  defaults  {describe_defaults(cfg.request_defaults(served.template, served.model_defaults))} (a request's own fields win)",
         f"  engine    llama.cpp, {cfg.parallel} parallel slot(s) x {cfg.ctx} tokens, {threads} thread(s)"
         + (", API key required" if key else ""),
         "",
@@ -104,8 +110,7 @@ async def _serve(cfg: ServeConfig, served, backend, sock: socket.socket, key: st
     policy = Policy(
         model_id=served.name, stop=served.stop, api_key=key, max_body_bytes=cfg.max_body_bytes,
         max_tokens_limit=cfg.token_limit, ctx=cfg.ctx, ui=cfg.ui, tools=served.template != "cutegpt",
-        defaults={"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                  "top_k": cfg.top_k, "repeat_penalty": cfg.repetition_penalty},
+        defaults=cfg.request_defaults(served.template, served.model_defaults),
     )
     front = Front(policy, backend.url, backend.key)
     await front.start(sock)

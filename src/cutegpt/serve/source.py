@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,7 @@ class ServedModel:
     stop: list[str]  # stop strings added to every request
     hf_folder: Path | None  # for --engine vllm
     source: str  # what the user asked for, for the start-up banner
+    model_defaults: dict = field(default_factory=dict)  # the sampling settings the model recommends (chat's source too)
 
 
 def _is_adapter(folder: Path) -> bool:
@@ -98,12 +100,15 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
     """Find (or make once) the GGUF to serve and decide its template; raises CuteGPTError for bad paths."""
     from cutegpt.serve.template import cutegpt_jinja
 
-    hf_folder: Path | None = None
-    if model is None and lora is None:
-        from cutegpt.model.embedded import embedded_gguf
+    from cutegpt.chat.args import generation_config_defaults
 
-        gguf = embedded_gguf()
-        source = f"embedded {gguf.name}"
+    hf_folder: Path | None = None
+    model_defaults: dict | None = None  # None: the GGUF file's own metadata
+    if model is None and lora is None:
+        from cutegpt.chat.backend import embedded_llamacpp_file
+
+        gguf = embedded_llamacpp_file()  # the file chat and generate run, so all three give the same answer
+        source = f"embedded model, {gguf.name}"
         name = "smollm2-135m-instruct"
     elif model is not None and model.lower().endswith(".gguf"):
         gguf = Path(model)
@@ -132,7 +137,8 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
         template = _template_name(template, [adapter, folder]) or template
         gguf = cached_export(model, lora, quant=quant, template=template, progress=progress) if export else Path("<not exported>")
         source = " + LoRA ".join(str(p) for p in (folder, adapter) if p is not None) or "embedded model"
-        name = (adapter or folder).name if (adapter or folder) else "cutegpt"
+        name = run_name(adapter or folder) if (adapter or folder) else "cutegpt"
+        model_defaults = {**generation_config_defaults(folder), **generation_config_defaults(adapter)}
     own = gguf_chat_template(gguf) if gguf.is_file() else None
     if template is None:
         template = "cutegpt" if (own is None or _looks_cutegpt(own)) else "auto"
@@ -140,7 +146,23 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
         raise CuteGPTError(f"--template auto needs a chat template in the model, and {gguf} has none; use --template cutegpt.")
     jinja = cutegpt_jinja() if template == "cutegpt" else None
     stop = ["<end>"] if template == "cutegpt" else []
-    return ServedModel(gguf, name, template, jinja, stop, hf_folder, source)
+    if model_defaults is None:
+        from cutegpt.chat.llamacpp import gguf_generation_defaults
+
+        model_defaults = gguf_generation_defaults(gguf)
+    return ServedModel(gguf, name, template, jinja, stop, hf_folder, source, model_defaults)
+
+
+# checkpoint folders a run writes: serve them under the run's name ("runs/sft/final" -> "sft")
+_RUN_PARTS = re.compile(r"^(final|best|last|latest|checkpoint-\d+)$")
+
+
+def run_name(folder: Path) -> str:
+    """The model id clients see for a folder: its own name, or its run's for a checkpoint folder of a run."""
+    folder = folder.expanduser().resolve()
+    if _RUN_PARTS.match(folder.name) and folder.parent.name:
+        return folder.parent.name if folder.name in ("final", "best", "last", "latest") else f"{folder.parent.name}-{folder.name}"
+    return folder.name
 
 
 # ----------------------------------------------------------------------------- cache

@@ -27,6 +27,9 @@ def template_file(jinja: str) -> Path:
 def vllm_command(cfg: ServeConfig, *, model: Path, name: str, jinja: str | None, jinja_path: Path | None = None,
                  lora: Path | None = None) -> list[str]:
     """The argument list of `vllm serve` for these settings (no GPU needed to build it)."""
+    from cutegpt.chat.args import generation_config_defaults
+
+    d = cfg.request_defaults("cutegpt" if jinja is not None else "auto", generation_config_defaults(model))
     cmd = ["vllm", "serve", str(model), "--host", cfg.host, "--port", str(cfg.port),
            "--served-model-name", name,
            "--max-model-len", str(cfg.ctx),
@@ -34,8 +37,8 @@ def vllm_command(cfg: ServeConfig, *, model: Path, name: str, jinja: str | None,
            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
            "--generation-config", "vllm",
            "--override-generation-config", json.dumps({
-               "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-               "repetition_penalty": cfg.repetition_penalty, "max_new_tokens": cfg.max_new_tokens}, separators=(",", ":"))]
+               "temperature": d["temperature"], "top_p": d["top_p"], "top_k": d["top_k"],
+               "repetition_penalty": d["repeat_penalty"], "max_new_tokens": d["max_tokens"]}, separators=(",", ":"))]
     if jinja is not None:
         cmd += ["--chat-template", str(jinja_path or template_file(jinja))]
     if lora is not None:
