@@ -147,7 +147,7 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
     jinja = cutegpt_jinja() if template == "cutegpt" else None
     stop = ["<end>"] if template == "cutegpt" else []
     if model_defaults is None:
-        from cutegpt.chat.llamacpp import gguf_generation_defaults
+        from cutegpt.runtime.llamacpp import gguf_generation_defaults
 
         model_defaults = gguf_generation_defaults(gguf)
     return ServedModel(gguf, name, template, jinja, stop, hf_folder, source, model_defaults)
