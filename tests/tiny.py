@@ -24,7 +24,7 @@ CHATML = (
 )
 
 
-def build_tokenizer(out: Path, chat_template: bool = True):
+def build_tokenizer(out: Path, chat_template: bool = True, extra_text: tuple[str, ...] = ()):
     """A byte-level BPE (GPT-2 style, like SmolLM2's) with ~600 entries, saved to `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -35,7 +35,7 @@ def build_tokenizer(out: Path, chat_template: bool = True):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.train_from_iterator((CORPUS + list(extra_text)) * 3, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
     if chat_template:
@@ -85,7 +85,7 @@ def build_sp_tokenizer(out: Path, vocab_size: int = 600):
     return AutoTokenizer.from_pretrained(out)
 
 
-def build_sp_layout(out: Path, layout: str = "llama1", end: bool = False, vocab_size: int = 600):
+def build_sp_layout(out: Path, layout: str = "llama1", end: bool = False, vocab_size: int = 600, extra_text: tuple[str, ...] = ()):
     """A SentencePiece LLaMA tokenizer folder as published, with `<end>` as one added token if `end`.
 
     llama1  tokenizer.model + tokenizer_config.json (LlamaTokenizer, no legacy key) + special_tokens_map.json
@@ -100,7 +100,7 @@ def build_sp_layout(out: Path, layout: str = "llama1", end: bool = False, vocab_
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 3), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        sentence_iterator=iter((CORPUS + list(extra_text)) * 3), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", split_digits=True,
         add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, hard_vocab_limit=False,
