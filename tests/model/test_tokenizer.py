@@ -110,13 +110,29 @@ def test_saved_config_has_no_transformers5_only_fields(tmp_path):
 
 
 def test_portable_config_rewrites_transformers5_fields(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "add_prefix_space": None,
-        "extra_special_tokens": ["<s>", "<end>"], "is_local": True, "local_files_only": False}))
+        "extra_special_tokens": ["<s>", "<end>"], "is_local": True, "local_files_only": False, "legacy": False}))
     portable_config(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert config == {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                      "additional_special_tokens": ["<end>"], "legacy": True}
+    assert config == {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                      "additional_special_tokens": ["<end>"]}
+
+
+@pytest.mark.parametrize("end", [False, True])
+def test_plain_transformers5_reads_saved_sentencepiece_folders_right(tmp_path, end):
+    """What cutegpt saves gives SentencePiece's ids even to plain AutoTokenizer (vLLM, scripts), not only to our loader."""
+    from transformers import AutoTokenizer
+
+    from cutegpt.model.loading import save_tokenizer
+
+    src = build_sp_layout(tmp_path / "src", "llama2", end=end)
+    tok = load_tokenizer(src)
+    save_tokenizer(tok, tmp_path / "out", template="cutegpt")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert mismatches(plain, SentencePieceReference(src).encode, probe_texts(tok)) == []
+    assert plain.decode(plain("问：你好")["input_ids"], skip_special_tokens=True) == "问：你好"
 
 
 def test_fingerprint_texts_are_frozen():

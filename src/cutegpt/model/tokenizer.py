@@ -202,12 +202,13 @@ def portable_config(folder: Path) -> None:
             config["additional_special_tokens"] = extra_tokens
     for key in ("is_local", "local_files_only"):  # how this process loaded it, not a property of the tokenizer
         config.pop(key, None)
-    if str(config.get("tokenizer_class", "")).startswith("LlamaTokenizer"):
-        # transformers 4's slow LlamaTokenizer (use_fast=False) follows SentencePiece only with legacy=True;
-        # its fast one reads tokenizer.json, which carries the rule itself
-        config["legacy"] = True
-        if config.get("add_prefix_space") is None:
-            config.pop("add_prefix_space", None)  # a set value makes transformers 4 rebuild from the slow tokenizer
+    if config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast") and (Path(folder) / "tokenizer.json").is_file():
+        # tokenizer.json carries the SentencePiece rule (normalizer, BOS post-processor): read as a plain fast
+        # tokenizer, transformers 4 and 5 both use it as written, where as LlamaTokenizer transformers 5 rebuilds
+        # the drifted pre-tokenizer and transformers 4's slow one needs legacy=True
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        for key in ("legacy", "add_prefix_space", "use_default_system_prompt", "add_bos_token", "add_eos_token"):
+            config.pop(key, None)  # LlamaTokenizer's settings; tokenizer.json's post-processor adds BOS/EOS
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
