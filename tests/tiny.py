@@ -85,7 +85,8 @@ def build_sp_tokenizer(out: Path, vocab_size: int = 600):
     return AutoTokenizer.from_pretrained(out)
 
 
-def build_sp_layout(out: Path, layout: str = "llama1", end: bool = False, vocab_size: int = 600, extra_text: tuple[str, ...] = ()):
+def build_sp_layout(out: Path, layout: str = "llama1", end: bool = False, vocab_size: int = 600, extra_text: tuple[str, ...] = (),
+                    **sp_options):
     """A SentencePiece LLaMA tokenizer folder as published, with `<end>` as one added token if `end`.
 
     llama1  tokenizer.model + tokenizer_config.json (LlamaTokenizer, no legacy key) + special_tokens_map.json
@@ -99,12 +100,12 @@ def build_sp_layout(out: Path, layout: str = "llama1", end: bool = False, vocab_
     import sentencepiece as spm
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter((CORPUS + list(extra_text)) * 3), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", split_digits=True,
-        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, hard_vocab_limit=False,
-    )
+    options = dict(model_type="bpe", vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0,
+                   normalization_rule_name="identity", split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+                   allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+                   hard_vocab_limit=False)
+    options.update(sp_options)  # other SentencePiece models than LLaMA's: Unigram, NFKC, collapsed spaces
+    spm.SentencePieceTrainer.train(sentence_iterator=iter((CORPUS + list(extra_text)) * 3), model_writer=buf, **options)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.model").write_bytes(buf.getvalue())
     n_pieces = spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()

@@ -80,7 +80,10 @@ def match_reference(tok: Any, sp_model: Path | None = None, gguf: Path | None = 
     if backend is None:  # a slow (Python) tokenizer: it is its own reference
         return tok
     if is_sentencepiece(backend):
-        settings = _sp_settings(sp_model) if sp_model is not None and sp_model.is_file() else _gguf_sp_settings(backend, gguf)
+        has_model = sp_model is not None and sp_model.is_file()
+        settings = _sp_settings(sp_model) if has_model else _gguf_sp_settings(backend, gguf)
+        if has_model:
+            _unigram_as_unigram(backend, sp_model)
         _sentencepiece_rule(backend, **settings)
     elif gguf is not None:
         pre = gguf_pre_name(gguf)
@@ -99,9 +102,12 @@ def _bos_eos_as_configured(tok: Any, config_file: Path) -> None:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # transformers itself read the file; a second reading failing changes nothing
-    for key in ("add_bos_token", "add_eos_token"):
-        if isinstance(config.get(key), bool) and getattr(tok, key, None) is not None and getattr(tok, key) != config[key]:
-            setattr(tok, key, config[key])
+    llama = config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast")
+    for key, default in (("add_bos_token", True), ("add_eos_token", False)):
+        # transformers 4's LlamaTokenizer adds BOS unless told otherwise; transformers 5 adds it only when told
+        want = config.get(key, default if llama else None)
+        if isinstance(want, bool) and getattr(tok, key, None) is not None and getattr(tok, key) != want:
+            setattr(tok, key, want)
 
 
 def is_sentencepiece(backend: Any) -> bool:
@@ -140,6 +146,21 @@ def _gguf_sp_settings(backend: Any, gguf: Path | None) -> dict[str, Any]:
     return {"dummy_prefix": '"never"' not in text and ("Prepend" in text or "Metaspace" in text)}
 
 
+def _unigram_as_unigram(backend: Any, sp_model: Path) -> None:
+    """transformers 5's LlamaTokenizer turns every tokenizer.model into BPE; a Unigram model must stay Unigram."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import models
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp_model.read_bytes())
+    if proto.trainer_spec.model_type != pb.TrainerSpec.UNIGRAM or json.loads(backend.to_str())["model"]["type"] == "Unigram":
+        return
+    vocab = [(p.piece, float(p.score)) for p in proto.pieces]
+    if [backend.id_to_token(i) for i in range(len(vocab))] != [p for p, _s in vocab]:
+        return  # ids laid out otherwise than in tokenizer.model: leave the converted model alone
+    backend.model = models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=proto.trainer_spec.byte_fallback)
+
+
 def _sentencepiece_rule(backend: Any, dummy_prefix: bool, collapse_spaces: bool = False, charsmap: bytes = b"") -> None:
     """SentencePiece's normalization as `tokenizers` normalizers, applied to each stretch between added tokens."""
     from tokenizers import AddedToken, Regex, normalizers
@@ -147,8 +168,8 @@ def _sentencepiece_rule(backend: Any, dummy_prefix: bool, collapse_spaces: bool 
     steps: list[Any] = []
     if charsmap:
         steps.append(normalizers.Precompiled(charsmap))
-    if collapse_spaces:  # SentencePiece's remove_extra_whitespaces
-        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if collapse_spaces:  # SentencePiece's remove_extra_whitespaces: spaces only (Strip would take tabs and newlines too)
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     if dummy_prefix:
         steps.append(normalizers.Prepend("▁"))
     steps.append(normalizers.Replace(" ", "▁"))
