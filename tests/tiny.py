@@ -24,7 +24,7 @@ CHATML = (
 )
 
 
-def build_tokenizer(out: Path, chat_template: bool = True):
+def build_tokenizer(out: Path, chat_template: bool = True, extra_text: tuple[str, ...] = ()):
     """A byte-level BPE (GPT-2 style, like SmolLM2's) with ~600 entries, saved to `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -35,7 +35,7 @@ def build_tokenizer(out: Path, chat_template: bool = True):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.train_from_iterator((CORPUS + list(extra_text)) * 3, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
     if chat_template:
@@ -83,3 +83,54 @@ def build_sp_tokenizer(out: Path, vocab_size: int = 600):
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": False}), encoding="utf-8")
     return AutoTokenizer.from_pretrained(out)
+
+
+def build_sp_layout(out: Path, layout: str = "llama1", end: bool = False, vocab_size: int = 600, extra_text: tuple[str, ...] = (),
+                    **sp_options):
+    """A SentencePiece LLaMA tokenizer folder as published, with `<end>` as one added token if `end`.
+
+    llama1  tokenizer.model + tokenizer_config.json (LlamaTokenizer, no legacy key) + special_tokens_map.json
+            (+ added_tokens.json), the layout of the LLaMA-1 conversions and of CuteGPT-13B
+    llama2  the same plus the tokenizer.json transformers 4 wrote for Llama-2 (its legacy converter: normalizer
+            Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer) and `"legacy": false` in the config
+    """
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    options = dict(model_type="bpe", vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0,
+                   normalization_rule_name="identity", split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+                   allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+                   hard_vocab_limit=False)
+    options.update(sp_options)  # other SentencePiece models than LLaMA's: Unigram, NFKC, collapsed spaces
+    spm.SentencePieceTrainer.train(sentence_iterator=iter((CORPUS + list(extra_text)) * 3), model_writer=buf, **options)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    n_pieces = spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False}
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if end:
+        (out / "added_tokens.json").write_text(json.dumps({"<end>": n_pieces}), encoding="utf-8")
+        specials["additional_special_tokens"] = ["<end>"]
+    (out / "special_tokens_map.json").write_text(json.dumps(specials), encoding="utf-8")
+    if layout == "llama2":
+        from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+        from tokenizers.models import BPE
+        from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+        extracted = SentencePieceExtractor(str(out / "tokenizer.model")).extract(BPE)
+        tok = Tokenizer(BPE(vocab=extracted["vocab"], merges=extracted["merges"], unk_token="<unk>", fuse_unk=True,
+                            byte_fallback=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+        if end:
+            tok.add_tokens([AddedToken("<end>", normalized=False, special=True)])
+        tok.save(str(out / "tokenizer.json"))
+        config["legacy"] = False
+    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return out

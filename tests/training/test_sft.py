@@ -237,3 +237,36 @@ def test_bf16_lora_computes_in_bf16(tiny_model_dir, sft_dataset, tmp_path, monke
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
     assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_sentencepiece_data_from_before_the_rule_fix_is_refused(tmp_path, monkeypatch):
+    """A manifest without the ids fingerprint, from a SentencePiece model: converted with transformers 5's drifted rule."""
+    from cutegpt.data.manifest import MANIFEST
+    from cutegpt.model.tokenizer import load_tokenizer
+    from tests.tiny import build_sp_layout, build_tiny_llama
+
+    model_dir = build_sp_layout(tmp_path / "sp-llama", "llama1", end=False)
+    tok = load_tokenizer(model_dir)
+    build_tiny_llama(model_dir, vocab_size=len(tok))
+    data = write_dataset(tmp_path / "data", tok, encode_samples(tok), 128)
+    monkeypatch.setattr(engine, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    prepare = lambda: prepare_sft(_cfg(model_dir, data, tmp_path / "run"))  # noqa: E731
+    manifest = json.loads((data / MANIFEST).read_text())
+    manifest["tokenizer"]["ids_hash"] = "0" * 16  # another rule than this tokenizer's
+    (data / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CuteGPTError, match="tokenized by another rule .*convert the data again"):
+        prepare()
+    del manifest["tokenizer"]["ids_hash"]  # a dataset converted before the fix
+    (data / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CuteGPTError, match="converted before cutegpt tokenized SentencePiece vocabularies as SentencePiece itself does"
+                                           ".*convert the data again"):
+        prepare()
+
+
+def test_byte_level_data_from_before_the_fingerprint_still_trains(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from cutegpt.data.manifest import MANIFEST, check_tokenizer
+
+    data = write_dataset(tmp_path / "data", tiny_tokenizer, encode_samples(tiny_tokenizer), 128)
+    manifest = json.loads((data / MANIFEST).read_text())
+    del manifest["tokenizer"]["ids_hash"]
+    check_tokenizer(manifest, tiny_tokenizer, data)  # nothing changed for byte-level BPE: accepted

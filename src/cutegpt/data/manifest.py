@@ -45,9 +45,12 @@ def tokenizer_hash(tokenizer: Any) -> str:
 
 
 def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
+    from cutegpt.model.tokenizer import ids_fingerprint
+
     return {
         "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
         "vocab_hash": tokenizer_hash(tokenizer),
+        "ids_hash": ids_fingerprint(tokenizer),  # how it tokenizes: same vocabulary, other rule -> other hash
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
@@ -101,9 +104,10 @@ def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, folder: str | Path
             f"(vocabulary {want}, {manifest['tokenizer'].get('vocab_size')} tokens), not with this model's tokenizer "
             f"{getattr(tokenizer, 'name_or_path', '')} (vocabulary {have}, {len(tokenizer)} tokens); convert the data again with --model."
         )
+    info = manifest["tokenizer"]
+    _check_tokenization_rule(info, tokenizer, folder)
     # same vocabulary, other special tokens (e.g. EOS <|endoftext|> vs <|im_end|>): the data would end
     # conversations with one id while the model stops on another
-    info = manifest["tokenizer"]
     for key, name in (("eos_token_id", "EOS"), ("bos_token_id", "BOS"), ("pad_token_id", "PAD")):
         if key not in info:
             continue  # a manifest from before these were recorded
@@ -119,6 +123,26 @@ def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, folder: str | Path
             raise CuteGPTError(
                 f"{folder} was converted with the stop marker {stop['text']!r} as ids {stop.get('ids')}, but this model's "
                 f"tokenizer gives {list(ids)}; convert the data again with this --model (and the same --add-stop-token).")
+
+
+def _check_tokenization_rule(info: dict[str, Any], tokenizer: Any, folder: str | Path) -> None:
+    """Same vocabulary, same ids for the same text: a dataset tokenized by another rule teaches other input."""
+    from cutegpt.model.tokenizer import ids_fingerprint, is_sentencepiece
+
+    want = info.get("ids_hash")
+    if want is None:  # converted before cutegpt recorded how it tokenizes
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and is_sentencepiece(backend):
+            raise CuteGPTError(
+                f"{folder} was converted before cutegpt tokenized SentencePiece vocabularies as SentencePiece itself does "
+                "(text right after <s> or <end>, such as every 问 after a turn's <end>, and leading or repeated spaces got other ids "
+                "than the model saw in pre-training and than llama.cpp gives it); convert the data again with `cutegpt data convert`.")
+        return
+    have = ids_fingerprint(tokenizer)
+    if want != have:
+        raise CuteGPTError(
+            f"{folder} was tokenized by another rule than this model's tokenizer follows (same vocabulary, other ids for the "
+            f"same text: probe hash {want} vs {have}); convert the data again with `cutegpt data convert` and this --model.")
 
 
 def _token(tokenizer: Any, idx: Any) -> str:

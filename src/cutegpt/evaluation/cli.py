@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from cutegpt.evaluation.scoring import Item, Scored
     from cutegpt.model.loading import LoadedModel
 
-PROTOCOL_VERSION = 2  # bump when prompt rendering or scoring changes: old caches stop matching
+PROTOCOL_VERSION = 3  # bump when prompt rendering or scoring changes: old caches stop matching
 DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test", "mmlu": "test", "xiezhi": "spec"}
 RESULT_FILES = {"results.json", "predictions.jsonl", "categories.png", "submission.json"}
 
@@ -81,11 +81,26 @@ def encode_prompt(lm: LoadedModel, text: str, chat_template: bool) -> list[int]:
     return list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def letter_token_ids(tokenizer: Any, prefix: str = "") -> tuple[list[int], list[str]]:
-    """C-Eval's convention: the first id of `tokenizer.encode(letter)`; warns when that is not the whole letter."""
+# What precedes the cue in every prompt: the last option line (prompts.PromptStyle.question).
+CUE_CONTEXT = "D. 0\n"
+
+
+def letter_token_ids(tokenizer: Any, prefix: str = "", context: str = "") -> tuple[list[int], list[str]]:
+    """The token each letter is where the prompt puts it: encode `context + prefix + letter`, take what follows
+    `context`'s own tokens (its first id; warns when that is not the whole letter).
+
+    With `context` ending in the answer cue this is the token the benchmark's shots show after the cue:
+    CMMLU's bare `A` after `答案是：` on a SentencePiece vocabulary, where `encode("A")` alone gives `▁A`.
+    A tokenizer that merges the letter into the cue falls back to encoding `prefix + letter` alone.
+    """
     ids, notes = [], []
+    ctx = list(tokenizer(context, add_special_tokens=False)["input_ids"]) if context else []
     for letter in LETTERS:
-        enc = tokenizer(prefix + letter, add_special_tokens=False)["input_ids"]
+        whole = list(tokenizer(context + prefix + letter, add_special_tokens=False)["input_ids"]) if context else []
+        if context and whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            enc = whole[len(ctx):]
+        else:
+            enc = tokenizer(prefix + letter, add_special_tokens=False)["input_ids"]
         if not enc:
             raise CuteGPTError(f"the tokenizer {tokenizer.name_or_path} encodes the letter {letter!r} to nothing.")
         if len(enc) > 1:
@@ -97,6 +112,15 @@ def letter_token_ids(tokenizer: Any, prefix: str = "") -> tuple[list[int], list[
     if len(set(ids)) < len(ids):
         raise CuteGPTError(f"the tokenizer {tokenizer.name_or_path} maps two letters to the same first token {ids}; use --method loglikelihood.")
     return ids, notes
+
+
+def letter_context(lm: LoadedModel, bench_name: str, cfg: EvalConfig) -> str:
+    """The text right before the letter: the answer cue after an option line, or the template's answer prefix."""
+    if cfg.chat_template:
+        from cutegpt.templates import Turn
+
+        return lm.template.prompt([Turn(CUE_CONTEXT + style_of(bench_name, cfg).parts[2])])
+    return CUE_CONTEXT + style_of(bench_name, cfg).parts[2]
 
 
 def style_of(bench_name: str, cfg: EvalConfig) -> PromptStyle:
@@ -230,7 +254,7 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
     from cutegpt.evaluation.scoring import score_items
 
     delimiter = style_of(bench.name, cfg).target_delimiter
-    letter_ids, notes = letter_token_ids(lm.tokenizer, delimiter)
+    letter_ids, notes = letter_token_ids(lm.tokenizer, delimiter, letter_context(lm, bench.name, cfg))
     conts = continuations(lm.tokenizer, cfg.method, bench.name, letter_ids, delimiter)
     key, settings = settings_key(lm, bench, cfg, letter_ids)
     cache = (cache_root / f"{bench.name}-{bench.split}-{key}") if cache_root is not None else None
@@ -324,7 +348,8 @@ def _protocol(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, letter_ids: li
         "seed": cfg.seed if cfg.shots and cfg.fewshot_order == "random" else None,
         "method": cfg.method,
         "letter_tokens": {L: {"id": i, "token": lm.tokenizer.convert_ids_to_tokens(i)} for L, i in zip(LETTERS, letter_ids)},
-        "letter_convention": ("first id of tokenizer.encode(delimiter + letter) (C-Eval LLaMA evaluator)" if cfg.method == "logits"
+        "letter_convention": ("the token of the letter where the prompt puts it: first id after the answer cue in "
+                              "tokenizer.encode(cue + delimiter + letter)" if cfg.method == "logits"
                               else "log-probability of delimiter + letter after the prompt (lm-evaluation-harness)"),
         "template": lm.template.name if cfg.chat_template else "none (plain text, tokenizer's own special tokens)",
         "averages": "mean_of_subjects (C-Eval's convention, used in the table) and question_weighted",

@@ -1,6 +1,8 @@
 """Check a GGUF file in llama.cpp (through xllamacpp) against the HF model it came from.
 
-    (a) tokenization   a mixed English / Chinese / code / emoji probe: llama.cpp ids == HF ids, id for id
+    (a) tokenization   the probe corpus (cutegpt.model.probes: white space, text after every special and added
+                       token, digits in several scripts, CJK, emoji, code, the template's turn boundaries):
+                       llama.cpp ids == the reference tokenizer's ids, id for id, with and without BOS/EOS
     (b) top-1          next-token argmax at every position of a probe corpus agrees with transformers
                        (threshold per quant type); f32/f16/bf16 must also give the same greedy continuation
     (c) template       llama.cpp's Jinja engine renders the embedded chat template like templates.py
@@ -52,16 +54,7 @@ def verify_gguf(path: Path, folder: Path, tokenizer: Any, quant: str, template_n
     """Run checks (a)-(c) with llama.cpp on `threads` threads; raise CuteGPTError naming the first failed check."""
     report: dict[str, Any] = {}
     with LlamaCpp(path, threads=threads) as cpp:
-        # (a) tokenization, id for id (with and without the BOS/EOS the tokenizer adds)
-        for add in (False, True):
-            hf = list(tokenizer(PROBE_TEXT, add_special_tokens=add)["input_ids"])
-            ll = cpp.tokenize(PROBE_TEXT, add_special=add)
-            if hf != ll:
-                at = next((i for i, (a, b) in enumerate(zip(hf, ll)) if a != b), min(len(hf), len(ll)))
-                raise CuteGPTError(
-                    f"verification failed (tokenization): llama.cpp tokenizes the probe text differently from the HF tokenizer "
-                    f"from token {at} on ({hf[at:at + 3]} vs {ll[at:at + 3]}{', special tokens added' if add else ''}); the file was not kept.")
-        report["tokenization"] = {"ok": True, "probe_tokens": len(hf)}
+        report["tokenization"] = _check_tokenization(cpp, tokenizer)
 
         # (c) template
         report["template"] = _check_template(cpp, tokenizer, template_name)
@@ -69,6 +62,26 @@ def verify_gguf(path: Path, folder: Path, tokenizer: Any, quant: str, template_n
         # (b) top-1 agreement and greedy continuation
         report["top1"] = _check_top1(cpp, folder, tokenizer, quant, progress)
     return report
+
+
+def _check_tokenization(cpp: LlamaCpp, tokenizer: Any) -> dict[str, Any]:
+    """(a): every probe text, id for id, with and without the BOS/EOS the tokenizer adds."""
+    from cutegpt.model.probes import probe_texts
+
+    texts = [PROBE_TEXT] + probe_texts(tokenizer)
+    n_tokens = 0
+    for text in texts:
+        for add in (False, True):
+            hf = list(tokenizer(text, add_special_tokens=add)["input_ids"])
+            ll = cpp.tokenize(text, add_special=add)
+            n_tokens += len(hf)
+            if hf != ll:
+                at = next((i for i, (a, b) in enumerate(zip(hf, ll)) if a != b), min(len(hf), len(ll)))
+                raise CuteGPTError(
+                    f"verification failed (tokenization): llama.cpp tokenizes the probe text {text[:40]!r} differently from the "
+                    f"HF tokenizer from token {at} on ({hf[at:at + 3]} vs {ll[at:at + 3]}{', special tokens added' if add else ''}); "
+                    "the file was not kept.")
+    return {"ok": True, "probe_texts": len(texts), "probe_tokens": n_tokens}
 
 
 def _check_template(cpp: LlamaCpp, tokenizer: Any, template_name: str) -> dict[str, Any]:

@@ -46,7 +46,10 @@ def embedded_model_dir() -> Path:
     """The converted HF folder of the embedded model, converting on first use."""
     gguf = embedded_gguf()
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
+    from cutegpt.model.tokenizer import RULE_VERSION
+
+    # the tokenizer rule is part of the key: a folder converted before SmolLM2's digit split was restored is redone
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{RULE_VERSION}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
     from cutegpt.io import clean_leftovers
 

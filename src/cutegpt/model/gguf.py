@@ -14,10 +14,12 @@ from cutegpt.templates import write_model_card
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load a GGUF file as a float model and its tokenizer (transformers dequantizes the weights)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from cutegpt.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path.parent, gguf_file=path.name)  # with the GGUF's own pre-tokenizer (SmolLM2's digit split)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except Exception as e:  # gguf raises ValueError/KeyError/OSError with long texts on bad files
         raise CuteGPTError(f"{path}: cannot read this GGUF file ({_first_line(e)}).") from e
@@ -44,10 +46,12 @@ def _plain_model(model: Any) -> Any:
 
 def convert_gguf(gguf: Path, out: Path, template: str = "auto") -> Path:
     """Write `gguf` as a safetensors HF folder at `out` (atomically)."""
+    from cutegpt.model.tokenizer import save_tokenizer_files
+
     model, tokenizer = load_gguf(gguf)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer_files(tokenizer, tmp)
         write_model_card(tmp, template, source=str(gguf))
     return out
 

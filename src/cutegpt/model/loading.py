@@ -103,15 +103,10 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
+    """The folder's tokenizer, giving its reference's ids (cutegpt.model.tokenizer)."""
+    from cutegpt.model.tokenizer import load_tokenizer as load
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise CuteGPTError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200]}).") from None
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load(Path(path), trust_remote_code)
 
 
 def _int8_backend(args: ModelArgs, device: torch.device) -> str | None:
@@ -368,8 +363,7 @@ def save_tokenizer(tokenizer: Any, folder: str | Path, template: str | None = No
     llama.cpp or vLLM prompt the model as it was trained; `auto`/`raw`/None keep
     the tokenizer's own template. The tokenizer object itself is left unchanged.
     """
-    import shutil
-
+    from cutegpt.model.tokenizer import save_tokenizer_files
     from cutegpt.templates import chat_template_jinja
 
     jinja = chat_template_jinja(template) if template else None
@@ -377,11 +371,7 @@ def save_tokenizer(tokenizer: Any, folder: str | Path, template: str | None = No
     if jinja is not None:
         tokenizer.chat_template = jinja
     try:
-        tokenizer.save_pretrained(str(folder))
+        save_tokenizer_files(tokenizer, Path(folder))
     finally:
         if jinja is not None:
             tokenizer.chat_template = previous
-    source = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "tokenizer.model"
-    target = Path(folder) / "tokenizer.model"
-    if source.is_file() and not target.exists():
-        shutil.copyfile(source, target)

@@ -147,27 +147,23 @@ def gguf_model_name(path: Path) -> str:
 
 def gguf_tokenizer(path: Path) -> Any:
     """The HF tokenizer stored in a GGUF file (converting takes seconds, so the result is cached)."""
-    from transformers import AutoTokenizer
-
     from cutegpt.model.embedded import cache_dir
+    from cutegpt.model.tokenizer import RULE_VERSION, load_tokenizer, match_reference, save_tokenizer_files
 
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{RULE_VERSION}".encode()).hexdigest()[:12]
     folder = cache_dir() / "tokenizers" / f"{path.stem}-{key}"
     if (folder / "tokenizer_config.json").is_file():
         try:
-            return AutoTokenizer.from_pretrained(str(folder))
+            return match_reference(load_tokenizer(folder), gguf=path)
         except Exception:
             pass  # a damaged cache entry: convert again
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        raise CuteGPTError(f"{path}: cannot read the tokenizer of this GGUF file ({str(e).splitlines()[0][:200]}).") from None
+    tok = load_tokenizer(path.parent, gguf_file=path.name)
     try:
         from cutegpt.io import atomic_dir
 
         with atomic_dir(folder, overwrite=True) as tmp:
-            tok.save_pretrained(str(tmp))
+            save_tokenizer_files(tok, tmp)
     except (OSError, CuteGPTError):
         pass  # an unwritable cache only costs the conversion next time
     return tok

@@ -84,10 +84,12 @@ def check_logits(model: Any, english_ids: torch.Tensor, logits_before: torch.Ten
 
 
 def check_reload(folder: Path, model: Any, new_tok: Any) -> dict[str, Any]:
-    """Load the folder with plain transformers (not our loader) and compare with what is in memory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the folder from disk (the tokenizer as every cutegpt command loads it) and compare with what is in memory."""
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    from cutegpt.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(folder)
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype)
     rows_in = loaded.get_input_embeddings().weight.shape[0]
     head = loaded.get_output_embeddings()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from cutegpt.config import arg
+from cutegpt.model.tokenizer import save_tokenizer_files
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir, write_json
 from cutegpt.model.args import ModelArgs
@@ -136,7 +137,7 @@ def run_vocab_extend(cfg: VocabExtendConfig) -> int:
         write_json(tmp / REPORT_FILE, report)
         if chat_template_jinja(lm.template.name) is not None:  # the extended tokenizer carries the template as Jinja too
             new_tok.chat_template = chat_template_jinja(lm.template.name)
-            new_tok.save_pretrained(tmp)
+            save_tokenizer_files(new_tok, tmp)
         write_model_card(tmp, lm.template.name, base=str(base), vocab_extension={
             "pieces_added": len(merged.added), "vocab_size": len(new_tok), "init": cfg.init})
     _print_summary(out, report)
@@ -176,7 +177,7 @@ def _write_tokenizer(family: Family, base: Path, merged: Merged, dest: Path) -> 
     if family == "sentencepiece":
         (dest / SP_FILE).write_bytes(merged.content.SerializeToString())
         tok = load_tokenizer(dest)  # transformers converts tokenizer.model -> a fast tokenizer
-        tok.save_pretrained(dest)   # ... and writes its tokenizer.json; tokenizer.model stays for other tools
+        save_tokenizer_files(tok, dest)  # ... and writes its tokenizer.json; tokenizer.model stays for other tools
     else:
         (dest / JSON_FILE).write_text(json.dumps(merged.content, ensure_ascii=False), encoding="utf-8")
     return load_tokenizer(dest)
