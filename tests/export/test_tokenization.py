@@ -50,7 +50,7 @@ def reference(kind: str, folder: Path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_backend_gives_the_reference_ids(exported, kind):
-    from cutegpt.chat.llamacpp import gguf_tokenizer
+    from cutegpt.runtime.llamacpp import gguf_tokenizer
 
     folder, gguf_file = exported[kind]
     torch_tok = load_tokenizer(folder)
