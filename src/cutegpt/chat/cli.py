@@ -14,6 +14,7 @@ from cutegpt.chat.batch import record_to_turns
 from cutegpt.config import arg
 from cutegpt.threads import THREADS_HELP
 from cutegpt.errors import CuteGPTError
+from cutegpt.io import describe_os_error, load_json_text
 from cutegpt.model.args import ModelArgs
 
 if TYPE_CHECKING:
@@ -68,10 +69,7 @@ def _read_turns(source: str) -> Iterator[tuple[int, str, str]]:
             if not line.strip():
                 continue
             if line.lstrip().startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CuteGPTError(f"{name}, line {lineno}: not valid JSON ({e.msg}).") from None
+                obj = load_json_text(line, f"{name}, line {lineno}")
                 turn = record_to_turns(obj, f"{name}, line {lineno}")[0][-1]
                 yield lineno, turn.instruction, turn.input
             else:
@@ -151,8 +149,13 @@ def _setup_readline() -> None:
 def save_conversation(session: ChatSession, path: Path) -> None:
     from cutegpt.io import atomic_file
 
+    if not path.parent.is_dir():  # a typo in a folder name should not silently create a tree of folders
+        raise CuteGPTError(f"{path}: the folder {path.parent} does not exist; create it first.")
     with atomic_file(path) as f:
         f.write(json.dumps({"messages": session.messages()}, ensure_ascii=False, indent=1) + "\n")
+
+
+MAX_CONVERSATION_BYTES = 8 * 2**20  # a 60 MB file made the chat hang and grow to 9 GB; 8 MiB is ~2M tokens, past any context
 
 
 def load_conversation(session: ChatSession, path: Path) -> str | None:
@@ -161,10 +164,15 @@ def load_conversation(session: ChatSession, path: Path) -> str | None:
 
     if not path.is_file():
         raise CuteGPTError(f"{path} does not exist." if not path.exists() else f"{path} is a folder, not a conversation file.")
+    size = path.stat().st_size
+    if size > MAX_CONVERSATION_BYTES:
+        raise CuteGPTError(f"{path} is {size / 2**20:.0f} MiB; a conversation file may be at most "
+                           f"{MAX_CONVERSATION_BYTES // 2**20} MiB (the model sees the last --memory-limit turns only).")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CuteGPTError(f"{path}: not a JSON conversation ({getattr(e, 'msg', 'not UTF-8')}).") from None
+        text = path.read_bytes()
+    except OSError as e:
+        raise CuteGPTError(describe_os_error(e, path, "reading")) from None
+    data = load_json_text(text, str(path))
     if not isinstance(data, dict) or "messages" not in data:
         raise CuteGPTError(f'{path}: expected {{"messages": [...]}}, the format /save writes.')
     system, turns, pending = messages_to_conversation(data["messages"], str(path), allow_answered=True)
@@ -227,6 +235,8 @@ def _command(session: ChatSession, command: str, quiet: bool) -> bool:
                     _answer(session, pending, quiet)
         except CuteGPTError as e:
             print(f"error: {e}")
+        except OSError as e:  # the conversation is kept whatever the file system says
+            print(f"error: {describe_os_error(e, path, 'saving' if name == '/save' else 'reading')}")
     else:
         return False
     return True
