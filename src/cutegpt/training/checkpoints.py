@@ -215,6 +215,17 @@ def run_record(cfg: TrainArgs) -> dict[str, Any]:
 
 
 
+def run_progress(ckpt: Path | None) -> tuple[int, float]:
+    """(tokens, seconds) the run had trained when `ckpt` was saved; (0, 0.0) for a new run or an older checkpoint."""
+    if ckpt is None:
+        return 0, 0.0
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        progress = json.loads((ckpt / RUN_FILE).read_text(encoding="utf-8")).get("progress") or {}
+        return int(progress.get("tokens", 0)), float(progress.get("seconds", 0.0))
+    return 0, 0.0
+
+
+
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
