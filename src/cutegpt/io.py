@@ -93,10 +93,23 @@ def os_errors(path: str | Path, doing: str = "writing") -> Iterator[None]:
         raise
     except OSError as e:
         raise CuteGPTError(describe_os_error(e, path, doing)) from e
-    except Exception as e:  # safetensors reports a full disk as its own error type
+    except Exception as e:  # safetensors and torch.save report a full disk as their own error types
         if "No space left" in str(e) or "Read-only file system" in str(e):
             raise CuteGPTError(describe_os_error(OSError(errno.ENOSPC if "space" in str(e) else errno.EROFS, str(e)), path, doing)) from e
+        if "enforce fail" in str(e) and any(w in str(e) for w in ("write failed", "unexpected pos", "PytorchStreamWriter")):
+            # torch.save on a full disk: "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+            full = _nearly_full(Path(path))
+            reason = OSError(errno.ENOSPC, "") if full else OSError(errno.EIO, "the write failed (an I/O error)")
+            raise CuteGPTError(describe_os_error(reason, path, doing)) from e
         raise
+
+
+def _nearly_full(path: Path) -> bool:
+    """torch.save says only "file write failed"; a disk with under 64 MiB free is why."""
+    try:
+        return shutil.disk_usage(_existing_parent(path.resolve())).free < 64 << 20
+    except OSError:
+        return False
 
 
 def describe_os_error(e: OSError, path: str | Path, doing: str = "writing") -> str:

@@ -122,10 +122,13 @@ def test_lora_merge_is_removed_when_the_export_fails(bpe_dir, adapter, tmp_path,
 
 def test_short_write_is_reported_as_a_full_disk(bpe_dir, tmp_path, monkeypatch):
     """numpy's tofile says "N requested and M written" (no errno) when the disk fills up."""
+    import numpy as np
+
     def short(plan, path, progress=True):
         with open(path, "wb") as f:
             f.write(b"GGUF")
-        raise OSError(f"{19200} requested and {2104} written")
+        with open("/dev/full", "wb") as full:  # the real error numpy raises on a full disk
+            np.zeros(4800, dtype=np.float32).tofile(full)
 
     monkeypatch.setattr(gx, "write_gguf", short)
     with pytest.raises(CuteGPTError) as e:

@@ -183,7 +183,8 @@ def make_evaluator(trainer: Any, cfg: TrainArgs, prep: "Prepared", collator: Any
             step = state.global_step
             if step % every and step != state.max_steps:
                 return
-            loss = validation_loss(trainer.model, prep.val_dataset, collator, micro_batch, precision)
+            loss = validation_loss(trainer.model, prep.val_dataset, collator, micro_batch, precision,
+                                   show=trainer.is_world_process_zero())
             should_log = control.should_log  # trainer.log clears it, which would drop this step's training loss
             trainer.log({"eval_loss": loss})
             control.should_log = should_log
