@@ -76,8 +76,24 @@ def _read_turns(source: str) -> Iterator[tuple[int, str, str]]:
                 yield lineno, line, ""
 
 
+EMBEDDED_HINT = ("note: the embedded SmolLM2-135M model answers in English only and gives nonsense in Chinese; "
+                 "bring a Chinese-capable model with --model, or train one with the recipe (cutegpt recipe).")
+
+
+def has_chinese(text: str) -> bool:
+    return any("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in text)
+
+
+def hint_if_chinese(session: ChatSession, text: str) -> None:
+    """One line on stderr, once per chat, when Chinese text meets the English-only embedded model."""
+    if getattr(session, "embedded", False) and not getattr(session, "hinted", False) and has_chinese(text):
+        session.hinted = True
+        print(EMBEDDED_HINT, file=sys.stderr, flush=True)
+
+
 def run_batch_turns(session: ChatSession, source: str, out: IO[str]) -> None:
     for lineno, question, inp in _read_turns(source):
+        hint_if_chinese(session, question + inp)
         if question.strip() == "/clear":
             session.clear()
             session.engine.reset()
@@ -183,6 +199,7 @@ def load_conversation(session: ChatSession, path: Path) -> str | None:
 
 
 def _answer(session: ChatSession, message: str, quiet: bool) -> None:
+    hint_if_chinese(session, message)
     try:
         result = session.ask(message, on_text=lambda t: print(t, end="", flush=True))
     except CuteGPTError as e:
@@ -244,7 +261,8 @@ def _command(session: ChatSession, command: str, quiet: bool) -> bool:
 
 def interactive(session: ChatSession, name: str, quiet: bool = False) -> None:
     _setup_readline()
-    print(f"CuteGPT chat — {name}\n{HELP}\n", flush=True)
+    english = " (English only: --model brings a Chinese-capable model)" if getattr(session, "embedded", False) else ""
+    print(f"CuteGPT chat — {name}{english}\n{HELP}\n", flush=True)
     while True:
         try:
             message = _read_message()
@@ -279,6 +297,7 @@ def run_chat(cfg: ChatConfig) -> int:
     gen = resolved_generation(cfg, lm, cfg.verbose)
     session = ChatSession(lm, gen, cfg.memory_limit, cfg.system, reuse_cache=not cfg.no_cache_reuse,
                           engine=make_engine(lm, not cfg.no_cache_reuse))
+    session.embedded = cfg.model is None  # type: ignore[attr-defined]
     if cfg.input is not None:
         run_batch_turns(session, cfg.input, sys.stdout)
     elif not sys.stdin.isatty():
