@@ -167,3 +167,12 @@ def test_chinese_on_the_embedded_model_prints_one_hint_on_stderr(tiny_lm, tmp_pa
     other = _session(tiny_lm)  # a model given with --model: no hint
     run_batch_turns(other, str(turns), io.StringIO())
     assert EMBEDDED_HINT not in capsys.readouterr().err
+
+
+def test_footer_marks_an_answer_cut_at_max_new_tokens(tiny_lm):
+    s = ChatSession(tiny_lm, GenerationArgs(greedy=True, max_new_tokens=3, ignore_eos=True), memory_limit=3)
+    r = s.ask("hello")
+    assert r.stop_reason == "length" and r.new_tokens == 3
+    assert r.footer().startswith("[3 tokens, cut at --max-new-tokens, ")
+    r.stop_reason = "stop"
+    assert "cut at" not in r.footer()
