@@ -2,6 +2,7 @@
 
 import pytest
 
+from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir, atomic_file
 
 
@@ -113,3 +114,25 @@ def test_check_output_refuses_what_would_destroy_data(tmp_path):
         check_output(data / "in.jsonl", kind="folder", overwrite=True)
     assert check_output(tmp_path / "old", overwrite=True) == tmp_path / "old"
     assert check_output(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+
+
+def test_torch_save_on_a_full_disk_is_one_sentence(tmp_path, monkeypatch):
+    """torch.save reports a full disk as RuntimeError "[enforce fail ...] unexpected pos" (here from /dev/full)."""
+    import collections
+    import shutil as _shutil
+
+    import torch
+
+    from cutegpt import io as cio
+
+    target = tmp_path / "checkpoint-2"
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))  # the disk is now full
+    with pytest.raises(CuteGPTError) as e:
+        with cio.os_errors(target, "saving a checkpoint"):
+            torch.save({"w": torch.zeros(10_000)}, "/dev/full")
+    assert str(e.value) == f"{target}: failed saving a checkpoint: the disk is full; free some space (nothing was left half-written)."
+    monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage(10 << 30, 1 << 30, 9 << 30))  # space left: another fault
+    with pytest.raises(CuteGPTError, match=r"failed saving a checkpoint: the write failed \(an I/O error\)"):
+        with cio.os_errors(target, "saving a checkpoint"):
+            torch.save({"w": torch.zeros(10_000)}, "/dev/full")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from cutegpt.errors import CuteGPTError
@@ -80,7 +82,26 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Detected pickle protocol")
 
 
+class Terminated(SystemExit):
+    """SIGTERM (`kill`, a scheduler, torchrun stopping its workers) unwinds like an error, so each command's cleanup
+    runs and no temporary file or folder is left behind; Python's default is to die on the spot."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return _main(argv)  # someone else (a test runner, an embedding program) decides what SIGTERM does
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CUTEGPT_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
@@ -113,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(getattr(module, cls_name), rest, prog="cutegpt " + " ".join(words), description=summary)
         result = getattr(module, fn_name)(cfg)
         return int(result or 0)
+    except Terminated as e:
+        print("\nterminated; nothing half-written was kept.", file=sys.stderr)
+        return int(e.code)
     except SystemExit as e:  # argparse's --help
         return int(e.code or 0) if isinstance(e.code, int) else 0
     except CuteGPTError as e:

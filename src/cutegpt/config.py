@@ -202,6 +202,10 @@ def _mark_negatable(parser: argparse.ArgumentParser, flag: str) -> None:
             return
 
 
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"  # 67108864, not 6.71089e+07
+
+
 def check_values(cls: type, values: dict[str, Any], source: str | None = None) -> None:
     """Apply each field's declared bounds; the message names the flag (or the YAML key)."""
     for f in dataclasses.fields(cls):
@@ -216,7 +220,7 @@ def check_values(cls: type, values: dict[str, Any], source: str | None = None) -
             for key, bound in bounds.items():
                 ok, words = _BOUNDS[key]
                 if not ok(value, bound):
-                    raise CuteGPTError(f"{label} must be {words} {bound:g}, not {value:g}.")
+                    raise CuteGPTError(f"{label} must be {words} {_number(bound)}, not {_number(value)}.")
 
 
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:

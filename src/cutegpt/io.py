@@ -93,10 +93,23 @@ def os_errors(path: str | Path, doing: str = "writing") -> Iterator[None]:
         raise
     except OSError as e:
         raise CuteGPTError(describe_os_error(e, path, doing)) from e
-    except Exception as e:  # safetensors reports a full disk as its own error type
+    except Exception as e:  # safetensors and torch.save report a full disk as their own error types
         if "No space left" in str(e) or "Read-only file system" in str(e):
             raise CuteGPTError(describe_os_error(OSError(errno.ENOSPC if "space" in str(e) else errno.EROFS, str(e)), path, doing)) from e
+        if "enforce fail" in str(e) and any(w in str(e) for w in ("write failed", "unexpected pos", "PytorchStreamWriter")):
+            # torch.save on a full disk: "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+            full = _nearly_full(Path(path))
+            reason = OSError(errno.ENOSPC, "") if full else OSError(errno.EIO, "the write failed (an I/O error)")
+            raise CuteGPTError(describe_os_error(reason, path, doing)) from e
         raise
+
+
+def _nearly_full(path: Path) -> bool:
+    """torch.save says only "file write failed"; a disk with under 64 MiB free is why."""
+    try:
+        return shutil.disk_usage(_existing_parent(path.resolve())).free < 64 << 20
+    except OSError:
+        return False
 
 
 def describe_os_error(e: OSError, path: str | Path, doing: str = "writing") -> str:
@@ -132,6 +145,7 @@ def fix_modes(root: Path) -> None:
 
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp-(?:(?P<tmp_pid>\d+)-)?.+|old-(?P<pid>\d+))$")
+_OLD_MERGE = re.compile(r"^\.cutegpt-merge-")  # GGUF export's LoRA merge before it carried its PID (owner unknown)
 
 
 def clean_leftovers(folder: Path) -> list[Path]:
@@ -141,9 +155,9 @@ def clean_leftovers(folder: Path) -> list[Path]:
         return removed
     for entry in folder.iterdir():
         m = _LEFTOVER.match(entry.name)
-        if not m:
+        if not m and not _OLD_MERGE.match(entry.name):
             continue
-        pid = int(m["pid"] or m["tmp_pid"] or 0) or None
+        pid = (int(m["pid"] or m["tmp_pid"] or 0) or None) if m else None
         if pid is None and time.time() - entry.lstat().st_mtime < 86400:
             continue  # owner unknown (an older version wrote it): leave it a day in case it is still at work
         if pid is not None and _alive(pid):
@@ -229,3 +243,49 @@ def write_json(path: str | Path, obj: Any) -> None:
     with atomic_file(path) as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)
         f.write("\n")
+
+
+MAX_JSON_DEPTH = 100  # conversations and records nest 3-4 levels; Python's parser itself gives up near 1,000
+
+
+class _HugeNumber(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > 100:  # Python refuses past 4,300 digits anyway; no field of ours needs more than a few
+        raise _HugeNumber(f"a {len(text.lstrip('-')):,}-digit number")
+    return int(text)
+
+
+def load_json_text(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads for text a user gives: anything it cannot take is one sentence naming `where`.
+
+    Besides malformed JSON: nesting deeper than `max_depth` (Python's parser recurses), integers of hundreds of
+    digits, and lone UTF-16 surrogates (valid JSON escapes, but not text: every later encode would fail).
+    """
+    try:
+        data = json.loads(text, parse_int=_parse_int)
+    except _HugeNumber as e:
+        raise CuteGPTError(f"{where}: holds {e}; numbers must be at most 100 digits.") from None
+    except json.JSONDecodeError as e:
+        raise CuteGPTError(f"{where}: not valid JSON ({e.msg}).") from None
+    except UnicodeDecodeError:
+        raise CuteGPTError(f"{where}: not UTF-8 text.") from None
+    except RecursionError:
+        raise CuteGPTError(f"{where}: nested more than {max_depth} levels deep.") from None
+    stack = [(data, 1)]
+    while stack:  # iterative: the check itself must not recurse
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CuteGPTError(f"{where}: holds a lone UTF-16 surrogate escape (such as \\ud800), which is not text.") from None
+        elif isinstance(value, (list, dict)):
+            if depth > max_depth:
+                raise CuteGPTError(f"{where}: nested more than {max_depth} levels deep.")
+            items = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+            stack.extend((k, depth) for k, _ in items if k is not None)
+            stack.extend((v, depth + 1) for _, v in items)
+    return data

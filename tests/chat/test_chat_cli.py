@@ -148,3 +148,31 @@ def test_quiet_hides_the_footer(tiny_model_dir, tmp_path):
     assert "tokens/s" not in child.before
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+
+
+def test_chinese_on_the_embedded_model_prints_one_hint_on_stderr(tiny_lm, tmp_path, capsys):
+    import io
+
+    from cutegpt.chat.cli import EMBEDDED_HINT, run_batch_turns
+
+    turns = tmp_path / "t.txt"
+    turns.write_text("hello\n中国的首都是哪里？\n请推荐一本书。\n", encoding="utf-8")
+    s = _session(tiny_lm)
+    s.embedded = True
+    out = io.StringIO()
+    run_batch_turns(s, str(turns), out)
+    err = capsys.readouterr().err
+    assert err.count(EMBEDDED_HINT) == 1 and len(out.getvalue().splitlines()) == 3  # stdout stays JSON Lines only
+    assert all(json.loads(line) for line in out.getvalue().splitlines())
+    other = _session(tiny_lm)  # a model given with --model: no hint
+    run_batch_turns(other, str(turns), io.StringIO())
+    assert EMBEDDED_HINT not in capsys.readouterr().err
+
+
+def test_footer_marks_an_answer_cut_at_max_new_tokens(tiny_lm):
+    s = ChatSession(tiny_lm, GenerationArgs(greedy=True, max_new_tokens=3, ignore_eos=True), memory_limit=3)
+    r = s.ask("hello")
+    assert r.stop_reason == "length" and r.new_tokens == 3
+    assert r.footer().startswith("[3 tokens, cut at --max-new-tokens, ")
+    r.stop_reason = "stop"
+    assert "cut at" not in r.footer()

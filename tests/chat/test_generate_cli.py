@@ -104,3 +104,57 @@ def test_prompt_longer_than_the_context_is_refused_naming_the_line(tiny_model_di
 def test_resume_and_overwrite_together_refused(tiny_model_dir, tmp_path):
     with pytest.raises(CuteGPTError, match="--resume"):
         _cfg(tiny_model_dir, _prompts(tmp_path), tmp_path / "o.jsonl", "--resume", "--overwrite")
+
+
+def _interrupted_after_first_batch(monkeypatch, tiny_model_dir, prompts, out):
+    real = batch.generate_batch
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(batch, "generate_batch", interrupted)
+    assert run_generate(_cfg(tiny_model_dir, prompts, out)) == 130
+    monkeypatch.setattr(batch, "generate_batch", real)
+
+
+def test_resume_refuses_other_generation_settings_naming_them(tiny_model_dir, tmp_path, monkeypatch):
+    prompts, out = _prompts(tmp_path), tmp_path / "out.jsonl"
+    _interrupted_after_first_batch(monkeypatch, tiny_model_dir, prompts, out)
+    partial = tmp_path / "out.jsonl.partial"
+    kept = partial.read_bytes()
+    with pytest.raises(CuteGPTError, match=r"other settings \(--max-new-tokens 6 -> 9\); restore them, or start again with --overwrite"):
+        run_generate(_cfg(tiny_model_dir, prompts, out, "--max-new-tokens", "9", "--resume"))
+    with pytest.raises(CuteGPTError, match=r"--system None -> be brief"):
+        run_generate(_cfg(tiny_model_dir, prompts, out, "--system", "be brief", "--resume"))
+    assert partial.read_bytes() == kept and not out.exists()  # nothing lost
+    assert run_generate(_cfg(tiny_model_dir, prompts, out, "--resume")) == 0
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 5 and all(x["stop_reason"] in ("stop", "length") for x in lines)
+    assert all(x["stop_reason"] == "length" for x in lines if x["new_tokens"] == 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.jsonl"]  # the settings record is gone too
+
+
+def test_resume_reports_a_bad_partial_line_and_keeps_everything(tiny_model_dir, tmp_path, monkeypatch):
+    prompts, out = _prompts(tmp_path), tmp_path / "out.jsonl"
+    _interrupted_after_first_batch(monkeypatch, tiny_model_dir, prompts, out)
+    partial = tmp_path / "out.jsonl.partial"
+    good = partial.read_text(encoding="utf-8").splitlines(keepends=True)
+    partial.write_text(good[0] + "{not json\n" + good[1], encoding="utf-8")
+    before = partial.read_bytes()
+    with pytest.raises(CuteGPTError, match=r"out\.jsonl\.partial, line 2: not valid JSON .*fix or remove that line"):
+        run_generate(_cfg(tiny_model_dir, prompts, out, "--resume"))
+    assert partial.read_bytes() == before
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    prompts, out = _prompts(tmp_path), tmp_path / "out.jsonl"
+    out.write_text("done\n", encoding="utf-8")
+    import cutegpt.chat.backend as backend
+
+    monkeypatch.setattr(backend, "load_chat_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert run_generate(_cfg(tiny_model_dir, prompts, out, "--resume")) == 0
+    assert "nothing to do" in capsys.readouterr().err and out.read_text(encoding="utf-8") == "done\n"

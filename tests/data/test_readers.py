@@ -147,3 +147,25 @@ def test_skip_invalid_counts(tmp_path):
 def test_forced_format(tmp_path):
     with pytest.raises(Exception, match="field 'messages' is missing"):
         parse_record({"instruction": "a", "output": "b"}, "messages")
+
+
+@pytest.mark.parametrize("weight", ["1e300", "1e9", "1e6", "101"])
+def test_data_weights_are_bounded(tmp_path, weight):
+    from cutegpt.data.readers import parse_spec
+
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    with pytest.raises(CuteGPTError, match=rf"INPUT {f}:{weight}: the weight after ':' must be at most 100 .*not {weight}\."):
+        parse_spec(f"{f}:{weight}")
+    assert parse_spec(f"{f}:100") == (f, 100.0) and parse_spec(f"{f}:0.5") == (f, 0.5)
+
+
+def test_max_record_bytes_is_bounded(tmp_path, capsys):
+    from cutegpt.cli import main
+
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    assert main(["data", "convert", str(f), "--out", str(tmp_path / "o"), "--max-record-bytes", str(100 << 20)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--max-record-bytes" in err and "at most 67108864" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -88,3 +88,27 @@ def test_resources_are_complete():
     assert len(resource("cmmlu")["subjects"]) == 67 and len(resource("mmlu")["subjects"]) == 57
     assert len(resource("xiezhi")["disciplines"]) == 13
     assert set(CEVAL_DEV) <= set(ceval["subjects"])
+
+
+@pytest.mark.parametrize("reader, header", [("read_ceval_csv", ["id", "question", "A", "B", "C", "D", "answer"]),
+                                            ("read_cmmlu_csv", ["", "Question", "A", "B", "C", "D", "Answer"]),
+                                            ("read_mmlu_csv", None)])
+def test_header_only_csv_is_one_sentence(tmp_path, reader, header):
+    from cutegpt.evaluation import data
+
+    path = tmp_path / "computer_network_val.csv"
+    write_csv(path, header, [])
+    with pytest.raises(CuteGPTError, match=r"computer_network_val\.csv: holds no question \(a header only, or an empty file\)"):
+        getattr(data, reader)(path, "computer_network")
+
+
+def test_header_only_csv_from_the_command_line(tmp_path, capsys):
+    from cutegpt.cli import main
+
+    root = make_ceval(tmp_path / "ceval")
+    for f in (root / "val").glob("*.csv"):
+        f.write_text(f.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    assert main(["eval", "ceval", "--data", str(root), "--out", str(tmp_path / "res")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "holds no question" in err and "unexpected" not in err
+    assert not (tmp_path / "res").exists()

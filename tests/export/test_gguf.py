@@ -150,7 +150,7 @@ def test_lora_is_merged_first(tmp_path, bpe_dir):
     peft.save_pretrained(adapter)
     out = gx.export_gguf(str(bpe_dir), tmp_path / "merged.gguf", lora=str(adapter), quant="f32", progress=False)
     assert gx.last_report["verification"]["top1"]["greedy_same"]
-    assert not list(tmp_path.glob(".cutegpt-merge-*"))  # the merged temporary folder is gone
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the merged temporary folder is gone
     base_out = gx.export_gguf(str(bpe_dir), tmp_path / "base.gguf", quant="f32", verify=False, progress=False)
     r_m = {t.name: t.data.copy() for t in gguf.GGUFReader(out).tensors}
     r_b = {t.name: t.data.copy() for t in gguf.GGUFReader(base_out).tensors}

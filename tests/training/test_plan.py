@@ -136,3 +136,22 @@ def test_plan_within_25_percent_of_measured_peak(embedded_dir, tmp_path):
     print("\n".join(f"{r[0]} {r[1]} ckpt={r[2]} L={r[3]}: plan {r[4]:.2f} GiB, measured {r[5]:.2f} GiB" for r in rows))
     for method, quant, ckpt, L, plan, measured in rows:
         assert abs(plan - measured) <= 0.25 * measured, (method, quant, ckpt, L, plan, measured)
+
+
+def test_plan_for_cuda_on_a_machine_without_gpu(tmp_path, capsys, monkeypatch):
+    """--plan --device cuda plans for the GPU wherever it runs (it once gave this CPU's numbers), with no RAM as budget."""
+    import shutil
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no nvidia-smi: a CPU machine
+    folder = llama13b(tmp_path, 32000)
+    kw = dict(model=str(folder), plan=True, max_length=2048, micro_batch=1, precision="bf16", quantization="4bit",
+              gradient_checkpointing=True)
+    run_sft(SFTConfig(**kw, device="cuda"))
+    gpu = capsys.readouterr().out
+    run_sft(SFTConfig(**kw, device="cpu"))
+    cpu = capsys.readouterr().out
+    want = estimate(read_shape(folder), PlanInput(method="lora", quantization="4bit", seq_len=2048, micro_batch=1,
+                                                  gradient_checkpointing=True, weight_dtype="bfloat16", device="cuda"))
+    assert gpu.strip() == format_plan(want, None).strip()
+    assert gpu != cpu

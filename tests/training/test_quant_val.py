@@ -251,3 +251,17 @@ def test_quantized_lora_on_the_embedded_model(embedded_dir, tmp_path, quant):
     with torch.no_grad():
         got = lm.model(input_ids=ids).logits.float()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8
+
+
+def test_bnb_4bit_type_without_4bit_quantization_is_refused():
+    with pytest.raises(CuteGPTError, match=r"--bnb-4bit-type fp4 applies only with --quantization 4bit"):
+        SFTConfig(model="m", data=["d"], out="o", bnb_4bit_type="fp4").check()
+    with pytest.raises(CuteGPTError, match=r"--bnb-4bit-type fp4 applies only with --quantization 4bit"):
+        SFTConfig(model="m", data=["d"], out="o", bnb_4bit_type="fp4", quantization="8bit").check()
+    SFTConfig(model="m", data=["d"], out="o", bnb_4bit_type="fp4", quantization="4bit").check()
+
+
+def test_validation_shows_progress_on_stderr(tiny_model_dir, sft_dataset, tmp_path, capfd):
+    run_sft(_cfg(tiny_model_dir, sft_dataset, tmp_path / "run", val_ratio=0.25, eval_steps=2, max_steps=2))
+    err = capfd.readouterr().err
+    assert "validation:" in err and "/3 [" in err  # a bar over the 3 held-out rows

@@ -29,6 +29,7 @@ from cutegpt.chat.backend import BACKEND_HELP, Backend, choose_backend
 from cutegpt.config import arg
 from cutegpt.threads import THREADS_HELP
 from cutegpt.errors import CuteGPTError
+from cutegpt.io import load_json_text
 from cutegpt.model.args import ModelArgs
 from cutegpt.templates import Turn, encode_segments
 
@@ -112,10 +113,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                 raise CuteGPTError(f"{path}, line {lineno}: not UTF-8 text.") from None
             if not line.strip():
                 continue
-            try:
-                records.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise CuteGPTError(f"{path}, line {lineno}: not valid JSON ({e.msg}).") from None
+            records.append((lineno, load_json_text(line, f"{path}, line {lineno}")))
     if not records:
         raise CuteGPTError(f"{path} holds no prompts.")
     return records
@@ -169,11 +167,13 @@ def _kept_answers(partial: Path, records: list[tuple[int, Any]]) -> int:
     with partial.open("rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
-                break  # a line cut by the interruption: generate it again
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                print(f"the last line of {partial} was cut by the interruption: generating that answer again", file=sys.stderr)
                 break
+            try:
+                obj = load_json_text(raw, f"{partial}, line {kept + 1}")
+            except CuteGPTError as e:  # a complete line that is not an answer: the lines after it are kept, so never truncate
+                raise CuteGPTError(f"{str(e).rstrip('.')}; fix or remove that line and run --resume again, "
+                                   "or start again with --overwrite.") from None
             if kept >= len(records) or not isinstance(obj, dict):
                 raise CuteGPTError(f"{partial} holds more answers than the input has prompts: it is from another input; "
                                    "delete it or start again with --overwrite.")
@@ -188,6 +188,28 @@ def _kept_answers(partial: Path, records: list[tuple[int, Any]]) -> int:
     return kept
 
 
+SETTINGS = ".partial.settings.json"  # what the answers in OUT.partial were generated with (checked by --resume)
+
+
+def generation_record(cfg: GenerateConfig, gen: GenerationArgs, backend: str, template: str) -> dict[str, Any]:
+    return {"model": cfg.model, "lora": cfg.lora, "backend": backend, "template": template, "system": cfg.system,
+            **dataclasses.asdict(gen)}
+
+
+def check_same_settings(path: Path, now: dict[str, Any], partial: Path) -> None:
+    """--resume with other generation settings would mix answers of two runs in one file: refuse, naming them."""
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        print(f"{path.name} is missing or unreadable: cannot check that {partial.name} was generated with the same "
+              "settings; continuing.", file=sys.stderr)
+        return
+    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {now.get(k)}" for k in now if before.get(k) != now.get(k)]
+    if changed:
+        raise CuteGPTError(f"--resume: the answers in {partial} were generated with other settings ({'; '.join(changed)}); "
+                           "restore them, or start again with --overwrite.")
+
+
 def run_generate(cfg: GenerateConfig) -> int:
     """Generate answers for every prompt of a JSON Lines file, writing each as soon as it is done.
 
@@ -199,6 +221,12 @@ def run_generate(cfg: GenerateConfig) -> int:
     path = Path(cfg.input)
     out = Path(cfg.out)
     partial = out.with_name(out.name + PARTIAL)
+    settings_file = out.with_name(out.name + SETTINGS)
+    if cfg.resume and out.is_file() and not partial.exists():
+        print(f"nothing to do: {out} is complete (no {partial.name} to continue).", file=sys.stderr)
+        return 0
+    if not out.parent.is_dir():
+        raise CuteGPTError(f"--out {out}: the folder {out.parent} does not exist; create it first.")
     check_output(out, flag="--out", inputs=[path, cfg.model, cfg.lora], overwrite=cfg.overwrite, kind="file")
     if partial.exists() and not (cfg.resume or cfg.overwrite):
         raise CuteGPTError(f"an interrupted run left {partial}: add --resume to continue it, or --overwrite to start again.")
@@ -216,6 +244,9 @@ def run_generate(cfg: GenerateConfig) -> int:
     if cfg.verbose:
         print(f"backend: {backend}; {lm.describe()}; {threads} thread{'s' if threads != 1 else ''}", file=sys.stderr, flush=True)
     gen = resolved_generation(cfg, lm, cfg.verbose)
+    settings = generation_record(cfg, gen, backend, lm.template.name)
+    if cfg.resume and partial.is_file():
+        check_same_settings(settings_file, settings, partial)
     prompts = [encode_segments(lm.tokenizer, lm.template.segments(turns, system if system is not None else cfg.system))[0]
                for turns, system in conversations]
     budget = lm.context_length - gen.max_new_tokens
@@ -228,6 +259,8 @@ def run_generate(cfg: GenerateConfig) -> int:
     engine = make_engine(lm, reuse_cache=True) if backend == "llamacpp" else None
     step = 1 if engine is not None else cfg.batch_size
     try:
+        if not (cfg.resume and partial.is_file() and settings_file.is_file()):
+            settings_file.write_text(json.dumps(settings, ensure_ascii=False) + "\n", encoding="utf-8")
         f = partial.open("ab" if done else "wb")
     except OSError as e:
         raise CuteGPTError(describe_os_error(e, partial, "writing")) from None
@@ -244,11 +277,13 @@ def run_generate(cfg: GenerateConfig) -> int:
                     r = engine.generate(prompts[chunk[0]], g)
                     if r.stop_reason == "interrupted":  # Ctrl-C reached llama.cpp: never write a cut answer
                         raise KeyboardInterrupt
-                    results = [(r.text, r.new_tokens)]
+                    results = [(r.text, r.new_tokens, r.stop_reason)]
                 else:
-                    results = [(text, len(ids)) for text, ids in generate_batch(lm, [prompts[i] for i in chunk], gen)]
-                for i, (text, n) in zip(chunk, results):
-                    line = json.dumps({**records[i][1], "answer": text, "new_tokens": n}, ensure_ascii=False) + "\n"
+                    results = [(text, len(ids), "length" if len(ids) >= gen.max_new_tokens else "stop")
+                               for text, ids in generate_batch(lm, [prompts[i] for i in chunk], gen)]
+                for i, (text, n, reason) in zip(chunk, results):
+                    line = json.dumps({**records[i][1], "answer": text, "new_tokens": n, "stop_reason": reason},
+                                      ensure_ascii=False) + "\n"
                     f.write(line.encode("utf-8"))
                 f.flush()
                 bar.update(len(chunk))
@@ -260,6 +295,7 @@ def run_generate(cfg: GenerateConfig) -> int:
     except OSError as e:
         raise CuteGPTError(describe_os_error(e, partial, "writing")) from None
     os.replace(partial, out)
+    settings_file.unlink(missing_ok=True)
     print(f"wrote {len(records)} answers to {out}")
     return 0
 

@@ -14,6 +14,7 @@ from cutegpt.chat.batch import record_to_turns
 from cutegpt.config import arg
 from cutegpt.threads import THREADS_HELP
 from cutegpt.errors import CuteGPTError
+from cutegpt.io import describe_os_error, load_json_text
 from cutegpt.model.args import ModelArgs
 
 if TYPE_CHECKING:
@@ -68,18 +69,31 @@ def _read_turns(source: str) -> Iterator[tuple[int, str, str]]:
             if not line.strip():
                 continue
             if line.lstrip().startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CuteGPTError(f"{name}, line {lineno}: not valid JSON ({e.msg}).") from None
+                obj = load_json_text(line, f"{name}, line {lineno}")
                 turn = record_to_turns(obj, f"{name}, line {lineno}")[0][-1]
                 yield lineno, turn.instruction, turn.input
             else:
                 yield lineno, line, ""
 
 
+EMBEDDED_HINT = ("note: the embedded SmolLM2-135M model answers in English only and gives nonsense in Chinese; "
+                 "bring a Chinese-capable model with --model, or train one with the recipe (cutegpt recipe).")
+
+
+def has_chinese(text: str) -> bool:
+    return any("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in text)
+
+
+def hint_if_chinese(session: ChatSession, text: str) -> None:
+    """One line on stderr, once per chat, when Chinese text meets the English-only embedded model."""
+    if getattr(session, "embedded", False) and not getattr(session, "hinted", False) and has_chinese(text):
+        session.hinted = True
+        print(EMBEDDED_HINT, file=sys.stderr, flush=True)
+
+
 def run_batch_turns(session: ChatSession, source: str, out: IO[str]) -> None:
     for lineno, question, inp in _read_turns(source):
+        hint_if_chinese(session, question + inp)
         if question.strip() == "/clear":
             session.clear()
             session.engine.reset()
@@ -151,8 +165,13 @@ def _setup_readline() -> None:
 def save_conversation(session: ChatSession, path: Path) -> None:
     from cutegpt.io import atomic_file
 
+    if not path.parent.is_dir():  # a typo in a folder name should not silently create a tree of folders
+        raise CuteGPTError(f"{path}: the folder {path.parent} does not exist; create it first.")
     with atomic_file(path) as f:
         f.write(json.dumps({"messages": session.messages()}, ensure_ascii=False, indent=1) + "\n")
+
+
+MAX_CONVERSATION_BYTES = 8 * 2**20  # a 60 MB file made the chat hang and grow to 9 GB; 8 MiB is ~2M tokens, past any context
 
 
 def load_conversation(session: ChatSession, path: Path) -> str | None:
@@ -161,10 +180,15 @@ def load_conversation(session: ChatSession, path: Path) -> str | None:
 
     if not path.is_file():
         raise CuteGPTError(f"{path} does not exist." if not path.exists() else f"{path} is a folder, not a conversation file.")
+    size = path.stat().st_size
+    if size > MAX_CONVERSATION_BYTES:
+        raise CuteGPTError(f"{path} is {size / 2**20:.0f} MiB; a conversation file may be at most "
+                           f"{MAX_CONVERSATION_BYTES // 2**20} MiB (the model sees the last --memory-limit turns only).")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CuteGPTError(f"{path}: not a JSON conversation ({getattr(e, 'msg', 'not UTF-8')}).") from None
+        text = path.read_bytes()
+    except OSError as e:
+        raise CuteGPTError(describe_os_error(e, path, "reading")) from None
+    data = load_json_text(text, str(path))
     if not isinstance(data, dict) or "messages" not in data:
         raise CuteGPTError(f'{path}: expected {{"messages": [...]}}, the format /save writes.')
     system, turns, pending = messages_to_conversation(data["messages"], str(path), allow_answered=True)
@@ -175,6 +199,7 @@ def load_conversation(session: ChatSession, path: Path) -> str | None:
 
 
 def _answer(session: ChatSession, message: str, quiet: bool) -> None:
+    hint_if_chinese(session, message)
     try:
         result = session.ask(message, on_text=lambda t: print(t, end="", flush=True))
     except CuteGPTError as e:
@@ -227,6 +252,8 @@ def _command(session: ChatSession, command: str, quiet: bool) -> bool:
                     _answer(session, pending, quiet)
         except CuteGPTError as e:
             print(f"error: {e}")
+        except OSError as e:  # the conversation is kept whatever the file system says
+            print(f"error: {describe_os_error(e, path, 'saving' if name == '/save' else 'reading')}")
     else:
         return False
     return True
@@ -234,7 +261,8 @@ def _command(session: ChatSession, command: str, quiet: bool) -> bool:
 
 def interactive(session: ChatSession, name: str, quiet: bool = False) -> None:
     _setup_readline()
-    print(f"CuteGPT chat — {name}\n{HELP}\n", flush=True)
+    english = " (English only: --model brings a Chinese-capable model)" if getattr(session, "embedded", False) else ""
+    print(f"CuteGPT chat — {name}{english}\n{HELP}\n", flush=True)
     while True:
         try:
             message = _read_message()
@@ -269,6 +297,7 @@ def run_chat(cfg: ChatConfig) -> int:
     gen = resolved_generation(cfg, lm, cfg.verbose)
     session = ChatSession(lm, gen, cfg.memory_limit, cfg.system, reuse_cache=not cfg.no_cache_reuse,
                           engine=make_engine(lm, not cfg.no_cache_reuse))
+    session.embedded = cfg.model is None  # type: ignore[attr-defined]
     if cfg.input is not None:
         run_batch_turns(session, cfg.input, sys.stdout)
     elif not sys.stdin.isatty():

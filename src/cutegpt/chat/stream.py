@@ -31,7 +31,8 @@ class GenerationResult:
 
     def footer(self) -> str:
         """The one line chat prints under an answer."""
-        return (f"[{self.new_tokens} tokens, {self.decode_tokens_per_second:.1f} tokens/s, "
+        cut = ", cut at --max-new-tokens" if self.stop_reason == "length" else ""
+        return (f"[{self.new_tokens} tokens{cut}, {self.decode_tokens_per_second:.1f} tokens/s, "
                 f"first token after {self.time_to_first_token:.2f} s]")
 
 

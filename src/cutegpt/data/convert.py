@@ -42,7 +42,7 @@ from cutegpt.config import arg
 from cutegpt.data.augment import pool_segments
 from cutegpt.data.manifest import DATA_DIR, FORMAT, MANIFEST, VERSION, tokenizer_info
 from cutegpt.data.packing import pack_bins
-from cutegpt.data.readers import MAX_RECORD_BYTES, Conversation, Sources, parse_spec
+from cutegpt.data.readers import MAX_RECORD_BYTES, RECORD_BYTES_LIMIT, Conversation, Sources, parse_spec
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import atomic_dir, atomic_file, check_output, write_json
 from cutegpt.templates import Segment, add_stop_token, get_template, read_model_card
@@ -73,7 +73,8 @@ class ConvertConfig:
     threads: int = arg(0, THREADS_HELP + "; here the fast tokenizer's threads in each process", ge=0, aliases=("--num-threads",))
     skip_invalid: bool = arg(False, "skip and count invalid records (unparseable, not UTF-8, too long, wrong shape) instead of stopping at the first")
     max_record_bytes: int = arg(MAX_RECORD_BYTES, "largest JSON Lines record (one line) in bytes; a longer one is refused, "
-                                "or skipped with --skip-invalid, without being read whole", ge=1)
+                                "or skipped with --skip-invalid, without being read whole (at most 64 MiB: "
+                                "parsing and tokenizing a line costs ~300x its size in memory)", ge=1, le=RECORD_BYTES_LIMIT)
     train_on_prompt: bool = arg(False, "also take the loss on system line and prompts")
     template_pool: bool = arg(False, "the original's augmentation: each turn rendered with a template drawn from its pools (bugs fixed)")
     group_single_turns: bool = arg(False, "the original's grouping of 1-10 consecutive single-turn records into one pseudo-dialogue")

@@ -85,6 +85,9 @@ def load_pickle(path: Path) -> Any:
 # ---------------------------------------------------------------- containers
 
 MAX_RECORD_BYTES = 4 << 20  # one JSON Lines record (a line); larger ones are refused or skipped, never parsed
+# The most --max-record-bytes may raise it to: parsing and tokenizing a line costs ~300x its size in memory
+# (a 50 MB line took 14 GB), so 64 MiB is already ~19 GB.
+RECORD_BYTES_LIMIT = 64 << 20
 
 
 def _first_lines(path: Path, limit: int, n: int = 2) -> list[bytes | None]:
@@ -489,6 +492,7 @@ class Source:
 # ---------------------------------------------------------------- several files and folders, with weights
 
 DATA_SUFFIXES = (".pkl", ".pickle", ".json", ".jsonl")
+MAX_WEIGHT = 100.0
 
 
 def parse_spec(spec: str | Path, flag: str = "INPUT") -> tuple[Path, float]:
@@ -503,6 +507,9 @@ def parse_spec(spec: str | Path, flag: str = "INPUT") -> tuple[Path, float]:
             return path, 1.0
         if not math.isfinite(weight) or weight <= 0:
             raise CuteGPTError(f"{flag} {text}: the weight after ':' must be a positive number, not {tail!r}.")
+        if weight > MAX_WEIGHT:  # a weight repeats records: 1e6 ran for minutes, 1e9 ran out of memory, 1e300 overflowed
+            raise CuteGPTError(f"{flag} {text}: the weight after ':' must be at most {MAX_WEIGHT:g} (it repeats each record "
+                               f"that many times), not {tail}.")
         return Path(head).expanduser(), weight
     return path, 1.0
 

@@ -154,6 +154,8 @@ def read_ceval_csv(path: Path, subject: str, answer_optional: bool = False) -> l
             raise CuteGPTError(f"{where}: {len(row)} fields where id,question,A,B,C,D{',answer' if has_answer else ''} are needed.")
         cells = row[1:6] + ([row[6]] if has_answer and len(row) > 6 else [""])
         out.append(_row_question(subject, row[0], cells, where, answer_optional or not has_answer))
+    if not out:
+        raise CuteGPTError(f"{path}: holds no question (a header only, or an empty file).")
     return out
 
 
@@ -165,6 +167,8 @@ def read_cmmlu_csv(path: Path, subject: str) -> list[Question]:
         if len(row) < 7:
             raise CuteGPTError(f"{where}: {len(row)} fields where index,Question,A,B,C,D,Answer are needed.")
         out.append(_row_question(subject, row[0], row[1:7], where, False))
+    if not out:
+        raise CuteGPTError(f"{path}: holds no question (a header only, or an empty file).")
     return out
 
 
@@ -176,6 +180,8 @@ def read_mmlu_csv(path: Path, subject: str) -> list[Question]:
         if len(row) < 6:
             raise CuteGPTError(f"{where}: {len(row)} fields where question,A,B,C,D,answer are needed.")
         out.append(_row_question(subject, str(i - 1), row[:6], where, False))
+    if not out:
+        raise CuteGPTError(f"{path}: holds no question (a header only, or an empty file).")
     return out
 
 

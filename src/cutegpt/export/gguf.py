@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from cutegpt.errors import CuteGPTError
-from cutegpt.io import check_output, describe_os_error, os_errors
+from cutegpt.io import check_output, clean_leftovers, describe_os_error, os_errors
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -86,6 +86,7 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
     check_output(out, kind="file", inputs=(model, lora), overwrite=overwrite)
     with os_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out.parent)  # temporary files and merges of exports killed here before (their process is gone)
 
     source_info: dict[str, Any] = {}
     if model is None:
@@ -101,7 +102,7 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
 
     with contextlib.ExitStack() as stack:
         if lora is not None:
-            folder = _merge_lora(folder, Path(lora).expanduser(), stack, out.parent)
+            folder = _merge_lora(folder, Path(lora).expanduser(), stack, out.parent, out.name)
         template_name, tokenizer = _template_and_tokenizer(template, folder, lora)
         plan = plan_export(folder, tokenizer, quant, template_name, source_info)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)  # io.clean_leftovers knows it
@@ -118,7 +119,7 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
             os.replace(tmp, out)
         except OSError as e:
             _unlink(tmp)
-            if e.errno == errno.ENOSPC:
+            if e.errno == errno.ENOSPC or _short_write(e):
                 raise CuteGPTError(f"the disk is full while writing {out}; nothing was left behind (the model needs about {_gib(plan.nbytes)} GiB free).") from None
             raise CuteGPTError(describe_os_error(e, out)) from None
         except BaseException:
@@ -160,8 +161,17 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CuteGPTError(f"{path}: not valid JSON.") from None
 
 
-def _merge_lora(base: Path, lora: Path, stack: contextlib.ExitStack, near: Path) -> Path:
-    """Merge the adapter in float32 into a temporary folder beside the output (removed afterwards)."""
+def _short_write(e: OSError) -> bool:
+    """numpy's tofile reports a full disk as "N requested and M written", with no errno."""
+    return e.errno is None and "requested and" in str(e)
+
+
+def _merge_lora(base: Path, lora: Path, stack: contextlib.ExitStack, near: Path, out_name: str) -> Path:
+    """Merge the adapter in float32 into a temporary folder beside the output (removed afterwards).
+
+    Named like the output's other temporary files, so a run killed before it could remove the folder (SIGKILL)
+    has it removed by the next export into the same place (io.clean_leftovers).
+    """
     import shutil
 
     import torch
@@ -170,14 +180,14 @@ def _merge_lora(base: Path, lora: Path, stack: contextlib.ExitStack, near: Path)
     from cutegpt.templates import write_model_card
 
     lm = load_model(ModelArgs(model=str(base), lora=str(lora), dtype="float32", device="cpu", merge_lora=True))
-    tmp = Path(tempfile.mkdtemp(prefix=".cutegpt-merge-", dir=near))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.tmp-{os.getpid()}-merge-", dir=near))
     stack.callback(shutil.rmtree, tmp, True)
     try:
         lm.model.to(torch.float32).save_pretrained(tmp)
         save_tokenizer(lm.tokenizer, tmp, lm.template.name)
         write_model_card(tmp, lm.template.name, merged_from={"model": base.name, "lora": lora.name})
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno == errno.ENOSPC or _short_write(e):
             raise CuteGPTError(f"the disk is full while merging {lora} into {base} (next to {near}).") from None
         raise
     return tmp

@@ -13,7 +13,7 @@ class ModelArgs:
     """Settings shared by every command that loads a model."""
 
     model: str | None = arg(None, "model folder, .gguf file or hub id found in the local hub cache",
-                              aliases=("--model_name_or_path",), absent="the embedded SmolLM2-135M-Instruct")
+                              aliases=("--model_name_or_path",), absent="the embedded SmolLM2-135M-Instruct (English only)")
     lora: str | None = arg(None, "LoRA adapter folder to put on top of --model", aliases=("--adapter_name_or_path",))
     template: str | None = arg(None, "prompt template: cutegpt, auto (the tokenizer's chat template) or raw",
                                  absent="what the model folder records, else auto")

@@ -69,6 +69,8 @@ class ServeConfig:
         key = self.resolved_api_key()
         if key is not None and (not key.strip() or any(c.isspace() for c in key)):
             raise CuteGPTError("--api-key must be non-empty text without spaces.")
+        if not is_loopback(self.host):
+            resolve_host(self.host)
         if not is_loopback(self.host) and key is None:
             raise CuteGPTError(
                 f"--host {self.host} exposes the server beyond this machine; set --api-key KEY (or ${API_KEY_ENV}) "
@@ -103,3 +105,100 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def resolve_host(host: str) -> None:
+    """A --host that names nothing is that, not a missing API key (checked before the key rule)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        raise CuteGPTError(f"--host {host} is not an address or name this machine can listen on.") from None
+
+
+# GGUF header value types (gguf-py's GGUFValueType): struct formats of the scalars; 8 = string, 9 = array
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_fields(path: str, suffixes: tuple[str, ...]) -> dict[str, Any]:
+    """The header keys ending in `suffixes` (e.g. ".context_length"), read up to the last one wanted.
+
+    gguf.GGUFReader parses the whole file first (30 s for the embedded model on a busy machine); the
+    architecture's numbers come right after general.* and take a few hundred bytes.
+    """
+    import struct
+
+    found: dict[str, Any] = {}
+    with open(path, "rb") as f:
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack(fmt, data)[0]
+
+        def value(vtype: int) -> Any:
+            if vtype in _SCALARS:
+                return read(_SCALARS[vtype])
+            if vtype == 8:
+                return f.read(read("<Q")).decode("utf-8", "replace")
+            if vtype == 9:
+                item, n = read("<I"), read("<Q")
+                if item in _SCALARS:  # skipped, not parsed: vocabularies are arrays of 49k-150k entries
+                    f.seek(n * struct.calcsize(_SCALARS[item]), 1)
+                    return None
+                return [value(item) for _ in range(n)]
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        read("<I")
+        read("<Q")
+        for _ in range(read("<Q")):
+            key = f.read(read("<Q")).decode("utf-8", "replace")
+            val = value(read("<I"))
+            if key.endswith(suffixes):
+                found[key] = val
+                if len(found) == len(suffixes):
+                    break
+    return found
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_capacity(cfg: "ServeConfig", gguf: str, available: int | None = None) -> None:
+    """--ctx against the model's trained context, and --parallel x --ctx (llama.cpp's KV cache) against memory.
+
+    Checked before llama.cpp loads: a context of 100M tokens grew to 9 GB without getting ready, and 100,000
+    slots aborted llama.cpp with a C++ exception.
+    """
+    wanted = (".context_length", ".block_count", ".attention.head_count_kv", ".attention.head_count", ".embedding_length")
+    try:
+        fields = gguf_fields(gguf, wanted)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return  # an unreadable file is llama.cpp's to report, with its own words
+    get = {suffix: next((v for k, v in fields.items() if k.endswith(suffix)), None) for suffix in wanted}
+    trained = get[".context_length"]
+    if isinstance(trained, int) and cfg.ctx > trained:
+        raise CuteGPTError(f"--ctx {cfg.ctx} exceeds the model's context of {trained} tokens ({gguf}); lower --ctx.")
+    layers, kv_heads, heads, width = (get[s] for s in wanted[1:])
+    if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, heads, width)):
+        return
+    kv_bytes = 2 * layers * kv_heads * (width // heads) * 2 * cfg.parallel * cfg.ctx  # K and V, f16, every slot
+    need = kv_bytes + os.path.getsize(gguf)
+    available = _available_memory() if available is None else available
+    if available is not None and need > available:
+        raise CuteGPTError(
+            f"--parallel {cfg.parallel} x --ctx {cfg.ctx} needs about {need / 2**30:.1f} GiB (a KV cache of "
+            f"{kv_bytes / 2**30:.1f} GiB plus the weights) and {available / 2**30:.1f} GiB of memory is available; "
+            "lower --parallel or --ctx.")

@@ -9,7 +9,7 @@ import socket
 import sys
 
 from cutegpt.errors import CuteGPTError
-from cutegpt.serve.config import API_KEY_ENV, ServeConfig
+from cutegpt.serve.config import API_KEY_ENV, ServeConfig, check_capacity
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -77,6 +77,7 @@ def run_serve(cfg: ServeConfig) -> int:
     from cutegpt.serve.source import resolve_model
 
     served = resolve_model(cfg.model, cfg.lora, cfg.template, cfg.quant, progress=not cfg.quiet)
+    check_capacity(cfg, str(served.gguf))
     if cfg.plan:
         from cutegpt.serve.engine import resolve_threads
 

@@ -100,6 +100,8 @@ class TrainArgs(ModelArgs):
     def check(self) -> None:
         if len(self.adam_betas) != 2:
             raise CuteGPTError(f"--adam-betas takes two numbers (beta1 beta2), not {len(self.adam_betas)}.")
+        if self.bnb_4bit_type != "nf4" and self.quantization != "4bit":  # it would be silently ignored
+            raise CuteGPTError(f"--bnb-4bit-type {self.bnb_4bit_type} applies only with --quantization 4bit; add it or drop the flag.")
         if self.quantization != "none" and self.method == "full":
             raise CuteGPTError(f"--quantization {self.quantization} trains a LoRA adapter on a frozen quantized base; drop it or use --method lora.")
         if self.val_data and self.val_ratio:

@@ -12,9 +12,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,20 +33,69 @@ RUN_FILE = "cutegpt_run.json"  # the data and settings a checkpoint was trained 
 
 
 
-def check_torch_file(path: Path, what: str) -> None:
+# Classes besides tensors and containers that real DeepSpeed ZeRO-1/2 optimizer states hold (checkpoints written by
+# deepspeed 0.19 on CPU in fp32 and bf16; DynamicLossScaler is fp16's). DeepSpeed itself loads these files with
+# weights_only=False, so this list, checked first, is all that stands between a crafted file and code execution.
+DEEPSPEED_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                     ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                     ("deepspeed.utils.tensor_fragment", "fragment_address"))
+PICKLED = (".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+
+def _deepspeed_globals() -> list[Any]:
+    import importlib
+
+    found = []
+    for module, name in DEEPSPEED_GLOBALS:
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), name))
+    return found
+
+
+
+def check_torch_file(path: Path, what: str, deepspeed: bool = False) -> None:
     """Open a .bin/.pt/.pth with weights_only=True (never anything else); one sentence naming it when it is refused.
 
-    The allow-list is the Trainer's own (numpy's RNG state types), exactly what it will load the file with.
+    The allow-list is the Trainer's own (numpy's RNG state types), plus DeepSpeed's few classes for its own files.
+    Tensors are memory-mapped, not read, so checking a large optimizer state costs little.
     """
     from transformers.trainer_pt_utils import safe_globals
 
     try:
-        with safe_globals():
-            torch.load(path, map_location="cpu", weights_only=True)
+        with safe_globals(), torch.serialization.safe_globals(_deepspeed_globals() if deepspeed else []):
+            # legacy (non-zip) files cannot be memory-mapped
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError:
         raise CuteGPTError(f"{what}: {path} holds more than plain tensors (or is corrupt) and was refused unread.") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError, IndexError) as e:
         raise CuteGPTError(f"{what}: {path} is corrupt or truncated ({str(e).splitlines()[0][:120]}).") from None
+
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A pickle (protocol 2+) or a zip archive (torch.save's format), whatever the file is called."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        return head[:1] == b"\x80" or head == b"PK\x03\x04"
+    return False
+
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Every file under `root` at any depth, through symbolic links too (each folder once)."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        found.extend(Path(dirpath) / name for name in filenames)
+    return sorted(found)
 
 
 
@@ -58,7 +109,12 @@ def complete_checkpoints(out: Path) -> list[Path]:
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (a truncated, corrupt or hostile file), or None."""
+    """Why a checkpoint cannot be resumed from (a truncated, corrupt or hostile file), or None.
+
+    Every file a resume could unpickle is checked, at any depth: the Trainer's (optimizer, scheduler, rng states)
+    and DeepSpeed's (`global_stepN/*_states.pt`, loaded by DeepSpeed with weights_only=False), found by name or by
+    content; `latest` must name a folder inside the checkpoint, since DeepSpeed loads from whatever it names.
+    """
     from cutegpt.model.loading import _check_safetensors
 
     try:
@@ -67,12 +123,22 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             return f"{ckpt / 'trainer_state.json'} has no step count"
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return f"{ckpt / 'trainer_state.json'} is not valid JSON"
-    for f in sorted(ckpt.iterdir()):
+    latest = ckpt / "latest"
+    if latest.exists():
+        try:
+            tag = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            tag = ""
+        if not tag or tag in (".", "..") or "/" in tag or os.sep in tag or not (ckpt / tag).is_dir():
+            return f"{latest} must name a DeepSpeed folder inside {ckpt.name}"
+    for f in _files_under(ckpt):
         try:
             if f.suffix == ".safetensors":
                 _check_safetensors([f])
-            elif f.suffix in (".pt", ".pth", ".bin") and f.name != "training_args.bin":  # the Trainer never reads that one
-                check_torch_file(f, "--resume")
+            elif f == ckpt / "training_args.bin":  # the Trainer never reads that one
+                continue
+            elif f.suffix in PICKLED or _looks_pickled(f):
+                check_torch_file(f, "--resume", deepspeed=f.parent != ckpt)
             elif f.suffix == ".json":
                 json.loads(f.read_text(encoding="utf-8"))
         except CuteGPTError as e:
@@ -146,6 +212,17 @@ def run_record(cfg: TrainArgs) -> dict[str, Any]:
     return {"data": data_fingerprint(list(getattr(cfg, "data", []) or [])),
             "val_data": data_fingerprint([cfg.val_data]) if cfg.val_data else None,
             "settings": settings}
+
+
+
+def run_progress(ckpt: Path | None) -> tuple[int, float]:
+    """(tokens, seconds) the run had trained when `ckpt` was saved; (0, 0.0) for a new run or an older checkpoint."""
+    if ckpt is None:
+        return 0, 0.0
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        progress = json.loads((ckpt / RUN_FILE).read_text(encoding="utf-8")).get("progress") or {}
+        return int(progress.get("tokens", 0)), float(progress.get("seconds", 0.0))
+    return 0, 0.0
 
 
 

@@ -27,7 +27,7 @@ import torch
 from cutegpt.errors import CuteGPTError
 from cutegpt.threads import resolve_threads
 from cutegpt.training.args import METHOD_DEFAULTS, TrainArgs
-from cutegpt.training.checkpoints import STAGING, check_run, clear_previous_run, run_record
+from cutegpt.training.checkpoints import STAGING, check_run, clear_previous_run, run_progress, run_record
 from cutegpt.training.outputs import save_final, say_disk_use, write_summary
 from cutegpt.training.prepare import Prepared, base_model_path, quiet_deprecations, resolve_precision
 from cutegpt.training.trainer import check_report_to, make_callbacks, make_evaluator, make_trainer_class
@@ -95,7 +95,10 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared]) 
     report_to = check_report_to(cfg.report_to)
     record = run_record(cfg)
     start_at = check_run(cfg, record)
-    if start_at.complete:
+    finished = (Path(cfg.out) / "final").is_dir() and (Path(cfg.out) / "summary.json").is_file()
+    if start_at.complete and not finished:  # killed after its last checkpoint: resuming trains 0 steps, then writes them
+        log.info("%s is at step %d but final/ or summary.json is missing: writing them from it", start_at.resume_from.name, start_at.step)
+    if start_at.complete and finished:
         msg = (f"{cfg.out} is already complete: {start_at.resume_from.name} is at step {start_at.step} "
                f"(--max-steps {cfg.max_steps if cfg.max_steps > 0 else start_at.step}); nothing to train, final/ and summary.json left as they are.")
         print(msg)
@@ -162,10 +165,17 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared]) 
                      cfg.method, f" on a {cfg.quantization} base" if cfg.quantization != "none" else "", len(prep.dataset), val,
                      total, settings["micro_batch"], settings["grad_accum"], world,
                      settings["lr"], precision, f", resuming from {resume_from}" if resume_from else "")
-        start = time.perf_counter()
+        trainer.tokens_before, trainer.seconds_before = run_progress(resume_from)
+        start = trainer.started = time.perf_counter()
         try:
             with quiet_deprecations():
-                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                if start_at.complete:  # nothing to train (the Trainer would take one step more): the last checkpoint's weights
+                    from transformers.trainer_callback import TrainerState
+
+                    trainer._load_from_checkpoint(str(resume_from))
+                    trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+                else:
+                    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except torch.OutOfMemoryError:
             raise CuteGPTError(
                 f"out of GPU memory (micro-batch {settings['micro_batch']}, max length {cfg.max_length}); lower --micro-batch "

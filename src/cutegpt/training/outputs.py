@@ -82,10 +82,8 @@ def save_final(trainer: Any, cfg: TrainArgs, prep: Prepared, precision: str) -> 
 
 
 def write_summary(trainer: Any, cfg: TrainArgs, final: Path, seconds: float, world: int, lr: float | None = None) -> dict[str, Any]:
-    tokens = torch.tensor([trainer.tokens_seen], dtype=torch.long)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        tokens = tokens.to(trainer.args.device)  # nccl needs a GPU tensor
-        torch.distributed.all_reduce(tokens)  # sum over processes
+    tokens = trainer.run_tokens()  # the whole run, resumed parts included
+    seconds += trainer.seconds_before
     history = trainer.state.log_history
     curve = [[h["step"], h["loss"]] for h in history if "loss" in h]
     val_curve = [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h]
@@ -94,9 +92,9 @@ def write_summary(trainer: Any, cfg: TrainArgs, final: Path, seconds: float, wor
         "quantization": cfg.quantization,
         "steps": trainer.state.global_step,
         "processes": world,
-        "tokens": int(tokens.item()),
+        "tokens": tokens,
         "seconds": round(seconds, 2),
-        "tokens_per_second": round(int(tokens.item()) / max(seconds, 1e-9), 1),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
         "final_loss": curve[-1][1] if curve else None,
         # how the loss was computed: on loss-bearing positions in chunks (training/loss.py), or transformers' full logits
         "loss_path": "chunked" if trainer.loss_use["batches"] else "full logits",

@@ -377,7 +377,8 @@ def run_plan(cfg: Any) -> Plan | None:
         path = Path(cfg.model).expanduser()
     if path.suffix == ".gguf":
         raise CuteGPTError(f"--plan reads a model folder's config.json; {path} is a GGUF file.")
-    on_gpu = cfg.device != "cpu" and (bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or shutil.which("nvidia-smi") is not None)
+    gpu_here = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or shutil.which("nvidia-smi") is not None
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpu_here)  # --device cuda plans for a GPU from any machine
     settings = {"micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                 "adam_eps": cfg.adam_eps, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
                 "precision": cfg.precision, "adam_betas": list(cfg.adam_betas)}
@@ -392,6 +393,7 @@ def run_plan(cfg: Any) -> Plan | None:
     inp = plan_input_from_args(cfg, precision=precision, micro_batch=micro, ds=ds,
                                processes=int(os.environ.get("WORLD_SIZE", "1")), device="cuda" if on_gpu else "cpu")
     plan = estimate(shape, inp)
-    budget = cfg.device_memory_gb * GiB if cfg.device_memory_gb else device_memory(inp.device)
+    # a GPU this machine does not have has no known size (--device-memory-gb gives it); never this machine's RAM
+    budget = cfg.device_memory_gb * GiB if cfg.device_memory_gb else (device_memory(inp.device) if gpu_here or not on_gpu else None)
     print(format_plan(plan, budget))
     return plan

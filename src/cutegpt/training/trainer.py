@@ -51,7 +51,21 @@ def make_trainer_class():
                     self.loss_use = loss.install(lm)
             self.keep_checkpoints = keep_checkpoints  # our rotation (the Trainer's would only see the staging folder)
             self.tokens_seen = 0  # real (non-padding) tokens this process trained on since start/resume
+            # the part of the run before a resume (from the checkpoint's RUN_FILE), so summary.json counts the whole run
+            self.tokens_before, self.seconds_before = 0, 0.0
+            self.started = time.perf_counter()
             self._staging: str | None = None
+
+        def run_tokens(self) -> int:
+            """Tokens of the whole run so far, over every process (a collective: every process calls it)."""
+            tokens = torch.tensor([self.tokens_seen], dtype=torch.long)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                tokens = tokens.to(self.args.device)  # nccl needs a GPU tensor
+                torch.distributed.all_reduce(tokens)  # sum over processes
+            return int(tokens.item()) + self.tokens_before
+
+        def run_seconds(self) -> float:
+            return self.seconds_before + time.perf_counter() - self.started
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             n_tokens = inputs.pop("n_tokens", 0)
@@ -80,6 +94,7 @@ def make_trainer_class():
                 staging.mkdir(parents=True, exist_ok=True)
             barrier()
             self._staging = str(staging)
+            progress = {"tokens": self.run_tokens(), "seconds": round(self.run_seconds(), 2)}
             try:
                 with os_errors(out / name, "saving a checkpoint"):
                     super()._save_checkpoint(model, trial)
@@ -90,7 +105,7 @@ def make_trainer_class():
                     save_tokenizer(self.processing_class, staging / name, self.template_name)  # adds tokenizer.model, which the Trainer drops
                     write_model_card(staging / name, self.template_name)
                     if self.run_record is not None:
-                        write_json(staging / name / RUN_FILE, self.run_record)
+                        write_json(staging / name / RUN_FILE, {**self.run_record, "progress": progress})
             barrier()
             if self.is_world_process_zero():
                 final = out / name
@@ -168,7 +183,8 @@ def make_evaluator(trainer: Any, cfg: TrainArgs, prep: "Prepared", collator: Any
             step = state.global_step
             if step % every and step != state.max_steps:
                 return
-            loss = validation_loss(trainer.model, prep.val_dataset, collator, micro_batch, precision)
+            loss = validation_loss(trainer.model, prep.val_dataset, collator, micro_batch, precision,
+                                   show=trainer.is_world_process_zero())
             should_log = control.should_log  # trainer.log clears it, which would drop this step's training loss
             trainer.log({"eval_loss": loss})
             control.should_log = should_log

@@ -13,6 +13,8 @@ its loss-bearing tokens and divided by their count.
 
 from __future__ import annotations
 
+import sys
+
 import random
 from typing import Any
 
@@ -69,8 +71,13 @@ def split_packed(ds: Any, ratio: float, seed: int, max_length: int) -> tuple[Any
 
 
 @torch.no_grad()
-def validation_loss(model: Any, dataset: Any, collator: Any, micro_batch: int, precision: str) -> float:
-    """Mean loss over every loss-bearing token of `dataset` (no dropout), as the training rows compute it."""
+def validation_loss(model: Any, dataset: Any, collator: Any, micro_batch: int, precision: str, show: bool = True) -> float:
+    """Mean loss over every loss-bearing token of `dataset` (no dropout), as the training rows compute it.
+
+    A progress bar (stderr) shows the pass: on a large validation set it took minutes with no sign of life.
+    """
+    from tqdm import tqdm
+
     # Only dropout goes to eval mode: bitsandbytes repacks 4-bit weights for CPU inference in eval mode,
     # a format training cannot continue from; the model's own layers have no dropout at p=0 anyway.
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
@@ -79,6 +86,7 @@ def validation_loss(model: Any, dataset: Any, collator: Any, micro_batch: int, p
     device = next(model.parameters()).device
     total, count = 0.0, 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    bar = tqdm(total=len(dataset), desc="validation", unit="row", leave=False, disable=not show, file=sys.stderr)
     try:
         for s in range(0, len(dataset), micro_batch):
             batch = collator([dataset[i] for i in range(s, min(s + micro_batch, len(dataset)))])
@@ -87,6 +95,7 @@ def validation_loss(model: Any, dataset: Any, collator: Any, micro_batch: int, p
             inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(**inputs).logits
+            bar.update(min(micro_batch, len(dataset) - s))
             targets = labels[:, 1:]
             mask = targets != IGNORE
             if not mask.any():
@@ -95,6 +104,7 @@ def validation_loss(model: Any, dataset: Any, collator: Any, micro_batch: int, p
             total += float(torch.nn.functional.cross_entropy(lg, targets[mask], reduction="sum"))
             count += int(mask.sum())
     finally:
+        bar.close()
         for m in dropouts:
             m.train()
     if count == 0:
