@@ -249,18 +249,18 @@ def test_sentencepiece_data_from_before_the_rule_fix_is_refused(tmp_path, monkey
     tok = load_tokenizer(model_dir)
     build_tiny_llama(model_dir, vocab_size=len(tok))
     data = write_dataset(tmp_path / "data", tok, encode_samples(tok), 128)
-    monkeypatch.setattr(engine, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
-    prepare = lambda: prepare_sft(_cfg(model_dir, data, tmp_path / "run"))  # noqa: E731
+    monkeypatch.setattr(prepare, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    run = lambda: prepare_sft(_cfg(model_dir, data, tmp_path / "run"))  # noqa: E731
     manifest = json.loads((data / MANIFEST).read_text())
     manifest["tokenizer"]["ids_hash"] = "0" * 16  # another rule than this tokenizer's
     (data / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CuteGPTError, match="tokenized by another rule .*convert the data again"):
-        prepare()
+        run()
     del manifest["tokenizer"]["ids_hash"]  # a dataset converted before the fix
     (data / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CuteGPTError, match="converted before cutegpt tokenized SentencePiece vocabularies as SentencePiece itself does"
                                            ".*convert the data again"):
-        prepare()
+        run()
 
 
 def test_byte_level_data_from_before_the_fingerprint_still_trains(tiny_model_dir, tiny_tokenizer, tmp_path):
