@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class EvalConfig(ModelArgs):
     overwrite: bool = arg(False, "replace an existing --out folder (only one holding nothing but cutegpt eval results)")
     resume: bool = arg(True, "reuse finished subjects from the per-subject cache")
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
+    backend: Literal["auto", "torch", "llamacpp"] = arg("auto", "scoring engine: llama.cpp runs a .gguf file's own weights (its quantization "
+                                                        "included), torch any folder (a .gguf file dequantized); auto = llama.cpp for a .gguf file")
+    parallel: int = arg(4, "llama.cpp: questions scored side by side in as many slots (each starts from the subject's shared prefix)", ge=1)
 
 
 # --------------------------------------------------------------------------- prompts -> token ids
@@ -146,6 +150,92 @@ def subject_prompts(bench: Benchmark, sub: Subject, cfg: EvalConfig) -> list[tup
     return [(q, prefix + style.question(q)) for q in questions]
 
 
+# --------------------------------------------------------------------------- backend
+
+
+def choose_backend(cfg: EvalConfig) -> str:
+    """torch or llamacpp, decided before anything loads."""
+    is_gguf = cfg.model is not None and Path(cfg.model).suffix == ".gguf"
+    torch_only = [flag for flag, on in (("--lora", bool(cfg.lora)), ("--load-in-8bit", cfg.load_in_8bit),
+                                        ("--dtype", cfg.dtype != "auto"), ("--device cuda", cfg.device == "cuda")) if on]
+    if cfg.backend == "llamacpp":
+        if not is_gguf:
+            raise CuteGPTError("--backend llamacpp scores a .gguf file: give --model FILE.gguf "
+                               "(`cutegpt export --format gguf` makes one), or use --backend torch.")
+        if torch_only:
+            raise CuteGPTError(f"{torch_only[0]} works only with --backend torch; llama.cpp runs the GGUF file's own weights.")
+        return "llamacpp"
+    if cfg.backend == "torch" or not is_gguf or torch_only:
+        return "torch"
+    return "llamacpp"
+
+
+def gguf_quant(path: Path) -> str:
+    """The file's weight type as llama.cpp names it (F16, Q8_0, ...)."""
+    from cutegpt.runtime.llamacpp import read_gguf_metadata
+
+    ftype = read_gguf_metadata(path, lambda k: k == "general.file_type").get("general.file_type")
+    try:
+        import gguf
+
+        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ImportError, TypeError, ValueError):
+        return "unknown" if ftype is None else f"file type {ftype}"
+
+
+def load_llamacpp_for(cfg: EvalConfig, bench: Benchmark, threads: int, slot_dir: Path) -> Any:
+    """The GGUF file in llama.cpp with --parallel slots, each as long as the longest prompt needs."""
+    from cutegpt.runtime.llamacpp import gguf_tokenizer, load_llamacpp, read_gguf_metadata
+
+    path = Path(cfg.model).expanduser()
+    if not path.is_file():
+        raise CuteGPTError(f"--model {path} does not exist." if not path.exists() else f"--model {path} is a folder, not a .gguf file.")
+    tokenizer = gguf_tokenizer(path)
+    probe = _Probe(tokenizer, template_for_probe(cfg, tokenizer))
+    longest = max((len(encode_prompt(probe, text, cfg.chat_template))
+                   for sub in bench.subjects.values() for _q, text in subject_prompts(bench, sub, cfg)), default=1)
+    meta = read_gguf_metadata(path, lambda k: k.endswith(".context_length") or k == "general.architecture")
+    train_ctx = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length") or 2048)
+    need = longest + 8  # + the longest continuation (a letter, or a delimiter and a letter)
+    if need > train_ctx:
+        raise CuteGPTError(f"--model {path.name}: the longest prompt has {longest} tokens, more than the model's context of "
+                           f"{train_ctx}; use fewer --shots.")
+    per_slot = min(train_ctx, -(-need // 256) * 256)
+    return load_llamacpp(path, template=cfg.template, threads=threads, n_ctx=per_slot * cfg.parallel, tokenizer=tokenizer,
+                         parallel=cfg.parallel, slot_save_path=slot_dir)
+
+
+@dataclass
+class _Probe:
+    """Just enough of a model for encode_prompt: counts prompt tokens before llama.cpp loads."""
+
+    tokenizer: Any
+    template: Any
+
+
+def template_for_probe(cfg: EvalConfig, tokenizer: Any) -> Any:
+    from cutegpt.runtime.llamacpp import template_for
+
+    return template_for(cfg.template, tokenizer)
+
+
+def check_gguf_tokenizer(lm: Any, bench: Benchmark, prompts: dict[str, list[tuple[Question, str]]], cfg: EvalConfig) -> None:
+    """The prompts are encoded with the file's tokenizer as transformers reads it; llama.cpp must read them the same."""
+    from cutegpt.runtime.llamacpp import server_tokenize
+
+    for name, items in prompts.items():
+        if not items or cfg.chat_template:
+            continue
+        text = items[0][1]
+        ours = encode_prompt(lm, text, False)
+        theirs = server_tokenize(lm.server, text, add_special=True)
+        if ours != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise CuteGPTError(f"--model {lm.model_path.name}: llama.cpp tokenizes the '{name}' prompt differently from the file's "
+                               f"tokenizer read by transformers (from token {at} on), so its letters cannot be scored like the torch path; "
+                               f"use --backend torch.")
+
+
 # --------------------------------------------------------------------------- cache key
 
 
@@ -168,7 +258,8 @@ def settings_key(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, letter_ids:
         "protocol_version": PROTOCOL_VERSION,
         "model": _files_fingerprint(lm.model_path),
         "lora": _files_fingerprint(lm.lora_path),
-        "dtype": str(lm.dtype),
+        "dtype": str(getattr(lm, "dtype", "gguf")),
+        "backend": "llamacpp" if getattr(lm, "server", None) is not None else "torch",
         "int8": lm.int8,
         "benchmark": bench.name,
         "split": bench.split,
@@ -218,7 +309,7 @@ def _records(sub: Subject, prompts: list[tuple[Question, str]], items: list[Item
 
 
 def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Path | None = None,
-             show_progress: bool = True) -> dict[str, Any]:
+             show_progress: bool = True, use_prefix_cache: bool = True) -> dict[str, Any]:
     """Score every subject of `bench`; returns {records, settings, key, timing, notes, letter_ids}.
 
     timing: `seconds` / `questions_per_second` are those of the runs that computed the answers
@@ -241,9 +332,12 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
         if not (cache / "settings.json").exists():
             write_json(cache / "settings.json", settings)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    on_llamacpp = getattr(lm, "server", None) is not None
 
     # Build every prompt first: a bad dev file fails before any model time is spent.
     all_prompts = {name: subject_prompts(bench, sub, cfg) for name, sub in bench.subjects.items()}
+    if on_llamacpp:
+        check_gguf_tokenizer(lm, bench, all_prompts, cfg)
     records: dict[str, list[dict[str, Any]]] = {}
     scored_questions, seconds, resumed = 0, 0.0, 0
     timed_questions, timed_seconds, untimed = 0, 0.0, []
@@ -271,8 +365,13 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
             raise CuteGPTError(f"{too_long[0].source}: the prompt has more tokens than the model's context of {context}; use fewer --shots.")
         bar = tqdm(total=len(items), desc=name, leave=False, disable=not show_progress)
         t0 = time.perf_counter()
-        scored = score_items(lm.model, items, cfg.method, cfg.batch_size, cfg.max_batch_tokens, pad_id,
-                             progress=bar.update)
+        if on_llamacpp:
+            from cutegpt.evaluation.llamacpp import score_items_llamacpp
+
+            scored = score_items_llamacpp(lm, items, cfg.method, cfg.parallel, use_prefix_cache, progress=bar.update)
+        else:
+            scored = score_items(lm.model, items, cfg.method, cfg.batch_size, cfg.max_batch_tokens, pad_id,
+                                 use_prefix_cache=use_prefix_cache, progress=bar.update)
         took = time.perf_counter() - t0
         seconds += took
         bar.close()
@@ -286,10 +385,7 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
             with atomic_file(path) as f:  # a subject is cached whole or not at all
                 for r in records[name]:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            import torch
-
-            write_json(path.with_suffix(".timing.json"),
-                       {"questions": len(items), "seconds": took, "threads": torch.get_num_threads()})
+            write_json(path.with_suffix(".timing.json"), {"questions": len(items), "seconds": took, "threads": _threads(lm)})
     timing: dict[str, Any] = {
         "questions_timed": timed_questions,
         "seconds": round(timed_seconds, 3),
@@ -302,6 +398,14 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
         timing["subjects_without_timing"] = untimed
     return {"records": records, "settings": settings, "key": key, "letter_ids": letter_ids, "notes": notes,
             "timing": timing}
+
+
+def _threads(lm: Any) -> int:
+    if getattr(lm, "server", None) is not None:
+        return int(lm.threads)
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _protocol(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, letter_ids: list[int]) -> dict[str, Any]:
@@ -416,7 +520,17 @@ def run_eval(cfg: EvalConfig) -> int:
         raise CuteGPTError("--batch-size and --max-batch-tokens must be 1 or more.")
     if cfg.prompt not in PROMPTS:
         raise CuteGPTError(f"--prompt must be one of {', '.join(PROMPTS)}, not {cfg.prompt!r}.")
-    apply_threads(cfg.threads)
+    if cfg.parallel < 1:
+        raise CuteGPTError(f"--parallel must be 1 or more, not {cfg.parallel}.")
+    backend = choose_backend(cfg)
+    if backend == "llamacpp":
+        from cutegpt.runtime.llamacpp import xllamacpp_module
+        from cutegpt.threads import resolve_threads
+
+        xllamacpp_module("--model FILE.gguf")
+        threads = resolve_threads(cfg.threads)
+    else:
+        threads = apply_threads(cfg.threads)
     split = cfg.split or DEFAULT_SPLIT[cfg.benchmark]
     if split not in SPLITS[cfg.benchmark]:
         raise CuteGPTError(f"{cfg.benchmark} has no split '{split}'; choose one of {', '.join(SPLITS[cfg.benchmark])}.")
@@ -429,9 +543,15 @@ def run_eval(cfg: EvalConfig) -> int:
     if cfg.overwrite:
         _check_replaceable(out_dir)
 
-    lm = load_model(cfg)
-    print(f"model: {lm.describe()}", flush=True)
-    run = evaluate(lm, bench, cfg, default_cache_root() if cfg.resume else None)
+    with tempfile.TemporaryDirectory(prefix="cutegpt-eval-slots-") as slot_dir:
+        if backend == "llamacpp":
+            lm = load_llamacpp_for(cfg, bench, threads, Path(slot_dir))
+        else:
+            lm = load_model(cfg)
+        print(f"model: {lm.describe()}", flush=True)
+        run = evaluate(lm, bench, cfg, default_cache_root() if cfg.resume else None)
+    weights = (f"gguf {gguf_quant(lm.model_path)}" if backend == "llamacpp"
+               else f"int8 ({lm.int8})" if lm.int8 else str(lm.dtype).replace("torch.", ""))
     records = run["records"]
     has_gold = all(r["gold"] is not None for recs in records.values() for r in recs)
     setting = f"{cfg.shots}-shot" if cfg.shots else "zero-shot"
@@ -442,9 +562,10 @@ def run_eval(cfg: EvalConfig) -> int:
         "setting": setting,
         "model": str(lm.model_path),
         "adapter": str(lm.lora_path) if lm.lora_path else None,
-        "dtype": str(lm.dtype).replace("torch.", ""),
-        # "weights": what the linear layers hold: the dtype, or "int8 (<library>)" with --load-in-8bit
-        "weights": f"int8 ({lm.int8})" if lm.int8 else str(lm.dtype).replace("torch.", ""),
+        "backend": backend,
+        "dtype": str(getattr(lm, "dtype", "gguf")).replace("torch.", ""),
+        # "weights": what the linear layers hold: the dtype, "int8 (<library>)" with --load-in-8bit, "gguf Q8_0" on llama.cpp
+        "weights": weights,
         "device": str(lm.device),
         "data_dir": str(bench.data_dir),
         "data_hash": run["settings"]["data_hash"],
@@ -459,7 +580,7 @@ def run_eval(cfg: EvalConfig) -> int:
         "versions": {"cutegpt": cutegpt.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
         "questions": n_questions,
-        "timing": {**run["timing"], "threads": torch.get_num_threads()},
+        "timing": {**run["timing"], "threads": threads, "parallel": cfg.parallel if backend == "llamacpp" else None},
         "warnings": run["notes"],
     }
     if has_gold:
