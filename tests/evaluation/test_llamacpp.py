@@ -98,12 +98,13 @@ def test_choice_logprobs_are_exact_for_tokens_outside_the_top(tiny_model_dir, ti
     assert got == pytest.approx([float(logp[t]) for t in tokens], abs=0.02)
 
 
-def test_cli_scores_a_gguf_file_on_llamacpp(tiny_gguf, ceval_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--chat-template"]])
+def test_cli_scores_a_gguf_file_on_llamacpp(extra, tiny_gguf, ceval_dir, tmp_path):
     from cutegpt.cli import main
 
     out = tmp_path / "out"
     assert main(["eval", "ceval", "--model", str(tiny_gguf), "--data", str(ceval_dir), "--out", str(out),
-                 "--threads", "1", "--parallel", "2"]) == 0
+                 "--threads", "1", "--parallel", "2", *extra]) == 0
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert res["backend"] == "llamacpp" and res["weights"] == "gguf F32" and res["timing"]["parallel"] == 2
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -124,11 +125,12 @@ def test_bad_backend_choices_are_one_sentence(tiny_model_dir, ceval_dir, tmp_pat
     assert choose_backend(EvalConfig(benchmark="ceval", model=None)) == "torch"
 
 
-def test_a_tokenizer_llamacpp_reads_differently_is_refused(tiny_gguf, ceval_dir, tmp_path, monkeypatch):
+def test_a_chat_prompt_llamacpp_reads_differently_is_refused(tiny_gguf, ceval_dir, tmp_path, monkeypatch):
     import cutegpt.runtime.llamacpp as rt
 
     monkeypatch.setattr(rt, "server_tokenize", lambda server, text, add_special=True: [7, 7, 7])
     out = tmp_path / "o"
     with pytest.raises(CuteGPTError, match=r"llama\.cpp tokenizes the '.*' prompt differently .* use --backend torch"):
-        run_eval(EvalConfig(benchmark="ceval", model=str(tiny_gguf), data=str(ceval_dir), out=str(out), threads=1))
+        run_eval(EvalConfig(benchmark="ceval", model=str(tiny_gguf), data=str(ceval_dir), out=str(out), threads=1,
+                            chat_template=True))
     assert not out.exists()

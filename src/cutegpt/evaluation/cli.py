@@ -21,6 +21,7 @@ import json
 import tempfile
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 PROTOCOL_VERSION = 2  # bump when prompt rendering or scoring changes: old caches stop matching
 DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test", "mmlu": "test", "xiezhi": "spec"}
-RESULT_FILES = {"results.json", "predictions.jsonl", "categories.png", "submission.json"}
+RESULT_FILES = {"results.json", "predictions.jsonl", "categories.png", "submission.json", "table.md"}
 
 
 @dataclass(kw_only=True)
@@ -47,6 +48,11 @@ class EvalConfig(ModelArgs):
     """Settings of `cutegpt eval` (model flags come from ModelArgs)."""
 
     benchmark: Literal["ceval", "cmmlu", "mmlu", "xiezhi"] = arg(help="benchmark: ceval, cmmlu, mmlu or xiezhi", positional=True)
+    model: list[str] | None = arg(None, "model folder, .gguf file or hub id found in the local hub cache; several (--model A --model B) "
+                                  "are scored in one run, compared with the first", aliases=("--model_name_or_path",),
+                                  absent="the embedded SmolLM2-135M-Instruct", repeatable=True)
+    lora: list[str] | None = arg(None, "LoRA adapter folder on top of --model; one per --model ('none' for no adapter), "
+                                 "or several on one --model", aliases=("--adapter_name_or_path",), repeatable=True)
     data: str | None = arg(None, "the benchmark's official data folder (else $CEVAL_DATA / $CMMLU_DATA / $MMLU_DATA / $XIEZHI_DATA, or $CUTEGPT_DATA/<benchmark>)")
     split: str | None = arg(None, "ceval: val|test|dev; cmmlu: test|dev; mmlu: test|val|dev; xiezhi: spec|inter", absent="val for ceval and mmlu, test for cmmlu, spec for xiezhi")
     shots: int = arg(5, "few-shot examples from the dev set (0 = zero-shot)", ge=0)
@@ -68,7 +74,8 @@ class EvalConfig(ModelArgs):
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     backend: Literal["auto", "torch", "llamacpp"] = arg("auto", "scoring engine: llama.cpp runs a .gguf file's own weights (its quantization "
                                                         "included), torch any folder (a .gguf file dequantized); auto = llama.cpp for a .gguf file")
-    parallel: int = arg(4, "llama.cpp: questions scored side by side in as many slots (each starts from the subject's shared prefix)", ge=1)
+    parallel: int = arg(1, "llama.cpp: questions scored side by side in as many slots, each starting from the subject's shared prefix "
+                                     "(on CPU scoring is bound by prompt processing: 4 slots were no faster than 1 here)", ge=1)
 
 
 # --------------------------------------------------------------------------- prompts -> token ids
@@ -196,13 +203,19 @@ def load_llamacpp_for(cfg: EvalConfig, bench: Benchmark, threads: int, slot_dir:
                    for sub in bench.subjects.values() for _q, text in subject_prompts(bench, sub, cfg)), default=1)
     meta = read_gguf_metadata(path, lambda k: k.endswith(".context_length") or k == "general.architecture")
     train_ctx = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length") or 2048)
-    need = longest + 8  # + the longest continuation (a letter, or a delimiter and a letter)
-    if need > train_ctx:
+    # + the longest continuation; llama.cpp may split more finely than transformers' reading of the vocabulary
+    need = longest + longest // 8 + 16
+    if longest + 8 > train_ctx:
         raise CuteGPTError(f"--model {path.name}: the longest prompt has {longest} tokens, more than the model's context of "
                            f"{train_ctx}; use fewer --shots.")
     per_slot = min(train_ctx, -(-need // 256) * 256)
-    return load_llamacpp(path, template=cfg.template, threads=threads, n_ctx=per_slot * cfg.parallel, tokenizer=tokenizer,
-                         parallel=cfg.parallel, slot_save_path=slot_dir)
+    lm = load_llamacpp(path, template=cfg.template, threads=threads, n_ctx=per_slot * cfg.parallel, tokenizer=tokenizer,
+                       parallel=cfg.parallel, slot_save_path=slot_dir)
+    if not cfg.chat_template:  # plain prompts: llama.cpp's own tokenization (chat prompts go through the template's segments)
+        from cutegpt.evaluation.llamacpp import ServerTokenizer
+
+        lm.tokenizer = ServerTokenizer(lm.server, tokenizer)
+    return lm
 
 
 @dataclass
@@ -220,15 +233,15 @@ def template_for_probe(cfg: EvalConfig, tokenizer: Any) -> Any:
 
 
 def check_gguf_tokenizer(lm: Any, bench: Benchmark, prompts: dict[str, list[tuple[Question, str]]], cfg: EvalConfig) -> None:
-    """The prompts are encoded with the file's tokenizer as transformers reads it; llama.cpp must read them the same."""
+    """Chat prompts are encoded segment by segment with the file's tokenizer as transformers reads it (the template's
+    special tokens kept apart); llama.cpp must read the rendered text the same way."""
     from cutegpt.runtime.llamacpp import server_tokenize
 
     for name, items in prompts.items():
-        if not items or cfg.chat_template:
+        if not items or not cfg.chat_template:
             continue
-        text = items[0][1]
-        ours = encode_prompt(lm, text, False)
-        theirs = server_tokenize(lm.server, text, add_special=True)
+        ours = encode_prompt(lm, items[0][1], True)
+        theirs = server_tokenize(lm.server, lm.tokenizer.decode(ours), add_special=False)
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             raise CuteGPTError(f"--model {lm.model_path.name}: llama.cpp tokenizes the '{name}' prompt differently from the file's "
@@ -443,19 +456,26 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60] or "model"
 
 
-def default_out(bench: Benchmark, cfg: EvalConfig, root: Path = Path("eval-results")) -> Path:
+def default_out(bench: Benchmark, cfg: EvalConfig | list[EvalConfig], root: Path = Path("eval-results")) -> Path:
     """A folder of its own for this run: what was evaluated and a hash of every setting.
 
     The hash covers the model and adapter (path and file sizes/times), the data, and every flag
     that changes a score or the question set (--subjects and --limit too). Running the very same
     settings again gets a time stamp appended, so no earlier result is ever replaced.
     """
+    several = cfg if isinstance(cfg, list) else [cfg]
+    cfg = several[0]
     model = _safe(Path(cfg.model).name.removesuffix(".gguf")) if cfg.model else "smollm2-135m-instruct"
     if cfg.lora:
         model += "+" + _safe(Path(cfg.lora).name)
+    if len(several) > 1:
+        model += f"-and-{len(several) - 1}-more"
+    models = [{"model": c.model, "model_files": _files_fingerprint(Path(c.model)) if c.model and Path(c.model).exists() else None,
+               "lora": c.lora, "lora_files": _files_fingerprint(Path(c.lora)) if c.lora and Path(c.lora).exists() else None,
+               "backend": c.backend}
+              for c in several]
     ident = {
-        "model": cfg.model, "model_files": _files_fingerprint(Path(cfg.model)) if cfg.model and Path(cfg.model).exists() else None,
-        "lora": cfg.lora, "lora_files": _files_fingerprint(Path(cfg.lora)) if cfg.lora and Path(cfg.lora).exists() else None,
+        **(models[0] if len(models) == 1 else {"models": models}),
         "dtype": cfg.dtype, "load_in_8bit": cfg.load_in_8bit, "int8_backend": cfg.int8_backend if cfg.load_in_8bit else None,
         "merge_lora": cfg.merge_lora, "data_hash": bench.data_hash(), "benchmark": bench.name, "split": bench.split,
         "subjects": sorted(bench.subjects), "limit": cfg.limit, "shots": cfg.shots, "method": cfg.method,
@@ -505,13 +525,31 @@ def update_latest(out: Path) -> None:
             tmp.unlink()
 
 
-def run_eval(cfg: EvalConfig) -> int:
-    import torch
+def model_configs(cfg: EvalConfig) -> list[EvalConfig]:
+    """One config per model to score: --model and --lora may each be given several times."""
+    models = _as_list(cfg.model) or [None]
+    loras = _as_list(cfg.lora)
+    if not loras:
+        pairs = [(m, None) for m in models]
+    elif len(models) == 1:
+        pairs = [(models[0], None if lora.lower() == "none" else lora) for lora in loras]
+    elif len(loras) == len(models):
+        pairs = [(m, None if lora.lower() == "none" else lora) for m, lora in zip(models, loras)]
+    else:
+        raise CuteGPTError(f"--lora: {len(loras)} adapters for {len(models)} models; give one --lora per --model "
+                           f"('none' for no adapter), or any number of adapters on one --model.")
+    if len(set(pairs)) < len(pairs):
+        raise CuteGPTError("--model/--lora name the same model twice; each model is scored once.")
+    return [dataclasses.replace(cfg, model=m, lora=lora) for m, lora in pairs]
 
-    import cutegpt
-    from cutegpt.io import atomic_dir, check_output, write_json
-    from cutegpt.model.loading import load_model
 
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _check_settings(cfg: EvalConfig) -> None:
     if cfg.shots < 0:
         raise CuteGPTError(f"--shots must be 0 or more, not {cfg.shots}.")
     if cfg.limit is not None and cfg.limit < 1:
@@ -522,15 +560,24 @@ def run_eval(cfg: EvalConfig) -> int:
         raise CuteGPTError(f"--prompt must be one of {', '.join(PROMPTS)}, not {cfg.prompt!r}.")
     if cfg.parallel < 1:
         raise CuteGPTError(f"--parallel must be 1 or more, not {cfg.parallel}.")
-    backend = choose_backend(cfg)
-    if backend == "llamacpp":
+
+
+def run_eval(cfg: EvalConfig) -> int:
+    from cutegpt.io import check_output
+
+    _check_settings(cfg)
+    configs = model_configs(cfg)
+    backends = [choose_backend(c) for c in configs]
+    if "llamacpp" in backends:
         from cutegpt.runtime.llamacpp import xllamacpp_module
-        from cutegpt.threads import resolve_threads
 
         xllamacpp_module("--model FILE.gguf")
-        threads = resolve_threads(cfg.threads)
-    else:
+    if "torch" in backends:
         threads = apply_threads(cfg.threads)
+    else:
+        from cutegpt.threads import resolve_threads
+
+        threads = resolve_threads(cfg.threads)
     split = cfg.split or DEFAULT_SPLIT[cfg.benchmark]
     if split not in SPLITS[cfg.benchmark]:
         raise CuteGPTError(f"{cfg.benchmark} has no split '{split}'; choose one of {', '.join(SPLITS[cfg.benchmark])}.")
@@ -538,10 +585,33 @@ def run_eval(cfg: EvalConfig) -> int:
     for sub in bench.subjects.values():  # fail on a short dev file before loading the model
         subject_prompts(bench, sub, cfg)
     # The output is checked before the model loads: an existing --out is refused unless --overwrite.
-    out_dir = Path(cfg.out) if cfg.out else default_out(bench, cfg)
-    check_output(out_dir, flag="--out", inputs=(bench.data_dir, cfg.model, cfg.lora), overwrite=cfg.overwrite)
+    out_dir = Path(cfg.out) if cfg.out else default_out(bench, configs[0] if len(configs) == 1 else configs)
+    inputs = (bench.data_dir, *(c.model for c in configs), *(c.lora for c in configs))
+    check_output(out_dir, flag="--out", inputs=inputs, overwrite=cfg.overwrite)
     if cfg.overwrite:
         _check_replaceable(out_dir)
+
+    if len(configs) == 1:
+        results, records, lm = score_model(configs[0], bench, backends[0], threads)
+        write_single(out_dir, bench, configs[0], lm, results, records)
+    else:
+        runs = []
+        for n, (mcfg, backend) in enumerate(zip(configs, backends), 1):
+            print(f"[{n}/{len(configs)}]", end=" ", flush=True)
+            results, records, _lm = score_model(mcfg, bench, backend, threads)
+            runs.append((results, records))
+        write_several(out_dir, bench, cfg, runs)
+    if not cfg.out:
+        update_latest(out_dir)
+    return 0
+
+
+def score_model(cfg: EvalConfig, bench: Benchmark, backend: str, threads: int) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], Any]:
+    """Load one model, score every subject; its results.json content, its records and the model."""
+    import torch
+
+    import cutegpt
+    from cutegpt.model.loading import load_model
 
     with tempfile.TemporaryDirectory(prefix="cutegpt-eval-slots-") as slot_dir:
         if backend == "llamacpp":
@@ -585,18 +655,36 @@ def run_eval(cfg: EvalConfig) -> int:
     }
     if has_gold:
         results["summary"] = aggregate(bench, records)
+    _print_timing(run["timing"])
+    return results, records, lm
+
+
+def _print_timing(t: dict[str, Any]) -> None:
+    if t["scored_questions"]:
+        print(f"{t['scored_questions']} questions in {t['seconds_this_run']:.1f} s "
+              f"({t['scored_questions'] / t['seconds_this_run']:.2f} questions/s)"
+              + (f", {t['subjects_resumed']} subjects from the cache" if t["subjects_resumed"] else ""))
+    elif t["subjects_resumed"]:
+        print(f"all {t['subjects_resumed']} subjects from the cache"
+              + (f" (computed at {t['questions_per_second']:.2f} questions/s)" if t["questions_per_second"] else ""))
+
+
+def write_single(out_dir: Path, bench: Benchmark, cfg: EvalConfig, lm: Any, results: dict[str, Any],
+                 records: dict[str, list[dict[str, Any]]]) -> None:
+    from cutegpt.io import atomic_dir, write_json
+
+    has_gold = "summary" in results
+    setting = results["setting"]
     with atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
             for recs in records.values():
                 for r in recs:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         if has_gold:
-            bar_chart(bench, results["summary"], chart_title(bench, cfg, lm, setting, n_questions), tmp / "categories.png")
+            bar_chart(bench, results["summary"], chart_title(bench, cfg, lm, setting, results["questions"]), tmp / "categories.png")
         else:
             write_json(tmp / "submission.json", submission(records))
         write_json(tmp / "results.json", results)
-    if not cfg.out:
-        update_latest(out_dir)
 
     print(f"\n{bench.name} {bench.split}, {setting}, method {cfg.method}, prompt {cfg.prompt}, "
           f"template {results['protocol']['template']}" + (f", first {cfg.limit} questions per subject" if cfg.limit else ""))
@@ -612,16 +700,54 @@ def run_eval(cfg: EvalConfig) -> int:
               + (f"; MRR {avg['mrr']:.3f}" if bench.name == "xiezhi" else "") + ")")
     else:
         print(f"no answers in the {bench.split} split: wrote the submission file {out_dir / 'submission.json'}")
-    t = run["timing"]
-    if t["scored_questions"]:
-        print(f"{t['scored_questions']} questions in {t['seconds_this_run']:.1f} s "
-              f"({t['scored_questions'] / t['seconds_this_run']:.2f} questions/s)"
-              + (f", {t['subjects_resumed']} subjects from the cache" if t["subjects_resumed"] else ""))
-    elif t["subjects_resumed"]:
-        print(f"all {t['subjects_resumed']} subjects from the cache"
-              + (f" (computed at {t['questions_per_second']:.2f} questions/s)" if t["questions_per_second"] else ""))
     print(f"results: {out_dir}/")
-    return 0
+
+
+def model_label(results: dict[str, Any]) -> str:
+    """A model's name in the tables: file or folder, adapter, and what ran it."""
+    name = Path(results["model"]).name
+    if results["adapter"]:
+        name += " + " + Path(results["adapter"]).name
+    return f"{name} ({results['backend']}, {results['weights']})"
+
+
+def write_several(out_dir: Path, bench: Benchmark, cfg: EvalConfig,
+                  runs: list[tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]]) -> None:
+    """One folder for several models: results.json (each model's results and the comparison), predictions.jsonl
+    (each record with its model), table.md and categories.png (all models side by side)."""
+    from cutegpt.evaluation.results import agreement, models_chart, models_table
+    from cutegpt.io import atomic_dir, write_json
+
+    labels = [model_label(r) for r, _ in runs]
+    labels = [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+    has_gold = all("summary" in r for r, _ in runs)
+    setting = runs[0][0]["setting"]
+    combined: dict[str, Any] = {"benchmark": bench.name, "split": bench.split, "setting": setting,
+                                "models": [{"label": lab, **r} for lab, (r, _) in zip(labels, runs)]}
+    text = ""
+    if has_gold:
+        summaries = [(lab, r["summary"]) for lab, (r, _) in zip(labels, runs)]
+        text, comparison = models_table(bench, summaries)
+        for row, (_r, recs) in zip(comparison[1:], runs[1:]):
+            row["same_letter_as_first"] = agreement(runs[0][1], recs)
+        combined["comparison"] = comparison
+    with atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for lab, (_r, records) in zip(labels, runs):
+                for recs in records.values():
+                    for rec in recs:
+                        f.write(json.dumps({"model": lab, **rec}, ensure_ascii=False) + "\n")
+        if has_gold:
+            (tmp / "table.md").write_text(text + "\n", encoding="utf-8")
+            models_chart(bench, summaries, f"{bench.name} {bench.split}, {setting}, {cfg.method}, prompt {cfg.prompt}: "
+                         f"{len(runs)} models, mean of subject accuracies with 95% Wilson intervals", tmp / "categories.png")
+        write_json(tmp / "results.json", combined)
+    print(f"\n{bench.name} {bench.split}, {setting}, method {cfg.method}, prompt {cfg.prompt}, {len(runs)} models")
+    if has_gold:
+        print(text)
+    else:
+        print(f"no answers in the {bench.split} split: every model's predictions are in {out_dir / 'predictions.jsonl'}")
+    print(f"results: {out_dir}/")
 
 
 def chart_title(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, setting: str, n_questions: int) -> str:

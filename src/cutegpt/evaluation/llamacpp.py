@@ -74,3 +74,26 @@ def score_items_llamacpp(lm: Any, items: Sequence[Item], method: str = "logits",
         return [one(it) for it in items]
     with ThreadPoolExecutor(parallel) as pool:
         return list(pool.map(one, items))
+
+
+class ServerTokenizer:
+    """The GGUF file's tokenizer as llama.cpp itself applies it, shaped like the transformers tokenizer calls
+    evaluation makes (`tok(text, add_special_tokens=...)["input_ids"]`); names of ids come from `hf`.
+
+    transformers' reading of a GGUF vocabulary can differ from llama.cpp's (it drops SmolLM2's digit
+    splitting, for one), and llama.cpp runs what it tokenizes: plain prompts are encoded here.
+    """
+
+    def __init__(self, server: Any, hf: Any):
+        self.server = server
+        self.hf = hf
+        self.name_or_path = getattr(hf, "name_or_path", "")
+        self.pad_token_id = getattr(hf, "pad_token_id", None)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        from cutegpt.runtime.llamacpp import server_tokenize
+
+        return {"input_ids": server_tokenize(self.server, text, add_special=add_special_tokens)}
+
+    def convert_ids_to_tokens(self, ids: Any) -> Any:
+        return self.hf.convert_ids_to_tokens(ids)
