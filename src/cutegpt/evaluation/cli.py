@@ -56,11 +56,13 @@ class EvalConfig(ModelArgs):
     data: str | None = arg(None, "the benchmark's official data folder (else $CEVAL_DATA / $CMMLU_DATA / $MMLU_DATA / $XIEZHI_DATA, or $CUTEGPT_DATA/<benchmark>)")
     split: str | None = arg(None, "ceval: val|test|dev; cmmlu: test|dev; mmlu: test|val|dev; xiezhi: spec|inter", absent="val for ceval and mmlu, test for cmmlu, spec for xiezhi")
     shots: int = arg(5, "few-shot examples from the dev set (0 = zero-shot)", ge=0)
-    method: Literal["logits", "loglikelihood"] = arg("logits", "logits: next-token logit of each letter (C-Eval's LLaMA evaluator); loglikelihood: log-probability of each option's continuation, the target delimiter included (lm-evaluation-harness's multiple_choice)")
+    method: Literal["logits", "loglikelihood", "generate"] = arg("logits", "logits: next-token logit of each letter (C-Eval's LLaMA evaluator); loglikelihood: log-probability of each option's continuation, the target delimiter included (lm-evaluation-harness's multiple_choice); generate: the model answers as a chat turn, the letter is read from its text (docs/evaluation.md)")
     prompt: Literal["official", "lm-eval"] = arg("official", "prompt text: the benchmark authors' own (C-Eval, CMMLU, MMLU) or lm-evaluation-harness's task text")
     target_delimiter: str | None = arg(None, "text between the answer cue and the letter, in the shots and in the scored continuation; stock lm-eval uses ' '",
                                        absent="'' for ceval, cmmlu and xiezhi, ' ' for mmlu")
     chat_template: bool = arg(False, "wrap each prompt in the model's template (--template), for instruction-tuned models")
+    cot: bool = arg(False, "--method generate: ask for step-by-step reasoning ending with 答案是X / 'The answer is X' (give more --max-new-tokens)")
+    max_new_tokens: int = arg(32, "--method generate: most tokens of each answer", ge=1)
     fewshot_order: Literal["file", "random"] = arg("file", "few-shot examples: the first N dev questions (reference) or N seeded-random ones")
     seed: int = arg(1234, "seed for --fewshot-order random")
     subjects: list[str] | None = arg(None, "only these subjects (C-Eval/CMMLU/MMLU keys, XieZhi top-level disciplines)", absent="all")
@@ -199,8 +201,10 @@ def load_llamacpp_for(cfg: EvalConfig, bench: Benchmark, threads: int, slot_dir:
         raise CuteGPTError(f"--model {path} does not exist." if not path.exists() else f"--model {path} is a folder, not a .gguf file.")
     tokenizer = gguf_tokenizer(path)
     probe = _Probe(tokenizer, template_for_probe(cfg, tokenizer))
-    longest = max((len(encode_prompt(probe, text, cfg.chat_template))
+    longest = max((len(encode_prompt(probe, *model_prompt(bench, cfg, text)))
                    for sub in bench.subjects.values() for _q, text in subject_prompts(bench, sub, cfg)), default=1)
+    if cfg.method == "generate":
+        longest += cfg.max_new_tokens
     meta = read_gguf_metadata(path, lambda k: k.endswith(".context_length") or k == "general.architecture")
     train_ctx = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length") or 2048)
     # + the longest continuation; llama.cpp may split more finely than transformers' reading of the vocabulary
@@ -211,11 +215,24 @@ def load_llamacpp_for(cfg: EvalConfig, bench: Benchmark, threads: int, slot_dir:
     per_slot = min(train_ctx, -(-need // 256) * 256)
     lm = load_llamacpp(path, template=cfg.template, threads=threads, n_ctx=per_slot * cfg.parallel, tokenizer=tokenizer,
                        parallel=cfg.parallel, slot_save_path=slot_dir)
-    if not cfg.chat_template:  # plain prompts: llama.cpp's own tokenization (chat prompts go through the template's segments)
+    if not uses_template(cfg):  # plain prompts: llama.cpp's own tokenization (chat prompts go through the template's segments)
         from cutegpt.evaluation.llamacpp import ServerTokenizer
 
         lm.tokenizer = ServerTokenizer(lm.server, tokenizer)
     return lm
+
+
+def uses_template(cfg: EvalConfig) -> bool:
+    return cfg.chat_template or cfg.method == "generate"
+
+
+def model_prompt(bench: Benchmark, cfg: EvalConfig, text: str) -> tuple[str, bool]:
+    """What the model reads for a question's prompt text, and whether it goes through the chat template."""
+    if cfg.method == "generate":
+        from cutegpt.evaluation.generate import chat_text
+
+        return chat_text(text, style_of(bench.name, cfg).parts[2], bench.name, cfg.cot), True
+    return text, cfg.chat_template
 
 
 @dataclass
@@ -238,9 +255,9 @@ def check_gguf_tokenizer(lm: Any, bench: Benchmark, prompts: dict[str, list[tupl
     from cutegpt.runtime.llamacpp import server_tokenize
 
     for name, items in prompts.items():
-        if not items or not cfg.chat_template:
+        if not items or not uses_template(cfg):
             continue
-        ours = encode_prompt(lm, items[0][1], True)
+        ours = encode_prompt(lm, *model_prompt(bench, cfg, items[0][1]))
         theirs = server_tokenize(lm.server, lm.tokenizer.decode(ours), add_special=False)
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -282,7 +299,8 @@ def settings_key(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, letter_ids:
         "prompt": cfg.prompt,
         "target_delimiter": style_of(bench.name, cfg).target_delimiter,
         "fewshot_leaves_out_self": bench.split == "dev",
-        "template": lm.template.name if cfg.chat_template else None,
+        "template": lm.template.name if uses_template(cfg) else None,
+        "generation": {"cot": cfg.cot, "max_new_tokens": cfg.max_new_tokens} if cfg.method == "generate" else None,
         "fewshot_order": cfg.fewshot_order,
         "seed": cfg.seed if cfg.fewshot_order == "random" else None,
         "limit": cfg.limit,
@@ -371,6 +389,25 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
                 except (OSError, ValueError, KeyError, TypeError):
                     untimed.append(name)  # cached by an older version: its timing was not kept
                 continue
+        if cfg.method == "generate":
+            from cutegpt.evaluation.generate import generate_records
+
+            ids = [encode_prompt(lm, *model_prompt(bench, cfg, text)) for _q, text in prompts]
+            too_long = [q for q, x in zip(prompts, ids) if len(x) + cfg.max_new_tokens > lm.context_length]
+            if too_long:
+                raise CuteGPTError(f"{too_long[0][0].source}: the prompt and --max-new-tokens {cfg.max_new_tokens} need more tokens "
+                                   f"than the model's context of {lm.context_length}; use fewer --shots.")
+            bar = tqdm(total=len(ids), desc=name, leave=False, disable=not show_progress)
+            t0 = time.perf_counter()
+            records[name] = generate_records(lm, sub, prompts, ids, cfg.max_new_tokens, progress=bar.update)
+            took = time.perf_counter() - t0
+            bar.close()
+            seconds += took
+            scored_questions += len(ids)
+            timed_questions += len(ids)
+            timed_seconds += took
+            _cache_subject(path, records[name], took, lm)
+            continue
         items = [item_for(lm, text, cfg, conts, delimiter) for _q, text in prompts]
         context = lm.context_length
         too_long = [q for (q, _t), it in zip(prompts, items) if len(it.ids) + max(map(len, it.continuations)) > context]
@@ -392,13 +429,7 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
         timed_questions += len(items)
         timed_seconds += took
         records[name] = _records(sub, prompts, items, scored)
-        if path is not None:
-            from cutegpt.io import atomic_file, write_json
-
-            with atomic_file(path) as f:  # a subject is cached whole or not at all
-                for r in records[name]:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            write_json(path.with_suffix(".timing.json"), {"questions": len(items), "seconds": took, "threads": _threads(lm)})
+        _cache_subject(path, records[name], took, lm)
     timing: dict[str, Any] = {
         "questions_timed": timed_questions,
         "seconds": round(timed_seconds, 3),
@@ -411,6 +442,17 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
         timing["subjects_without_timing"] = untimed
     return {"records": records, "settings": settings, "key": key, "letter_ids": letter_ids, "notes": notes,
             "timing": timing}
+
+
+def _cache_subject(path: Path | None, recs: list[dict[str, Any]], took: float, lm: Any) -> None:
+    if path is None:
+        return
+    from cutegpt.io import atomic_file, write_json
+
+    with atomic_file(path) as f:  # a subject is cached whole or not at all
+        for r in recs:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_json(path.with_suffix(".timing.json"), {"questions": len(recs), "seconds": took, "threads": _threads(lm)})
 
 
 def _threads(lm: Any) -> int:
@@ -441,9 +483,14 @@ def _protocol(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, letter_ids: li
         "seed": cfg.seed if cfg.shots and cfg.fewshot_order == "random" else None,
         "method": cfg.method,
         "letter_tokens": {L: {"id": i, "token": lm.tokenizer.convert_ids_to_tokens(i)} for L, i in zip(LETTERS, letter_ids)},
-        "letter_convention": ("first id of tokenizer.encode(delimiter + letter) (C-Eval LLaMA evaluator)" if cfg.method == "logits"
+        "letter_convention": ("read from the answer text by evaluation/extract.py's rules (none found: an extraction failure, wrong)"
+                              if cfg.method == "generate" else
+                              "first id of tokenizer.encode(delimiter + letter) (C-Eval LLaMA evaluator)" if cfg.method == "logits"
                               else "log-probability of delimiter + letter after the prompt (lm-evaluation-harness)"),
-        "template": lm.template.name if cfg.chat_template else "none (plain text, tokenizer's own special tokens)",
+        "template": lm.template.name if uses_template(cfg) else "none (plain text, tokenizer's own special tokens)",
+        "generation": ({"instruction": __import__("cutegpt.evaluation.generate", fromlist=["instruction"]).instruction(bench.name, cfg.cot),
+                        "cot": cfg.cot, "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy, stops at the template's stop marker and EOS"}
+                       if cfg.method == "generate" else None),
         "averages": "mean_of_subjects (C-Eval's convention, used in the table) and question_weighted",
         "intervals": "ci95: 95% Wilson score interval in percent (for mean_of_subjects: that of a proportion of the same value over the same question count)",
         "limit_per_subject": cfg.limit,
@@ -480,7 +527,8 @@ def default_out(bench: Benchmark, cfg: EvalConfig | list[EvalConfig], root: Path
         "merge_lora": cfg.merge_lora, "data_hash": bench.data_hash(), "benchmark": bench.name, "split": bench.split,
         "subjects": sorted(bench.subjects), "limit": cfg.limit, "shots": cfg.shots, "method": cfg.method,
         "prompt": cfg.prompt, "target_delimiter": style_of(bench.name, cfg).target_delimiter,
-        "chat_template": cfg.chat_template, "template": cfg.template if cfg.chat_template else None,
+        "chat_template": cfg.chat_template, "template": cfg.template if uses_template(cfg) else None,
+        **({"cot": cfg.cot, "max_new_tokens": cfg.max_new_tokens} if cfg.method == "generate" else {}),
         "fewshot_order": cfg.fewshot_order, "seed": cfg.seed if cfg.fewshot_order == "random" else None,
         "protocol_version": PROTOCOL_VERSION,
     }
@@ -653,6 +701,8 @@ def score_model(cfg: EvalConfig, bench: Benchmark, backend: str, threads: int) -
         "timing": {**run["timing"], "threads": threads, "parallel": cfg.parallel if backend == "llamacpp" else None},
         "warnings": run["notes"],
     }
+    if cfg.method == "generate":
+        results["extraction_failures"] = sum(1 for recs in records.values() for r in recs if r["pred"] is None)
     if has_gold:
         results["summary"] = aggregate(bench, records)
     _print_timing(run["timing"])
@@ -698,7 +748,10 @@ def write_single(out_dir: Path, bench: Benchmark, cfg: EvalConfig, lm: Any, resu
         print(f"(category and Average columns: mean of subject accuracies, 95% Wilson intervals; "
               f"question-weighted average {fmt_acc(avg['question_weighted'], avg['questions'])}"
               + (f"; MRR {avg['mrr']:.3f}" if bench.name == "xiezhi" else "") + ")")
-    else:
+    if "extraction_failures" in results:
+        print(f"no letter found in {results['extraction_failures']} of {results['questions']} answers (counted as wrong; "
+              f"each answer's text is in predictions.jsonl)")
+    if not has_gold:
         print(f"no answers in the {bench.split} split: wrote the submission file {out_dir / 'submission.json'}")
     print(f"results: {out_dir}/")
 
