@@ -24,7 +24,7 @@ def test_letters_are_extracted_and_failures_counted(tiny_model_dir, ceval_dir, t
     seen = []
     canned = iter(["答案是B", "我不知道", "The answer is C.", "(B)", "瓦特"])
 
-    def fake(lm, ids, max_new_tokens):
+    def fake(lm, ids, max_new_tokens, text=""):
         seen.append(lm.tokenizer.decode(ids))
         return next(canned)
 

@@ -76,6 +76,9 @@ class EvalConfig(ModelArgs):
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     backend: Literal["auto", "torch", "llamacpp"] = arg("auto", "scoring engine: llama.cpp runs a .gguf file's own weights (its quantization "
                                                         "included), torch any folder (a .gguf file dequantized); auto = llama.cpp for a .gguf file")
+    endpoint: str | None = arg(None, "score the model behind an OpenAI-compatible server (llama.cpp's server, cutegpt serve) instead of "
+                                     "--model: letters from its completion log-probabilities, or --method generate through its chat endpoint")
+    api_key: str | None = arg(None, "API key for --endpoint (sent as a Bearer token)")
     parallel: int = arg(1, "llama.cpp: questions scored side by side in as many slots, each starting from the subject's shared prefix "
                                      "(on CPU scoring is bound by prompt processing: 4 slots were no faster than 1 here)", ge=1)
 
@@ -163,7 +166,11 @@ def subject_prompts(bench: Benchmark, sub: Subject, cfg: EvalConfig) -> list[tup
 
 
 def choose_backend(cfg: EvalConfig) -> str:
-    """torch or llamacpp, decided before anything loads."""
+    """torch, llamacpp or endpoint, decided before anything loads."""
+    if cfg.endpoint:
+        if cfg.model or cfg.lora:
+            raise CuteGPTError("--endpoint scores the model its server runs: give --endpoint or --model/--lora, not both.")
+        return "endpoint"
     is_gguf = cfg.model is not None and Path(cfg.model).suffix == ".gguf"
     torch_only = [flag for flag, on in (("--lora", bool(cfg.lora)), ("--load-in-8bit", cfg.load_in_8bit),
                                         ("--dtype", cfg.dtype != "auto"), ("--device cuda", cfg.device == "cuda")) if on]
@@ -286,10 +293,12 @@ def _files_fingerprint(path: Path | None) -> dict[str, Any]:
 def settings_key(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, letter_ids: list[int]) -> tuple[str, dict[str, Any]]:
     settings = {
         "protocol_version": PROTOCOL_VERSION,
-        "model": _files_fingerprint(lm.model_path),
+        "model": ({"endpoint": getattr(lm.server, "url", None), "name": lm.name} if hasattr(getattr(lm, "server", None), "chat")
+                  else _files_fingerprint(lm.model_path)),
         "lora": _files_fingerprint(lm.lora_path),
         "dtype": str(getattr(lm, "dtype", "gguf")),
-        "backend": "llamacpp" if getattr(lm, "server", None) is not None else "torch",
+        "backend": ("endpoint" if hasattr(getattr(lm, "server", None), "chat") else
+                    "llamacpp" if getattr(lm, "server", None) is not None else "torch"),
         "int8": lm.int8,
         "benchmark": bench.name,
         "split": bench.split,
@@ -299,7 +308,7 @@ def settings_key(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, letter_ids:
         "prompt": cfg.prompt,
         "target_delimiter": style_of(bench.name, cfg).target_delimiter,
         "fewshot_leaves_out_self": bench.split == "dev",
-        "template": lm.template.name if uses_template(cfg) else None,
+        "template": getattr(lm.template, "name", "the endpoint's own") if uses_template(cfg) else None,
         "generation": {"cot": cfg.cot, "max_new_tokens": cfg.max_new_tokens} if cfg.method == "generate" else None,
         "fewshot_order": cfg.fewshot_order,
         "seed": cfg.seed if cfg.fewshot_order == "random" else None,
@@ -364,10 +373,11 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
             write_json(cache / "settings.json", settings)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     on_llamacpp = getattr(lm, "server", None) is not None
+    remote = hasattr(getattr(lm, "server", None), "chat")
 
     # Build every prompt first: a bad dev file fails before any model time is spent.
     all_prompts = {name: subject_prompts(bench, sub, cfg) for name, sub in bench.subjects.items()}
-    if on_llamacpp:
+    if on_llamacpp and not remote:
         check_gguf_tokenizer(lm, bench, all_prompts, cfg)
     records: dict[str, list[dict[str, Any]]] = {}
     scored_questions, seconds, resumed = 0, 0.0, 0
@@ -392,14 +402,16 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
         if cfg.method == "generate":
             from cutegpt.evaluation.generate import generate_records
 
-            ids = [encode_prompt(lm, *model_prompt(bench, cfg, text)) for _q, text in prompts]
+            turns = [model_prompt(bench, cfg, text)[0] for _q, text in prompts]
+            remote = hasattr(getattr(lm, "server", None), "chat")  # an endpoint applies its own template
+            ids = [[] if remote else encode_prompt(lm, turn, True) for turn in turns]
             too_long = [q for q, x in zip(prompts, ids) if len(x) + cfg.max_new_tokens > lm.context_length]
             if too_long:
                 raise CuteGPTError(f"{too_long[0][0].source}: the prompt and --max-new-tokens {cfg.max_new_tokens} need more tokens "
                                    f"than the model's context of {lm.context_length}; use fewer --shots.")
             bar = tqdm(total=len(ids), desc=name, leave=False, disable=not show_progress)
             t0 = time.perf_counter()
-            records[name] = generate_records(lm, sub, prompts, ids, cfg.max_new_tokens, progress=bar.update)
+            records[name] = generate_records(lm, sub, prompts, ids, cfg.max_new_tokens, progress=bar.update, turns=turns)
             took = time.perf_counter() - t0
             bar.close()
             seconds += took
@@ -418,7 +430,8 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
         if on_llamacpp:
             from cutegpt.evaluation.llamacpp import score_items_llamacpp
 
-            scored = score_items_llamacpp(lm, items, cfg.method, cfg.parallel, use_prefix_cache, progress=bar.update)
+            scored = score_items_llamacpp(lm, items, cfg.method, 1 if remote else cfg.parallel, use_prefix_cache,
+                                          progress=bar.update, share=not remote)
         else:
             scored = score_items(lm.model, items, cfg.method, cfg.batch_size, cfg.max_batch_tokens, pad_id,
                                  use_prefix_cache=use_prefix_cache, progress=bar.update)
@@ -487,7 +500,8 @@ def _protocol(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, letter_ids: li
                               if cfg.method == "generate" else
                               "first id of tokenizer.encode(delimiter + letter) (C-Eval LLaMA evaluator)" if cfg.method == "logits"
                               else "log-probability of delimiter + letter after the prompt (lm-evaluation-harness)"),
-        "template": lm.template.name if uses_template(cfg) else "none (plain text, tokenizer's own special tokens)",
+        "template": (getattr(lm.template, "name", "the endpoint's own") if uses_template(cfg)
+                     else "none (plain text, tokenizer's own special tokens)"),
         "generation": ({"instruction": __import__("cutegpt.evaluation.generate", fromlist=["instruction"]).instruction(bench.name, cfg.cot),
                         "cot": cfg.cot, "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy, stops at the template's stop marker and EOS"}
                        if cfg.method == "generate" else None),
@@ -513,13 +527,15 @@ def default_out(bench: Benchmark, cfg: EvalConfig | list[EvalConfig], root: Path
     several = cfg if isinstance(cfg, list) else [cfg]
     cfg = several[0]
     model = _safe(Path(cfg.model).name.removesuffix(".gguf")) if cfg.model else "smollm2-135m-instruct"
+    if cfg.endpoint:
+        model = "endpoint-" + _safe(cfg.endpoint.split("://", 1)[-1])
     if cfg.lora:
         model += "+" + _safe(Path(cfg.lora).name)
     if len(several) > 1:
         model += f"-and-{len(several) - 1}-more"
     models = [{"model": c.model, "model_files": _files_fingerprint(Path(c.model)) if c.model and Path(c.model).exists() else None,
                "lora": c.lora, "lora_files": _files_fingerprint(Path(c.lora)) if c.lora and Path(c.lora).exists() else None,
-               "backend": c.backend}
+               "backend": c.backend, "endpoint": c.endpoint}
               for c in several]
     ident = {
         **(models[0] if len(models) == 1 else {"models": models}),
@@ -664,11 +680,15 @@ def score_model(cfg: EvalConfig, bench: Benchmark, backend: str, threads: int) -
     with tempfile.TemporaryDirectory(prefix="cutegpt-eval-slots-") as slot_dir:
         if backend == "llamacpp":
             lm = load_llamacpp_for(cfg, bench, threads, Path(slot_dir))
+        elif backend == "endpoint":
+            from cutegpt.evaluation.endpoint import load_endpoint
+
+            lm = load_endpoint(str(cfg.endpoint), cfg.api_key, cfg.method)
         else:
             lm = load_model(cfg)
         print(f"model: {lm.describe()}", flush=True)
         run = evaluate(lm, bench, cfg, default_cache_root() if cfg.resume else None)
-    weights = (f"gguf {gguf_quant(lm.model_path)}" if backend == "llamacpp"
+    weights = ("endpoint" if backend == "endpoint" else f"gguf {gguf_quant(lm.model_path)}" if backend == "llamacpp"
                else f"int8 ({lm.int8})" if lm.int8 else str(lm.dtype).replace("torch.", ""))
     records = run["records"]
     has_gold = all(r["gold"] is not None for recs in records.values() for r in recs)
@@ -678,7 +698,8 @@ def score_model(cfg: EvalConfig, bench: Benchmark, backend: str, threads: int) -
         "benchmark": bench.name,
         "split": bench.split,
         "setting": setting,
-        "model": str(lm.model_path),
+        "model": str(lm.model_path) if backend != "endpoint" else lm.name,
+        "endpoint": cfg.endpoint,
         "adapter": str(lm.lora_path) if lm.lora_path else None,
         "backend": backend,
         "dtype": str(getattr(lm, "dtype", "gguf")).replace("torch.", ""),

@@ -35,8 +35,10 @@ def chat_text(prompt: str, cue: str, benchmark: str, cot: bool) -> str:
     return body + instruction(benchmark, cot)
 
 
-def answer_text(lm: Any, ids: list[int], max_new_tokens: int) -> str:
-    """The model's greedy answer after `ids`, without the stop marker."""
+def answer_text(lm: Any, ids: list[int], max_new_tokens: int, text: str = "") -> str:
+    """The model's greedy answer after `ids` (an endpoint: to the user turn `text`), without the stop marker."""
+    if hasattr(getattr(lm, "server", None), "chat"):  # an endpoint renders its own template
+        return lm.server.chat(text, max_new_tokens).strip()
     stop = lm.template.stop
     if getattr(lm, "server", None) is not None:
         req: dict[str, Any] = {"prompt": list(ids), "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
@@ -70,10 +72,12 @@ def answer_text(lm: Any, ids: list[int], max_new_tokens: int) -> str:
 
 
 def generate_records(lm: Any, sub: Subject, prompts: list[tuple[Question, str]], ids: list[list[int]],
-                     max_new_tokens: int, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+                     max_new_tokens: int, progress: Callable[[int], None] | None = None,
+                     turns: list[str] | None = None) -> list[dict[str, Any]]:
+    """`ids`: each prompt encoded with the template; `turns`: the user turns themselves (for an endpoint)."""
     out = []
-    for (q, text), prompt_ids in zip(prompts, ids):
-        answer = answer_text(lm, prompt_ids, max_new_tokens)
+    for n, ((q, text), prompt_ids) in enumerate(zip(prompts, ids)):
+        answer = answer_text(lm, prompt_ids, max_new_tokens, turns[n] if turns else "")
         pred = extract_choice(answer, q.options)
         correct = (pred == q.answer) if q.answer else None
         out.append({

@@ -44,17 +44,19 @@ def _option_scores(server: Any, item: Item, method: str, slot: int, reuse: bool)
 
 
 def score_items_llamacpp(lm: Any, items: Sequence[Item], method: str = "logits", parallel: int = 1,
-                         use_prefix_cache: bool = True, progress: Callable[[int], None] | None = None) -> list[Scored]:
+                         use_prefix_cache: bool = True, progress: Callable[[int], None] | None = None,
+                         share: bool = True) -> list[Scored]:
     """Score `items` (one subject's questions) on `lm` (a LlamaCppModel loaded with `parallel` slots).
 
     use_prefix_cache=False computes every prompt whole (the reference the tests compare against).
+    share=False leaves the prefix to the server's own prompt cache (an endpoint: no slot save/restore).
     """
     from cutegpt.runtime.llamacpp import share_prefix
 
     if not items:
         return []
     prefix_len = common_prefix_length([it.ids for it in items]) if use_prefix_cache else 0
-    if prefix_len:
+    if prefix_len and share:
         share_prefix(lm, list(items[0].ids[:prefix_len]), f"prefix-{uuid.uuid4().hex}.bin", parallel)
     free: queue.SimpleQueue[int] = queue.SimpleQueue()
     for k in range(parallel):
@@ -93,7 +95,11 @@ class ServerTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         from cutegpt.runtime.llamacpp import server_tokenize
 
-        return {"input_ids": server_tokenize(self.server, text, add_special=add_special_tokens)}
+        own = getattr(self.server, "tokenize", None)  # an endpoint: its own HTTP call (with the API key)
+        ids = own(text, add_special_tokens) if own is not None else server_tokenize(self.server, text, add_special=add_special_tokens)
+        return {"input_ids": ids}
 
     def convert_ids_to_tokens(self, ids: Any) -> Any:
+        if self.hf is None:  # an endpoint: ids only
+            return [str(i) for i in ids] if isinstance(ids, list) else str(ids)
         return self.hf.convert_ids_to_tokens(ids)
