@@ -19,7 +19,7 @@ Without lm-eval (no --lmeval-python, or the interpreter is absent) only our side
 reported. The data: --data, else $CEVAL_DATA, else ../shared/data/ceval beside the repository
 ($CUTEGPT_SHARED/data/ceval when set); when none exists the benchmark says so and exits (skipped).
 
-With `--gguf FILE.gguf` (repeatable; `cutegpt export --format gguf --quant f16|q8_0|q4_1` makes them) our
+With `--gguf FILE.gguf …` (`cutegpt export --format gguf --quant f16|q8_0|q4_1` makes them) our
 llama.cpp path scores each file too, and its letters are compared with our torch path's, question by question:
 
     python benchmarks/bench_eval.py --threads 1 --shots 5 --gguf f16.gguf q8_0.gguf q4_1.gguf
