@@ -19,7 +19,12 @@ Without lm-eval (no --lmeval-python, or the interpreter is absent) only our side
 reported. The data: --data, else $CEVAL_DATA, else ../shared/data/ceval beside the repository
 ($CUTEGPT_SHARED/data/ceval when set); when none exists the benchmark says so and exits (skipped).
 
-Printed: wall time and questions/s of each tool (model loading included, and the
+With `--gguf FILE.gguf …` (`cutegpt export --format gguf --quant f16|q8_0|q4_1` makes them) our
+llama.cpp path scores each file too, and its letters are compared with our torch path's, question by question:
+
+    python benchmarks/bench_eval.py --threads 1 --shots 5 --gguf f16.gguf q8_0.gguf q4_1.gguf
+
+Printed: the CPU model, wall time and questions/s of each tool (model loading included, and the
 scoring time alone), the ratio, accuracy, and the agreement of predicted letters
 question by question with every disagreement listed.
 """
@@ -110,6 +115,46 @@ def lmeval_predictions(out: Path, subjects: list[str]) -> tuple[dict[tuple[str, 
     return preds, lls, eval_seconds
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def compare_gguf(gguf: str, ours_cmd: list[str], ours: dict, ours_wall: float, ours_score_s: float, env: dict[str, str],
+                 work: Path, shots: int, threads: int) -> None:
+    """Our llama.cpp path on `gguf` beside our torch path: speed, and letters question by question."""
+    out = work / f"gguf-{Path(gguf).stem}-{shots}shot"
+    cmd = list(ours_cmd)
+    cmd[cmd.index("--model") + 1] = gguf
+    cmd[cmd.index("--out") + 1] = str(out)
+    wall = run(cmd, env, work / f"gguf-{Path(gguf).stem}-{shots}shot.log")
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    score_s = res["timing"]["seconds_this_run"]
+    recs = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    by_key: dict = {}
+    for r in recs:
+        by_key[(r["subject"], sum(1 for k in by_key if k[0] == r["subject"]))] = r
+    n = len(ours)
+    agree = sum(by_key[k]["pred"] == ours[k]["pred"] for k in ours)
+    max_dp = max(max(abs(by_key[k]["probs"][L] - ours[k]["probs"][L]) for L in LETTERS) for k in ours)
+    acc = 100 * sum(bool(r["correct"]) for r in recs) / n
+    print(f"\n{shots}-shot, {n} questions, {Path(gguf).name} ({res['weights']}) on llama.cpp vs torch, {threads} thread(s)")
+    print(f"  llama.cpp wall {wall:7.1f} s ({n / wall:.3f} q/s); scoring alone {score_s:.1f} s ({n / score_s:.3f} q/s)")
+    print(f"  torch     wall {ours_wall:7.1f} s ({n / ours_wall:.3f} q/s); scoring alone {ours_score_s:.1f} s ({n / ours_score_s:.3f} q/s)")
+    print(f"  speed-up llama.cpp / torch: wall {ours_wall / wall:.2f}x, scoring {ours_score_s / score_s:.2f}x; "
+          f"letter agreement {agree}/{n} = {100 * agree / n:.1f}%; accuracy {acc:.1f}%; max |p_gguf - p_torch| {max_dp:.3f}")
+    for k in sorted(ours):
+        if by_key[k]["pred"] != ours[k]["pred"]:
+            print(f"  difference {k}: gguf {by_key[k]['pred']} {by_key[k]['probs']} | torch {ours[k]['pred']} {ours[k]['probs']}")
+
+
 def softmax(xs: list[float]) -> list[float]:
     m = max(xs)
     e = [math.exp(x - m) for x in xs]
@@ -127,6 +172,7 @@ def main() -> None:
     ap.add_argument("--lmeval-batch-size", default="1")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating which goes first; the best is reported")
     ap.add_argument("--work", default="/tmp/bench-eval")
+    ap.add_argument("--gguf", nargs="+", default=[], help="GGUF files scored by our llama.cpp path beside the torch path")
     args = ap.parse_args()
     if not (Path(args.data) / "val").is_dir():
         print(f"skipped: no C-Eval data at {args.data} (pass --data, or set $CEVAL_DATA or $CUTEGPT_SHARED)")
@@ -155,6 +201,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_CACHE=str(work / "hf-datasets"))
+    print(f"CPU: {cpu_model()}")
     print(f"model {args.model}; {len(args.subjects)} C-Eval val subjects: {', '.join(args.subjects)}; "
           f"torch threads {args.threads}; lm-eval batch size {args.lmeval_batch_size}", flush=True)
     rows = []
@@ -189,6 +236,8 @@ def main() -> None:
         ours = {(r["subject"], i): r for s in args.subjects
                 for i, r in enumerate(x for x in map(json.loads, (ours_out / "predictions.jsonl").read_text(encoding="utf-8").splitlines())
                                       if x["subject"] == s)}
+        for gguf in args.gguf:
+            compare_gguf(gguf, ours_cmd, ours, ours_wall, ours_score_s, env, work, shots, args.threads)
         if not with_lm:
             n = len(ours)
             correct = sum(bool(r["correct"]) for r in ours.values())

@@ -41,9 +41,11 @@ _BOUNDS = {"ge": (lambda v, b: v >= b, "at least"), "gt": (lambda v, b: v > b, "
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", positional: bool = False, *,
         ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
-        aliases: tuple[str, ...] = (), absent: str | None = None, **kw: Any) -> Any:
-    """A dataclass field with its help text, bounds and extra spellings (used by every config)."""
-    meta = {"help": help, "positional": positional, "aliases": tuple(aliases), "absent": absent,
+        aliases: tuple[str, ...] = (), absent: str | None = None, repeatable: bool = False, **kw: Any) -> Any:
+    """A dataclass field with its help text, bounds and extra spellings (used by every config).
+
+    repeatable: a list flag that may also be given several times (`--model A --model B` = `--model A B`)."""
+    meta = {"help": help, "positional": positional, "aliases": tuple(aliases), "absent": absent, "repeatable": repeatable,
             "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
@@ -185,6 +187,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
         if is_list:
             kwargs.update(type=_converter(item, flag), nargs="+")
+            if f.metadata.get("repeatable"):
+                kwargs["action"] = "extend"
         else:
             kwargs.update(type=_converter(tp, flag))
             if choices:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 
 PROTOCOL_VERSION = 3  # bump when prompt rendering or scoring changes: old caches stop matching
 DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test", "mmlu": "test", "xiezhi": "spec"}
-RESULT_FILES = {"results.json", "predictions.jsonl", "categories.png", "submission.json"}
+RESULT_FILES = {"results.json", "predictions.jsonl", "categories.png", "submission.json", "table.md"}
 
 
 @dataclass(kw_only=True)
@@ -46,14 +48,21 @@ class EvalConfig(ModelArgs):
     """Settings of `cutegpt eval` (model flags come from ModelArgs)."""
 
     benchmark: Literal["ceval", "cmmlu", "mmlu", "xiezhi"] = arg(help="benchmark: ceval, cmmlu, mmlu or xiezhi", positional=True)
+    model: list[str] | None = arg(None, "model folder, .gguf file or hub id found in the local hub cache; several (--model A --model B) "
+                                  "are scored in one run, compared with the first", aliases=("--model_name_or_path",),
+                                  absent="the embedded SmolLM2-135M-Instruct", repeatable=True)
+    lora: list[str] | None = arg(None, "LoRA adapter folder on top of --model; one per --model ('none' for no adapter), "
+                                 "or several on one --model", aliases=("--adapter_name_or_path",), repeatable=True)
     data: str | None = arg(None, "the benchmark's official data folder (else $CEVAL_DATA / $CMMLU_DATA / $MMLU_DATA / $XIEZHI_DATA, or $CUTEGPT_DATA/<benchmark>)")
     split: str | None = arg(None, "ceval: val|test|dev; cmmlu: test|dev; mmlu: test|val|dev; xiezhi: spec|inter", absent="val for ceval and mmlu, test for cmmlu, spec for xiezhi")
     shots: int = arg(5, "few-shot examples from the dev set (0 = zero-shot)", ge=0)
-    method: Literal["logits", "loglikelihood"] = arg("logits", "logits: next-token logit of each letter (C-Eval's LLaMA evaluator); loglikelihood: log-probability of each option's continuation, the target delimiter included (lm-evaluation-harness's multiple_choice)")
+    method: Literal["logits", "loglikelihood", "generate"] = arg("logits", "logits: next-token logit of each letter (C-Eval's LLaMA evaluator); loglikelihood: log-probability of each option's continuation, the target delimiter included (lm-evaluation-harness's multiple_choice); generate: the model answers as a chat turn, the letter is read from its text (docs/evaluation.md)")
     prompt: Literal["official", "lm-eval"] = arg("official", "prompt text: the benchmark authors' own (C-Eval, CMMLU, MMLU) or lm-evaluation-harness's task text")
     target_delimiter: str | None = arg(None, "text between the answer cue and the letter, in the shots and in the scored continuation; stock lm-eval uses ' '",
                                        absent="'' for ceval, cmmlu and xiezhi, ' ' for mmlu")
     chat_template: bool = arg(False, "wrap each prompt in the model's template (--template), for instruction-tuned models")
+    cot: bool = arg(False, "--method generate: ask for step-by-step reasoning ending with 答案是X / 'The answer is X' (give more --max-new-tokens)")
+    max_new_tokens: int = arg(32, "--method generate: most tokens of each answer", ge=1)
     fewshot_order: Literal["file", "random"] = arg("file", "few-shot examples: the first N dev questions (reference) or N seeded-random ones")
     seed: int = arg(1234, "seed for --fewshot-order random")
     subjects: list[str] | None = arg(None, "only these subjects (C-Eval/CMMLU/MMLU keys, XieZhi top-level disciplines)", absent="all")
@@ -65,6 +74,13 @@ class EvalConfig(ModelArgs):
     overwrite: bool = arg(False, "replace an existing --out folder (only one holding nothing but cutegpt eval results)")
     resume: bool = arg(True, "reuse finished subjects from the per-subject cache")
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
+    backend: Literal["auto", "torch", "llamacpp"] = arg("auto", "scoring engine: llama.cpp runs a .gguf file's own weights (its quantization "
+                                                        "included), torch any folder (a .gguf file dequantized); auto = llama.cpp for a .gguf file")
+    endpoint: str | None = arg(None, "score the model behind an OpenAI-compatible server (llama.cpp's server, cutegpt serve) instead of "
+                                     "--model: letters from its completion log-probabilities, or --method generate through its chat endpoint")
+    api_key: str | None = arg(None, "API key for --endpoint (sent as a Bearer token)")
+    parallel: int = arg(1, "llama.cpp: questions scored side by side in as many slots, each starting from the subject's shared prefix "
+                                     "(on CPU scoring is bound by prompt processing: 4 slots were no faster than 1 here)", ge=1)
 
 
 # --------------------------------------------------------------------------- prompts -> token ids
@@ -170,6 +186,117 @@ def subject_prompts(bench: Benchmark, sub: Subject, cfg: EvalConfig) -> list[tup
     return [(q, prefix + style.question(q)) for q in questions]
 
 
+# --------------------------------------------------------------------------- backend
+
+
+def choose_backend(cfg: EvalConfig) -> str:
+    """torch, llamacpp or endpoint, decided before anything loads."""
+    if cfg.endpoint:
+        if cfg.model or cfg.lora:
+            raise CuteGPTError("--endpoint scores the model its server runs: give --endpoint or --model/--lora, not both.")
+        return "endpoint"
+    is_gguf = cfg.model is not None and Path(cfg.model).suffix == ".gguf"
+    torch_only = [flag for flag, on in (("--lora", bool(cfg.lora)), ("--load-in-8bit", cfg.load_in_8bit),
+                                        ("--dtype", cfg.dtype != "auto"), ("--device cuda", cfg.device == "cuda")) if on]
+    if cfg.backend == "llamacpp":
+        if not is_gguf:
+            raise CuteGPTError("--backend llamacpp scores a .gguf file: give --model FILE.gguf "
+                               "(`cutegpt export --format gguf` makes one), or use --backend torch.")
+        if torch_only:
+            raise CuteGPTError(f"{torch_only[0]} works only with --backend torch; llama.cpp runs the GGUF file's own weights.")
+        return "llamacpp"
+    if cfg.backend == "torch" or not is_gguf or torch_only:
+        return "torch"
+    return "llamacpp"
+
+
+def gguf_quant(path: Path) -> str:
+    """The file's weight type as llama.cpp names it (F16, Q8_0, ...)."""
+    from cutegpt.runtime.llamacpp import read_gguf_metadata
+
+    ftype = read_gguf_metadata(path, lambda k: k == "general.file_type").get("general.file_type")
+    try:
+        import gguf
+
+        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ImportError, TypeError, ValueError):
+        return "unknown" if ftype is None else f"file type {ftype}"
+
+
+def load_llamacpp_for(cfg: EvalConfig, bench: Benchmark, threads: int, slot_dir: Path) -> Any:
+    """The GGUF file in llama.cpp with --parallel slots, each as long as the longest prompt needs."""
+    from cutegpt.runtime.llamacpp import gguf_tokenizer, load_llamacpp, read_gguf_metadata
+
+    path = Path(cfg.model).expanduser()
+    if not path.is_file():
+        raise CuteGPTError(f"--model {path} does not exist." if not path.exists() else f"--model {path} is a folder, not a .gguf file.")
+    tokenizer = gguf_tokenizer(path)
+    probe = _Probe(tokenizer, template_for_probe(cfg, tokenizer))
+    longest = max((len(encode_prompt(probe, *model_prompt(bench, cfg, text)))
+                   for sub in bench.subjects.values() for _q, text in subject_prompts(bench, sub, cfg)), default=1)
+    if cfg.method == "generate":
+        longest += cfg.max_new_tokens
+    meta = read_gguf_metadata(path, lambda k: k.endswith(".context_length") or k == "general.architecture")
+    train_ctx = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length") or 2048)
+    # + the longest continuation; llama.cpp may split more finely than transformers' reading of the vocabulary
+    need = longest + longest // 8 + 16
+    if longest + 8 > train_ctx:
+        raise CuteGPTError(f"--model {path.name}: the longest prompt has {longest} tokens, more than the model's context of "
+                           f"{train_ctx}; use fewer --shots.")
+    per_slot = min(train_ctx, -(-need // 256) * 256)
+    lm = load_llamacpp(path, template=cfg.template, threads=threads, n_ctx=per_slot * cfg.parallel, tokenizer=tokenizer,
+                       parallel=cfg.parallel, slot_save_path=slot_dir)
+    if not uses_template(cfg):  # plain prompts: llama.cpp's own tokenization (chat prompts go through the template's segments)
+        from cutegpt.evaluation.llamacpp import ServerTokenizer
+
+        lm.tokenizer = ServerTokenizer(lm.server, tokenizer)
+    return lm
+
+
+def uses_template(cfg: EvalConfig) -> bool:
+    return cfg.chat_template or cfg.method == "generate"
+
+
+def model_prompt(bench: Benchmark, cfg: EvalConfig, text: str) -> tuple[str, bool]:
+    """What the model reads for a question's prompt text, and whether it goes through the chat template."""
+    if cfg.method == "generate":
+        from cutegpt.evaluation.generate import chat_text
+
+        return chat_text(text, style_of(bench.name, cfg).parts[2], bench.name, cfg.cot), True
+    return text, cfg.chat_template
+
+
+@dataclass
+class _Probe:
+    """Just enough of a model for encode_prompt: counts prompt tokens before llama.cpp loads."""
+
+    tokenizer: Any
+    template: Any
+
+
+def template_for_probe(cfg: EvalConfig, tokenizer: Any) -> Any:
+    from cutegpt.runtime.llamacpp import template_for
+
+    return template_for(cfg.template, tokenizer)
+
+
+def check_gguf_tokenizer(lm: Any, bench: Benchmark, prompts: dict[str, list[tuple[Question, str]]], cfg: EvalConfig) -> None:
+    """Chat prompts are encoded segment by segment with the file's tokenizer as transformers reads it (the template's
+    special tokens kept apart); llama.cpp must read the rendered text the same way."""
+    from cutegpt.runtime.llamacpp import server_tokenize
+
+    for name, items in prompts.items():
+        if not items or not uses_template(cfg):
+            continue
+        ours = encode_prompt(lm, *model_prompt(bench, cfg, items[0][1]))
+        theirs = server_tokenize(lm.server, lm.tokenizer.decode(ours), add_special=False)
+        if ours != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise CuteGPTError(f"--model {lm.model_path.name}: llama.cpp tokenizes the '{name}' prompt differently from the file's "
+                               f"tokenizer read by transformers (from token {at} on), so its letters cannot be scored like the torch path; "
+                               f"use --backend torch.")
+
+
 # --------------------------------------------------------------------------- cache key
 
 
@@ -190,9 +317,12 @@ def _files_fingerprint(path: Path | None) -> dict[str, Any]:
 def settings_key(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, letter_ids: list[int]) -> tuple[str, dict[str, Any]]:
     settings = {
         "protocol_version": PROTOCOL_VERSION,
-        "model": _files_fingerprint(lm.model_path),
+        "model": ({"endpoint": getattr(lm.server, "url", None), "name": lm.name} if hasattr(getattr(lm, "server", None), "chat")
+                  else _files_fingerprint(lm.model_path)),
         "lora": _files_fingerprint(lm.lora_path),
-        "dtype": str(lm.dtype),
+        "dtype": str(getattr(lm, "dtype", "gguf")),
+        "backend": ("endpoint" if hasattr(getattr(lm, "server", None), "chat") else
+                    "llamacpp" if getattr(lm, "server", None) is not None else "torch"),
         "int8": lm.int8,
         "benchmark": bench.name,
         "split": bench.split,
@@ -202,7 +332,8 @@ def settings_key(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, letter_ids:
         "prompt": cfg.prompt,
         "target_delimiter": style_of(bench.name, cfg).target_delimiter,
         "fewshot_leaves_out_self": bench.split == "dev",
-        "template": lm.template.name if cfg.chat_template else None,
+        "template": getattr(lm.template, "name", "the endpoint's own") if uses_template(cfg) else None,
+        "generation": {"cot": cfg.cot, "max_new_tokens": cfg.max_new_tokens} if cfg.method == "generate" else None,
         "fewshot_order": cfg.fewshot_order,
         "seed": cfg.seed if cfg.fewshot_order == "random" else None,
         "limit": cfg.limit,
@@ -242,7 +373,7 @@ def _records(sub: Subject, prompts: list[tuple[Question, str]], items: list[Item
 
 
 def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Path | None = None,
-             show_progress: bool = True) -> dict[str, Any]:
+             show_progress: bool = True, use_prefix_cache: bool = True) -> dict[str, Any]:
     """Score every subject of `bench`; returns {records, settings, key, timing, notes, letter_ids}.
 
     timing: `seconds` / `questions_per_second` are those of the runs that computed the answers
@@ -265,9 +396,13 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
         if not (cache / "settings.json").exists():
             write_json(cache / "settings.json", settings)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    on_llamacpp = getattr(lm, "server", None) is not None
+    remote = hasattr(getattr(lm, "server", None), "chat")
 
     # Build every prompt first: a bad dev file fails before any model time is spent.
     all_prompts = {name: subject_prompts(bench, sub, cfg) for name, sub in bench.subjects.items()}
+    if on_llamacpp and not remote:
+        check_gguf_tokenizer(lm, bench, all_prompts, cfg)
     records: dict[str, list[dict[str, Any]]] = {}
     scored_questions, seconds, resumed = 0, 0.0, 0
     timed_questions, timed_seconds, untimed = 0, 0.0, []
@@ -288,6 +423,27 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
                 except (OSError, ValueError, KeyError, TypeError):
                     untimed.append(name)  # cached by an older version: its timing was not kept
                 continue
+        if cfg.method == "generate":
+            from cutegpt.evaluation.generate import generate_records
+
+            turns = [model_prompt(bench, cfg, text)[0] for _q, text in prompts]
+            remote = hasattr(getattr(lm, "server", None), "chat")  # an endpoint applies its own template
+            ids = [[] if remote else encode_prompt(lm, turn, True) for turn in turns]
+            too_long = [q for q, x in zip(prompts, ids) if len(x) + cfg.max_new_tokens > lm.context_length]
+            if too_long:
+                raise CuteGPTError(f"{too_long[0][0].source}: the prompt and --max-new-tokens {cfg.max_new_tokens} need more tokens "
+                                   f"than the model's context of {lm.context_length}; use fewer --shots.")
+            bar = tqdm(total=len(ids), desc=name, leave=False, disable=not show_progress)
+            t0 = time.perf_counter()
+            records[name] = generate_records(lm, sub, prompts, ids, cfg.max_new_tokens, progress=bar.update, turns=turns)
+            took = time.perf_counter() - t0
+            bar.close()
+            seconds += took
+            scored_questions += len(ids)
+            timed_questions += len(ids)
+            timed_seconds += took
+            _cache_subject(path, records[name], took, lm)
+            continue
         items = [item_for(lm, text, cfg, conts, delimiter) for _q, text in prompts]
         context = lm.context_length
         too_long = [q for (q, _t), it in zip(prompts, items) if len(it.ids) + max(map(len, it.continuations)) > context]
@@ -295,8 +451,14 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
             raise CuteGPTError(f"{too_long[0].source}: the prompt has more tokens than the model's context of {context}; use fewer --shots.")
         bar = tqdm(total=len(items), desc=name, leave=False, disable=not show_progress)
         t0 = time.perf_counter()
-        scored = score_items(lm.model, items, cfg.method, cfg.batch_size, cfg.max_batch_tokens, pad_id,
-                             progress=bar.update)
+        if on_llamacpp:
+            from cutegpt.evaluation.llamacpp import score_items_llamacpp
+
+            scored = score_items_llamacpp(lm, items, cfg.method, 1 if remote else cfg.parallel, use_prefix_cache,
+                                          progress=bar.update, share=not remote)
+        else:
+            scored = score_items(lm.model, items, cfg.method, cfg.batch_size, cfg.max_batch_tokens, pad_id,
+                                 use_prefix_cache=use_prefix_cache, progress=bar.update)
         took = time.perf_counter() - t0
         seconds += took
         bar.close()
@@ -304,16 +466,7 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
         timed_questions += len(items)
         timed_seconds += took
         records[name] = _records(sub, prompts, items, scored)
-        if path is not None:
-            from cutegpt.io import atomic_file, write_json
-
-            with atomic_file(path) as f:  # a subject is cached whole or not at all
-                for r in records[name]:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            import torch
-
-            write_json(path.with_suffix(".timing.json"),
-                       {"questions": len(items), "seconds": took, "threads": torch.get_num_threads()})
+        _cache_subject(path, records[name], took, lm)
     timing: dict[str, Any] = {
         "questions_timed": timed_questions,
         "seconds": round(timed_seconds, 3),
@@ -326,6 +479,25 @@ def evaluate(lm: LoadedModel, bench: Benchmark, cfg: EvalConfig, cache_root: Pat
         timing["subjects_without_timing"] = untimed
     return {"records": records, "settings": settings, "key": key, "letter_ids": letter_ids, "notes": notes,
             "timing": timing}
+
+
+def _cache_subject(path: Path | None, recs: list[dict[str, Any]], took: float, lm: Any) -> None:
+    if path is None:
+        return
+    from cutegpt.io import atomic_file, write_json
+
+    with atomic_file(path) as f:  # a subject is cached whole or not at all
+        for r in recs:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_json(path.with_suffix(".timing.json"), {"questions": len(recs), "seconds": took, "threads": _threads(lm)})
+
+
+def _threads(lm: Any) -> int:
+    if getattr(lm, "server", None) is not None:
+        return int(lm.threads)
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _protocol(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, letter_ids: list[int]) -> dict[str, Any]:
@@ -348,10 +520,16 @@ def _protocol(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, letter_ids: li
         "seed": cfg.seed if cfg.shots and cfg.fewshot_order == "random" else None,
         "method": cfg.method,
         "letter_tokens": {L: {"id": i, "token": lm.tokenizer.convert_ids_to_tokens(i)} for L, i in zip(LETTERS, letter_ids)},
-        "letter_convention": ("the token of the letter where the prompt puts it: first id after the answer cue in "
+        "letter_convention": ("read from the answer text by evaluation/extract.py's rules (none found: an extraction failure, wrong)"
+                              if cfg.method == "generate" else
+                              "the token of the letter where the prompt puts it: first id after the answer cue in "
                               "tokenizer.encode(cue + delimiter + letter)" if cfg.method == "logits"
                               else "log-probability of delimiter + letter after the prompt (lm-evaluation-harness)"),
-        "template": lm.template.name if cfg.chat_template else "none (plain text, tokenizer's own special tokens)",
+        "template": (getattr(lm.template, "name", "the endpoint's own") if uses_template(cfg)
+                     else "none (plain text, tokenizer's own special tokens)"),
+        "generation": ({"instruction": __import__("cutegpt.evaluation.generate", fromlist=["instruction"]).instruction(bench.name, cfg.cot),
+                        "cot": cfg.cot, "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy, stops at the template's stop marker and EOS"}
+                       if cfg.method == "generate" else None),
         "averages": "mean_of_subjects (C-Eval's convention, used in the table) and question_weighted",
         "intervals": "ci95: 95% Wilson score interval in percent (for mean_of_subjects: that of a proportion of the same value over the same question count)",
         "limit_per_subject": cfg.limit,
@@ -364,24 +542,34 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60] or "model"
 
 
-def default_out(bench: Benchmark, cfg: EvalConfig, root: Path = Path("eval-results")) -> Path:
+def default_out(bench: Benchmark, cfg: EvalConfig | list[EvalConfig], root: Path = Path("eval-results")) -> Path:
     """A folder of its own for this run: what was evaluated and a hash of every setting.
 
     The hash covers the model and adapter (path and file sizes/times), the data, and every flag
     that changes a score or the question set (--subjects and --limit too). Running the very same
     settings again gets a time stamp appended, so no earlier result is ever replaced.
     """
+    several = cfg if isinstance(cfg, list) else [cfg]
+    cfg = several[0]
     model = _safe(Path(cfg.model).name.removesuffix(".gguf")) if cfg.model else "smollm2-135m-instruct"
+    if cfg.endpoint:
+        model = "endpoint-" + _safe(cfg.endpoint.split("://", 1)[-1])
     if cfg.lora:
         model += "+" + _safe(Path(cfg.lora).name)
+    if len(several) > 1:
+        model += f"-and-{len(several) - 1}-more"
+    models = [{"model": c.model, "model_files": _files_fingerprint(Path(c.model)) if c.model and Path(c.model).exists() else None,
+               "lora": c.lora, "lora_files": _files_fingerprint(Path(c.lora)) if c.lora and Path(c.lora).exists() else None,
+               "backend": c.backend, "endpoint": c.endpoint}
+              for c in several]
     ident = {
-        "model": cfg.model, "model_files": _files_fingerprint(Path(cfg.model)) if cfg.model and Path(cfg.model).exists() else None,
-        "lora": cfg.lora, "lora_files": _files_fingerprint(Path(cfg.lora)) if cfg.lora and Path(cfg.lora).exists() else None,
+        **(models[0] if len(models) == 1 else {"models": models}),
         "dtype": cfg.dtype, "load_in_8bit": cfg.load_in_8bit, "int8_backend": cfg.int8_backend if cfg.load_in_8bit else None,
         "merge_lora": cfg.merge_lora, "data_hash": bench.data_hash(), "benchmark": bench.name, "split": bench.split,
         "subjects": sorted(bench.subjects), "limit": cfg.limit, "shots": cfg.shots, "method": cfg.method,
         "prompt": cfg.prompt, "target_delimiter": style_of(bench.name, cfg).target_delimiter,
-        "chat_template": cfg.chat_template, "template": cfg.template if cfg.chat_template else None,
+        "chat_template": cfg.chat_template, "template": cfg.template if uses_template(cfg) else None,
+        **({"cot": cfg.cot, "max_new_tokens": cfg.max_new_tokens} if cfg.method == "generate" else {}),
         "fewshot_order": cfg.fewshot_order, "seed": cfg.seed if cfg.fewshot_order == "random" else None,
         "protocol_version": PROTOCOL_VERSION,
     }
@@ -426,13 +614,31 @@ def update_latest(out: Path) -> None:
             tmp.unlink()
 
 
-def run_eval(cfg: EvalConfig) -> int:
-    import torch
+def model_configs(cfg: EvalConfig) -> list[EvalConfig]:
+    """One config per model to score: --model and --lora may each be given several times."""
+    models = _as_list(cfg.model) or [None]
+    loras = _as_list(cfg.lora)
+    if not loras:
+        pairs = [(m, None) for m in models]
+    elif len(models) == 1:
+        pairs = [(models[0], None if lora.lower() == "none" else lora) for lora in loras]
+    elif len(loras) == len(models):
+        pairs = [(m, None if lora.lower() == "none" else lora) for m, lora in zip(models, loras)]
+    else:
+        raise CuteGPTError(f"--lora: {len(loras)} adapters for {len(models)} models; give one --lora per --model "
+                           f"('none' for no adapter), or any number of adapters on one --model.")
+    if len(set(pairs)) < len(pairs):
+        raise CuteGPTError("--model/--lora name the same model twice; each model is scored once.")
+    return [dataclasses.replace(cfg, model=m, lora=lora) for m, lora in pairs]
 
-    import cutegpt
-    from cutegpt.io import atomic_dir, check_output, write_json
-    from cutegpt.model.loading import load_model
 
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _check_settings(cfg: EvalConfig) -> None:
     if cfg.shots < 0:
         raise CuteGPTError(f"--shots must be 0 or more, not {cfg.shots}.")
     if cfg.limit is not None and cfg.limit < 1:
@@ -441,7 +647,26 @@ def run_eval(cfg: EvalConfig) -> int:
         raise CuteGPTError("--batch-size and --max-batch-tokens must be 1 or more.")
     if cfg.prompt not in PROMPTS:
         raise CuteGPTError(f"--prompt must be one of {', '.join(PROMPTS)}, not {cfg.prompt!r}.")
-    apply_threads(cfg.threads)
+    if cfg.parallel < 1:
+        raise CuteGPTError(f"--parallel must be 1 or more, not {cfg.parallel}.")
+
+
+def run_eval(cfg: EvalConfig) -> int:
+    from cutegpt.io import check_output
+
+    _check_settings(cfg)
+    configs = model_configs(cfg)
+    backends = [choose_backend(c) for c in configs]
+    if "llamacpp" in backends:
+        from cutegpt.runtime.llamacpp import xllamacpp_module
+
+        xllamacpp_module("--model FILE.gguf")
+    if "torch" in backends:
+        threads = apply_threads(cfg.threads)
+    else:
+        from cutegpt.threads import resolve_threads
+
+        threads = resolve_threads(cfg.threads)
     split = cfg.split or DEFAULT_SPLIT[cfg.benchmark]
     if split not in SPLITS[cfg.benchmark]:
         raise CuteGPTError(f"{cfg.benchmark} has no split '{split}'; choose one of {', '.join(SPLITS[cfg.benchmark])}.")
@@ -449,14 +674,47 @@ def run_eval(cfg: EvalConfig) -> int:
     for sub in bench.subjects.values():  # fail on a short dev file before loading the model
         subject_prompts(bench, sub, cfg)
     # The output is checked before the model loads: an existing --out is refused unless --overwrite.
-    out_dir = Path(cfg.out) if cfg.out else default_out(bench, cfg)
-    check_output(out_dir, flag="--out", inputs=(bench.data_dir, cfg.model, cfg.lora), overwrite=cfg.overwrite)
+    out_dir = Path(cfg.out) if cfg.out else default_out(bench, configs[0] if len(configs) == 1 else configs)
+    inputs = (bench.data_dir, *(c.model for c in configs), *(c.lora for c in configs))
+    check_output(out_dir, flag="--out", inputs=inputs, overwrite=cfg.overwrite)
     if cfg.overwrite:
         _check_replaceable(out_dir)
 
-    lm = load_model(cfg)
-    print(f"model: {lm.describe()}", flush=True)
-    run = evaluate(lm, bench, cfg, default_cache_root() if cfg.resume else None)
+    if len(configs) == 1:
+        results, records, lm = score_model(configs[0], bench, backends[0], threads)
+        write_single(out_dir, bench, configs[0], lm, results, records)
+    else:
+        runs = []
+        for n, (mcfg, backend) in enumerate(zip(configs, backends), 1):
+            print(f"[{n}/{len(configs)}]", end=" ", flush=True)
+            results, records, _lm = score_model(mcfg, bench, backend, threads)
+            runs.append((results, records))
+        write_several(out_dir, bench, cfg, runs)
+    if not cfg.out:
+        update_latest(out_dir)
+    return 0
+
+
+def score_model(cfg: EvalConfig, bench: Benchmark, backend: str, threads: int) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], Any]:
+    """Load one model, score every subject; its results.json content, its records and the model."""
+    import torch
+
+    import cutegpt
+    from cutegpt.model.loading import load_model
+
+    with tempfile.TemporaryDirectory(prefix="cutegpt-eval-slots-") as slot_dir:
+        if backend == "llamacpp":
+            lm = load_llamacpp_for(cfg, bench, threads, Path(slot_dir))
+        elif backend == "endpoint":
+            from cutegpt.evaluation.endpoint import load_endpoint
+
+            lm = load_endpoint(str(cfg.endpoint), cfg.api_key, cfg.method)
+        else:
+            lm = load_model(cfg)
+        print(f"model: {lm.describe()}", flush=True)
+        run = evaluate(lm, bench, cfg, default_cache_root() if cfg.resume else None)
+    weights = ("endpoint" if backend == "endpoint" else f"gguf {gguf_quant(lm.model_path)}" if backend == "llamacpp"
+               else f"int8 ({lm.int8})" if lm.int8 else str(lm.dtype).replace("torch.", ""))
     records = run["records"]
     has_gold = all(r["gold"] is not None for recs in records.values() for r in recs)
     setting = f"{cfg.shots}-shot" if cfg.shots else "zero-shot"
@@ -465,11 +723,13 @@ def run_eval(cfg: EvalConfig) -> int:
         "benchmark": bench.name,
         "split": bench.split,
         "setting": setting,
-        "model": str(lm.model_path),
+        "model": str(lm.model_path) if backend != "endpoint" else lm.name,
+        "endpoint": cfg.endpoint,
         "adapter": str(lm.lora_path) if lm.lora_path else None,
-        "dtype": str(lm.dtype).replace("torch.", ""),
-        # "weights": what the linear layers hold: the dtype, or "int8 (<library>)" with --load-in-8bit
-        "weights": f"int8 ({lm.int8})" if lm.int8 else str(lm.dtype).replace("torch.", ""),
+        "backend": backend,
+        "dtype": str(getattr(lm, "dtype", "gguf")).replace("torch.", ""),
+        # "weights": what the linear layers hold: the dtype, "int8 (<library>)" with --load-in-8bit, "gguf Q8_0" on llama.cpp
+        "weights": weights,
         "device": str(lm.device),
         "data_dir": str(bench.data_dir),
         "data_hash": run["settings"]["data_hash"],
@@ -484,23 +744,43 @@ def run_eval(cfg: EvalConfig) -> int:
         "versions": {"cutegpt": cutegpt.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
         "questions": n_questions,
-        "timing": {**run["timing"], "threads": torch.get_num_threads()},
+        "timing": {**run["timing"], "threads": threads, "parallel": cfg.parallel if backend == "llamacpp" else None},
         "warnings": run["notes"],
     }
+    if cfg.method == "generate":
+        results["extraction_failures"] = sum(1 for recs in records.values() for r in recs if r["pred"] is None)
     if has_gold:
         results["summary"] = aggregate(bench, records)
+    _print_timing(run["timing"])
+    return results, records, lm
+
+
+def _print_timing(t: dict[str, Any]) -> None:
+    if t["scored_questions"]:
+        print(f"{t['scored_questions']} questions in {t['seconds_this_run']:.1f} s "
+              f"({t['scored_questions'] / t['seconds_this_run']:.2f} questions/s)"
+              + (f", {t['subjects_resumed']} subjects from the cache" if t["subjects_resumed"] else ""))
+    elif t["subjects_resumed"]:
+        print(f"all {t['subjects_resumed']} subjects from the cache"
+              + (f" (computed at {t['questions_per_second']:.2f} questions/s)" if t["questions_per_second"] else ""))
+
+
+def write_single(out_dir: Path, bench: Benchmark, cfg: EvalConfig, lm: Any, results: dict[str, Any],
+                 records: dict[str, list[dict[str, Any]]]) -> None:
+    from cutegpt.io import atomic_dir, write_json
+
+    has_gold = "summary" in results
+    setting = results["setting"]
     with atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
             for recs in records.values():
                 for r in recs:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         if has_gold:
-            bar_chart(bench, results["summary"], chart_title(bench, cfg, lm, setting, n_questions), tmp / "categories.png")
+            bar_chart(bench, results["summary"], chart_title(bench, cfg, lm, setting, results["questions"]), tmp / "categories.png")
         else:
             write_json(tmp / "submission.json", submission(records))
         write_json(tmp / "results.json", results)
-    if not cfg.out:
-        update_latest(out_dir)
 
     print(f"\n{bench.name} {bench.split}, {setting}, method {cfg.method}, prompt {cfg.prompt}, "
           f"template {results['protocol']['template']}" + (f", first {cfg.limit} questions per subject" if cfg.limit else ""))
@@ -514,18 +794,59 @@ def run_eval(cfg: EvalConfig) -> int:
         print(f"(category and Average columns: mean of subject accuracies, 95% Wilson intervals; "
               f"question-weighted average {fmt_acc(avg['question_weighted'], avg['questions'])}"
               + (f"; MRR {avg['mrr']:.3f}" if bench.name == "xiezhi" else "") + ")")
-    else:
+    if "extraction_failures" in results:
+        print(f"no letter found in {results['extraction_failures']} of {results['questions']} answers (counted as wrong; "
+              f"each answer's text is in predictions.jsonl)")
+    if not has_gold:
         print(f"no answers in the {bench.split} split: wrote the submission file {out_dir / 'submission.json'}")
-    t = run["timing"]
-    if t["scored_questions"]:
-        print(f"{t['scored_questions']} questions in {t['seconds_this_run']:.1f} s "
-              f"({t['scored_questions'] / t['seconds_this_run']:.2f} questions/s)"
-              + (f", {t['subjects_resumed']} subjects from the cache" if t["subjects_resumed"] else ""))
-    elif t["subjects_resumed"]:
-        print(f"all {t['subjects_resumed']} subjects from the cache"
-              + (f" (computed at {t['questions_per_second']:.2f} questions/s)" if t["questions_per_second"] else ""))
     print(f"results: {out_dir}/")
-    return 0
+
+
+def model_label(results: dict[str, Any]) -> str:
+    """A model's name in the tables: file or folder, adapter, and what ran it."""
+    name = Path(results["model"]).name
+    if results["adapter"]:
+        name += " + " + Path(results["adapter"]).name
+    return f"{name} ({results['backend']}, {results['weights']})"
+
+
+def write_several(out_dir: Path, bench: Benchmark, cfg: EvalConfig,
+                  runs: list[tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]]) -> None:
+    """One folder for several models: results.json (each model's results and the comparison), predictions.jsonl
+    (each record with its model), table.md and categories.png (all models side by side)."""
+    from cutegpt.evaluation.results import agreement, models_chart, models_table
+    from cutegpt.io import atomic_dir, write_json
+
+    labels = [model_label(r) for r, _ in runs]
+    labels = [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+    has_gold = all("summary" in r for r, _ in runs)
+    setting = runs[0][0]["setting"]
+    combined: dict[str, Any] = {"benchmark": bench.name, "split": bench.split, "setting": setting,
+                                "models": [{"label": lab, **r} for lab, (r, _) in zip(labels, runs)]}
+    text = ""
+    if has_gold:
+        summaries = [(lab, r["summary"]) for lab, (r, _) in zip(labels, runs)]
+        text, comparison = models_table(bench, summaries)
+        for row, (_r, recs) in zip(comparison[1:], runs[1:]):
+            row["same_letter_as_first"] = agreement(runs[0][1], recs)
+        combined["comparison"] = comparison
+    with atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for lab, (_r, records) in zip(labels, runs):
+                for recs in records.values():
+                    for rec in recs:
+                        f.write(json.dumps({"model": lab, **rec}, ensure_ascii=False) + "\n")
+        if has_gold:
+            (tmp / "table.md").write_text(text + "\n", encoding="utf-8")
+            models_chart(bench, summaries, f"{bench.name} {bench.split}, {setting}, {cfg.method}, prompt {cfg.prompt}: "
+                         f"{len(runs)} models, mean of subject accuracies with 95% Wilson intervals", tmp / "categories.png")
+        write_json(tmp / "results.json", combined)
+    print(f"\n{bench.name} {bench.split}, {setting}, method {cfg.method}, prompt {cfg.prompt}, {len(runs)} models")
+    if has_gold:
+        print(text)
+    else:
+        print(f"no answers in the {bench.split} split: every model's predictions are in {out_dir / 'predictions.jsonl'}")
+    print(f"results: {out_dir}/")
 
 
 def chart_title(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, setting: str, n_questions: int) -> str:

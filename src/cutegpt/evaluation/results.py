@@ -235,3 +235,93 @@ def bar_chart(bench: Benchmark, summary: dict[str, Any], title: str, path: Path)
 def submission(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, str]]:
     """The official C-Eval submission shape: {subject: {question id: letter}}."""
     return {subject: {str(r["id"]): r["pred"] for r in recs} for subject, recs in sorted(records.items())}
+
+
+# --------------------------------------------------------------------------- several models
+
+
+def models_table(bench: Benchmark, summaries: list[tuple[str, dict[str, Any]]],
+                 key: str = "mean_of_subjects") -> tuple[str, list[dict[str, Any]]]:
+    """One row per model (categories | Average | Hard, each with its 95% interval), the difference of its
+    Average to the first model's, and `compare_accuracy` on the question-weighted counts.
+
+    Returns the Markdown text (the table, then one comparison line per later model) and the rows as data.
+    """
+    first = summaries[0][1]
+    cols = [c for c in bench.categories if c in first["categories"]]
+    hard = all("hard" in s for _l, s in summaries)
+    head = ["model"] + cols + ["Average"] + (["Hard"] if hard else []) + ["Δ Average", "questions"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    base_avg = first["average"]
+    for label, s in summaries:
+        groups = [s["categories"].get(c) for c in cols] + [s["average"]] + ([s["hard"]] if hard else [])
+        cells = [label]
+        for g in groups:
+            if g is None or g[key] is None:
+                cells.append("-")
+                continue
+            lo, hi = wilson(g[key] / 100.0 * g["questions"], g["questions"])
+            cells.append(f"{g[key]:.1f} ({lo:.1f}–{hi:.1f})")
+        avg = s["average"]
+        row: dict[str, Any] = {"model": label, "average": avg[key], "ci95": list(wilson(avg[key] / 100.0 * avg["questions"], avg["questions"])),
+                               "question_weighted": avg["question_weighted"], "correct": avg["correct"], "questions": avg["questions"]}
+        if s is first:
+            cells.append("(reference)")
+        else:
+            diff = avg[key] - base_avg[key]
+            p, test = two_proportion_test(avg["correct"], avg["questions"], base_avg["correct"], base_avg["questions"])
+            row.update(difference=diff, p_value=p, test=test)
+            cells.append(f"{diff:+.1f}")
+            notes.append(compare_accuracy(avg["correct"], avg["questions"], base_avg["correct"], base_avg["questions"],
+                                          a_label=label, b_label=summaries[0][0]))
+        cells.append(str(avg["questions"]))
+        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(row)
+    text = "\n".join(lines)
+    text += ("\n\n(categories, Average, Hard: mean of subject accuracies with 95% Wilson intervals; the comparisons below "
+             "use question-weighted counts)")
+    if notes:
+        text += "\n" + "\n".join("- " + n for n in notes)
+    return text, rows
+
+
+def agreement(a: dict[str, list[dict[str, Any]]], b: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """How often two runs over the same questions predict the same letter."""
+    pairs = [(x["pred"], y["pred"]) for s in a if s in b for x, y in zip(a[s], b[s])]
+    same = sum(1 for x, y in pairs if x == y)
+    return {"same": same, "questions": len(pairs), "share": same / len(pairs) if pairs else None}
+
+
+def models_chart(bench: Benchmark, summaries: list[tuple[str, dict[str, Any]]], title: str, path: Path) -> None:
+    """Accuracy by category for several models side by side, 95% Wilson intervals, the chance line."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = summaries[0][1]
+    names = [c for c in bench.categories if c in first["categories"]]
+    labels = [bench.subjects[n].en if n in bench.subjects else n for n in names] + ["Average"]
+    width = 0.8 / len(summaries)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.4 * len(labels) + 2), 5.0))
+    for k, (label, s) in enumerate(summaries):
+        groups = [s["categories"][c] for c in names] + [s["average"]]
+        values = [g["mean_of_subjects"] for g in groups]
+        cis = [wilson(v / 100.0 * g["questions"], g["questions"]) for v, g in zip(values, groups)]
+        yerr = [[v - lo for v, (lo, _h) in zip(values, cis)], [hi - v for v, (_l, hi) in zip(values, cis)]]
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(labels))]
+        ax.bar(xs, values, width, yerr=yerr, capsize=3, label=textwrap.shorten(label, 60), error_kw={"linewidth": 1})
+    ax.axhline(25.0, color="grey", linestyle="--", linewidth=1, label="chance (4 options)")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(["\n".join(textwrap.wrap(lab, 12)) for lab in labels], fontsize=8)
+    ax.set_ylabel("accuracy (%), bars: 95% Wilson interval")
+    ax.set_ylim(0, 105)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
+    ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

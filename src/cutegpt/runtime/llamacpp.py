@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import struct
@@ -209,8 +210,11 @@ class LlamaCppModel:
 
 
 def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, n_ctx: int = 0,
-                  tokenizer: Any = None, name: str | None = None) -> LlamaCppModel:
-    """Load a GGUF file in llama.cpp (one slot, prompt cache on) with its tokenizer and template."""
+                  tokenizer: Any = None, name: str | None = None, parallel: int = 1,
+                  slot_save_path: Path | None = None) -> LlamaCppModel:
+    """Load a GGUF file in llama.cpp (`parallel` slots sharing `n_ctx`, prompt cache on) with its tokenizer and template.
+
+    `slot_save_path`: a folder where slots may save and restore their KV cache (`share_prefix`)."""
     xl = xllamacpp_module()
     if not path.is_file():
         raise CuteGPTError(f"GGUF file {path} does not exist." if not path.exists() else f"{path} is a folder, not a .gguf file.")
@@ -220,15 +224,18 @@ def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, 
     if tokenizer is None:
         tokenizer = gguf_tokenizer(path)
     tmpl = template_for(template, tokenizer)
-    params = server_params(xl, path, n_ctx or train_ctx, threads)
+    params = server_params(xl, path, n_ctx or train_ctx, threads, parallel)
     params.warmup = False
+    if slot_save_path is not None:
+        params.endpoint_slots = True
+        params.slot_save_path = str(slot_save_path)
     try:
         server = xl.Server(params)
     except Exception as e:
         raise CuteGPTError(f"{path}: llama.cpp cannot load this GGUF file ({str(e).splitlines()[0][:200]}).") from None
     keep_alive(server)
     return LlamaCppModel(server=server, tokenizer=tokenizer, template=tmpl, model_path=path,
-                         context_length=params.n_ctx, threads=threads, name=name or gguf_model_name(path),
+                         context_length=params.n_ctx // parallel, threads=threads, name=name or gguf_model_name(path),
                          generation_defaults=gguf_generation_defaults(path))
 
 
@@ -243,6 +250,89 @@ def keep_alive(server: Any) -> None:
     import ctypes
 
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(server))
+
+
+# --- log-probabilities of chosen tokens ----------------------------------------------------------------
+#
+# llama.cpp reports only the top-n next tokens (`n_probs`), and a choice letter may not be among them.
+# Two requests give every choice's exact log-probability over the whole vocabulary, at the cost of one
+# re-evaluated token each (the prompt is in the slot's cache):
+#   1. the choices' logits raised by CHOICE_BIAS (`logit_bias`), top-k = number of choices, temperature 1,
+#      probabilities after sampling: the softmax over the choices alone (the bias cancels out);
+#   2. the best choice forced by the same bias, greedy, probabilities before sampling: llama.cpp reports
+#      the sampled token's log-probability under the unbiased logits.
+# 1 gives the differences between the choices' log-probabilities, 2 anchors them.
+
+CHOICE_BIAS = 100.0  # far above any logit gap seen, small enough that float32 keeps ~1e-5 of the logit
+
+
+def _sampled_logprob(server: Any, ids: list[int], token: int, slot: int, reuse: bool = True) -> float:
+    r = server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": 1, "temperature": 0.0,
+                                   "logit_bias": [[token, CHOICE_BIAS]], "post_sampling_probs": False,
+                                   "cache_prompt": reuse, "ignore_eos": True, "id_slot": slot})
+    got = _first_logprobs(r, "the forced token's probability")
+    if int(got["id"]) != token:
+        raise CuteGPTError(f"llama.cpp did not take the forced token {token} (it sampled {got['id']}).")
+    return float(got["logprob"])
+
+
+def _first_logprobs(r: Any, what: str) -> dict[str, Any]:
+    if isinstance(r, dict) and "error" in r:
+        raise CuteGPTError(f"llama.cpp refused a scoring request ({str(r['error'])[:200]}).")
+    try:
+        return r["choices"][0]["logprobs"]["content"][0]
+    except (KeyError, IndexError, TypeError):
+        raise CuteGPTError(f"llama.cpp's answer has no {what}.") from None
+
+
+def token_logprob(server: Any, ids: list[int], token: int, slot: int = -1, reuse: bool = True) -> float:
+    """log P(token | ids) under the model (no BOS is added to `ids`); reuse=False recomputes the whole prompt."""
+    return _sampled_logprob(server, ids, token, slot, reuse)
+
+
+def choice_logprobs(server: Any, ids: list[int], tokens: list[int], slot: int = -1, reuse: bool = True) -> list[float]:
+    """log P(t | ids) over the whole vocabulary for each of the distinct `tokens` (see the comment above)."""
+    r = server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": len(tokens), "temperature": 1.0,
+                                   "samplers": ["top_k"], "top_k": len(tokens), "seed": 0,
+                                   "logit_bias": [[t, CHOICE_BIAS] for t in tokens], "post_sampling_probs": True,
+                                   "cache_prompt": reuse, "ignore_eos": True, "id_slot": slot})
+    top = {int(t["id"]): float(t["prob"]) for t in _first_logprobs(r, "choice probabilities").get("top_probs", [])}
+    known = {t: top[t] for t in tokens if top.get(t, 0.0) > 0.0}
+    if not known:
+        return [_sampled_logprob(server, ids, t, slot, reuse) for t in tokens]
+    best = max(known, key=lambda t: known[t])
+    anchor = _sampled_logprob(server, ids, best, slot, reuse) - math.log(known[best])
+    # a choice whose share underflowed float32 (or that another token pushed out): asked for on its own
+    return [anchor + math.log(known[t]) if t in known else _sampled_logprob(server, ids, t, slot, reuse) for t in tokens]
+
+
+def share_prefix(lm: LlamaCppModel, ids: list[int], filename: str, slots: int) -> None:
+    """Evaluate `ids` once in slot 0 and copy its KV cache into slots 1..slots-1 (slot save/restore), so every
+    slot starts from the shared prefix instead of computing it again. Needs `slot_save_path` at load."""
+    r = lm.server.handle_completions({"prompt": list(ids), "n_predict": 0, "cache_prompt": True, "id_slot": 0})
+    if isinstance(r, dict) and "error" in r:
+        raise CuteGPTError(f"llama.cpp refused the shared prefix ({str(r['error'])[:200]}).")
+    if slots < 2:
+        return
+    base = str(lm.server.listening_address)
+    base = base if base.startswith("http") else "http://" + base
+    _post_json(base + "/slots/0?action=save", {"filename": filename})
+    for k in range(1, slots):
+        _post_json(base + f"/slots/{k}?action=restore", {"filename": filename})
+
+
+def server_tokenize(server: Any, text: str, add_special: bool = True) -> list[int]:
+    """llama.cpp's own token ids for `text` (its /tokenize), special tokens in the text parsed."""
+    base = str(server.listening_address)
+    base = base if base.startswith("http") else "http://" + base
+    r = _post_json(base + "/tokenize", {"content": text, "add_special": add_special, "parse_special": True})
+    return [int(t) for t in r["tokens"]]
+
+
+def _post_json(url: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
 
 
 # --- completion requests -----------------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""Multiple choice on a GGUF file through llama.cpp (issue 22): the torch path's letters and log-probabilities."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cutegpt.errors import CuteGPTError
+from cutegpt.evaluation.cli import EvalConfig, evaluate, load_llamacpp_for, run_eval
+from cutegpt.evaluation.data import load_benchmark
+
+pytest.importorskip("xllamacpp")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    from cutegpt.export.gguf import export_gguf
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    return export_gguf(str(tiny_model_dir), out, quant="f32", verify=False, progress=False)
+
+
+def _reference(model, ids, conts) -> list[float]:
+    """Plain transformers, one prompt at a time: the summed log-probability of each continuation."""
+    out = []
+    for cont in conts:
+        seq = list(ids) + list(cont)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+        out.append(sum(float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(cont)))
+    return out
+
+
+@pytest.mark.parametrize("method", ["logits", "loglikelihood"])
+def test_gguf_letters_and_logprobs_equal_transformers(method, tiny_model_dir, tiny_gguf, ceval_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cutegpt.evaluation.cli import item_for, subject_prompts, continuations, letter_token_ids, style_of
+
+    bench = load_benchmark("ceval", ceval_dir, "val", None)
+    cfg = EvalConfig(benchmark="ceval", model=str(tiny_gguf), shots=5, method=method, parallel=2)
+    lm = load_llamacpp_for(cfg, bench, 1, tmp_path)
+    run = evaluate(lm, bench, cfg, None, show_progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    delim = style_of("ceval", cfg).target_delimiter
+    conts = continuations(lm.tokenizer, method, "ceval", letter_token_ids(lm.tokenizer, delim)[0], delim)
+    n = 0
+    for name, sub in bench.subjects.items():
+        for (q, text), rec in zip(subject_prompts(bench, sub, cfg), run["records"][name]):
+            item = item_for(lm, text, cfg, conts, delim)
+            ref = _reference(model, item.ids, item.continuations)
+            assert rec["scores"] == pytest.approx(ref, abs=0.02)  # llama.cpp keeps its KV cache in f16
+            best = max(range(4), key=lambda i: ref[i])
+            assert rec["pred"] == "ABCD"[best]
+            z = sum(math.exp(x) for x in ref)
+            assert [rec["probs"][L] for L in "ABCD"] == pytest.approx([math.exp(x) / z for x in ref], abs=0.005)
+            n += 1
+    assert n == 5
+
+
+def test_prefix_reuse_and_parallel_slots_give_the_letters_of_whole_prompts(tiny_gguf, ceval_dir, tmp_path):
+    bench = load_benchmark("ceval", ceval_dir, "val", None)
+    cfg = EvalConfig(benchmark="ceval", model=str(tiny_gguf), shots=5, parallel=3)
+    lm = load_llamacpp_for(cfg, bench, 1, tmp_path)
+    shared = evaluate(lm, bench, cfg, None, show_progress=False)
+    whole = evaluate(lm, bench, cfg, None, show_progress=False, use_prefix_cache=False)
+    for name in bench.subjects:
+        a, b = shared["records"][name], whole["records"][name]
+        assert [r["pred"] for r in a] == [r["pred"] for r in b]
+        for x, y in zip(a, b):
+            assert x["scores"] == pytest.approx(y["scores"], abs=0.02)
+
+
+def test_choice_logprobs_are_exact_for_tokens_outside_the_top(tiny_model_dir, tiny_gguf):
+    """The least likely token of the vocabulary among the choices: n_probs alone would never report it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cutegpt.runtime.llamacpp import LlamaCpp, choice_logprobs
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = tok("以下是中国关于计算机网络考试的单项选择题\n答案：")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    order = torch.argsort(logp, descending=True).tolist()
+    tokens = [order[0], order[-1], order[len(order) // 2], order[5]]
+    with LlamaCpp(tiny_gguf, n_ctx=256) as lc:
+        got = choice_logprobs(lc.server, ids, tokens)
+    assert got == pytest.approx([float(logp[t]) for t in tokens], abs=0.02)
+
+
+@pytest.mark.parametrize("extra", [[], ["--chat-template"]])
+def test_cli_scores_a_gguf_file_on_llamacpp(extra, tiny_gguf, ceval_dir, tmp_path):
+    from cutegpt.cli import main
+
+    out = tmp_path / "out"
+    assert main(["eval", "ceval", "--model", str(tiny_gguf), "--data", str(ceval_dir), "--out", str(out),
+                 "--threads", "1", "--parallel", "2", *extra]) == 0
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert res["backend"] == "llamacpp" and res["weights"] == "gguf F32" and res["timing"]["parallel"] == 2
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(preds) == 5 and all(abs(sum(p["probs"].values()) - 1) < 1e-4 for p in preds)
+
+
+def test_bad_backend_choices_are_one_sentence(tiny_model_dir, ceval_dir, tmp_path):
+    from cutegpt.evaluation.cli import choose_backend
+
+    with pytest.raises(CuteGPTError, match=r"--backend llamacpp scores a \.gguf file"):
+        run_eval(EvalConfig(benchmark="ceval", model=str(tiny_model_dir), data=str(ceval_dir), out=str(tmp_path / "o"),
+                            backend="llamacpp"))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(CuteGPTError, match="--load-in-8bit works only with --backend torch"):
+        choose_backend(EvalConfig(benchmark="ceval", model="x.gguf", backend="llamacpp", load_in_8bit=True))
+    assert choose_backend(EvalConfig(benchmark="ceval", model="x.gguf")) == "llamacpp"
+    assert choose_backend(EvalConfig(benchmark="ceval", model="x.gguf", load_in_8bit=True)) == "torch"
+    assert choose_backend(EvalConfig(benchmark="ceval", model=None)) == "torch"
+
+
+def test_a_chat_prompt_llamacpp_reads_differently_is_refused(tiny_gguf, ceval_dir, tmp_path, monkeypatch):
+    import cutegpt.runtime.llamacpp as rt
+
+    monkeypatch.setattr(rt, "server_tokenize", lambda server, text, add_special=True: [7, 7, 7])
+    out = tmp_path / "o"
+    with pytest.raises(CuteGPTError, match=r"llama\.cpp tokenizes the '.*' prompt differently .* use --backend torch"):
+        run_eval(EvalConfig(benchmark="ceval", model=str(tiny_gguf), data=str(ceval_dir), out=str(out), threads=1,
+                            chat_template=True))
+    assert not out.exists()
