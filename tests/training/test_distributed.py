@@ -69,6 +69,73 @@ def test_two_processes_match_one(tiny_model_dir, sft_dataset, tmp_path, one_proc
             assert again[step] == pytest.approx(loss, abs=1e-6), step
 
 
+def _argv(flags: dict, out: Path) -> list[str]:
+    argv = ["-m", "cutegpt", "train", "sft", "--out", str(out)]
+    for k, v in flags.items():
+        argv.append("--" + k.replace("_", "-"))
+        argv += [str(x) for x in v] if isinstance(v, list) else [str(v)]
+    return argv
+
+
+def _together(commands: list[tuple[list[str], dict]]) -> None:
+    """Start every process at once (each waits for the others at the rendezvous), then wait for all of them."""
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd, env in commands]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+
+
+def _launcher_free_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    return env
+
+
+def _check_curve(out: Path, one_process_curve: list) -> None:
+    summary = read_summary(out)
+    assert summary["processes"] == 2
+    got = summary["loss_curve"]
+    assert [s for s, _ in got] == [s for s, _ in one_process_curve]
+    for (_, a), (_, b) in zip(got, one_process_curve):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_match_one_process(tiny_model_dir, sft_dataset, tmp_path, one_process_curve):
+    """Two `torchrun --nnodes 2 --node_rank R` launches on the loopback address, as on two machines sharing --out."""
+    out = tmp_path / "two-nodes"
+    flags = dict(_common(tiny_model_dir, sft_dataset), micro_batch=2, grad_accum=1, deepspeed=str(ROOT / "configs" / "ds_zero2_cpu.json"))
+    port = str(free_port())
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--master_addr", "127.0.0.1", "--master_port", port]
+    _together([([*node, "--node_rank", str(r), *_argv(flags, out)], _launcher_free_env()) for r in (0, 1)])
+    _check_curve(out, one_process_curve)
+
+
+@pytest.mark.slow
+def test_two_srun_tasks_without_torchrun_match_one_process(tiny_model_dir, sft_dataset, tmp_path, one_process_curve):
+    """What `srun --nodes 2 --ntasks-per-node 1 cutegpt train ...` gives each task: SLURM's variables only."""
+    out = tmp_path / "srun"
+    flags = dict(_common(tiny_model_dir, sft_dataset), micro_batch=2, grad_accum=1, deepspeed=str(ROOT / "configs" / "ds_zero2_cpu.json"))
+    port = str(free_port())
+    commands = []
+    for rank in (0, 1):
+        env = _launcher_free_env()
+        env.update(SLURM_JOB_ID="77", SLURM_PROCID=str(rank), SLURM_LOCALID="0", SLURM_NODEID=str(rank),
+                   SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_STEP_NODELIST="localhost",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # a free port here; on a cluster the job id picks one
+        commands.append(([sys.executable, *_argv(flags, out)], env))
+    _together(commands)
+    _check_curve(out, one_process_curve)
+
+
 @pytest.mark.slow
 def test_one_process_without_launcher_uses_the_original_deepspeed_file(tiny_model_dir, sft_dataset, tmp_path):
     """`--deepspeed configs/ds_lora_zero1.json` with no launcher: its WarmupLR (1e-4 -> 3e-4, log) drives the rate."""

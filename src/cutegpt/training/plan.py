@@ -389,8 +389,11 @@ def run_plan(cfg: Any) -> Plan | None:
     micro = settings["micro_batch"] or METHOD_DEFAULTS[cfg.method]["micro_batch"]
     precision = settings["precision"] if settings["precision"] != "auto" else "bf16"  # bf16 where the hardware has it
     shape = read_shape(path)
+    from cutegpt.training.launch import world_layout
+
+    processes = cfg.plan_processes or world_layout()[0]
     inp = plan_input_from_args(cfg, precision=precision, micro_batch=micro, ds=ds,
-                               processes=int(os.environ.get("WORLD_SIZE", "1")), device="cuda" if on_gpu else "cpu")
+                               processes=processes, device="cuda" if on_gpu else "cpu")
     plan = estimate(shape, inp)
     budget = cfg.device_memory_gb * GiB if cfg.device_memory_gb else device_memory(inp.device)
     print(format_plan(plan, budget))
