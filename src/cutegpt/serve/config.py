@@ -37,7 +37,9 @@ class ServeConfig:
     engine: Literal["llamacpp", "vllm"] = arg("llamacpp", "llamacpp: llama.cpp in this process (CPU or GPU wheels); vllm: run `vllm serve` on the HF folder (GPUs)")
     quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg(
         "q8_0", "weight type when an HF folder is exported to GGUF (once, then cached)")
-    tensor_parallel_size: int = arg(1, "vllm only: GPUs to split the model over", ge=1)
+    tensor_parallel_size: int = arg(1, "vllm only: GPUs that split each layer (usually the GPUs of one node)", ge=1)
+    pipeline_parallel_size: int = arg(1, "vllm only: groups of layers in sequence (usually the nodes; "
+                                         "GPUs used = tensor x pipeline)", ge=1)
     max_new_tokens: int = arg(256, "answer length when a request gives no max_tokens", ge=1)
     temperature: float = arg(1.0, "sampling temperature when a request gives none (0 = greedy)", ge=0)
     top_p: float = arg(0.8, "top-p when a request gives none", gt=0, le=1)
@@ -65,8 +67,9 @@ class ServeConfig:
             raise CuteGPTError(
                 f"--host {self.host} exposes the server beyond this machine; set --api-key KEY (or ${API_KEY_ENV}) "
                 "so every request must carry it, or keep the default --host 127.0.0.1.")
-        if self.engine == "llamacpp" and self.tensor_parallel_size != 1:
-            raise CuteGPTError("--tensor-parallel-size needs --engine vllm (llama.cpp here runs in one process).")
+        for flag, value in (("--tensor-parallel-size", self.tensor_parallel_size), ("--pipeline-parallel-size", self.pipeline_parallel_size)):
+            if self.engine == "llamacpp" and value != 1:
+                raise CuteGPTError(f"{flag} needs --engine vllm (llama.cpp here runs in one process).")
         if self.max_new_tokens > self.token_limit:
             raise CuteGPTError(f"--max-new-tokens {self.max_new_tokens} exceeds the request limit {self.token_limit} (--max-tokens-limit or --ctx).")
 

@@ -32,6 +32,7 @@ def vllm_command(cfg: ServeConfig, *, model: Path, name: str, jinja: str | None,
            "--max-model-len", str(cfg.ctx),
            "--max-num-seqs", str(cfg.parallel),
            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+           "--pipeline-parallel-size", str(cfg.pipeline_parallel_size),
            "--generation-config", "vllm",
            "--override-generation-config", json.dumps({
                "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
