@@ -188,7 +188,8 @@ def estimate(shape: ModelShape, inp: PlanInput) -> Plan:
     plan.trainable = trainable
 
     # gradients + optimizer states (+ autocast copies of trainable weights)
-    if inp.zero_stage in (1, 2, 3) and inp.device != "cpu":
+    deepspeed_states = inp.zero_stage in (1, 2, 3) and inp.device != "cpu"
+    if deepspeed_states:
         states = _deepspeed_states(trainable, shape, inp)
         plan.parts["weights"] = weights if not full else 0
         plan.parts["model states (DeepSpeed estimator)"] = states
@@ -205,7 +206,8 @@ def estimate(shape: ModelShape, inp: PlanInput) -> Plan:
         plan.parts["weights"] = weights
         plan.parts["gradients"] = grads
         plan.parts["optimizer states"] = optim
-    if full and inp.precision in ("bf16", "fp16") and _bytes_per_dtype(inp.weight_dtype) == 4:
+    # DeepSpeed's bf16/fp16 engine casts the module itself (the estimator counts those 16-bit weights): no autocast
+    if full and inp.precision in ("bf16", "fp16") and _bytes_per_dtype(inp.weight_dtype) == 4 and not deepspeed_states:
         plan.parts["autocast weight copies"] = P * 2
     if not full:
         plan.parts["LoRA/quantization overhead"] = _lora_overhead(shape, inp)
