@@ -148,8 +148,9 @@ def test_plan_for_two_nodes_of_eight_gpus(tmp_path, monkeypatch, capsys):
     for k in LAUNCHER_VARS:  # undone after the test even when the run sets them
         monkeypatch.setenv(k, "0")
         monkeypatch.delenv(k)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # plan for GPUs on this GPU-less machine
-    flags = dict(model=str(folder), plan=True, method="full", deepspeed=str(ROOT / "configs" / "ds_zero2.json"),
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # device cuda: GPUs, planned on this GPU-less machine
+    flags = dict(model=str(folder), plan=True, device="cuda", method="full", deepspeed=str(ROOT / "configs" / "ds_zero2.json"),
                  max_length=2048, gradient_checkpointing=True, device_memory_gb=80)
 
     def states(out: str) -> float:

@@ -379,7 +379,9 @@ def run_plan(cfg: Any) -> Plan | None:
         path = Path(cfg.model).expanduser()
     if path.suffix == ".gguf":
         raise CuteGPTError(f"--plan reads a model folder's config.json; {path} is a GGUF file.")
-    on_gpu = cfg.device != "cpu" and (bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or shutil.which("nvidia-smi") is not None)
+    # --device cuda plans for GPUs from a machine without any (a cluster's login node)
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and (bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+                                                              or shutil.which("nvidia-smi") is not None))
     settings = {"micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                 "adam_eps": cfg.adam_eps, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
                 "precision": cfg.precision, "adam_betas": list(cfg.adam_betas)}
