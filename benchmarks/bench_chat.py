@@ -13,6 +13,14 @@ Variants: the torch engine fp32 / bf16 / int8 (quanto); llama.cpp through cutegp
 embedded Q4_1 file and, when `cutegpt.export.gguf.export_gguf` is available, on our own f16 / q8_0 / q4_1
 exports of it; raw xllamacpp (`Server.handle_completions`, streaming, no Python work per token) on the same
 files, to measure what cutegpt adds (target < 5%).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_chat.py --prefill-sweep [--repeats 3]
+
+Only time to first token of the ~1,000-token prompt: torch fp32 / bf16 against raw llama.cpp on our f16 and q8_0
+exports under each llama.cpp batch setting (`--ubatch`, default 128..1024, with `n_batch` 2048 so the prompt is one
+logical batch; flash attention off / on), plus cutegpt's default llama.cpp settings (n_batch 2048, n_ubatch 512,
+flash attention auto). The table is printed after every round, so a run cut short still reports. Prints the CPU
+model, the llama.cpp build's CPU features and the load average at start and end.
 """
 
 from __future__ import annotations
@@ -24,13 +32,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cutegpt.chat.args import GenerationArgs
 from cutegpt.chat.engine import Engine
 from cutegpt.chat.llamacpp import LlamaCppEngine
-from cutegpt.runtime.llamacpp import load_llamacpp, request_for
+from cutegpt.runtime.llamacpp import keep_alive, load_llamacpp, request_for, server_params, xllamacpp_module
 from cutegpt.model.embedded import embedded_gguf
 from cutegpt.model.loading import ModelArgs, load_model
 from cutegpt.templates import Turn, encode_segments
@@ -144,6 +153,75 @@ def coverage(a: list[int]) -> float:
     return sum(x != -1 for x in a) / max(1, len(a))
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def llamacpp_with(path: Path, threads: int, n_ctx: int, n_batch: int, n_ubatch: int, flash: int) -> Any:
+    """A llama.cpp server on `path` with these batch settings (what `run_raw_llamacpp` needs of a model)."""
+    from types import SimpleNamespace
+
+    xl = xllamacpp_module()
+    p = server_params(xl, path, n_ctx, threads)
+    p.n_batch, p.n_ubatch, p.flash_attn_type, p.warmup = n_batch, n_ubatch, flash, False
+    server = xl.Server(p)
+    keep_alive(server)  # xllamacpp's destructor can deadlock; the process end frees it
+    return SimpleNamespace(server=server, context_length=n_ctx)
+
+
+def prefill_sweep(args: argparse.Namespace) -> None:
+    from cutegpt.export.gguf import export_gguf
+
+    load_start = os.getloadavg()
+    fp32 = load_model(ModelArgs(dtype="float32"))
+    bf16 = load_model(ModelArgs(dtype="bfloat16"))
+    long_ids = encode_segments(fp32.tokenizer, fp32.template.segments([Turn(LONG)]))[0]
+    n_ctx = 2048
+    tmp = Path(tempfile.mkdtemp(prefix="bench-prefill-"))
+    variants: dict[str, tuple[Any, Any]] = {"torch fp32": (run_torch, fp32), "torch bf16": (run_torch, bf16)}
+    for q in args.quants:
+        path = Path(export_gguf(None, tmp / f"smol-{q}.gguf", quant=q, verify=False, progress=False))
+        variants[f"llama.cpp {q}, cutegpt defaults"] = (run_cutegpt_llamacpp, load_llamacpp(path, threads=args.threads, tokenizer=fp32.tokenizer))
+        for n_ubatch in args.ubatch:
+            n_batch = 2048
+            for flash in (0, 1):
+                name = f"llama.cpp {q}, n_batch {n_batch}, n_ubatch {n_ubatch}, flash {'on' if flash else 'off'}"
+                variants[name] = (run_raw_llamacpp, llamacpp_with(path, args.threads, n_ctx, n_batch, n_ubatch, flash))
+    for fn, lm in variants.values():  # warm-up: first-use allocations and page-ins
+        fn(lm, long_ids[:64], 1)
+    ttft: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.repeats):  # interleaved, so load changes hit every variant alike
+        for name, (fn, lm) in variants.items():
+            ttft[name].append(fn(lm, long_ids, 1)[1])
+        sweep_table(args, ttft, len(long_ids), load_start, r + 1)  # after every round: a cut-short run still reports
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ttft": {k: median(v) for k, v in ttft.items()}, "tokens": len(long_ids),
+                                               "cpu": cpu_model(), "load_start": load_start, "load_end": os.getloadavg()}, indent=2))
+
+
+def sweep_table(args: argparse.Namespace, ttft: dict[str, list[float]], tokens: int, load_start: tuple, rounds: int) -> None:
+    load_end = os.getloadavg()
+    ref = median(ttft["torch bf16"])
+    xl = xllamacpp_module()
+    print(f"\n## Time to first token, {tokens}-token prompt, embedded SmolLM2-135M-Instruct, {args.threads} thread(s), "
+          f"medians of {rounds} interleaved runs")
+    print(f"CPU: {cpu_model()}; load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
+          f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} on {os.cpu_count()} cores: noisy, compare ratios only.")
+    print(f"torch {torch.__version__}; xllamacpp {getattr(xl, '__version__', '?')}; llama.cpp build: {xl.get_system_info().strip()}")
+    print("| variant | TTFT s | prefill tok/s | TTFT / torch bf16 |\n|---|---|---|---|")
+    for name, times in ttft.items():
+        t = median(times)
+        print(f"| {name} | {t:.2f} | {tokens / t:.0f} | {t / ref:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -151,8 +229,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--json", default=None)
     ap.add_argument("--agreement-only", action="store_true", help="only the top-1 agreement and greedy answers (fast)")
+    ap.add_argument("--prefill-sweep", action="store_true", help="only time to first token of the long prompt, over llama.cpp batch settings")
+    ap.add_argument("--quants", nargs="+", default=["f16", "q8_0"], help="--prefill-sweep: GGUF exports to measure")
+    ap.add_argument("--ubatch", type=int, nargs="+", default=[128, 256, 512, 1024], help="--prefill-sweep: n_ubatch values (n_batch 2048)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.prefill_sweep:
+        prefill_sweep(args)
+        return
     try:
         load = os.getloadavg()[0]
     except OSError:

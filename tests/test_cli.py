@@ -72,3 +72,10 @@ def test_llama_factory_spellings_are_accepted():
                                    "--num-threads", "1", "--cutoff_len", "64"], "cutegpt train sft")
     assert (cfg.lr, cfg.out, cfg.micro_batch, cfg.grad_accum, cfg.epochs, cfg.lora_r, cfg.threads, cfg.max_length) == \
         (1e-4, "o", 3, 2, 1.0, 4, 1, 64)
+
+
+def test_deepspeed_launchers_local_rank_argument_is_dropped(capsys):
+    """`deepspeed --module cutegpt ...` runs `cutegpt --local_rank=N ...`; the rank comes from LOCAL_RANK anyway."""
+    assert main(["--local_rank=3", "--version"]) == 0
+    assert capsys.readouterr().out.startswith("cutegpt ")
+    assert main(["--local_rank", "--version"]) == 2  # only the launcher's exact form is dropped

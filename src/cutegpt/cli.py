@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import signal
 import sys
 import threading
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CUTEGPT_DEBUG") == "1"
-    argv = [a for a in argv if a != "--debug"]
+    # deepspeed's launcher puts --local_rank=N before the command; LOCAL_RANK in the environment says the same
+    argv = [a for a in argv if a != "--debug" and not re.fullmatch(r"--local[-_]rank=\d+", a)]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -29,6 +29,7 @@ def test_other_hosts_need_an_api_key(monkeypatch):
 
 @pytest.mark.parametrize("kw,flag", [({"parallel": 0}, "--parallel"), ({"port": 70000}, "--port"), ({"ctx": 8}, "--ctx"),
                                      ({"top_p": 0}, "--top-p"), ({"tensor_parallel_size": 2}, "--tensor-parallel-size"),
+                                     ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
                                      ({"max_new_tokens": 4096}, "--max-new-tokens"), ({"api_key": "a b"}, "--api-key")])
 def test_bad_settings_name_the_flag(kw, flag):
     with pytest.raises(CuteGPTError, match=flag):
@@ -219,15 +220,31 @@ def test_vllm_command_has_template_defaults_and_tensor_parallel(tmp_path, monkey
     assert "--api-key" not in cmd
 
 
+def test_vllm_command_for_two_nodes_of_eight_gpus(tmp_path, monkeypatch):
+    """Tensor parallel inside a node, pipeline parallel across nodes: each flag once, with the value given."""
+    from cutegpt.serve.vllm import vllm_command
+
+    monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache"))
+    cfg = ServeConfig(engine="vllm", tensor_parallel_size=8, pipeline_parallel_size=2, host="0.0.0.0", api_key="k")
+    cfg.check()
+    cmd = vllm_command(cfg, model=tmp_path / "m", name="m", jinja=None)
+    assert cmd.count("--tensor-parallel-size") == 1 and cmd.count("--pipeline-parallel-size") == 1
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "8" and cmd[cmd.index("--pipeline-parallel-size") + 1] == "2"
+    assert "--chat-template" not in cmd and "k" not in cmd
+    assert vllm_command(ServeConfig(engine="vllm"), model=tmp_path / "m", name="m", jinja=None)[
+        cmd.index("--pipeline-parallel-size") + 1] == "1"
+
+
 def test_vllm_plan_from_the_cli(tmp_path, monkeypatch, capsys):
     from cutegpt.cli import main
 
     monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache"))
     model = _hf_folder(tmp_path / "m")
-    assert main(["serve", "--engine", "vllm", "--model", str(model), "--tensor-parallel-size", "2", "--plan",
+    assert main(["serve", "--engine", "vllm", "--model", str(model), "--tensor-parallel-size", "2", "--pipeline-parallel-size", "3", "--plan",
                  "--api-key", "k", "--host", "0.0.0.0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("VLLM_API_KEY=*** vllm serve ") and "--tensor-parallel-size 2" in out and "--chat-template" in out
+    assert "--pipeline-parallel-size 3" in out
     assert " k " not in out  # the key never appears on the command line
     assert main(["serve", "--engine", "vllm", "--plan"]) == 1
     assert "needs an HF model folder" in capsys.readouterr().err

@@ -69,6 +69,98 @@ def test_two_processes_match_one(tiny_model_dir, sft_dataset, tmp_path, one_proc
             assert again[step] == pytest.approx(loss, abs=1e-6), step
 
 
+def _argv(flags: dict, out: Path) -> list[str]:
+    argv = ["-m", "cutegpt", "train", "sft", "--out", str(out)]
+    for k, v in flags.items():
+        argv.append("--" + k.replace("_", "-"))
+        argv += [str(x) for x in v] if isinstance(v, list) else [str(v)]
+    return argv
+
+
+def _together(commands: list[tuple[list[str], dict]], logs: Path) -> None:
+    """Start every process at once (each waits for the others at the rendezvous), then wait for all of them.
+
+    Output goes to files: a full pipe of one process would block it inside a collective and hang the others.
+    """
+    files = [open(logs / f"node-{i}.log", "w+") for i in range(len(commands))]
+    procs = [subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True) for (cmd, env), f in zip(commands, files)]
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, f in zip(procs, files):
+        f.seek(0)
+        text = f.read()
+        f.close()
+        assert p.returncode == 0, text[-3000:]
+
+
+def _launcher_free_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    return env
+
+
+def _check_curve(out: Path, one_process_curve: list) -> None:
+    summary = read_summary(out)
+    assert summary["processes"] == 2
+    got = summary["loss_curve"]
+    assert [s for s, _ in got] == [s for s, _ in one_process_curve]
+    for (_, a), (_, b) in zip(got, one_process_curve):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_nodes_match_one_process(tiny_model_dir, sft_dataset, tmp_path, one_process_curve, launcher):
+    """Two launches with node ranks 0 and 1 on the loopback address, as on two machines sharing --out.
+
+    torchrun: `--nnodes 2 --node_rank R`; deepspeed: `--hostfile` (two hosts, one slot each) with `--no_ssh
+    --node_rank R`, the same per-node launcher its ssh mode starts on every host, and the usual `--module`
+    form that puts `--local_rank=0` in front of our command.
+    """
+    out = tmp_path / launcher
+    flags = dict(_common(tiny_model_dir, sft_dataset), micro_batch=2, grad_accum=1, deepspeed=str(ROOT / "configs" / "ds_zero2_cpu.json"))
+    port = str(free_port())
+    command = _argv(flags, out)[1:]  # cutegpt train sft ...
+    if launcher == "torchrun":
+        node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--master_addr", "127.0.0.1", "--master_port", port]
+        command = ["-m", *command]
+    else:
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+        node = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                "--master_addr", "127.0.0.1", "--master_port", port]
+        command = ["--module", *command]
+    commands = [([*node, "--node_rank", str(r), *command], _launcher_free_env()) for r in (0, 1)]
+    _together(commands, tmp_path)
+    _check_curve(out, one_process_curve)
+
+
+@pytest.mark.slow
+def test_two_srun_tasks_without_torchrun_match_one_process(tiny_model_dir, sft_dataset, tmp_path, one_process_curve):
+    """What `srun --nodes 2 --ntasks-per-node 1 cutegpt train ...` gives each task: SLURM's variables only."""
+    out = tmp_path / "srun"
+    flags = dict(_common(tiny_model_dir, sft_dataset), micro_batch=2, grad_accum=1, deepspeed=str(ROOT / "configs" / "ds_zero2_cpu.json"))
+    port = str(free_port())
+    commands = []
+    for rank in (0, 1):
+        env = _launcher_free_env()
+        env.update(SLURM_JOB_ID="77", SLURM_PROCID=str(rank), SLURM_LOCALID="0", SLURM_NODEID=str(rank),
+                   SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_STEP_NODELIST="localhost",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # a free port here; on a cluster the job id picks one
+        commands.append(([sys.executable, *_argv(flags, out)], env))
+    _together(commands, tmp_path)
+    _check_curve(out, one_process_curve)
+
+
 @pytest.mark.slow
 def test_one_process_without_launcher_uses_the_original_deepspeed_file(tiny_model_dir, sft_dataset, tmp_path):
     """`--deepspeed configs/ds_lora_zero1.json` with no launcher: its WarmupLR (1e-4 -> 3e-4, log) drives the rate."""

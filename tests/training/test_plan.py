@@ -155,3 +155,53 @@ def test_plan_for_cuda_on_a_machine_without_gpu(tmp_path, capsys, monkeypatch):
                                                   gradient_checkpointing=True, weight_dtype="bfloat16", device="cuda"))
     assert gpu.strip() == format_plan(want, None).strip()
     assert gpu != cpu
+
+
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_plan_for_two_nodes_of_eight_gpus(tmp_path, monkeypatch, capsys):
+    """The layout comes from --plan-processes, or from srun's variables; ZeRO-2 states are DeepSpeed's own for 16 GPUs."""
+    ds = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    folder = llama13b(tmp_path, 32000)
+    for k in LAUNCHER_VARS:  # undone after the test even when the run sets them
+        monkeypatch.setenv(k, "0")
+        monkeypatch.delenv(k)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # device cuda: GPUs, planned on this GPU-less machine
+    flags = dict(model=str(folder), plan=True, device="cuda", method="full", deepspeed=str(ROOT / "configs" / "ds_zero2.json"),
+                 max_length=2048, gradient_checkpointing=True, device_memory_gb=80)
+
+    def states(out: str) -> float:
+        line = next(ln for ln in out.splitlines() if "model states" in ln)
+        return float(line.split()[-2])
+
+    def plan_text(out: str) -> str:  # DeepSpeed's first import prints an accelerator warning before the plan
+        return out[out.index("memory plan"):]
+
+    run_sft(SFTConfig(**flags, plan_processes=16))
+    flagged = plan_text(capsys.readouterr().out)
+    assert "16 processes" in flagged
+    _, gpu = ds.estimate_zero2_model_states_mem_needs(read_shape(folder).total, num_gpus_per_node=8, num_nodes=2, cpu_offload=False)
+    assert states(flagged) == pytest.approx(gpu / GiB, abs=0.01)
+    assert "autocast" not in flagged  # DeepSpeed's bf16 engine holds the 16-bit weights the estimator counts
+
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    for k, v in dict(SLURM_PROCID="9", SLURM_LOCALID="1", SLURM_NODEID="1", SLURM_STEP_NUM_TASKS="16",
+                     SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_STEP_NODELIST="gpu[01-02]").items():
+        monkeypatch.setenv(k, v)
+    run_sft(SFTConfig(**flags))
+    assert plan_text(capsys.readouterr().out) == flagged  # srun task 9 of 16 plans the same layout
+
+    one = SFTConfig(**flags, plan_processes=1)
+    for k in LAUNCHER_VARS + ("SLURM_STEP_NUM_TASKS",):
+        monkeypatch.delenv(k, raising=False)
+    run_sft(one)
+    assert states(capsys.readouterr().out) > 4 * states(flagged)  # sharding over 16 GPUs is what makes 13B fit
+
+
+def test_plan_processes_is_only_for_the_plan():
+    from cutegpt.errors import CuteGPTError
+
+    with pytest.raises(CuteGPTError, match="--plan-processes only sets the layout --plan assumes"):
+        SFTConfig(model="m", data=["d"], plan_processes=16).check()

@@ -39,7 +39,9 @@ class ServeConfig:
     quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg(
         "f16", "weight type when an HF folder is exported to GGUF (once, then cached); f16, as chat and generate "
         "run a folder on llama.cpp, gives the same answers as they do")
-    tensor_parallel_size: int = arg(1, "vllm only: GPUs to split the model over", ge=1)
+    tensor_parallel_size: int = arg(1, "vllm only: GPUs that split each layer (usually the GPUs of one node)", ge=1)
+    pipeline_parallel_size: int = arg(1, "vllm only: groups of layers in sequence (usually the nodes; "
+                                         "GPUs used = tensor x pipeline)", ge=1)
     # None = not given: resolved as chat and generate resolve them (cutegpt.chat.args.resolve_generation), so
     # the same model gives the same answer everywhere
     max_new_tokens: int | None = arg(None, "answer length when a request gives no max_tokens", ge=1, absent=_RESOLVED + " (256)")
@@ -75,8 +77,9 @@ class ServeConfig:
             raise CuteGPTError(
                 f"--host {self.host} exposes the server beyond this machine; set --api-key KEY (or ${API_KEY_ENV}) "
                 "so every request must carry it, or keep the default --host 127.0.0.1.")
-        if self.engine == "llamacpp" and self.tensor_parallel_size != 1:
-            raise CuteGPTError("--tensor-parallel-size needs --engine vllm (llama.cpp here runs in one process).")
+        for flag, value in (("--tensor-parallel-size", self.tensor_parallel_size), ("--pipeline-parallel-size", self.pipeline_parallel_size)):
+            if self.engine == "llamacpp" and value != 1:
+                raise CuteGPTError(f"{flag} needs --engine vllm (llama.cpp here runs in one process).")
         if self.max_new_tokens is not None and self.max_new_tokens > self.token_limit:
             raise CuteGPTError(f"--max-new-tokens {self.max_new_tokens} exceeds the request limit {self.token_limit} (--max-tokens-limit or --ctx).")
 

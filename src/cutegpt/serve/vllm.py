@@ -35,6 +35,7 @@ def vllm_command(cfg: ServeConfig, *, model: Path, name: str, jinja: str | None,
            "--max-model-len", str(cfg.ctx),
            "--max-num-seqs", str(cfg.parallel),
            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+           "--pipeline-parallel-size", str(cfg.pipeline_parallel_size),
            "--generation-config", "vllm",
            "--override-generation-config", json.dumps({
                "temperature": d["temperature"], "top_p": d["top_p"], "top_k": d["top_k"],

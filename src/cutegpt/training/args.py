@@ -92,6 +92,9 @@ class TrainArgs(ModelArgs):
     report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = arg("tensorboard", "where the Trainer logs metrics")
     plan: bool = arg(False, "print the expected peak memory per device from config.json and stop (nothing loads)")
     device_memory_gb: float | None = arg(None, "memory per device for --plan", gt=0, absent="the GPU's, else this machine's RAM")
+    plan_processes: int | None = arg(None, "processes in the whole job for --plan (e.g. 16 for 2 nodes x 8 GPUs); "
+                                           "the launcher decides how many train", ge=1,
+                                     absent="the launcher's WORLD_SIZE (or srun's task count), else 1")
     seed: int = arg(42, "random seed (data order, LoRA init, dropout)", ge=0)
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads", "--num_threads"))
     max_length: int = arg(2048, "longest row in tokens (pre-training block size; on-the-fly conversion limit)", ge=2,
@@ -108,6 +111,9 @@ class TrainArgs(ModelArgs):
             raise CuteGPTError("--val-data and --val-ratio both choose validation data; give one of them.")
         if self.keep_best and not (self.val_data or self.val_ratio):
             raise CuteGPTError("--keep-best needs validation data: add --val-data FILE or --val-ratio 0.05.")
+        if self.plan_processes is not None and not self.plan:
+            raise CuteGPTError("--plan-processes only sets the layout --plan assumes; drop it, the launcher (torchrun, "
+                               "deepspeed, srun) decides how many processes train.")
         if self.max_steps == 0:
             raise CuteGPTError("--max-steps must be a positive number of steps, or -1 to train for --epochs.")
 

@@ -188,7 +188,8 @@ def estimate(shape: ModelShape, inp: PlanInput) -> Plan:
     plan.trainable = trainable
 
     # gradients + optimizer states (+ autocast copies of trainable weights)
-    if inp.zero_stage in (1, 2, 3) and inp.device != "cpu":
+    deepspeed_states = inp.zero_stage in (1, 2, 3) and inp.device != "cpu"
+    if deepspeed_states:
         states = _deepspeed_states(trainable, shape, inp)
         plan.parts["weights"] = weights if not full else 0
         plan.parts["model states (DeepSpeed estimator)"] = states
@@ -205,7 +206,8 @@ def estimate(shape: ModelShape, inp: PlanInput) -> Plan:
         plan.parts["weights"] = weights
         plan.parts["gradients"] = grads
         plan.parts["optimizer states"] = optim
-    if full and inp.precision in ("bf16", "fp16") and _bytes_per_dtype(inp.weight_dtype) == 4:
+    # DeepSpeed's bf16/fp16 engine casts the module itself (the estimator counts those 16-bit weights): no autocast
+    if full and inp.precision in ("bf16", "fp16") and _bytes_per_dtype(inp.weight_dtype) == 4 and not deepspeed_states:
         plan.parts["autocast weight copies"] = P * 2
     if not full:
         plan.parts["LoRA/quantization overhead"] = _lora_overhead(shape, inp)
@@ -390,8 +392,11 @@ def run_plan(cfg: Any) -> Plan | None:
     micro = settings["micro_batch"] or METHOD_DEFAULTS[cfg.method]["micro_batch"]
     precision = settings["precision"] if settings["precision"] != "auto" else "bf16"  # bf16 where the hardware has it
     shape = read_shape(path)
+    from cutegpt.training.launch import world_layout
+
+    processes = cfg.plan_processes or world_layout()[0]
     inp = plan_input_from_args(cfg, precision=precision, micro_batch=micro, ds=ds,
-                               processes=int(os.environ.get("WORLD_SIZE", "1")), device="cuda" if on_gpu else "cpu")
+                               processes=processes, device="cuda" if on_gpu else "cpu")
     plan = estimate(shape, inp)
     # a GPU this machine does not have has no known size (--device-memory-gb gives it); never this machine's RAM
     budget = cfg.device_memory_gb * GiB if cfg.device_memory_gb else (device_memory(inp.device) if gpu_here or not on_gpu else None)

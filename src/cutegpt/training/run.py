@@ -10,6 +10,9 @@ from cutegpt.errors import CuteGPTError
 def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any], data_help: str) -> int:
     """`train sft|pt`: with --plan, the memory plan from config.json alone (no torch, no weights); else check the
     inputs and train, `prepare(cfg, check_rows)` loading data and model (see training.engine.train)."""
+    from cutegpt.training.launch import slurm_env
+
+    slurm_env()  # an srun task becomes a torchrun-style process before anything reads RANK or WORLD_SIZE
     if cfg.plan:
         from cutegpt.training.plan import run_plan
 
@@ -25,9 +28,9 @@ def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any],
 
     import torch.distributed as dist
 
-    # under torchrun, close the process group before exit: left to the interpreter's teardown, gloo's threads
+    # under torchrun or srun, close the process group before exit: left to the interpreter's teardown, gloo's threads
     # were once seen to abort a rank that had finished (SIGABRT, "terminate called without an active exception")
-    if "TORCHELASTIC_RUN_ID" in os.environ and dist.is_available() and dist.is_initialized():
+    if ("TORCHELASTIC_RUN_ID" in os.environ or "SLURM_STEP_NUM_TASKS" in os.environ) and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return 0
