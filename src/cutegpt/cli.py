@@ -24,6 +24,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("data", "show"): ("cutegpt.data.stats", "ShowConfig", "run_show", "one rendered sample with its trained-on spans marked"),
     ("train", "sft"): ("cutegpt.training.sft", "SFTConfig", "run_sft", "instruction tuning (LoRA or full)"),
     ("train", "pt"): ("cutegpt.training.pt", "PTConfig", "run_pt", "continued pre-training on raw text"),
+    ("train", "dpo"): ("cutegpt.training.dpo", "PrefConfig", "run_dpo", "preference tuning: DPO, IPO, ORPO, SimPO, KTO (trl)"),
     ("export",): ("cutegpt.export.cli", "ExportConfig", "run_export", "merge a LoRA adapter into its base model; write GGUF"),
     ("eval",): ("cutegpt.evaluation.cli", "EvalConfig", "run_eval", "C-Eval / CMMLU / MMLU / XieZhi multiple-choice evaluation"),
     ("vocab", "train"): ("cutegpt.vocab.train", "VocabTrainConfig", "run_vocab_train", "train a Chinese tokenizer on a corpus"),

@@ -30,11 +30,12 @@ class NonFiniteLoss(CuteGPTError):
 
 
 
-def make_trainer_class():
+def make_trainer_class(base: Any = None):
+    """Our Trainer on top of `base` (transformers' Trainer, or one of trl's trainers for preference tuning)."""
     from transformers import Trainer
     from transformers.trainer_utils import rotate_checkpoints
 
-    class CuteTrainer(Trainer):
+    class CuteTrainer(base or Trainer):
         """Trainer with atomic checkpoints, a NaN/inf guard and a count of trained tokens."""
 
         def __init__(self, *a: Any, template_name: str, keep_checkpoints: int | None = None,
