@@ -24,6 +24,8 @@ import copy
 import dataclasses
 import json
 import logging
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -257,6 +259,9 @@ def trainer_class(loss: str) -> Any:
     from cutegpt.training.trainer import make_trainer_class
 
     name = LOSSES[loss].trainer
+    import datasets
+
+    datasets.disable_progress_bars()  # the trainers' dataset maps take milliseconds here; our bar is the training's
     if name == "dpo":
         from trl import DPOTrainer as base
     elif name == "kto":
@@ -309,6 +314,7 @@ class PrefStage:
     def __init__(self, cfg: PrefConfig):
         self.cfg = cfg
         self.reference = describe_reference(cfg)
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and SimPO live in trl.experimental; we pin trl
 
     def record(self, cfg: TrainArgs) -> dict[str, Any]:
         c = self.cfg
@@ -317,6 +323,12 @@ class PrefStage:
                 "max_prompt_length": c.max_prompt_length, "precompute_ref": c.precompute_ref, "lora": c.lora}
 
     def arguments(self, cfg: TrainArgs, kwargs: dict[str, Any]) -> Any:
+        with warnings.catch_warnings():  # transformers renamed the flag trl's configs set; not the user's to see
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+            return self._arguments(kwargs)
+
+    def _arguments(self, kwargs: dict[str, Any]) -> Any:
         c = self.cfg
         spec = LOSSES[c.loss]
         kwargs.setdefault("gradient_checkpointing", False)  # trl's configs default it on; ours is the flag
@@ -346,7 +358,7 @@ class PrefStage:
     def trainer(self, cfg: TrainArgs, prep: Any, args: Any, record: dict[str, Any]) -> Any:
         from peft import PeftModel
 
-        from cutegpt.training.prepare import attach_lora, trainable_in_fp32
+        from cutegpt.training.prepare import trainable_in_fp32
 
         c = self.cfg
         spec = LOSSES[c.loss]
@@ -354,10 +366,10 @@ class PrefStage:
         kw: dict[str, Any] = {}
         load_cfg = c.for_loading()
         if c.method == "lora":
-            if load_cfg.resume_lora:
-                model = attach_lora(model, load_cfg)  # trl copies this adapter as the frozen reference ("ref")
-            else:
-                kw["peft_config"] = lora_config(c)  # trl creates it; the reference is the base with it disabled
+            # trl creates a new adapter, the reference being the base with it disabled; a continued adapter
+            # (loaded by prepare_pref) is copied by trl as the frozen reference ("ref")
+            if not load_cfg.resume_lora:
+                kw["peft_config"] = lora_config(c)
         elif spec.reference and not c.precompute_ref:
             ref = copy.deepcopy(model).eval()
             for p in ref.parameters():
@@ -393,7 +405,7 @@ class PrefStage:
         history = trainer.state.log_history
         curves = {key: [[h["step"], h[key]] for h in history if key in h] for key in REWARD_KEYS}
         val_curves = {key: [[h["step"], h["eval_" + key]] for h in history if "eval_" + key in h] for key in REWARD_KEYS}
-        summary.update(loss=c.loss, beta=c.beta_value, reference=self.reference,
+        summary.update(loss=c.loss, beta=c.beta_value, reference=self.reference, loss_path="trl",
                        **{k.replace("/", "_") + "_curve": v for k, v in curves.items() if v},
                        **{"val_" + k.replace("/", "_") + "_curve": v for k, v in val_curves.items() if v})
         last = {k.replace("/", "_"): v[-1][1] for k, v in curves.items() if v}
@@ -470,7 +482,8 @@ def plot_rewards(curves: dict[str, list], val_curves: dict[str, list], path: Pat
     for ax in (left, right):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:

@@ -1,0 +1,214 @@
+"""`train dpo` on a tiny random LLaMA: each loss against a brute-force computation with plain transformers, the
+reference model (base, SFT adapter), learning on a separable set, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cutegpt.cli import main
+from cutegpt.templates import CUTEGPT_STOP, CUTEGPT_SYSTEM
+from cutegpt.training.dpo import PrefConfig, run_dpo
+from tests.training.conftest import read_summary
+
+PAIRS = [("中国的首都是哪里？", "北京。", "上海。"), ("Say hello.", "Hello!", "Go away."),
+         ("2 + 3 = ?", "5", "7"), ("Name a colour.", "Blue.", "The quick brown fox.")]
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def pairs_file(tmp_path) -> Path:
+    return _write(tmp_path / "pairs.jsonl", [{"instruction": q, "chosen": c, "rejected": r} for q, c, r in PAIRS])
+
+
+def _cfg(model_dir, data, out, **kw) -> PrefConfig:
+    base = dict(model=str(model_dir), data=[str(data)], out=str(out), micro_batch=4, grad_accum=1, lr=1e-2, warmup_steps=0,
+                max_steps=1, save_steps=1, precision="fp32", seed=0, logging_steps=1, template="cutegpt", report_to="none")
+    base.update(kw)
+    return PrefConfig(**base)
+
+
+# ---------------------------------------------------------------- brute force, independent of data/pairs.py
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _prompt(tok, q: str) -> list[int]:
+    """The cutegpt prompt, each segment tokenized alone (as training and `data convert` do)."""
+    return _ids(tok, CUTEGPT_SYSTEM) + _ids(tok, f"问：{q}\n答：\n")
+
+
+def _answer(tok, a: str) -> list[int]:
+    return _ids(tok, a + CUTEGPT_STOP) + [tok.eos_token_id]
+
+
+@torch.no_grad()
+def _token_logps(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """log p of each answer token given everything before it, one unpadded sequence."""
+    ids = torch.tensor([prompt + answer])
+    logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    return logp.gather(-1, ids[0, 1:, None])[len(prompt) - 1:, 0]
+
+
+def _base(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _with_adapter(model_dir, adapter):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_base(model_dir), str(adapter)).eval()
+
+
+def _dpo_loss(policy, ref, tok, beta: float) -> tuple[float, float, float]:
+    """(mean DPO loss, mean chosen reward, mean rejected reward) over PAIRS."""
+    losses, rc, rr = [], [], []
+    for q, c, r in PAIRS:
+        p = _prompt(tok, q)
+        lc = _token_logps(policy, p, _answer(tok, c)).sum() - _token_logps(ref, p, _answer(tok, c)).sum()
+        lr = _token_logps(policy, p, _answer(tok, r)).sum() - _token_logps(ref, p, _answer(tok, r)).sum()
+        losses.append(-F.logsigmoid(beta * (lc - lr)))
+        rc.append(beta * lc)
+        rr.append(beta * lr)
+    return float(torch.stack(losses).mean()), float(torch.stack(rc).mean()), float(torch.stack(rr).mean())
+
+
+def _logged(out: Path, step: int) -> dict:
+    state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return next(h for h in state["log_history"] if h.get("step") == step and "loss" in h)
+
+
+# ---------------------------------------------------------------- the losses
+
+def test_dpo_loss_equals_brute_force_from_summed_log_probs(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path):
+    """Step 1: policy == reference, log 2. Step 2: the policy is checkpoint-1's adapter, the reference the plain base;
+    the logged loss and rewards equal a per-pair computation with plain transformers (no padding, no trl)."""
+    out = tmp_path / "run"
+    assert run_dpo(_cfg(tiny_model_dir, pairs_file, out, max_steps=2)) == 0
+    assert _logged(out, 1)["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    base = _base(tiny_model_dir)
+    policy = _with_adapter(tiny_model_dir, out / "checkpoint-1")
+    loss, chosen, rejected = _dpo_loss(policy, base, tiny_tokenizer, 0.1)
+    step2 = _logged(out, 2)
+    assert abs(loss - math.log(2)) > 1e-3  # the first update moved the policy: the comparison below means something
+    assert step2["loss"] == pytest.approx(loss, abs=1e-5)
+    assert step2["rewards/chosen"] == pytest.approx(chosen, abs=1e-5)
+    assert step2["rewards/rejected"] == pytest.approx(rejected, abs=1e-5)
+    summary = read_summary(out)
+    assert summary["reference"] == "the base model with the adapter disabled" and summary["loss"] == "dpo"
+    assert (out / "rewards.png").stat().st_size > 0 and not (out / "final" / "ref").exists()
+
+
+@pytest.fixture()
+def sft_adapter(tiny_model_dir, tmp_path) -> Path:
+    """An SFT-like adapter: LoRA q/v with random (non-zero) B, so base + adapter != base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(_base(tiny_model_dir), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    out = tmp_path / "sft-adapter"
+    model.save_pretrained(out)
+    return out
+
+
+def test_sft_adapter_is_the_reference(tiny_model_dir, tiny_tokenizer, pairs_file, sft_adapter, tmp_path):
+    """On top of an SFT adapter the first loss is log 2 with zero rewards; with the base as reference it would not be."""
+    out = tmp_path / "run"
+    assert run_dpo(_cfg(tiny_model_dir, pairs_file, out, lora=str(sft_adapter))) == 0
+    first = _logged(out, 1)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    wrong, chosen, _ = _dpo_loss(_with_adapter(tiny_model_dir, sft_adapter), _base(tiny_model_dir), tiny_tokenizer, 0.1)
+    assert abs(wrong - math.log(2)) > 1e-3 and abs(chosen) > 1e-3  # what a base reference would have logged
+    assert "SFT adapter" in read_summary(out)["reference"]
+    # the trained adapter started from the SFT adapter: one small step away from it, far from a fresh (zero) one
+    from safetensors.torch import load_file
+
+    sft = load_file(sft_adapter / "adapter_model.safetensors")
+    final = load_file(out / "final" / "adapter_model.safetensors")
+    assert sft.keys() == final.keys()
+    assert max((sft[k] - final[k]).abs().max().item() for k in sft) < 0.05
+    assert max(sft[k].abs().max().item() for k in sft if "lora_B" in k) > 0.3
+
+
+def _seq_avg(model, tok, q, a) -> torch.Tensor:
+    lp = _token_logps(model, _prompt(tok, q), _answer(tok, a))
+    return lp.mean()
+
+
+def test_simpo_loss_equals_its_formula(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path):
+    """SimPO (reference-free): -log σ(β (avg log p(chosen) - avg log p(rejected)) - γ), β 2.0, γ 0.5 by default."""
+    out = tmp_path / "run"
+    assert run_dpo(_cfg(tiny_model_dir, pairs_file, out, loss="simpo")) == 0
+    base = _base(tiny_model_dir)
+    want = torch.stack([-F.logsigmoid(2.0 * (_seq_avg(base, tiny_tokenizer, q, c) - _seq_avg(base, tiny_tokenizer, q, r)) - 0.5)
+                        for q, c, r in PAIRS]).mean()
+    assert _logged(out, 1)["loss"] == pytest.approx(float(want), abs=1e-5)
+    assert read_summary(out)["reference"].startswith("none")
+
+
+def test_orpo_loss_equals_its_formula(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path):
+    """ORPO: NLL of the chosen sequences - λ mean log σ(log odds(chosen) - log odds(rejected)), odds from mean token
+    log-probs. trl's NLL term covers the prompt tokens too (the paper's covers the answer): we test trl's definition."""
+    out = tmp_path / "run"
+    assert run_dpo(_cfg(tiny_model_dir, pairs_file, out, loss="orpo", beta=0.25)) == 0
+    base = _base(tiny_model_dir)
+    nll_sum, nll_n, ratios = 0.0, 0, []
+    for q, c, r in PAIRS:
+        p, a = _prompt(tok := tiny_tokenizer, q), _answer(tiny_tokenizer, c)
+        whole = _token_logps(base, p[:1], p[1:] + a)  # every token after the first, prompt included
+        nll_sum, nll_n = nll_sum - float(whole.sum()), nll_n + len(whole)
+        lc, lr = _seq_avg(base, tok, q, c), _seq_avg(base, tok, q, r)
+        log_odds = (lc - lr) - (torch.log1p(-lc.exp()) - torch.log1p(-lr.exp()))
+        ratios.append(F.logsigmoid(log_odds))
+    want = nll_sum / nll_n - 0.25 * float(torch.stack(ratios).mean())
+    assert _logged(out, 1)["loss"] == pytest.approx(want, abs=1e-4)
+
+
+def test_kto_loss_equals_its_formula(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """KTO at step 2 (policy = checkpoint-1's adapter, reference = base): desirable 1 - σ(β(r - z)), undesirable
+    1 - σ(β(z - r)), z = the batch's KL estimate from mismatched answers (each prompt with the previous row's answer)."""
+    rows = [{"instruction": q, "completion": c if i % 2 else r, "label": bool(i % 2)} for i, (q, c, r) in enumerate(PAIRS)]
+    data = _write(tmp_path / "kto.jsonl", rows)
+    out = tmp_path / "run"
+    assert run_dpo(_cfg(tiny_model_dir, data, out, loss="kto", max_steps=2)) == 0
+    assert _logged(out, 1)["loss"] == pytest.approx(0.5, abs=1e-6)
+    base, policy, tok = _base(tiny_model_dir), _with_adapter(tiny_model_dir, out / "checkpoint-1"), tiny_tokenizer
+    prompts = [_prompt(tok, r["instruction"]) for r in rows]
+    answers = [_answer(tok, r["completion"]) for r in rows]
+    ratio = [float(_token_logps(policy, p, a).sum() - _token_logps(base, p, a).sum()) for p, a in zip(prompts, answers)]
+    mismatched = [answers[i - 1] for i in range(len(rows))]  # trl rotates the answers by one within the batch
+    z = max(0.0, sum(float(_token_logps(policy, p, a).sum() - _token_logps(base, p, a).sum())
+                     for p, a in zip(prompts, mismatched)) / len(rows))
+    beta = 0.1
+    losses = [1 - torch.sigmoid(torch.tensor(beta * (x - z))) if r["label"] else 1 - torch.sigmoid(torch.tensor(beta * (z - x)))
+              for x, r in zip(ratio, rows)]
+    assert abs(ratio[0]) > 1e-3
+    assert _logged(out, 2)["loss"] == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
+
+
+def test_reward_accuracy_rises_on_a_separable_set(tiny_model_dir, tmp_path):
+    """Chosen answers all say 'Yes', rejected ones 'No': the reward accuracy goes from 0 (step 1) above 0.9."""
+    records = [{"instruction": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": f"No {i}!"} for i in range(16)]
+    data = _write(tmp_path / "sep.jsonl", records)
+    out = tmp_path / "run"
+    assert run_dpo(_cfg(tiny_model_dir, data, out, micro_batch=16, max_steps=15, save_steps=100, lr=2e-2)) == 0
+    curve = read_summary(out)["rewards_accuracies_curve"]
+    assert curve[0][1] == 0.0 and curve[-1][1] > 0.9, curve
