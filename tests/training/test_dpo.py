@@ -212,3 +212,45 @@ def test_reward_accuracy_rises_on_a_separable_set(tiny_model_dir, tmp_path):
     assert run_dpo(_cfg(tiny_model_dir, data, out, micro_batch=16, max_steps=15, save_steps=100, lr=2e-2)) == 0
     curve = read_summary(out)["rewards_accuracies_curve"]
     assert curve[0][1] == 0.0 and curve[-1][1] > 0.9, curve
+
+
+# ---------------------------------------------------------------- refusals: one sentence, exit 1, nothing written
+
+def _refused(capsys, out: Path, argv: list[str], message: str) -> None:
+    capsys.readouterr()  # the fixtures' own output
+    assert main(argv) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("cutegpt: ")]  # info lines
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("records,flags,message", [
+    ([{"instruction": "Q", "chosen": "Same.", "rejected": "Same."}], [], "line 1: fields 'chosen' and 'rejected' are the same answer"),
+    ([{"instruction": "Q", "chosen": "  ", "rejected": "No."}], [], "line 1: field 'chosen' is empty"),
+    ([{"instruction": "long " * 80, "chosen": "Yes.", "rejected": "No."}], ["--max-length", "32"],
+     "which leaves no room for an answer within --max-length 32"),
+    ([{"instruction": "Q", "completion": "Yes.", "label": True}, {"instruction": "R", "completion": "Ok.", "label": True}],
+     ["--loss", "kto"], "every KTO record is desirable (label true); KTO needs both kinds"),
+    ([{"instruction": "Q", "chosen": "Yes.", "rejected": "No."}], ["--loss", "kto"], "--loss kto reads completion/label records"),
+    ([{"instruction": "Q", "chosen": "Yes.", "rejected": "No."}], ["--simpo-gamma", "1"], "--simpo-gamma is a setting of --loss simpo, not of --loss dpo"),
+    ([{"instruction": "Q", "chosen": "Yes.", "rejected": "No."}], ["--loss", "orpo", "--desirable-weight", "2"],
+     "--desirable-weight is a setting of --loss kto"),
+    ([{"instruction": "Q", "chosen": "Yes.", "rejected": "No."}], ["--loss", "simpo", "--precompute-ref"],
+     "--precompute-ref: --loss simpo is reference-free"),
+])
+def test_bad_input_is_one_sentence_and_writes_nothing(tiny_model_dir, tmp_path, capsys, records, flags, message):
+    data = _write(tmp_path / "data.jsonl", records)
+    out = tmp_path / "run"
+    _refused(capsys, out, ["train", "dpo", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out),
+                           "--template", "cutegpt", "--report-to", "none", *flags], message)
+
+
+def test_sft_adapter_from_another_base_is_refused(tiny_model_dir, sft_adapter, pairs_file, tmp_path, capsys):
+    from tests.tiny import build_tiny_llama, build_tokenizer
+
+    other = tmp_path / "other-base"
+    build_tiny_llama(other, vocab_size=len(build_tokenizer(other)), seed=7)
+    out = tmp_path / "run"
+    _refused(capsys, out, ["train", "dpo", "--model", str(other), "--lora", str(sft_adapter), "--data", str(pairs_file),
+                           "--out", str(out), "--template", "cutegpt", "--report-to", "none"],
+             f"--lora {sft_adapter} was trained on {tiny_model_dir}, not on {other}")

@@ -110,6 +110,13 @@ class PrefConfig(TrainArgs):
 
         for path in self.data:
             check_input(path, flag="--data", kind="file")
+        if self.data:  # records are checked before the plan line and before anything loads (tokens come later)
+            from cutegpt.data.pairs import check_kto_labels, read_prefs
+
+            records, _ = read_prefs(self.data, skip_invalid=self.skip_invalid)
+            check_kind(records[0], self.loss)
+            if self.loss == "kto" and not self.val_ratio:
+                check_kto_labels([{"label": r.label} for r in records], " ".join(self.data))
 
     def for_loading(self) -> "PrefConfig":
         """The settings as the shared loader reads them: an SFT adapter given as --lora is continued (unless merged)."""
@@ -149,11 +156,7 @@ def pref_rows(cfg: PrefConfig, paths: list[str], tokenizer: Any, template_name: 
     from cutegpt.templates import get_template
 
     records, stats = read_prefs(paths, skip_invalid=cfg.skip_invalid, flag="--data" if what == "training" else "--val-data")
-    kto = records[0].kto
-    if kto != (cfg.loss == "kto"):
-        raise CuteGPTError(f"{records[0].where}: --loss {cfg.loss} reads "
-                           f"{'completion/label records' if cfg.loss == 'kto' else 'chosen/rejected pairs'}, and this file has "
-                           f"{'completion/label records' if kto else 'chosen/rejected pairs'}.")
+    kto = check_kind(records[0], cfg.loss)
     encoder = PrefEncoder(tokenizer, get_template(template_name, tokenizer), Lengths(cfg.max_length, cfg.max_prompt_length))
     rows = encode_prefs(records, encoder, stats, cfg.skip_invalid)
     if kto and what == "training":
@@ -164,6 +167,15 @@ def pref_rows(cfg: PrefConfig, paths: list[str], tokenizer: Any, template_name: 
     log.info("%s data: %d %s from %d record(s)%s", what, len(rows), "answers" if kto else "pairs", stats.records,
              f" ({'; '.join(notes)})" if notes else "")
     return rows
+
+
+def check_kind(first: Any, loss: str) -> bool:
+    """KTO reads completion/label records, the other losses chosen/rejected pairs; True for KTO records."""
+    if first.kto != (loss == "kto"):
+        raise CuteGPTError(f"{first.where}: --loss {loss} reads "
+                           f"{'completion/label records' if loss == 'kto' else 'chosen/rejected pairs'}, and this file has "
+                           f"{'completion/label records' if first.kto else 'chosen/rejected pairs'}.")
+    return first.kto
 
 
 def split_rows(rows: list[dict[str, Any]], ratio: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
