@@ -110,6 +110,7 @@ class PrefConfig(TrainArgs):
 
         for path in self.data:
             check_input(path, flag="--data", kind="file")
+        check_adapter_base(self)
         if self.data:  # records are checked before the plan line and before anything loads (tokens come later)
             from cutegpt.data.pairs import check_kto_labels, read_prefs
 
@@ -221,7 +222,6 @@ def prepare_pref(cfg: PrefConfig, check_rows: Callable[[int], None] = lambda row
     from cutegpt.training.prepare import Prepared, load_for_training, training_tokenizer
 
     load_cfg = cfg.for_loading()
-    check_adapter_base(load_cfg)
     template_name = resolve_pref_template(load_cfg)
     tokenizer = training_tokenizer(load_cfg, template_name)
     rows = pref_rows(cfg, cfg.data, tokenizer, template_name, "training")
