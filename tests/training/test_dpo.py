@@ -52,6 +52,15 @@ def _answer(tok, a: str) -> list[int]:
     return _ids(tok, a + CUTEGPT_STOP) + [tok.eos_token_id]
 
 
+def _chatml_prompt(tok, q: str) -> list[int]:
+    """The tokenizer's own (ChatML) template, `--template auto`: one prompt segment."""
+    return _ids(tok, f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _chatml_answer(tok, a: str) -> list[int]:
+    return _ids(tok, a + "<|im_end|>") + [tok.eos_token_id]  # the newline after <|im_end|> opens the next turn
+
+
 @torch.no_grad()
 def _token_logps(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
     """log p of each answer token given everything before it, one unpadded sequence."""
@@ -72,13 +81,14 @@ def _with_adapter(model_dir, adapter):
     return PeftModel.from_pretrained(_base(model_dir), str(adapter)).eval()
 
 
-def _dpo_loss(policy, ref, tok, beta: float) -> tuple[float, float, float]:
-    """(mean DPO loss, mean chosen reward, mean rejected reward) over PAIRS."""
+def _dpo_loss(policy, ref, tok, beta: float, pairs=PAIRS, chatml: bool = False) -> tuple[float, float, float]:
+    """(mean DPO loss, mean chosen reward, mean rejected reward) over the pairs."""
+    prompt, answer = (_chatml_prompt, _chatml_answer) if chatml else (_prompt, _answer)
     losses, rc, rr = [], [], []
-    for q, c, r in PAIRS:
-        p = _prompt(tok, q)
-        lc = _token_logps(policy, p, _answer(tok, c)).sum() - _token_logps(ref, p, _answer(tok, c)).sum()
-        lr = _token_logps(policy, p, _answer(tok, r)).sum() - _token_logps(ref, p, _answer(tok, r)).sum()
+    for q, c, r in pairs:
+        p = prompt(tok, q)
+        lc = _token_logps(policy, p, answer(tok, c)).sum() - _token_logps(ref, p, answer(tok, c)).sum()
+        lr = _token_logps(policy, p, answer(tok, r)).sum() - _token_logps(ref, p, answer(tok, r)).sum()
         losses.append(-F.logsigmoid(beta * (lc - lr)))
         rc.append(beta * lc)
         rr.append(beta * lr)
@@ -254,3 +264,94 @@ def test_sft_adapter_from_another_base_is_refused(tiny_model_dir, sft_adapter, p
     _refused(capsys, out, ["train", "dpo", "--model", str(other), "--lora", str(sft_adapter), "--data", str(pairs_file),
                            "--out", str(out), "--template", "cutegpt", "--report-to", "none"],
              f"--lora {sft_adapter} was trained on {tiny_model_dir}, not on {other}")
+
+
+# ---------------------------------------------------------------- reference strategies, validation, resume
+
+def test_full_tuning_frozen_copy_and_precomputed_reference_agree(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path):
+    """Full tuning: the reference is a frozen copy of the model, or its log-probs computed once; same losses, and the
+    step-2 loss equals the brute force with checkpoint-1's full weights against the base (the tokenizer's ChatML
+    template: with `cutegpt` full tuning makes <end> a new token, which the plain base has no row for)."""
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    for name, extra in (("copy", {}), ("pre", {"precompute_ref": True})):
+        out = tmp_path / name
+        assert run_dpo(_cfg(tiny_model_dir, pairs_file, out, method="full", lr=1e-3, max_steps=2, template="auto", **extra)) == 0
+        runs[name] = (_logged(out, 1), _logged(out, 2), read_summary(out)["reference"])
+    assert runs["copy"][2] == "a frozen copy of the initial model"
+    assert runs["pre"][2].startswith("log-probabilities of the initial model, computed once")
+    for step in (0, 1):
+        assert runs["copy"][step]["loss"] == pytest.approx(runs["pre"][step]["loss"], abs=1e-6)
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "copy" / "checkpoint-1", dtype=torch.float32).eval()
+    loss, _, _ = _dpo_loss(policy, _base(tiny_model_dir), tiny_tokenizer, 0.1, chatml=True)
+    assert abs(loss - math.log(2)) > 1e-3 and runs["copy"][1]["loss"] == pytest.approx(loss, abs=1e-5)
+
+
+def test_validation_loss_and_keep_best(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """--val-ratio holds out whole pairs; the validation loss at the last step equals the brute force on them with
+    final/; --keep-best keeps the lowest; the result loads with chat's loader and its template."""
+    from cutegpt.model.loading import ModelArgs, load_model
+    from cutegpt.training.validation import choose
+
+    records = [{"instruction": q, "chosen": c, "rejected": r} for q, c, r in PAIRS * 2]
+    data = _write(tmp_path / "pairs.jsonl", records)
+    out = tmp_path / "run"
+    assert run_dpo(_cfg(tiny_model_dir, data, out, max_steps=3, val_ratio=0.25, eval_steps=1, keep_best=True,
+                        save_steps=100, micro_batch=6)) == 0
+    summary = read_summary(out)
+    val = summary["val_loss_curve"]
+    assert [s for s, _ in val] == [1, 2, 3] and len(summary["val_rewards_accuracies_curve"]) == 3
+    held = sorted(choose(len(records), 0.25, 0))
+    held_pairs = [(records[i]["instruction"], records[i]["chosen"], records[i]["rejected"]) for i in held]
+    want, _, _ = _dpo_loss(_with_adapter(tiny_model_dir, out / "final"), _base(tiny_model_dir), tiny_tokenizer, 0.1, held_pairs)
+    assert val[-1][1] == pytest.approx(want, abs=1e-5)
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["eval_loss"] == pytest.approx(min(v for _, v in val), abs=1e-9)
+    loaded = load_model(ModelArgs(model=str(tiny_model_dir), lora=str(out / "final")))
+    assert loaded.template.name == "cutegpt"
+
+
+def test_precomputed_reference_with_lora_matches_the_disabled_adapter(tiny_model_dir, pairs_file, tmp_path):
+    got = {}
+    for name, extra in (("live", {}), ("pre", {"precompute_ref": True})):
+        assert run_dpo(_cfg(tiny_model_dir, pairs_file, tmp_path / name, max_steps=2, **extra)) == 0
+        got[name] = [loss for _, loss in read_summary(tmp_path / name)["loss_curve"]]
+    assert got["live"] == pytest.approx(got["pre"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_curve(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cutegpt.training import checkpoints
+
+    records = [{"instruction": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": f"No {i}!"} for i in range(8)]
+    data = _write(tmp_path / "pairs.jsonl", records)
+    flags = ["--model", str(tiny_model_dir), "--data", str(data), "--micro-batch", "2", "--grad-accum", "1", "--lr", "5e-3",
+             "--warmup-steps", "2", "--lr-scheduler", "linear", "--max-steps", "16", "--save-steps", "3", "--precision", "fp32",
+             "--seed", "3", "--threads", "1", "--template", "cutegpt", "--report-to", "none"]
+    ref = tmp_path / "ref"
+    assert main(["train", "dpo", *flags, "--out", str(ref)]) == 0
+    want = dict(read_summary(ref)["loss_curve"])
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "cutegpt", "train", "dpo", *flags, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 300
+    while not checkpoints.complete_checkpoints(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    k = int(checkpoints.complete_checkpoints(out)[-1].name.split("-")[1])
+    assert k < 14
+    assert main(["train", "dpo", *flags, "--out", str(out), "--resume"]) == 0
+    got = dict(read_summary(out)["loss_curve"])
+    assert sorted(got) == sorted(want)
+    for step in range(k + 1, 17):
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
