@@ -22,6 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("data", "convert"): ("cutegpt.data.convert", "ConvertConfig", "run_convert", "instruction data -> packed training dataset"),
     ("data", "stats"): ("cutegpt.data.stats", "StatsConfig", "run_stats", "counts, length histogram and packing efficiency of a dataset"),
     ("data", "show"): ("cutegpt.data.stats", "ShowConfig", "run_show", "one rendered sample with its trained-on spans marked"),
+    ("data", "pairs"): ("cutegpt.chat.pairs", "PairsConfig", "run_pairs", "preference pairs: the file's answer vs the model's own (for train dpo)"),
     ("train", "sft"): ("cutegpt.training.sft", "SFTConfig", "run_sft", "instruction tuning (LoRA or full)"),
     ("train", "pt"): ("cutegpt.training.pt", "PTConfig", "run_pt", "continued pre-training on raw text"),
     ("train", "dpo"): ("cutegpt.training.dpo", "PrefConfig", "run_dpo", "preference tuning: DPO, IPO, ORPO, SimPO, KTO (trl)"),
