@@ -355,3 +355,34 @@ def test_sigkill_then_resume_reproduces_the_curve(tiny_model_dir, tmp_path):
     assert sorted(got) == sorted(want)
     for step in range(k + 1, 17):
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", [None, "ds_zero1_cpu.json"])
+def test_two_processes_match_one(tiny_model_dir, tmp_path, deepspeed):
+    """torchrun with 2 processes x micro-batch 2 (DDP, or DeepSpeed ZeRO-1 on gloo) = 1 process x micro-batch 4."""
+    import os
+    import subprocess
+    import sys
+
+    from cutegpt.training.ds_config import free_port
+
+    root = Path(__file__).resolve().parents[2]
+    records = [{"instruction": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": f"No {i}!"} for i in range(8)]
+    data = _write(tmp_path / "pairs.jsonl", records)
+    flags = ["--model", str(tiny_model_dir), "--data", str(data), "--grad-accum", "1", "--lr", "5e-3", "--warmup-steps", "0",
+             "--max-steps", "4", "--save-steps", "2", "--precision", "fp32", "--seed", "0", "--threads", "1",
+             "--template", "cutegpt", "--report-to", "none", *(["--deepspeed", str(root / "configs" / deepspeed)] if deepspeed else [])]
+    assert main(["train", "dpo", *flags, "--micro-batch", "4", "--out", str(tmp_path / "one")]) == 0
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "cutegpt", "train", "dpo", *flags, "--micro-batch", "2", "--out", str(tmp_path / "two")]
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = read_summary(tmp_path / "one"), read_summary(tmp_path / "two")
+    assert two["processes"] == 2
+    assert [s for s, _ in two["loss_curve"]] == [s for s, _ in one["loss_curve"]] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(two["loss_curve"], one["loss_curve"]):
+        assert a == pytest.approx(b, abs=1e-5)
+    for (_, a), (_, b) in zip(two["rewards_margins_curve"], one["rewards_margins_curve"]):
+        assert a == pytest.approx(b, abs=1e-5)
