@@ -120,9 +120,12 @@ class PrefConfig(TrainArgs):
                 check_kto_labels([{"label": r.label} for r in records], " ".join(self.data))
 
     def for_loading(self) -> "PrefConfig":
-        """The settings as the shared loader reads them: an SFT adapter given as --lora is continued (unless merged)."""
+        """The settings as the shared loader reads them: an SFT adapter given as --lora is continued by a LoRA run
+        (unless --merge-lora), and merged into the weights a full run trains (and copies as its reference)."""
         if self.lora and self.method == "lora" and not self.merge_lora:
             return dataclasses.replace(self, lora=None, resume_lora=self.lora)
+        if self.lora and self.method == "full":
+            return dataclasses.replace(self, merge_lora=True)
         return self
 
     @property
