@@ -134,6 +134,8 @@ def make_callbacks(tokens: Callable[[], int], world: int) -> list[Any]:
                 self.shown.update(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", tok_s=f"{rate:.0f}")
             if "eval_loss" in logs:
                 self.shown["val_loss"] = f"{logs['eval_loss']:.4f}"
+            if "rewards/accuracies" in logs:  # preference tuning (train dpo)
+                self.shown["reward_acc"] = f"{logs['rewards/accuracies']:.2f}"
             self.bar.set_postfix(self.shown)
 
         def on_train_end(self, args, state, control, **kw):
