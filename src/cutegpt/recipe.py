@@ -207,7 +207,8 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
         from cutegpt.training.dpo import PrefConfig, run_dpo
 
         run_dpo(_make(PrefConfig, model=str(pt_model), lora=str(d["5-sft"] / "final"), data=[str(d["5a-pairs.jsonl"])],
-                      out=str(d["5b-dpo"]), template="cutegpt", max_steps=cfg.dpo_steps, lr=cfg.dpo_lr, **train_common))
+                      out=str(d["5b-dpo"]), template="cutegpt", max_steps=cfg.dpo_steps, lr=cfg.dpo_lr,
+                      max_prompt_length=cfg.max_length // 2, **train_common))  # long prompts keep their end
         s = _read(d["5b-dpo"] / "summary.json")
         return {"steps": s.get("steps"), "loss": _first_last(s), "reward_accuracy": s.get("final_rewards_accuracies"),
                 "reference": s.get("reference"), "final": s.get("final")}
@@ -316,7 +317,7 @@ def _check_steps(cfg: RecipeConfig) -> None:
     add("cutegpt.chat.batch", "GenerateConfig", model=x, input=x, out=x, greedy=True, max_new_tokens=cfg.max_new_tokens)
     if cfg.dpo_steps:
         add("cutegpt.training.dpo", "PrefConfig", model=x, lora=x, data=[x], out=x, template="cutegpt", max_steps=cfg.dpo_steps,
-            lr=cfg.dpo_lr, **train_common)
+            lr=cfg.dpo_lr, max_prompt_length=cfg.max_length // 2, **train_common)
     add("cutegpt.evaluation.cli", "EvalConfig", benchmark="ceval", model=x, data=x, split=cfg.eval_split, shots=cfg.eval_shots,
         limit=cfg.eval_limit, out=x, threads=cfg.threads)
     for make in makers:
