@@ -9,7 +9,8 @@ last question, chosen = its last answer, rejected = the last answer of the next 
 ranking file serves both (LLaMA-Factory's `ranking: true` format, which `cutegpt train dpo` reads too), rendered
 by the cutegpt template (registered in LLaMA-Factory as in bench_llamafactory.py). LoRA r 8, alpha 16, dropout
 0.05 on q_proj/v_proj (the reference: the base with the adapter disabled, on both sides), lr 5e-6 constant,
-micro-batch 2 x accumulation 2, at most 512 tokens per sequence, bf16, one torch thread, the same steps.
+micro-batch 2 x accumulation 2, at most 512 tokens per sequence (ours: prompts cut to their last 256; LLaMA-Factory: its own
+proportional rule), bf16, one torch thread, the same steps.
 
 Measured inside each training process by the same code (a patch of transformers' Trainer):
   - tokens/s = non-padding tokens of the chosen and rejected sequences given to `Trainer.training_step`, over the
@@ -117,7 +118,7 @@ def write_pairs(folder: Path) -> int:
 
 def cutegpt_args(side: Side, model: Path, data: Path, out: Path, steps: int) -> list[str]:
     args = ["train", "dpo", "--model", str(model), "--template", "cutegpt", "--data", str(data), "--loss", "dpo",
-            "--beta", "0.1", "--max-length", str(MAX_LENGTH), "--out", str(out), "--overwrite",
+            "--beta", "0.1", "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_LENGTH // 2), "--out", str(out), "--overwrite",
             "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]), "--lora-dropout", str(LORA["dropout"]),
             "--lora-targets", *LORA["targets"], "--micro-batch", "2", "--grad-accum", "2", "--max-steps", str(steps),
             "--lr", "5e-6", "--lr-scheduler", "constant", "--warmup-steps", "0", "--precision", "bf16", "--threads", "1",
