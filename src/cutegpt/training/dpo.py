@@ -239,6 +239,8 @@ def prepare_pref(cfg: PrefConfig, check_rows: Callable[[int], None] = lambda row
             check_kto_labels(rows, "the training part of --data")
     check_rows(len(rows))
     model = load_for_training(load_cfg, tokenizer, template_name, attach=False)
+    if cfg.method == "lora" and not load_cfg.resume_lora:
+        model.requires_grad_(False)  # the base stays frozen (trl's peft path would freeze it too; the disk estimate reads it now)
     return Prepared(model=model, tokenizer=tokenizer, dataset=Dataset.from_list(rows), template_name=template_name,
                     val_dataset=Dataset.from_list(val_rows) if val_rows else None)
 
