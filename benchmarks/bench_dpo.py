@@ -93,8 +93,8 @@ class Side:
     runs: list[dict] = field(default_factory=list)
 
 
-def write_pairs(folder: Path) -> int:
-    """The sample data as sharegpt ranking pairs + LLaMA-Factory's dataset_info.json."""
+def write_pairs(folder: Path, limit: int | None = None) -> int:
+    """The sample data as sharegpt ranking pairs + LLaMA-Factory's dataset_info.json (the first `limit` pairs)."""
     from cutegpt.data.readers import Source
 
     convs = list(source := Source(DATA))
@@ -108,6 +108,7 @@ def write_pairs(folder: Path) -> int:
         if other.strip() == conv.turns[-1].output.strip():
             continue
         records.append({"conversations": msgs[:-1], "chosen": msgs[-1], "rejected": {"from": "gpt", "value": other}})
+    records = records[:limit] if limit else records
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pairs.json").write_text(json.dumps(records, ensure_ascii=False))
     info = {"cutegpt_pairs": {"file_name": "pairs.json", "formatting": "sharegpt", "ranking": True,
@@ -180,6 +181,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--references-only", action="store_true", help="only our reference strategies (memory)")
+    p.add_argument("--pairs", type=int, default=None, help="use the first N pairs (default: all)")
     a = p.parse_args()
     if not DATA.is_file():
         print(f"skipped: the shared sample data {DATA} is absent (set $CUTEGPT_SHARED)")
@@ -190,9 +192,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     (work / "stubs" / "torchaudio").mkdir(parents=True)
     (work / "stubs" / "torchaudio" / "__init__.py").write_text("")
-    n = write_pairs(work / "data")
-    sides = [Side("cutegpt LoRA (reference: adapter disabled)", "cutegpt"),
-             Side("cutegpt LoRA, checkpointing", "cutegpt", checkpointing=True)]
+    n = write_pairs(work / "data", a.pairs)
+    sides = [Side("cutegpt LoRA (reference: adapter disabled)", "cutegpt")]
+    if not a.references_only:
+        sides.append(Side("cutegpt LoRA, checkpointing", "cutegpt", checkpointing=True))
     have_lf = bool(a.llamafactory_python and Path(a.llamafactory_python).is_file()) and not a.references_only
     if have_lf:
         sides.append(Side("LLaMA-Factory LoRA (checkpointing, its default)", "llamafactory", checkpointing=True))
