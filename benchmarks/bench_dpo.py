@@ -38,6 +38,7 @@ from bench_llamafactory import register_cutegpt_template, versions, vm_hwm_kib
 from bench_train import DATA, ROOT
 
 MAX_LENGTH = 512
+PRECISION = ["bf16"]  # --precision sets it (our side; LLaMA-Factory runs bf16)
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
 
 
@@ -122,7 +123,7 @@ def cutegpt_args(side: Side, model: Path, data: Path, out: Path, steps: int) -> 
             "--beta", "0.1", "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_LENGTH // 2), "--out", str(out), "--overwrite",
             "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]), "--lora-dropout", str(LORA["dropout"]),
             "--lora-targets", *LORA["targets"], "--micro-batch", "2", "--grad-accum", "2", "--max-steps", str(steps),
-            "--lr", "5e-6", "--lr-scheduler", "constant", "--warmup-steps", "0", "--precision", "bf16", "--threads", "1",
+            "--lr", "5e-6", "--lr-scheduler", "constant", "--warmup-steps", "0", "--precision", PRECISION[0], "--threads", "1",
             "--save-steps", "100000", "--report-to", "none", "--seed", "42", *side.extra]
     if side.checkpointing:
         args.append("--gradient-checkpointing")
@@ -182,7 +183,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--references-only", action="store_true", help="only our reference strategies (memory)")
     p.add_argument("--pairs", type=int, default=None, help="use the first N pairs (default: all)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="our side's precision")
     a = p.parse_args()
+    PRECISION[0] = a.precision
     if not DATA.is_file():
         print(f"skipped: the shared sample data {DATA} is absent (set $CUTEGPT_SHARED)")
         return
