@@ -169,3 +169,19 @@ def test_out_inside_an_input_is_refused(tmp_path):
     with pytest.raises(CuteGPTError, match="--out .* lies inside the input folder"):
         run_recipe(RecipeConfig(out=str(data / "run"), eval_data=str(data)))
     assert _tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_tiny_recipe_with_dpo(tmp_path, embedded_dir):
+    """--dpo-steps: pairs from the SFT data (the SFT model's own answers rejected), DPO on the SFT adapter, and the
+    export merges the DPO adapter."""
+    out = tmp_path / "recipe"
+    cfg = RecipeConfig(out=str(out), vocab_size=800, pt_steps=1, sft_steps=1, dpo_steps=2, max_length=64, micro_batch=2,
+                       threads=1, max_new_tokens=4, eval_limit=1, eval_base=False)
+    assert run_recipe(cfg) == 0
+    steps = {s["name"]: s for s in json.loads((out / "recipe.json").read_text(encoding="utf-8"))["steps"]}
+    assert all(s["status"] == "done" for s in steps.values()), {k: s["status"] for k, s in steps.items()}
+    assert steps["preference pairs"]["info"]["pairs"] > 0
+    dpo = steps["preference tuning (DPO)"]["info"]
+    assert dpo["steps"] == 2 and "SFT adapter" in dpo["reference"]
+    assert (out / "5b-dpo" / "final" / "adapter_model.safetensors").is_file() and (out / "6-merged").is_dir()

@@ -3,7 +3,7 @@
     corpus (zh + en) ─> 1 vocab train ─> 2 vocab extend ─> 3 train pt (full: new rows trained)
                                                                 │
     sft conversations ─────────────────> 4 data convert ───> 5 train sft (LoRA, cutegpt template)
-                                                                │
+                                                                │ (--dpo-steps N: 5a data pairs -> 5b train dpo on the SFT adapter)
                                    8 eval (C-Eval style) <─ 7 chat smoke test <─ 6 export (merge LoRA)
 
 Every step is the Python function behind the matching command (`cutegpt vocab train`, ...), so
@@ -56,6 +56,9 @@ class RecipeConfig:
     pt_lr: float = arg(1e-4, "continued pre-training learning rate", gt=0)
     sft_steps: int = arg(20, "LoRA instruction-tuning steps", ge=1)
     sft_lr: float = arg(1e-3, "LoRA learning rate", gt=0)
+    dpo_steps: int = arg(0, "preference tuning after SFT: pairs from the SFT data (the model's own answers rejected), then "
+                            "this many DPO steps on the SFT adapter; 0 = no preference step", ge=0)
+    dpo_lr: float = arg(5e-5, "DPO learning rate (LoRA)", gt=0)
     max_length: int = arg(256, "tokens per training row", ge=16)
     micro_batch: int = arg(4, "rows per forward pass", ge=1)
     grad_accum: int = arg(1, "micro-batches per optimizer step", ge=1)
@@ -141,7 +144,9 @@ def _read(path: Path) -> dict[str, Any]:
 
 def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Step, Callable[[], dict[str, Any]], list[str]]]:
     """(step, action, names of the steps it needs), in order."""
-    d = {name: out / name for name in ("1-vocab", "2-extended", "3-pt", "4-sft-data", "5-sft", "6-merged", "7-chat.jsonl", "8-eval", "8-eval-base")}
+    d = {name: out / name for name in ("1-vocab", "2-extended", "3-pt", "4-sft-data", "5-sft", "5a-pairs.jsonl", "5b-dpo",
+                                       "6-merged", "7-chat.jsonl", "8-eval", "8-eval-base")}
+    tuned = d["5b-dpo" if cfg.dpo_steps else "5-sft"] / "final"  # the adapter the later steps take
     train_common = dict(max_length=cfg.max_length, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, save_steps=10**9,
                         threads=cfg.threads, logging_steps=1, warmup_steps=0, deepspeed=cfg.deepspeed)
     pt_model = d["3-pt"] / ("final" if cfg.pt_method == "full" else "merged")
@@ -190,10 +195,28 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
         s = _read(d["5-sft"] / "summary.json")
         return {"steps": s.get("steps"), "loss": _first_last(s), "final": s.get("final")}
 
+    def pairs() -> dict[str, Any]:
+        from cutegpt.chat.pairs import PairsConfig, run_pairs
+
+        run_pairs(_make(PairsConfig, input=str(paths["sft"]), out=str(d["5a-pairs.jsonl"]), model=str(pt_model),
+                        lora=str(d["5-sft"] / "final"), greedy=True, max_new_tokens=cfg.max_new_tokens, threads=cfg.threads,
+                        backend="torch"))
+        return {"pairs": sum(1 for line in d["5a-pairs.jsonl"].read_text(encoding="utf-8").splitlines() if line.strip())}
+
+    def dpo() -> dict[str, Any]:
+        from cutegpt.training.dpo import PrefConfig, run_dpo
+
+        run_dpo(_make(PrefConfig, model=str(pt_model), lora=str(d["5-sft"] / "final"), data=[str(d["5a-pairs.jsonl"])],
+                      out=str(d["5b-dpo"]), template="cutegpt", max_steps=cfg.dpo_steps, lr=cfg.dpo_lr,
+                      max_prompt_length=cfg.max_length // 2, **train_common))  # long prompts keep their end
+        s = _read(d["5b-dpo"] / "summary.json")
+        return {"steps": s.get("steps"), "loss": _first_last(s), "reward_accuracy": s.get("final_rewards_accuracies"),
+                "reference": s.get("reference"), "final": s.get("final")}
+
     def export() -> dict[str, Any]:
         from cutegpt.export.cli import ExportConfig, run_export
 
-        run_export(_make(ExportConfig, model=str(pt_model), lora=str(d["5-sft"] / "final"), out=str(d["6-merged"]), dtype="float32"))
+        run_export(_make(ExportConfig, model=str(pt_model), lora=str(tuned), out=str(d["6-merged"]), dtype="float32"))
         return {}
 
     def chat() -> dict[str, Any]:
@@ -222,7 +245,13 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
         (Step("continued pre-training", "cutegpt train pt", str(pt_model)), pt, ["vocab extend"]),
         (Step("data convert", "cutegpt data convert", str(d["4-sft-data"])), convert, ["continued pre-training"]),
         (Step("instruction tuning (LoRA)", "cutegpt train sft", str(d["5-sft"] / "final")), sft, ["data convert"]),
-        (Step("export (merge LoRA)", "cutegpt export", str(d["6-merged"])), export, ["instruction tuning (LoRA)"]),
+    ]
+    if cfg.dpo_steps:
+        steps += [(Step("preference pairs", "cutegpt data pairs", str(d["5a-pairs.jsonl"])), pairs, ["instruction tuning (LoRA)"]),
+                  (Step("preference tuning (DPO)", "cutegpt train dpo", str(tuned)), dpo, ["preference pairs"])]
+    steps += [
+        (Step("export (merge LoRA)", "cutegpt export", str(d["6-merged"])), export,
+         ["preference tuning (DPO)" if cfg.dpo_steps else "instruction tuning (LoRA)"]),
         (Step("chat smoke test", "cutegpt generate", str(d["7-chat.jsonl"])), chat, ["export (merge LoRA)"]),
         (Step("evaluation", "cutegpt eval ceval", str(d["8-eval"])), evaluate(str(d["6-merged"]), d["8-eval"]), ["export (merge LoRA)"]),
     ]
@@ -286,6 +315,9 @@ def _check_steps(cfg: RecipeConfig) -> None:
     add("cutegpt.training.sft", "SFTConfig", model=x, data=[x], out=x, method="lora", template="cutegpt", max_steps=cfg.sft_steps,
         lr=cfg.sft_lr, **train_common)
     add("cutegpt.chat.batch", "GenerateConfig", model=x, input=x, out=x, greedy=True, max_new_tokens=cfg.max_new_tokens)
+    if cfg.dpo_steps:
+        add("cutegpt.training.dpo", "PrefConfig", model=x, lora=x, data=[x], out=x, template="cutegpt", max_steps=cfg.dpo_steps,
+            lr=cfg.dpo_lr, max_prompt_length=cfg.max_length // 2, **train_common)
     add("cutegpt.evaluation.cli", "EvalConfig", benchmark="ceval", model=x, data=x, split=cfg.eval_split, shots=cfg.eval_shots,
         limit=cfg.eval_limit, out=x, threads=cfg.threads)
     for make in makers:

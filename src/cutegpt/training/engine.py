@@ -57,12 +57,14 @@ def print_plan(cfg: TrainArgs, settings: dict[str, Any], precision: str, ds_dict
 
 
 
-def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared]) -> dict[str, Any]:
+def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared], stage: "Stage | None" = None) -> dict[str, Any]:
     """Build the Trainer, train, save OUT/final, write summary.json and loss.png; returns the summary.
 
     `prepare(check_rows)` loads data and model; it calls `check_rows(len(dataset))` before the model loads, so a
-    dataset too small for one optimizer step is refused without minutes of loading.
+    dataset too small for one optimizer step is refused without minutes of loading. `stage` is what the objective
+    changes (arguments, trainer, validation, summary); None = SFT/PT's next-token loss.
     """
+    stage = stage or Stage()
     from cutegpt.training.ds_config import process_group_env, read_ds_config, reconcile
 
     setup_logging()
@@ -84,9 +86,7 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared]) 
         return {"plan": {k: v for k, v in (plan.parts.items() if plan else [])}, "peak": plan.peak if plan else None}
 
     import transformers
-    from transformers import TrainingArguments, set_seed
-
-    from cutegpt.training.data import PackedCollator
+    from transformers import set_seed
 
     transformers.logging.set_verbosity_warning()
     threads = resolve_threads(cfg.threads)
@@ -94,6 +94,7 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared]) 
     torch.set_num_threads(threads)
     report_to = check_report_to(cfg.report_to)
     record = run_record(cfg)
+    record["settings"].update(stage.record(cfg))
     start_at = check_run(cfg, record)
     finished = (Path(cfg.out) / "final").is_dir() and (Path(cfg.out) / "summary.json").is_file()
     if start_at.complete and not finished:  # killed after its last checkpoint: resuming trains 0 steps, then writes them
@@ -126,7 +127,7 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared]) 
         warmup = settings["warmup_steps"] if settings["warmup_steps"] is not None else min(300, int(0.03 * total))
         say_disk_use(cfg, prep.model)
 
-        args = TrainingArguments(
+        args = stage.arguments(cfg, dict(
             output_dir=str(cfg.out), per_device_train_batch_size=settings["micro_batch"],
             gradient_accumulation_steps=settings["grad_accum"], learning_rate=settings["lr"],
             lr_scheduler_type=cfg.lr_scheduler, warmup_steps=warmup, weight_decay=settings["weight_decay"],
@@ -139,21 +140,16 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared]) 
                if cfg.gradient_checkpointing else {}),
             deepspeed=ds_dict, disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
             log_level="warning",
-        )
+        ))
         from transformers.trainer_callback import PrinterCallback
 
-        collator = PackedCollator(pad_id=_pad_id(prep.tokenizer))
         with quiet_deprecations():
-            trainer = make_trainer_class()(
-                model=prep.model, args=args, train_dataset=prep.dataset, processing_class=prep.tokenizer,
-                data_collator=collator, template_name=prep.template_name,
-                keep_checkpoints=cfg.save_total_limit, run_record=record,
-                fused_loss=os.environ.get("CUTEGPT_FULL_LOGITS") != "1")  # the env switch exists for the before/after benchmark
+            trainer = stage.trainer(cfg, prep, args, record)
         trainer.remove_callback(PrinterCallback)
         torch.set_num_threads(threads)
         callbacks = make_callbacks(lambda: trainer.tokens_seen, world)
         if prep.val_dataset is not None:
-            callbacks.append(make_evaluator(trainer, cfg, prep, collator, settings["micro_batch"], precision))
+            callbacks.append(stage.evaluator(trainer, cfg, prep, settings["micro_batch"], precision))
         for cb in callbacks:
             trainer.add_callback(cb)
         if trainer.is_world_process_zero():
@@ -188,8 +184,40 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared]) 
         seconds = time.perf_counter() - start
         if trainer.is_world_process_zero():
             shutil.rmtree(Path(cfg.out) / STAGING, ignore_errors=True)
+        stage.before_final(trainer)
         final = save_final(trainer, cfg, prep, precision)
-        return write_summary(trainer, cfg, final, seconds, world, settings["lr"])
+        return stage.finish(trainer, cfg, write_summary(trainer, cfg, final, seconds, world, settings["lr"]))
+
+
+class Stage:
+    """What an objective changes in the engine; this default is SFT/PT's next-token loss (training/dpo.py: DPO)."""
+
+    def record(self, cfg: TrainArgs) -> dict[str, Any]:
+        """Settings beyond RUN_SETTINGS that a --resume must find unchanged."""
+        return {}
+
+    def arguments(self, cfg: TrainArgs, kwargs: dict[str, Any]) -> Any:
+        from transformers import TrainingArguments
+
+        return TrainingArguments(**kwargs)
+
+    def trainer(self, cfg: TrainArgs, prep: Prepared, args: Any, record: dict[str, Any]) -> Any:
+        from cutegpt.training.data import PackedCollator
+
+        return make_trainer_class()(
+            model=prep.model, args=args, train_dataset=prep.dataset, processing_class=prep.tokenizer,
+            data_collator=PackedCollator(pad_id=_pad_id(prep.tokenizer)), template_name=prep.template_name,
+            keep_checkpoints=cfg.save_total_limit, run_record=record,
+            fused_loss=os.environ.get("CUTEGPT_FULL_LOGITS") != "1")  # the env switch exists for the before/after benchmark
+
+    def evaluator(self, trainer: Any, cfg: TrainArgs, prep: Prepared, micro_batch: int, precision: str) -> Any:
+        return make_evaluator(trainer, cfg, prep, trainer.data_collator, micro_batch, precision)
+
+    def before_final(self, trainer: Any) -> None:
+        pass
+
+    def finish(self, trainer: Any, cfg: TrainArgs, summary: dict[str, Any]) -> dict[str, Any]:
+        return summary
 
 
 

@@ -81,8 +81,9 @@ def resize_for_tokenizer(model: Any, tokenizer: Any, std: float = 1e-6) -> int:
 
 
 
-def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str) -> Any:
-    """Base model through the project's loader, then the adapter (or full training) set up."""
+def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str, attach: bool = True) -> Any:
+    """Base model through the project's loader, then the adapter (or full training) set up; with attach=False a new
+    LoRA adapter is left to the caller (trl's trainers create it themselves, keeping the base as the reference)."""
     from cutegpt.model.loading import ModelArgs, load_model
 
     if cfg.lora and cfg.method == "lora" and not cfg.merge_lora:
@@ -106,6 +107,9 @@ def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str) -> Any
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        return model
+    if not attach and not cfg.resume_lora:
+        check_module_names(model, cfg)
         return model
     return attach_lora(model, cfg)
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from cutegpt.errors import CuteGPTError
 
 
-def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any], data_help: str) -> int:
+def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any], data_help: str, stage: Any = None) -> int:
     """`train sft|pt`: with --plan, the memory plan from config.json alone (no torch, no weights); else check the
     inputs and train, `prepare(cfg, check_rows)` loading data and model (see training.engine.train)."""
     from cutegpt.training.launch import slurm_env
@@ -23,7 +23,7 @@ def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any],
     cfg.check_inputs()
     from cutegpt.training.engine import train
 
-    train(cfg, lambda check_rows: prepare(cfg, check_rows))
+    train(cfg, lambda check_rows: prepare(cfg, check_rows), stage)
     import os
 
     import torch.distributed as dist

@@ -30,11 +30,12 @@ class NonFiniteLoss(CuteGPTError):
 
 
 
-def make_trainer_class():
+def make_trainer_class(base: Any = None):
+    """Our Trainer on top of `base` (transformers' Trainer, or one of trl's trainers for preference tuning)."""
     from transformers import Trainer
     from transformers.trainer_utils import rotate_checkpoints
 
-    class CuteTrainer(Trainer):
+    class CuteTrainer(base or Trainer):
         """Trainer with atomic checkpoints, a NaN/inf guard and a count of trained tokens."""
 
         def __init__(self, *a: Any, template_name: str, keep_checkpoints: int | None = None,
@@ -148,6 +149,8 @@ def make_callbacks(tokens: Callable[[], int], world: int) -> list[Any]:
                 self.shown.update(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", tok_s=f"{rate:.0f}")
             if "eval_loss" in logs:
                 self.shown["val_loss"] = f"{logs['eval_loss']:.4f}"
+            if "rewards/accuracies" in logs:  # preference tuning (train dpo)
+                self.shown["reward_acc"] = f"{logs['rewards/accuracies']:.2f}"
             self.bar.set_postfix(self.shown)
 
         def on_train_end(self, args, state, control, **kw):
