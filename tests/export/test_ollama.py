@@ -299,11 +299,22 @@ def test_triple_quotes_cannot_be_written():
 # ------------------------------------------------------------------ the command
 
 
-def test_cli_writes_modelfile_beside_the_gguf(bpe_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory) -> Path:
+    """A tiny LLaMA whose tokenizer carries a ChatML chat template (so `auto` is its template)."""
+    from tests.tiny import build_tiny_llama
+
+    out = tmp_path_factory.mktemp("chatml")
+    tok = build_tokenizer(out, chat_template=True)
+    build_tiny_llama(out, vocab_size=len(tok))
+    return out
+
+
+def test_cli_writes_modelfile_beside_the_gguf(chatml_dir, tmp_path, capsys):
     from cutegpt.cli import main
 
     out = tmp_path / "m.gguf"
-    args = ["export", "--format", "gguf", "--model", str(bpe_dir), "--out", str(out), "--template", "cutegpt",
+    args = ["export", "--format", "gguf", "--model", str(chatml_dir), "--out", str(out), "--template", "cutegpt",
             "--no-verify", "--quiet", "--ollama", "--system", "You are terse."]
     assert main(args) == 0
     assert "Modelfile" in capsys.readouterr().out
@@ -316,12 +327,31 @@ def test_cli_writes_modelfile_beside_the_gguf(bpe_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]
 
 
-def test_cli_refuses_an_existing_modelfile_before_exporting(bpe_dir, tmp_path, capsys):
+def test_cli_auto_template_comes_from_the_gguf(chatml_dir, tmp_path, capsys):
+    """The model's own ChatML template, read back from the exported file, becomes the Go template."""
+    from cutegpt.cli import main
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--format", "gguf", "--model", str(chatml_dir), "--out", str(out), "--no-verify",
+                 "--quiet", "--ollama"]) == 0
+    mf = parse_modelfile((tmp_path / "Modelfile").read_text(encoding="utf-8"))
+    assert "SYSTEM" not in mf and mf["PARAMETER"][:3] == [("stop", "<|im_end|>"), ("stop", "<|im_start|>"), ("stop", "</s>")]
+    assert ("temperature", 0) in mf["PARAMETER"]  # greedy, as chat decodes an `auto` model that recommends nothing
+    reference = ChatTemplate(AutoTokenizer.from_pretrained(chatml_dir))
+    for turns in CONVERSATIONS:
+        assert ollama_render(mf, chat_messages(turns, "Be brief.")) == reference.prompt(turns, "Be brief.")
+    assert main(["export", "--format", "gguf", "--model", str(chatml_dir), "--out", str(out), "--no-verify",
+                 "--quiet", "--ollama"]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_existing_modelfile_before_exporting(chatml_dir, tmp_path, capsys):
     from cutegpt.cli import main
 
     (tmp_path / "Modelfile").write_text("mine\n", encoding="utf-8")
     out = tmp_path / "m.gguf"
-    assert main(["export", "--format", "gguf", "--model", str(bpe_dir), "--out", str(out), "--ollama"]) == 1
+    assert main(["export", "--format", "gguf", "--model", str(chatml_dir), "--out", str(out), "--ollama"]) == 1
     err = capsys.readouterr().err
     assert "Modelfile already exists" in err and "--overwrite" in err
     assert not out.exists() and (tmp_path / "Modelfile").read_text(encoding="utf-8") == "mine\n"
@@ -332,10 +362,10 @@ def test_cli_refuses_an_existing_modelfile_before_exporting(bpe_dir, tmp_path, c
     (["--format", "gguf", "--system", "x"], "add --ollama"),
     (["--format", "gguf", "--ollama", "--system", 'a """ b'], "three double quotes"),
 ])
-def test_cli_bad_flags(bpe_dir, tmp_path, capsys, args, message):
+def test_cli_bad_flags(chatml_dir, tmp_path, capsys, args, message):
     from cutegpt.cli import main
 
     out = tmp_path / ("m.gguf" if "gguf" in args else "merged")
-    assert main(["export", "--model", str(bpe_dir), "--out", str(out), *args]) == 1
+    assert main(["export", "--model", str(chatml_dir), "--out", str(out), *args]) == 1
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

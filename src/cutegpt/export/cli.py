@@ -126,7 +126,10 @@ def run_export_gguf(cfg: ExportConfig, threads: int = 1) -> int:
     if cfg.ollama:
         from cutegpt.export.ollama import write_modelfile
 
-        modelfile = write_modelfile(out, str(report.get("template") or cfg.template or "cutegpt"), system=cfg.system,
-                                    overwrite=cfg.overwrite)
+        try:
+            modelfile = write_modelfile(out, str(report.get("template") or cfg.template or "cutegpt"), system=cfg.system,
+                                        overwrite=cfg.overwrite)
+        except CuteGPTError as e:  # the GGUF file is complete and valid on its own: keep it, say so
+            raise CuteGPTError(f"{str(e).rstrip('.')}; {out} was written without a Modelfile.") from None
         print(f"saved {modelfile}: `ollama create NAME -f {modelfile}` imports it")
     return 0
