@@ -20,12 +20,18 @@ import pytest
 
 from cutegpt.errors import CuteGPTError
 from cutegpt.export.ollama import go_template, modelfile_text
-from cutegpt.templates import CUTEGPT_DEFAULTS, CuteGPTTemplate, ChatTemplate, RawTemplate, Turn
+from cutegpt.templates import (
+    CUTEGPT_DEFAULTS,
+    ChatTemplate,
+    CuteGPTTemplate,
+    RawTemplate,
+    Turn,
+)
 from tests.tiny import CHATML, build_tokenizer
 
 # ------------------------------------------------------------------ reference Go-template renderer
 
-_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.DOTALL)
 _TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|\(|\)|\$?[A-Za-z_]*(?:\.[A-Za-z_]+)*|\$|-?\d+)')
 
 
@@ -184,9 +190,9 @@ def test_reference_renderer_follows_go_semantics():
 def parse_modelfile(text: str) -> dict[str, Any]:
     """TEMPLATE / SYSTEM (triple-quoted, verbatim), FROM and PARAMETER lines of a Modelfile we wrote."""
     out: dict[str, Any] = {"PARAMETER": []}
-    for m in re.finditer(r'^(TEMPLATE|SYSTEM) """(.*?)"""$', text, re.S | re.M):
+    for m in re.finditer(r'^(TEMPLATE|SYSTEM) """(.*?)"""$', text, re.DOTALL | re.MULTILINE):
         out[m.group(1)] = m.group(2)
-    for m in re.finditer(r"^(FROM|PARAMETER) (.+)$", text, re.M):
+    for m in re.finditer(r"^(FROM|PARAMETER) (.+)$", text, re.MULTILINE):
         if m.group(1) == "FROM":
             out["FROM"] = m.group(2)
         else:
@@ -279,6 +285,10 @@ def test_unknown_jinja_template_is_refused():
         go_template("auto", llama2)
     with pytest.raises(CuteGPTError, match="no chat template"):
         go_template("auto", None)
+    with pytest.raises(CuteGPTError, match="not valid Jinja"):
+        go_template("auto", "{% for m in messages %}")
+    with pytest.raises(CuteGPTError, match="no known Go-template equivalent"):  # raises on every probe
+        go_template("auto", "{{ raise_exception('no system messages') }}")
 
 
 def test_parameters_come_from_the_template_defaults_and_eos():
@@ -329,8 +339,9 @@ def test_cli_writes_modelfile_beside_the_gguf(chatml_dir, tmp_path, capsys):
 
 def test_cli_auto_template_comes_from_the_gguf(chatml_dir, tmp_path, capsys):
     """The model's own ChatML template, read back from the exported file, becomes the Go template."""
-    from cutegpt.cli import main
     from transformers import AutoTokenizer
+
+    from cutegpt.cli import main
 
     out = tmp_path / "m.gguf"
     assert main(["export", "--format", "gguf", "--model", str(chatml_dir), "--out", str(out), "--no-verify",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cutegpt.config import arg
-from cutegpt.templates import CUTEGPT_DEFAULTS, PLAIN_DEFAULTS, template_defaults
+from cutegpt.templates import CUTEGPT_DEFAULTS, template_defaults
 
 _FROM_MODEL = "the model's generation_config.json or GGUF metadata, else the template's"
 

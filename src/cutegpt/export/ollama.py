@@ -93,13 +93,18 @@ def go_template(template_name: str, chat_template: str | None = None, system: st
     if not chat_template:
         raise CuteGPTError("--ollama: the model has no chat template, so there is nothing to write as the Modelfile's TEMPLATE; "
                            "export with --template cutegpt.")
-    render = _jinja_renderer(chat_template)
+    from jinja2 import TemplateError
+
+    try:
+        render = _jinja_renderer(chat_template)
+    except TemplateError as e:
+        raise CuteGPTError(f"--ollama: the model's chat template is not valid Jinja ({e}).") from None
     for name, (reference, go, stops) in GO_TEMPLATES.items():
         try:
             if all(render(p, True) == reference(p, True) for p in _PROBES):
                 return GoTemplate(name, go, stops, _default_system(render, reference))
-        except Exception:  # a template that raises on a probe is simply not this family
-            continue
+        except (TemplateError, ValueError, TypeError, LookupError, AttributeError):
+            pass  # a template that fails on a probe is simply not this family
     raise CuteGPTError("--ollama: the model's chat template has no known Go-template equivalent for ollama "
                        f"(known: {', '.join(GO_TEMPLATES)}); export with --template cutegpt or write the TEMPLATE by hand.")
 
