@@ -12,7 +12,10 @@ as `.System`.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +204,8 @@ def parse_modelfile(text: str) -> dict[str, Any]:
     return out
 
 
-def ollama_render(modelfile: dict[str, Any], messages: list[dict[str, str]]) -> str:
-    """What ollama's /api/chat feeds the model for `messages` (server/routes.go + template/template.go)."""
+def ollama_values(modelfile: dict[str, Any], messages: list[dict[str, str]]) -> dict[str, Any]:
+    """What ollama's /api/chat hands the template for `messages` (server/routes.go + template/template.go)."""
     if modelfile.get("SYSTEM") and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": modelfile["SYSTEM"]}] + messages
     collated: list[dict[str, str]] = []
@@ -212,7 +215,11 @@ def ollama_render(modelfile: dict[str, Any], messages: list[dict[str, str]]) -> 
         else:
             collated.append({"Role": m["role"], "Content": m["content"]})
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    return render_go(modelfile["TEMPLATE"], {"System": system, "Messages": collated})
+    return {"System": system, "Messages": collated}
+
+
+def ollama_render(modelfile: dict[str, Any], messages: list[dict[str, str]]) -> str:
+    return render_go(modelfile["TEMPLATE"], ollama_values(modelfile, messages))
 
 
 def chat_messages(turns: list[Turn], system: str | None) -> list[dict[str, str]]:
@@ -380,3 +387,56 @@ def test_cli_bad_flags(chatml_dir, tmp_path, capsys, args, message):
     assert main(["export", "--model", str(chatml_dir), "--out", str(out), *args]) == 1
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+func main() {
+	var cases []struct {
+		Template string         `json:"template"`
+		Data     map[string]any `json:"data"`
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	out := []string{}
+	for _, c := range cases {
+		var b strings.Builder
+		if err := template.Must(template.New("").Parse(c.Template)).Execute(&b, c.Data); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs the Go toolchain (`apt-get install golang-go`)")
+def test_reference_renderer_agrees_with_go_text_template(tmp_path, chatml_dir):
+    """The reference renderer against Go's own text/template, which ollama executes, on every Modelfile template."""
+    from transformers import AutoTokenizer
+
+    jinja = AutoTokenizer.from_pretrained(chatml_dir).chat_template
+    cases = []
+    for mf in (_modelfile("cutegpt"), _modelfile("raw"), _modelfile("auto", jinja), _modelfile("auto", SMOL_STYLE)):
+        for turns in CONVERSATIONS:
+            for system in SYSTEMS:
+                msgs = chat_messages(turns, system)
+                for messages in (msgs, msgs + [{"role": "assistant", "content": "partial"}]):
+                    cases.append((mf["TEMPLATE"], ollama_values(mf, messages)))
+    (tmp_path / "main.go").write_text(GO_RENDER, encoding="utf-8")
+    payload = json.dumps([{"template": t, "data": d} for t, d in cases], ensure_ascii=False)
+    run = subprocess.run(["go", "run", "main.go"], cwd=tmp_path, input=payload, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "GOCACHE": str(tmp_path / "cache"), "GOFLAGS": "-mod=mod",
+                                           "GO111MODULE": "off"})
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == [render_go(t, d) for t, d in cases]
