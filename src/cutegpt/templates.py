@@ -31,6 +31,12 @@ from cutegpt.errors import CuteGPTError
 
 CUTEGPT_SYSTEM = "你是复旦大学知识工场实验室训练出来的语言模型CuteGPT。给定任务描述，请给出对应请求的回答。\n"
 CUTEGPT_STOP = "<end>"
+# CuteGPT's original inference settings (its published chat script), used with the `cutegpt` template.
+CUTEGPT_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "greedy": False, "temperature": 1.0, "top_p": 0.8,
+                                    "top_k": 50, "repetition_penalty": 1.1}
+# Other templates: what transformers does for a model that recommends nothing (greedy, no penalty).
+PLAIN_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "greedy": True, "temperature": 1.0, "top_p": 1.0,
+                                  "top_k": 50, "repetition_penalty": 1.0}
 MODEL_CARD = "cutegpt.json"  # written into every model/adapter folder we save; records the template name
 
 
@@ -180,6 +186,11 @@ class ChatTemplate(Template):
 
 
 TEMPLATES = ("cutegpt", "auto", "raw")
+
+
+def template_defaults(template_name: str) -> dict[str, Any]:
+    """The generation settings a template implies when neither the user nor the model gives any."""
+    return dict(CUTEGPT_DEFAULTS if template_name == "cutegpt" else PLAIN_DEFAULTS)
 
 
 def chat_template_jinja(template_name: str, system: str | None = None) -> str | None:

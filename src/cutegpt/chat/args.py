@@ -17,15 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from cutegpt.config import arg
+from cutegpt.templates import CUTEGPT_DEFAULTS, template_defaults
 
 _FROM_MODEL = "the model's generation_config.json or GGUF metadata, else the template's"
 
-# CuteGPT's original inference settings (its published chat script), used with the `cutegpt` template.
-CUTEGPT_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "greedy": False, "temperature": 1.0, "top_p": 0.8,
-                                    "top_k": 50, "repetition_penalty": 1.1}
-# Other templates: what transformers does for a model that recommends nothing (greedy, no penalty).
-PLAIN_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "greedy": True, "temperature": 1.0, "top_p": 1.0,
-                                  "top_k": 50, "repetition_penalty": 1.0}
 SAMPLING_FIELDS = tuple(CUTEGPT_DEFAULTS)
 
 
@@ -53,10 +48,6 @@ class GenerationArgs:
 
     def is_resolved(self) -> bool:
         return all(getattr(self, f) is not None for f in SAMPLING_FIELDS)
-
-
-def template_defaults(template_name: str) -> dict[str, Any]:
-    return dict(CUTEGPT_DEFAULTS if template_name == "cutegpt" else PLAIN_DEFAULTS)
 
 
 def generation_config_defaults(folder: str | Path | None) -> dict[str, Any]:

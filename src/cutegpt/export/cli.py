@@ -4,9 +4,10 @@
     export/hf.py      --format hf: the merged safetensors folder
     export/gguf.py    --format gguf: one file for llama.cpp / ollama / LM Studio, streamed tensor by tensor
     export/verify.py  the GGUF file checked in llama.cpp (runtime/llamacpp.py) against transformers
+    export/ollama.py  --ollama: the Modelfile beside the .gguf file (FROM, Go TEMPLATE, SYSTEM, PARAMETERs)
 
     cutegpt export --model BASE --lora runs/sft/final --out merged [--dtype float16]
-    cutegpt export --format gguf [--model DIR] [--lora ADAPTER] --out model.gguf [--quant q8_0] [--no-verify]
+    cutegpt export --format gguf [--model DIR] [--lora ADAPTER] --out model.gguf [--quant q8_0] [--no-verify] [--ollama]
 
 GGUF export (llama.cpp, ollama, LM Studio) is `cutegpt.export.gguf.export_gguf`; with no
 --model it exports the embedded model.
@@ -36,16 +37,26 @@ class ExportConfig(ModelArgs):
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     quiet: bool = arg(False, "no progress bars")
     overwrite: bool = arg(False, "replace --out if it exists (once the new output is complete)")
+    ollama: bool = arg(False, "also write an Ollama Modelfile beside the .gguf file (--format gguf)")
+    system: str | None = arg(None, "the Modelfile's SYSTEM line (--ollama); default: the template's")
 
     def check(self) -> None:
         """Refuse a bad output before any model loads: never inside, or instead of, the model being exported."""
         from cutegpt.io import check_output
 
+        if self.format != "gguf" and (self.ollama or self.system is not None):
+            raise CuteGPTError(f"{'--ollama' if self.ollama else '--system'} applies to --format gguf only.")
+        if self.system is not None and not self.ollama:
+            raise CuteGPTError("--system sets the Modelfile's SYSTEM line; add --ollama.")
         if self.format == "gguf":
             if self.out and not self.out.lower().endswith(".gguf"):
                 raise CuteGPTError(f"--out {self.out} must be a file name ending in .gguf.")
             if self.out:
                 check_output(self.out, kind="file", inputs=(self.model, self.lora), overwrite=self.overwrite)
+            if self.out and self.ollama:
+                from cutegpt.export.ollama import check_modelfile
+
+                check_modelfile(self.out, self.template, self.system, overwrite=self.overwrite)
             return
         if not self.out:
             raise CuteGPTError("--out is required: the folder for the merged model.")
@@ -112,4 +123,13 @@ def run_export_gguf(cfg: ExportConfig, threads: int = 1) -> int:
               f"chat template renders as in {'templates.py' if report.get('template') == 'cutegpt' else 'transformers'}, {agreement}")
     else:
         print("not verified (--no-verify)")
+    if cfg.ollama:
+        from cutegpt.export.ollama import write_modelfile
+
+        try:
+            modelfile = write_modelfile(out, str(report.get("template") or cfg.template or "cutegpt"), system=cfg.system,
+                                        overwrite=cfg.overwrite)
+        except CuteGPTError as e:  # the GGUF file is complete and valid on its own: keep it, say so
+            raise CuteGPTError(f"{str(e).rstrip('.')}; {out} was written without a Modelfile.") from None
+        print(f"saved {modelfile}: `ollama create NAME -f {modelfile}` imports it")
     return 0
