@@ -114,6 +114,19 @@ def test_metadata_per_architecture(arch_dirs, tmp_path):
     assert t["blk.0.post_attention_norm.weight"] == t["blk.1.post_ffw_norm.weight"] == "F32" and "output.weight" not in t
 
 
+@pytest.mark.parametrize("name,marker", [("llama3-bpe-gqa", "<|eot_id|>"), ("qwen2-bpe-tied", "<|im_end|>"),
+                                         ("gemma2-sp-tied", "<end_of_turn>"), ("mistral-sp-gqa", "</s>")])
+def test_end_of_turn_of_the_own_template(arch_dirs, tmp_path, name, marker):
+    """With --template auto the file's end-of-turn id is the template's own marker, where llama.cpp stops."""
+    from transformers import AutoTokenizer
+
+    out = gx.export_gguf(str(arch_dirs[name]), tmp_path / "m.gguf", quant="f16", template="auto", verify=False, progress=False)
+    f, _ = _fields(out)
+    assert f["tokenizer.ggml.eot_token_id"] == AutoTokenizer.from_pretrained(arch_dirs[name]).convert_tokens_to_ids(marker)
+    with LlamaCpp(out) as cpp:  # llama.cpp reads the marker as that one token
+        assert cpp.tokenize(marker) == [f["tokenizer.ggml.eot_token_id"]]
+
+
 def test_gemma_norms_get_one_added(arch_dirs, tmp_path):
     from safetensors import safe_open
 

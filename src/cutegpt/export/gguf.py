@@ -687,11 +687,21 @@ def _tokenizer_kv(folder: Path, tokenizer: Any, n_rows: int, template_name: str)
     jinja = chat_template_jinja(template_name) if template_name != "auto" else getattr(tokenizer, "chat_template", None)
     if isinstance(jinja, str) and jinja:
         kv.append(("add_chat_template", (jinja,)))
-    if template_name == "cutegpt":
-        stop = tokenizer(CUTEGPT_STOP, add_special_tokens=False)["input_ids"]
-        if len(stop) == 1:
+    marker = CUTEGPT_STOP if template_name == "cutegpt" else _auto_stop(tokenizer) if template_name == "auto" else None
+    if marker:
+        stop = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(stop) == 1:  # llama.cpp ends generation at its end-of-turn token, as chat and serve stop at the marker
             kv.append(("add_eot_token_id", (stop[0],)))
     return kv
+
+
+def _auto_stop(tokenizer: Any) -> str | None:
+    """The end-of-turn marker of the tokenizer's own chat template (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, ...)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    from cutegpt.templates import get_template
+
+    return get_template("auto", tokenizer).stop
 
 
 def _sp_proto(folder: Path) -> Any:
