@@ -9,6 +9,7 @@ DeepSpeed file when one is given, else from the method's default.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
 from cutegpt.config import arg
@@ -42,6 +43,10 @@ def training_weight_dtype(method: str, precision: str, dtype: str = "auto") -> s
 def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any], data_help: str) -> int:
     """`train sft|pt`: with --plan, the memory plan from config.json alone (no torch, no weights); else check the
     inputs and train, `prepare(cfg, check_rows)` loading data and model (see training.engine.train)."""
+    if cfg.method == "lora" and cfg.model is not None and not cfg.resume_lora:
+        from cutegpt.model.architectures import check_lora_targets
+
+        check_lora_targets(cfg.lora_targets, Path(cfg.model).expanduser() / "config.json")
     if cfg.plan:
         from cutegpt.training.plan import run_plan
 
@@ -124,6 +129,9 @@ class TrainArgs(ModelArgs):
                           aliases=("--cutoff_len",))
 
     def check(self) -> None:
+        from cutegpt.model.architectures import split_lora_targets
+
+        self.lora_targets = split_lora_targets(self.lora_targets)
         if len(self.adam_betas) != 2:
             raise CuteGPTError(f"--adam-betas takes two numbers (beta1 beta2), not {len(self.adam_betas)}.")
         if self.quantization != "none" and self.method == "full":
