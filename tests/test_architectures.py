@@ -98,4 +98,5 @@ def test_train_export_and_answer_on_both_backends(models, tmp_path, name):
         assert main(["generate", str(prompts), "--model", str(model), "--out", str(out), "--greedy", "--max-new-tokens", "16",
                      "--threads", "1", "--backend", backend]) == 0
         answers[backend] = [json.loads(line)["answer"] for line in out.read_text(encoding="utf-8").splitlines()]
-    assert answers["torch"] == answers["llamacpp"] == [a for _, a in QA]
+    # SentencePiece answers start with a word-boundary piece ("▁北京"): llama.cpp's text keeps its space, transformers' drops it
+    assert [t.lstrip(" ") for t in answers["llamacpp"]] == answers["torch"] == [a for _, a in QA]
