@@ -151,7 +151,7 @@ def build_gemma_tokenizer(out: Path, chat_template: str | None = GEMMA_TEMPLATE)
         character_coverage=1.0, normalization_rule_name="identity", split_digits=True, add_dummy_prefix=False,
         remove_extra_whitespaces=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
         bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2, hard_vocab_limit=False,
+        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"], minloglevel=2, hard_vocab_limit=False,
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.model").write_bytes(buf.getvalue())
