@@ -5,6 +5,7 @@ with a tokenizer of its own family and its own chat template):
     train sft (full, fp32)         the loss falls; the model learns three answers
     export --format gguf           verified by llama.cpp
     generate, torch and llama.cpp  the learnt answers, stopped at the template's end-of-turn (never printed)
+    serve                          the same answers over the OpenAI API, finish_reason "stop"
 """
 
 from __future__ import annotations
@@ -98,5 +99,17 @@ def test_train_export_and_answer_on_both_backends(models, tmp_path, name):
         assert main(["generate", str(prompts), "--model", str(model), "--out", str(out), "--greedy", "--max-new-tokens", "16",
                      "--threads", "1", "--backend", backend]) == 0
         answers[backend] = [json.loads(line)["answer"] for line in out.read_text(encoding="utf-8").splitlines()]
+    # serve: the trained folder, exported once into the cache, answers over the OpenAI API and stops at the marker
+    from tests.serve.conftest import request, running_server
+
+    with running_server("--model", str(run / "final"), "--quiet", env={"CUTEGPT_CACHE": str(tmp_path / "cache")}) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        answers["serve"] = []
+        for q, _ in QA:
+            status, body = request(port, "POST", "/v1/chat/completions",
+                                   {"messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 16})
+            assert status == 200 and body["choices"][0]["finish_reason"] == "stop", body
+            answers["serve"].append(body["choices"][0]["message"]["content"])
     # SentencePiece answers start with a word-boundary piece ("▁北京"): llama.cpp's text keeps its space, transformers' drops it
     assert [t.lstrip(" ") for t in answers["llamacpp"]] == answers["torch"] == [a for _, a in QA]
+    assert [t.lstrip(" ") for t in answers["serve"]] == answers["torch"]
