@@ -80,6 +80,6 @@ def check_lora_targets(targets: list[str], config_path: Path) -> None:
         return
     bad = [t for t in targets if t not in family.linear]
     if bad:
-        arch = architecture_name(config)
-        raise CuteGPTError(f"--lora-targets {' '.join(bad)}: no such linear layer in a {arch}; valid names: "
-                           f"{' '.join(family.linear)} (or all, all-linear, or a comma list such as q_proj,v_proj).")
+        raise CuteGPTError(f"--lora-targets {' '.join(bad)}: no such linear layer in this model; valid names: "
+                           f"{' '.join(family.linear)} (or all / all-linear for every one; a comma list such as q_proj,v_proj works "
+                           f"too), read from {config_path} ({architecture_name(config)}).")
