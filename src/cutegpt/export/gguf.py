@@ -121,7 +121,9 @@ ARCHITECTURES: dict[str, Arch] = {
 
 def architecture(folder: Path, config: dict[str, Any]) -> Arch:
     """The table entry for the model in `folder`, its config checked: one sentence for anything GGUF cannot hold."""
-    arch_name = (config.get("architectures") or [None])[0]
+    from cutegpt.model.architectures import architecture_name
+
+    arch_name = architecture_name(config)  # a config.json without `architectures` is named by its model_type
     arch = ARCHITECTURES.get(arch_name)
     if arch is None:
         raise CuteGPTError(
@@ -366,6 +368,8 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
     """Everything to write, decided before a byte is written (so bad input fails fast)."""
     import gguf
 
+    from cutegpt.model.architectures import architecture_name
+
     config = _read_json(folder / "config.json")
     arch = architecture(folder, config)
     n_layer = int(config["num_hidden_layers"])
@@ -425,7 +429,7 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
         new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise CuteGPTError(f"{folder}: the tensor {key} has no place in a {arch.name} GGUF file (is this really a plain "
-                               f"{config['architectures'][0]}?).")
+                               f"{architecture_name(config)}?).")
         if new == "token_embd.weight":
             n_rows = shape[0]
         permute = (n_head if ".attn_q." in new else n_kv if ".attn_k." in new else 0) if arch.permute_qk else 0
