@@ -18,25 +18,29 @@ checkout's gguf-py:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
 
-def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one child process."""
+def run(cmd: list[str], env: dict[str, str], refusal_ok: bool = False) -> Any:
+    """Wall seconds and peak RSS bytes of one child process (refusal_ok: its last error line, a str, when it fails)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
+        if refusal_ok:
+            return (err.strip().splitlines() or ["failed"])[-1][:160]
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
     return wall, usage.ru_maxrss * 1024
 
@@ -66,7 +70,11 @@ def main() -> None:
     ap.add_argument("--llamacpp", required=True, help="llama.cpp checkout (holds convert_hf_to_gguf.py)")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the converter's venv")
     ap.add_argument("--quants", nargs="+", default=["f16", "q8_0"])
+    ap.add_argument("--archs", action="store_true",
+                    help="instead of the embedded model: the tiny Llama-3, Mistral, Qwen2, Qwen3 and Gemma 2 models of the tests")
     args = ap.parse_args()
+    if args.archs:
+        return bench_archs(args)
 
     sys.path.insert(0, str(SRC))
     from cutegpt.model.embedded import embedded_model_dir
@@ -116,6 +124,95 @@ def main() -> None:
         print(f"13B projection, {q}: about {per_param * n13 / 60:.0f} min at this machine's rate "
               f"({n13 / 1e9:.1f}B parameters), peak RSS about {mem / 2**30:.1f} GiB "
               f"(imports {base / 2**30:.2f} GiB + the 70k x 5120 embedding in fp16 and as {q} + conversion chunks)")
+
+
+def bench_archs(args: argparse.Namespace) -> None:
+    """Each supported architecture as a tiny random model (tests/export/archs.py): both tools, side by side."""
+    import platform
+
+    # only the names are needed here; tests/export/archs.py imports torch, which would raise every child's peak RSS
+    variants = _variant_names(ROOT / "tests" / "export" / "archs.py")
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    ours_env = dict(env, PYTHONPATH=str(SRC))
+    converter = str(Path(args.llamacpp) / "convert_hf_to_gguf.py")
+    print(f"CPU: {_cpu_model() or platform.processor()}; one thread, one run each, side by side; tiny 2-layer models")
+    print("| model | quant | cutegpt s | converter s | time ratio | cutegpt RSS MiB | converter RSS MiB | RSS ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    notes: list[str] = []
+    pairs: list[tuple[str, str, Path, Path]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = [(name, None) for name in variants]
+        # llama.cpp's converter names a byte-level BPE pre-tokenizer only by the fingerprint of a known vocabulary, so it
+        # refuses the tests' freshly trained ones; the same models with a SentencePiece vocabulary compare the rest
+        cases += [(f"{name}+sp", name) for name in variants if "-bpe-" in name]
+        # built in a child process: a child's peak RSS starts from its parent's at fork, so this one stays small
+        subprocess.run([sys.executable, "-c", BUILD, tmp, json.dumps(cases)], env=dict(ours_env, PYTHONPATH=f"{SRC}{os.pathsep}{ROOT}"), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        for label, sp_of in cases:
+            folder = Path(tmp) / label
+            for q in args.quants:
+                ours, ref = Path(tmp) / f"{label}-ours-{q}.gguf", Path(tmp) / f"{label}-ref-{q}.gguf"
+                r_ours = run([sys.executable, "-m", "cutegpt", "export", "--format", "gguf", "--model", str(folder), "--out",
+                              str(ours), "--quant", q, "--template", "auto" if sp_of is None else "cutegpt", "--no-verify",
+                              "--quiet"], ours_env)
+                r_ref = run([args.python, converter, str(folder), "--outtype", q, "--outfile", str(ref)], env, refusal_ok=True)
+                if isinstance(r_ref, str):
+                    print(f"| {label} | {q} | {r_ours[0]:.1f} | refused | | {r_ours[1] / 2**20:.0f} | | |", flush=True)
+                    notes.append(f"{label} {q}: the converter refused it: {r_ref}")
+                    continue
+                print(f"| {label} | {q} | {r_ours[0]:.1f} | {r_ref[0]:.1f} | {r_ours[0] / r_ref[0]:.2f}x | {r_ours[1] / 2**20:.0f} | "
+                      f"{r_ref[1] / 2**20:.0f} | {r_ours[1] / r_ref[1]:.2f}x |", flush=True)
+                pairs.append((label, q, ours, ref))
+        for label, q, ours, ref in pairs:  # after every run: reading GGUF here would raise the children's RSS floor
+            c = compare(ours, ref)
+            notes.append(f"{label} {q}: {c['tensors']} tensors {c['tensor_types']}; same names/types/shapes: "
+                         f"{c['same_tensor_layout']}; tensors with different bytes: {c['tensors_with_different_bytes']}; "
+                         f"metadata only in ours: {c['only_ours']}; only in the converter's: {c['only_ref']}; "
+                         f"different values: {c['different_values']}")
+    print()
+    print("\n".join(notes))
+
+
+BUILD = """
+import json, sys
+from pathlib import Path
+from tests.export.archs import ARCH_VARIANTS, build_arch_variant
+from tests.tiny import build_sp_tokenizer, build_tiny_model
+tmp, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
+for label, sp_of in cases:
+    folder = tmp / label
+    if sp_of is None:
+        build_arch_variant(folder, label)
+    else:
+        spec = dict(ARCH_VARIANTS[sp_of])
+        spec.pop("tokenizer")
+        tok = build_sp_tokenizer(folder)
+        # a few spare rows: loaded beside a Qwen config, the tokenizer gains a token; both tools pad the rest
+        build_tiny_model(folder, vocab_size=len(tok) + 8, seed=len(sp_of), **spec)
+"""
+
+
+def _variant_names(path: Path) -> list[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign | ast.Assign):
+            target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
+            if getattr(target, "id", None) == "ARCH_VARIANTS":
+                return [k.value for k in node.value.keys]
+    raise SystemExit(f"{path}: no ARCH_VARIANTS")
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 if __name__ == "__main__":

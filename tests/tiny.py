@@ -134,3 +134,114 @@ def build_sp_layout(out: Path, layout: str = "llama1", end: bool = False, vocab_
         config["legacy"] = False
     (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return out
+
+
+# ---------------------------------------------------------------------------------------------- every base architecture
+
+# The split rules of each byte-level BPE family, as their tokenizer.json files write them.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+# Each family's chat template, reduced to what its turns look like (system, user, assistant, generation prompt).
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim"
+    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (  # a system message goes before the first question, as in Mistral's v0.3 template
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] + '\n\n' %}{% set msgs = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set msgs = messages %}{% endif %}{{ bos_token }}{% for message in msgs %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def build_bpe_tokenizer(out: Path, split: str, specials: list[str], bos: str | None, eos: str, pad: str,
+                        chat_template: str | None, add_bos: bool = False, ignore_merges: bool = False):
+    """A byte-level BPE whose pre-tokenizer is a regex Split + ByteLevel, as Qwen2's and Llama-3's are, saved to `out`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_gemma_tokenizer(out: Path, chat_template: str | None = GEMMA_TEMPLATE):
+    """A Gemma-style SentencePiece BPE (no dummy prefix, byte fallback, <pad> <eos> <bos> <unk>, turn markers), saved to `out`."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 3), model_writer=buf, model_type="bpe", vocab_size=600, byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", split_digits=True, add_dummy_prefix=False,
+        remove_extra_whitespaces=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"], minloglevel=2, hard_vocab_limit=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    config = {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+              "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False}
+    if chat_template:
+        config["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return AutoTokenizer.from_pretrained(out)
+
+
+def _tiny_config(arch: str, vocab_size: int, tie: bool, heads: int, kv_heads: int, **kw):
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                  tie_word_embeddings=tie)
+    config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                    "gemma2": "Gemma2Config"}[arch]
+    return getattr(transformers, config_class)(**{**common, **kw})
+
+
+def build_tiny_model(out: Path, arch: str, vocab_size: int, seed: int = 0, tie: bool = False, heads: int = 4,
+                     kv_heads: int = 2, **config_kw):
+    """A 2-layer model of `arch` (llama, mistral, qwen2, qwen3, gemma2) from transformers' own config class, random weights.
+
+    Every parameter is randomised, biases and norms too (around their initial value), so the export's
+    per-architecture transforms (q/k permutation, Gemma's norm offset, Qwen's biases and q/k norms) show in the logits.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_config(arch, vocab_size, tie, heads, kv_heads, **config_kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            else:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(out)
+    return model

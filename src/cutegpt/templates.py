@@ -122,6 +122,7 @@ class ChatTemplate(Template):
     """
 
     name = "auto"
+    eos_after_conversation = False  # the template's own end-of-turn marker is the trained stop; an EOS after it never occurs at inference
 
     def __init__(self, tokenizer: Any):
         if not getattr(tokenizer, "chat_template", None):

@@ -290,7 +290,7 @@ def test_auto_template_with_chat_template(tmp_path, ift_jsonl, tiny_model_dir, t
     out = _convert(tmp_path, ift_jsonl, model=str(tiny_model_dir), template="auto", packing="pad", max_length=256)
     for ids, labels in _samples(load_dataset(out)[0]):
         runs = [tiny_tokenizer.decode(r) for r in _spans(ids, labels)]
-        assert runs[-1] == "</s>" and all(r.endswith("<|im_end|>") for r in runs[:-1])  # the EOS after the last "\n"
+        assert runs and all(r.endswith("<|im_end|>") for r in runs)  # answers and their end-of-turn only: no EOS after "\n"
         assert "<|im_start|>assistant" in tiny_tokenizer.decode(ids)
 
 

@@ -39,3 +39,11 @@ def variant_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def bpe_dir(variant_dirs) -> Path:
     return variant_dirs["bpe-gqa-tied"]
+
+
+@pytest.fixture(scope="session")
+def arch_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random models of every supported architecture (tests/export/archs.py), built once per session."""
+    from tests.export.archs import ARCH_VARIANTS, build_arch_variant
+
+    return {name: build_arch_variant(tmp_path_factory.mktemp(name), name) for name in ARCH_VARIANTS}

@@ -1,4 +1,4 @@
-"""HF LLaMA-family folder (or base + LoRA, or the embedded model) -> one GGUF file for llama.cpp.
+"""HF folder (or base + LoRA, or the embedded model) -> one GGUF file for llama.cpp.
 
     export_gguf(None, Path("smollm2.gguf"), quant="q8_0")
 
@@ -9,12 +9,16 @@ not of the model. The output appears under its name only once it is complete
 and (unless verify=False) llama.cpp has loaded it and agreed with transformers:
 see `cutegpt.export.verify`.
 
-Layout notes (the same as llama.cpp's convert_hf_to_gguf.py, LlamaModel):
-- HF stores q_proj/k_proj rows permuted for its rotate-half rotary layout; GGUF
-  keeps the original interleaved layout, so the rows are permuted back per head
-  (n_head for q, n_kv_head for k).
-- 1-D tensors (norms) stay F32; 2-D tensors take the asked type, falling back
-  to F16 when a row is not a whole number of quantization blocks. For the
+Each HF architecture is one `Arch` entry in ARCHITECTURES, as each is one small class
+in llama.cpp's convert_hf_to_gguf.py: the gguf architecture (whose TensorNameMap
+names the tensors), the config keys it needs and the tensor transforms:
+- LLaMA/Mistral: HF stores q_proj/k_proj rows permuted for its rotate-half rotary
+  layout; llama.cpp's llama graph wants the original interleaved layout, so the rows
+  are permuted back per head (n_head for q, n_kv_head for k). Qwen and Gemma are
+  written in HF's layout (llama.cpp runs them with NEOX-style rope).
+- Gemma: RMSNorm computes x * (1 + w), llama.cpp x * w, so every norm gets +1.
+- 1-D tensors (norms, biases) stay F32; 2-D tensors take the asked type, falling
+  back to F16 when a row is not a whole number of quantization blocks. For the
   4/5-bit types the embedding and output head are Q8_0, as llama.cpp's own
   quantizer keeps them at higher precision.
 """
@@ -38,8 +42,6 @@ from cutegpt.errors import CuteGPTError
 from cutegpt.io import check_output, clean_leftovers, describe_os_error, os_errors
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
-LLAMA_MODEL_TYPES = ("llama",)
 CHUNK_ROWS = 4096  # rows converted at a time, so a 70k x 5120 embedding never exists in float32 at once
 
 
@@ -62,6 +64,91 @@ def _file_type(quant: str) -> Any:
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
         "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[quant]
+
+
+# ----------------------------------------------------------------------------------------------- architectures
+
+COMMON_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one HF architecture becomes GGUF (the counterpart of a model class in convert_hf_to_gguf.py)."""
+
+    gguf_arch: str                                  # gguf.MODEL_ARCH member; its TensorNameMap names the tensors
+    permute_qk: bool = False                        # undo HF's rotate-half q/k row order (llama.cpp's llama graph)
+    norm_offset: float = 0.0                        # added to every *norm.weight (Gemma stores w for x * (1 + w))
+    required: tuple[str, ...] = ()                  # config keys beyond COMMON_KEYS
+    extra_kv: tuple[tuple[str, str], ...] = ()      # (GGUFWriter method, config key) only this architecture has
+    sliding_window_kv: bool = False                 # llama.cpp runs its sliding-window layers (else the context is capped)
+    rope_dim_kv: bool = False                       # write rope.dimension_count (llama.cpp's converter does for LLaMA)
+    check: Any = None                               # config -> reason llama.cpp would compute something else, or None
+
+    @property
+    def name(self) -> str:
+        import gguf
+
+        return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, self.gguf_arch)]
+
+
+def _gemma2_check(config: dict[str, Any]) -> str | None:
+    # llama.cpp hard-codes Gemma 2's attention scale (1/sqrt(head_dim); hidden/heads for the 46-layer 27B) and
+    # its layer pattern (sliding, full, sliding, ...); a config that says otherwise would give other logits
+    n_layer, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    want = int(config["hidden_size"]) // heads if n_layer == 46 else int(config["head_dim"])
+    if config.get("query_pre_attn_scalar") != want:
+        return f"query_pre_attn_scalar is {config.get('query_pre_attn_scalar')}, and llama.cpp's gemma2 scales attention by {want}"
+    types = config.get("layer_types")
+    if types is not None and list(types) != ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)]:
+        return "layer_types is not Gemma 2's alternation of sliding and full attention, which llama.cpp assumes"
+    return None
+
+
+ARCHITECTURES: dict[str, Arch] = {
+    "LlamaForCausalLM": Arch("LLAMA", permute_qk=True, rope_dim_kv=True),
+    "MistralForCausalLM": Arch("LLAMA", permute_qk=True, rope_dim_kv=True),  # llama.cpp's converter writes Mistral as llama too
+    "Qwen2ForCausalLM": Arch("QWEN2"),
+    "Qwen3ForCausalLM": Arch("QWEN3", required=("head_dim",)),
+    "Gemma2ForCausalLM": Arch(
+        "GEMMA2", norm_offset=1.0, sliding_window_kv=True,
+        required=("head_dim", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window"),
+        extra_kv=(("add_attn_logit_softcapping", "attn_logit_softcapping"),
+                  ("add_final_logit_softcapping", "final_logit_softcapping"),
+                  ("add_sliding_window", "sliding_window")),
+        check=_gemma2_check),
+}
+
+
+def architecture(folder: Path, config: dict[str, Any]) -> Arch:
+    """The table entry for the model in `folder`, its config checked: one sentence for anything GGUF cannot hold."""
+    from cutegpt.model.architectures import architecture_name
+
+    arch_name = architecture_name(config)  # a config.json without `architectures` is named by its model_type
+    arch = ARCHITECTURES.get(arch_name)
+    if arch is None:
+        raise CuteGPTError(
+            f"{folder} is a {arch_name or config.get('model_type') or 'model of unknown architecture'}, and GGUF export "
+            f"supports {', '.join(ARCHITECTURES)}.")
+    for key in COMMON_KEYS + arch.required:
+        if config.get(key) is None:
+            raise CuteGPTError(f"{folder / 'config.json'} has no '{key}', which a {arch_name} needs.")
+    reason = arch.check(config) if arch.check else None
+    if reason:
+        raise CuteGPTError(f"{folder / 'config.json'}: {reason}; GGUF export would not reproduce this {arch_name}.")
+    return arch
+
+
+def sliding_window(config: dict[str, Any]) -> int | None:
+    """The attention window of the config's sliding layers, or None when every layer attends to the whole context."""
+    window = config.get("sliding_window")
+    if not window:
+        return None
+    types = config.get("layer_types")
+    if types is not None:
+        return int(window) if "sliding_attention" in types else None
+    if "use_sliding_window" in config:  # Qwen2/3 keep a window size in the config but switch it off here
+        return int(window) if config["use_sliding_window"] else None
+    return int(window)
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -143,13 +230,7 @@ def _check_source(folder: Path) -> None:
         if (folder / "adapter_config.json").is_file():
             raise CuteGPTError(f"--model {folder} is a LoRA adapter: pass it as --lora and its base model as --model.")
         raise CuteGPTError(f"--model {folder} is not a model folder: it has no config.json.")
-    config = _read_json(folder / "config.json")
-    arch = (config.get("architectures") or [None])[0]
-    mtype = config.get("model_type")
-    if arch not in LLAMA_ARCHITECTURES or mtype not in LLAMA_MODEL_TYPES:
-        raise CuteGPTError(
-            f"{folder} is a {arch or mtype or 'model of unknown architecture'}, and GGUF export supports the LLaMA family "
-            f"({', '.join(LLAMA_ARCHITECTURES)}) only.")
+    architecture(folder, _read_json(folder / "config.json"))
     if not list(folder.glob("*.safetensors")):
         raise CuteGPTError(f"{folder} has no *.safetensors weights; GGUF export streams safetensors only (re-save the model with save_pretrained).")
 
@@ -271,6 +352,7 @@ class TensorPlan:
     qtype: Any
     permute_heads: int = 0  # >0: undo HF's rotary permutation with this many heads
     data: Any = None    # precomputed float32 array (rope_freqs)
+    offset: float = 0.0  # added to every value (Gemma's norms)
 
     @property
     def nbytes(self) -> int:
@@ -284,6 +366,7 @@ class Plan:
     folder: Path
     quant: str
     tensors: list[TensorPlan]
+    arch: str = "llama"  # gguf's architecture name: the prefix of the hyper-parameter keys
     kv: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)  # (GGUFWriter method, args)
 
     @property
@@ -295,7 +378,10 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
     """Everything to write, decided before a byte is written (so bad input fails fast)."""
     import gguf
 
+    from cutegpt.model.architectures import architecture_name
+
     config = _read_json(folder / "config.json")
+    arch = architecture(folder, config)
     n_layer = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
@@ -305,7 +391,7 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     tied = bool(config.get("tie_word_embeddings", False))
 
-    plan = Plan(folder, quant, [])
+    plan = Plan(folder, quant, [], arch.name)
     kv = plan.kv
     info = source_info or {}
     name = info.get("name") or folder.name
@@ -319,8 +405,14 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
     repo = config.get("_name_or_path")
     if isinstance(repo, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not Path(repo).exists():
         kv.append(("add_source_url", (f"https://huggingface.co/{repo}",)))
+    context = int(config.get("max_position_embeddings") or 2048)
+    window = sliding_window(config)
+    if window and not arch.sliding_window_kv:
+        # llama.cpp attends to the whole context on this architecture: up to the window that is exactly what
+        # the sliding layers do, past it the answers would differ, so the file claims no more than the window
+        context = min(context, window)
     kv += [
-        ("add_context_length", (int(config.get("max_position_embeddings") or 2048),)),
+        ("add_context_length", (context,)),
         ("add_embedding_length", (hidden,)),
         ("add_block_count", (n_layer,)),
         ("add_feed_forward_length", (int(config["intermediate_size"]),)),
@@ -329,13 +421,15 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
         ("add_rope_freq_base", (rope_theta,)),
         ("add_layer_norm_rms_eps", (float(config.get("rms_norm_eps", 1e-6)),)),
         ("add_file_type", (int(_file_type(quant)),)),
-        ("add_rope_dimension_count", (head_dim,)),
     ]
+    if arch.rope_dim_kv:
+        kv.append(("add_rope_dimension_count", (head_dim,)))
     kv += [("add_key_length", (head_dim,)), ("add_value_length", (head_dim,))]
+    kv += [(method, (config[key],)) for method, key in arch.extra_kv]
 
     # tensors
     files = _weight_index(folder)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_arch), n_layer)
     n_rows = None
     for key, (file, shape) in files.items():
         if key.endswith("rotary_emb.inv_freq"):
@@ -344,11 +438,13 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
             continue
         new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if new is None:
-            raise CuteGPTError(f"{folder}: the tensor {key} has no place in a LLaMA GGUF file (is this really a plain LLaMA model?).")
+            raise CuteGPTError(f"{folder}: the tensor {key} has no place in a {arch.name} GGUF file (is this really a plain "
+                               f"{architecture_name(config)}?).")
         if new == "token_embd.weight":
             n_rows = shape[0]
-        permute = n_head if ".attn_q." in new else n_kv if ".attn_k." in new else 0
-        plan.tensors.append(TensorPlan(new, key, file, shape, _tensor_qtype(new, shape, quant), permute))
+        permute = (n_head if ".attn_q." in new else n_kv if ".attn_k." in new else 0) if arch.permute_qk else 0
+        offset = arch.norm_offset if key.endswith("norm.weight") else 0.0
+        plan.tensors.append(TensorPlan(new, key, file, shape, _tensor_qtype(new, shape, quant), permute, offset=offset))
     if n_rows is None:
         raise CuteGPTError(f"{folder}: no token embedding (model.embed_tokens.weight) in the weights.")
 
@@ -464,22 +560,52 @@ CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u
           '\'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, '
           '\'D you like some tea? We\'Ve a\'lL')
 KNOWN_PRE = {
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
-    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",            # HuggingFaceTB/SmolLM-135M
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",             # ruGPT3XL
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",             # openai-community/gpt2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",         # Meta-Llama-3-8B
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",             # Qwen3-Embedding-0.6B
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",             # Qwen1.5-7B (Qwen2/2.5/3)
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",  # DeepSeek-R1-Distill-Qwen
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",            # Mistral-Nemo-Base-2407
 }
+
+# The regexes of the Split pre-tokenizers in tokenizer.json and llama.cpp's name for each (llama-vocab.cpp
+# keeps the same rule under that name): Qwen2/2.5/3 split digits one by one, Llama-3 in groups of up to three.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+PRE_TOKENIZERS: dict[tuple[Any, ...], str] = {
+    (("ByteLevel", True),): "gpt-2",
+    (("Digits", True), ("ByteLevel", True)): "smollm",
+    (("Split", QWEN2_SPLIT, "Isolated", False), ("ByteLevel", False)): "qwen2",
+    (("Split", LLAMA3_SPLIT, "Isolated", False), ("ByteLevel", False)): "llama-bpe",
+}
+
+
+def _pre_signature(pre: dict[str, Any]) -> tuple[Any, ...]:
+    """What a tokenizer.json pre-tokenizer does, as a key of PRE_TOKENIZERS."""
+    parts = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+    sig: list[tuple[Any, ...]] = []
+    for p in parts:
+        kind = p.get("type")
+        if kind == "ByteLevel":
+            sig.append((kind, bool(p.get("use_regex", True))))
+        elif kind == "Digits":
+            sig.append((kind, bool(p.get("individual_digits"))))
+        elif kind == "Split":
+            sig.append((kind, (p.get("pattern") or {}).get("Regex"), p.get("behavior"), bool(p.get("invert"))))
+        else:
+            sig.append((kind,))
+    return tuple(sig)
 
 
 def pre_tokenizer_name(tj: dict[str, Any], tokenizer: Any = None) -> str:
     """llama.cpp's name for the pre-tokenizer in tokenizer.json (the regex it must apply before BPE).
 
     First llama.cpp's own fingerprint (the ids of CHKTXT), so an unchanged vocabulary gets the
-    name llama.cpp's converter gives it; then the structure of tokenizer.json, so vocabularies
-    `vocab extend` grew from a known base (new ids, new fingerprint) keep the base's rules.
-    Verification then checks llama.cpp tokenizes like the HF tokenizer.
+    name llama.cpp's converter gives it; then what the pre-tokenizer does (its split regex), so
+    vocabularies `vocab extend` grew from a known base, or trained anew with a known family's
+    rules, keep that family's name. Verification then checks llama.cpp tokenizes like the HF tokenizer.
     """
     import hashlib
 
@@ -488,16 +614,14 @@ def pre_tokenizer_name(tj: dict[str, Any], tokenizer: Any = None) -> str:
         name = KNOWN_PRE.get(hashlib.sha256(str(ids).encode()).hexdigest())
         if name:
             return name
-    pre = tj.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
-    kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex", True)) for p in parts]
-    if kinds == [("ByteLevel", None, True)]:
-        return "gpt-2"
-    if kinds == [("Digits", True, True), ("ByteLevel", None, True)]:
-        return "smollm"
-    raise CuteGPTError(
-        "the tokenizer's pre-tokenizer (" + " + ".join(str(k[0]) for k in kinds) + ") is not one llama.cpp is known "
-        "to reproduce (GPT-2 byte-level, or SmolLM2's digits + byte-level); export it with llama.cpp's own converter.")
+    sig = _pre_signature(tj.get("pre_tokenizer") or {})
+    name = PRE_TOKENIZERS.get(sig)
+    if name is None:
+        raise CuteGPTError(
+            "the tokenizer's pre-tokenizer (" + " + ".join(str(k[0]) for k in sig) + ") is not one llama.cpp is known "
+            "to reproduce (GPT-2 byte-level, SmolLM2's digits + byte-level, or the Qwen2 and Llama-3 split rules); "
+            "export it with llama.cpp's own converter.")
+    return name
 
 
 def _tokenizer_kv(folder: Path, tokenizer: Any, n_rows: int, template_name: str) -> list[tuple[str, tuple[Any, ...]]]:
@@ -577,11 +701,21 @@ def _tokenizer_kv(folder: Path, tokenizer: Any, n_rows: int, template_name: str)
     jinja = chat_template_jinja(template_name) if template_name != "auto" else getattr(tokenizer, "chat_template", None)
     if isinstance(jinja, str) and jinja:
         kv.append(("add_chat_template", (jinja,)))
-    if template_name == "cutegpt":
-        stop = tokenizer(CUTEGPT_STOP, add_special_tokens=False)["input_ids"]
-        if len(stop) == 1:
+    marker = CUTEGPT_STOP if template_name == "cutegpt" else _auto_stop(tokenizer) if template_name == "auto" else None
+    if marker:
+        stop = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(stop) == 1:  # llama.cpp ends generation at its end-of-turn token, as chat and serve stop at the marker
             kv.append(("add_eot_token_id", (stop[0],)))
     return kv
+
+
+def _auto_stop(tokenizer: Any) -> str | None:
+    """The end-of-turn marker of the tokenizer's own chat template (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, ...)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    from cutegpt.templates import get_template
+
+    return get_template("auto", tokenizer).stop
 
 
 def _sp_proto(folder: Path) -> Any:
@@ -632,7 +766,7 @@ def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
     from safetensors import safe_open
     from tqdm import tqdm
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), plan.arch)
     for method, args in plan.kv:
         getattr(writer, method)(*args)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -666,6 +800,8 @@ def _convert(t: TensorPlan, st: Any) -> np.ndarray:
     src = torch.from_numpy(t.data) if t.data is not None else st.get_tensor(t.source)
     if t.permute_heads:
         src = _unpermute(src, t.permute_heads)
+    if t.offset:
+        src = src.to(torch.float32) + t.offset
     if src.dim() == 1 or t.qtype == gguf.GGMLQuantizationType.F32:
         return src.to(torch.float32).numpy()
     if t.qtype == gguf.GGMLQuantizationType.F16:

@@ -101,6 +101,9 @@ class TrainArgs(ModelArgs):
                           aliases=("--cutoff_len",))
 
     def check(self) -> None:
+        from cutegpt.model.architectures import split_lora_targets
+
+        self.lora_targets = split_lora_targets(self.lora_targets)
         if len(self.adam_betas) != 2:
             raise CuteGPTError(f"--adam-betas takes two numbers (beta1 beta2), not {len(self.adam_betas)}.")
         if self.bnb_4bit_type != "nf4" and self.quantization != "4bit":  # it would be silently ignored

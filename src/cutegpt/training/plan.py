@@ -55,15 +55,19 @@ class ModelShape:
     vocab: int
     tied: bool
     name: str = "model"
+    head_size: int | None = None  # config's head_dim where it is not hidden / heads (Qwen3, Gemma 2)
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    norms_per_layer: int = 2
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear in one decoder layer."""
-        h, kv = self.hidden, self.kv_heads * self.head_dim
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, self.intermediate), "up_proj": (h, self.intermediate), "down_proj": (self.intermediate, h)}
 
     @property
@@ -79,8 +83,13 @@ class ModelShape:
         return 0 if self.tied else self.vocab * self.hidden
 
     @property
-    def other_params(self) -> int:  # norms
-        return self.layers * 2 * self.hidden + self.hidden
+    def other_params(self) -> int:  # norms and biases
+        per_layer = self.norms_per_layer * self.hidden
+        if self.qkv_bias:
+            per_layer += (self.heads + 2 * self.kv_heads) * self.head_dim
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        return self.layers * per_layer + self.hidden
 
     @property
     def total(self) -> int:
@@ -108,11 +117,17 @@ def read_shape(config_path: str | Path) -> ModelShape:
             raise CuteGPTError(f"{path}: '{key}' must be a positive integer, not {v!r}.")
         return v
 
+    from cutegpt.model.architectures import Family, family_of
+
     hidden = num("hidden_size")
     heads = num("num_attention_heads")
+    family = family_of(c) or Family()
     return ModelShape(hidden=hidden, intermediate=num("intermediate_size", 4 * hidden), layers=num("num_hidden_layers"),
                       heads=heads, kv_heads=num("num_key_value_heads", heads), vocab=num("vocab_size"),
-                      tied=bool(c.get("tie_word_embeddings", False)), name=path.parent.name or "model")
+                      tied=bool(c.get("tie_word_embeddings", False)), name=path.parent.name or "model",
+                      head_size=num("head_dim") if c.get("head_dim") is not None else None,
+                      qkv_bias=family.qkv_bias or bool(c.get("attention_bias")), qk_norm=family.qk_norm,
+                      norms_per_layer=family.norms_per_layer)
 
 
 @dataclass

@@ -99,6 +99,8 @@ def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str, attach
         model = load_model(args).model
     model.config.use_cache = False  # restarting position ids separate samples only without a cache (tests/training/test_data.py)
     attn = pick_attention(cfg.attn_implementation)
+    if attn == "sdpa" and cfg.attn_implementation == "auto" and not getattr(model, "_supports_sdpa", True):
+        attn = "eager"  # transformers has no sdpa path for some architectures (Gemma 2's soft-capped attention)
     if attn and getattr(model.config, "_attn_implementation", None) != attn:
         model.set_attn_implementation(attn)
     added = resize_for_tokenizer(model, tokenizer)

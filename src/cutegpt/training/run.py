@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from cutegpt.errors import CuteGPTError
@@ -13,6 +14,10 @@ def run_training(cfg: Any, prepare: Callable[[Any, Callable[[int], None]], Any],
     from cutegpt.training.launch import slurm_env
 
     slurm_env()  # an srun task becomes a torchrun-style process before anything reads RANK or WORLD_SIZE
+    if cfg.method == "lora" and cfg.model is not None and not cfg.resume_lora:
+        from cutegpt.model.architectures import check_lora_targets
+
+        check_lora_targets(cfg.lora_targets, Path(cfg.model).expanduser() / "config.json")
     if cfg.plan:
         from cutegpt.training.plan import run_plan
 
