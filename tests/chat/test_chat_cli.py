@@ -119,7 +119,7 @@ def test_interactive_chat_in_a_pseudo_terminal(tiny_model_dir, tmp_path):
     child.expect("/load FILE")
     child.expect(">>> ")
     child.sendline("hello")
-    child.expect(r"\[(\d+) tokens, [\d.]+ tokens/s, first token after [\d.]+ s\]")
+    child.expect(r"\[(\d+) tokens, cut at --max-new-tokens, [\d.]+ tokens/s, first token after [\d.]+ s\]")
     child.expect(">>> ")
     child.send("\x1b[A")  # arrow up: readline recalls "hello"
     child.sendline("")

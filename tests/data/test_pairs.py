@@ -36,7 +36,7 @@ FORMS = {
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("template", ["cutegpt", "auto"])
 def test_every_form_renders_the_prompt_chat_sends(tmp_path, tiny_tokenizer, form, template):
-    """The prompt tokens decode to `template.prompt(turns)` (what chat sends); the answers are answer + stop + EOS."""
+    """The prompt tokens decode to `template.prompt(turns)` (what chat sends); the answers are answer + stop (+ EOS for cutegpt)."""
     records, _ = read_prefs([_write(tmp_path / "p.jsonl", [FORMS[form]])])
     rec = records[0]
     assert rec.turns == HISTORY_TURNS and (rec.chosen, rec.rejected) == ("北京。", "上海。")
@@ -44,8 +44,10 @@ def test_every_form_renders_the_prompt_chat_sends(tmp_path, tiny_tokenizer, form
     row = PrefEncoder(tiny_tokenizer, tpl, Lengths(256)).encode(rec, collections.Counter())
     assert tiny_tokenizer.decode(row["prompt_ids"]) == tpl.prompt(list(HISTORY_TURNS))
     stop = "<end>" if template == "cutegpt" else "<|im_end|>"
-    assert tiny_tokenizer.decode(row["chosen_ids"]) == "北京。" + stop + tiny_tokenizer.eos_token
-    assert tiny_tokenizer.decode(row["rejected_ids"]) == "上海。" + stop + tiny_tokenizer.eos_token
+    # the cutegpt format ends an answer with <end> and EOS, as in SFT; a model's own template with its end-of-turn token
+    end = stop + (tiny_tokenizer.eos_token if template == "cutegpt" else "")
+    assert tiny_tokenizer.decode(row["chosen_ids"]) == "北京。" + end
+    assert tiny_tokenizer.decode(row["rejected_ids"]) == "上海。" + end
 
 
 def test_plain_prompt_and_kto_records(tmp_path, tiny_tokenizer):

@@ -13,6 +13,8 @@ free port, answers /tokenize and /apply-template.
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,9 @@ def _check_tokenization(cpp: LlamaCpp, tokenizer: Any) -> dict[str, Any]:
     from cutegpt.model.probes import probe_texts
 
     texts = [PROBE_TEXT] + probe_texts(tokenizer)
+    nfc = _normalizes_nfc(tokenizer)
+    if nfc:  # llama.cpp does not NFC-normalize (Qwen2's tokenizer does): compare on text that is NFC already
+        texts = list(dict.fromkeys(unicodedata.normalize("NFC", text) for text in texts))
     n_tokens = 0
     for text in texts:
         for add in (False, True):
@@ -81,7 +86,22 @@ def _check_tokenization(cpp: LlamaCpp, tokenizer: Any) -> dict[str, Any]:
                     f"verification failed (tokenization): llama.cpp tokenizes the probe text {text[:40]!r} differently from the "
                     f"HF tokenizer from token {at} on ({hf[at:at + 3]} vs {ll[at:at + 3]}{', special tokens added' if add else ''}); "
                     "the file was not kept.")
-    return {"ok": True, "probe_texts": len(texts), "probe_tokens": n_tokens}
+    return {"ok": True, "probe_texts": len(texts), "probe_tokens": n_tokens,
+            **({"note": "probe texts NFC-normalized: the tokenizer normalizes to NFC and llama.cpp does not, so "
+                        "text sent to llama.cpp as text (not ids) should be NFC"} if nfc else {})}
+
+
+def _normalizes_nfc(tokenizer: Any) -> bool:
+    """Whether the fast tokenizer's normalizer (or one step of it) is NFC."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        spec = json.loads(backend.to_str()).get("normalizer") or {}
+    except (ValueError, AttributeError):
+        return False
+    steps = spec.get("normalizers", []) if spec.get("type") == "Sequence" else [spec]
+    return any(isinstance(s, dict) and s.get("type") == "NFC" for s in steps)
 
 
 def _check_template(cpp: LlamaCpp, tokenizer: Any, template_name: str) -> dict[str, Any]:
