@@ -55,6 +55,7 @@ PATHS: dict[str, tuple[str, str]] = {
 }
 PATHS_BY_COMMAND: dict[tuple[tuple[str, ...], str], tuple[str, str]] = {
     (("generate",), "out"): ("out", "file"),
+    (("data", "pairs"), "out"): ("out", "file"),
     (("eval",), "data"): ("in", "folder"),
     (("data", "convert"), "input"): ("in", "any"),
 }
@@ -62,7 +63,7 @@ PATHS_BY_COMMAND: dict[tuple[tuple[str, ...], str], tuple[str, str]] = {
 # for them the case writes over a part of the input instead
 INSIDE_BY_DESIGN = {(("data", "stats"), "plot"): "data"}
 NOT_PATHS = {"template", "system", "text_field", "split", "eval_split", "lora_targets", "modules_to_save", "subjects",
-             "api_key", "host", "engine", "backend", "prompt", "target_delimiter", "report_to"}
+             "api_key", "host", "engine", "backend", "prompt", "target_delimiter", "report_to", "endpoint"}
 
 
 def path_role(words: tuple[str, ...], name: str) -> tuple[str, str] | None:
@@ -97,6 +98,9 @@ def base_spec(words: tuple[str, ...], s: dict[str, Path]) -> dict[str, typing.An
         ("generate",): dict(input=str(s["prompts"]), model=m, out="answers.jsonl", max_new_tokens=2, greedy=True, threads=1),
         ("serve",): dict(model=m),
         ("data", "convert"): dict(input=[str(s["conv"])], out="ds-new", model=m, max_length=64),
+        ("data", "pairs"): dict(input=str(s["qa"]), model=m, out="pairs.jsonl", max_new_tokens=2, greedy=True, threads=1),
+        ("train", "dpo"): dict(model=m, data=[str(s["pairs"])], out="dpo", max_steps=1, micro_batch=1, grad_accum=1, threads=1,
+                               max_length=64),
         ("data", "stats"): dict(dataset=str(s["dataset"]), plot="plot.png"),
         ("data", "show"): dict(dataset=str(s["dataset"]), index=0, model=m, color=False),
         ("train", "sft"): dict(model=m, data=[str(s["dataset"])], out="sft", max_steps=1, micro_batch=1, grad_accum=1, threads=1,
@@ -152,6 +156,11 @@ def shared(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     s["conv"].write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in CONVERSATIONS) + "\n", encoding="utf-8")
     s["prompts"] = root / "prompts.jsonl"
     s["prompts"].write_text('{"instruction": "hi"}\n', encoding="utf-8")
+    s["qa"] = root / "qa.jsonl"
+    s["qa"].write_text('{"instruction": "hi", "output": "hello"}\n{"instruction": "2+2?", "output": "4"}\n', encoding="utf-8")
+    s["pairs"] = root / "pairs.jsonl"
+    s["pairs"].write_text('{"instruction": "hi", "chosen": "hello", "rejected": "go away"}\n'
+                          '{"instruction": "2+2?", "chosen": "4", "rejected": "5"}\n', encoding="utf-8")
     s["chat_in"] = root / "chat.txt"
     s["chat_in"].write_text("hi\n", encoding="utf-8")
     s["dataset"] = convert(ConvertConfig(input=[str(s["conv"])], out=str(root / "dataset"), model=str(s["model"]), max_length=64))

@@ -54,7 +54,7 @@ def conversation_messages(conv: Any) -> tuple[list[dict[str, Any]], str]:
 
 def run_pairs(cfg: PairsConfig) -> int:
     from cutegpt.data.readers import Source
-    from cutegpt.io import atomic_file, check_output
+    from cutegpt.io import atomic_file, check_output, os_errors
 
     source, out = Path(cfg.input), Path(cfg.out)
     check_output(out, flag="--out", inputs=[source, cfg.model, cfg.lora], overwrite=cfg.overwrite, kind="file")
@@ -66,7 +66,8 @@ def run_pairs(cfg: PairsConfig) -> int:
     finally:
         src.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pairs-") as tmp:
+    # the prompts and answers live beside --out until the pairs are written; a full disk names --out
+    with os_errors(out, "writing"), tempfile.TemporaryDirectory(dir=out.parent, prefix=".pairs-") as tmp:
         prompts, answers = Path(tmp) / "prompts.jsonl", Path(tmp) / "answers.jsonl"
         prompts.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m, _ in wanted), encoding="utf-8")
         gen = GenerateConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GenerateConfig)})
@@ -84,7 +85,7 @@ def run_pairs(cfg: PairsConfig) -> int:
             kept.append({"messages": msgs, "chosen": chosen, "rejected": answer})
     if not kept:
         raise CuteGPTError(f"no pair: the model's answer was empty ({empty}) or equal to the file's ({same}) for every prompt of {source}.")
-    with atomic_file(out, "w", encoding="utf-8") as f:
+    with os_errors(out, "writing"), atomic_file(out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in kept)
     dropped = f" ({same} dropped: the model's answer equals the file's; {empty} empty)" if same or empty else ""
     skipped = f"; {len(src.skipped)} invalid record(s) skipped" if src.skipped else ""

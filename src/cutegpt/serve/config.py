@@ -21,6 +21,8 @@ THREADS_HELP = (
 )
 
 
+DEFAULT_CTX = 2048  # tokens per request when --ctx is not given (or the model's context, when shorter)
+
 @dataclass
 class ServeConfig:
     model: str | None = arg(None, "a .gguf file, an HF model folder, an adapter folder, or nothing for the embedded SmolLM2-135M-Instruct GGUF")
@@ -33,7 +35,8 @@ class ServeConfig:
     api_key: str | None = arg(None, "key every API request must send as 'Authorization: Bearer KEY'; "
                                     "required for a non-loopback --host", absent=f"${API_KEY_ENV}, else no key")
     parallel: int = arg(4, "requests decoded together (llama.cpp slots, continuous batching); 1 = one at a time", ge=1)
-    ctx: int = arg(2048, "context window of each request in tokens (prompt + answer); llama.cpp allocates parallel x ctx", ge=16)
+    ctx: int | None = arg(None, "context window of each request in tokens (prompt + answer); llama.cpp allocates parallel x ctx",
+                          ge=16, absent=f"{DEFAULT_CTX}, or the model's own context when shorter")
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     engine: Literal["llamacpp", "vllm"] = arg("llamacpp", "llamacpp: llama.cpp in this process (CPU or GPU wheels); vllm: run `vllm serve` on the HF folder (GPUs)")
     quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg(
@@ -98,7 +101,7 @@ class ServeConfig:
 
     @property
     def token_limit(self) -> int:
-        return self.max_tokens_limit if self.max_tokens_limit is not None else self.ctx
+        return self.max_tokens_limit if self.max_tokens_limit is not None else (self.ctx or DEFAULT_CTX)
 
 
 def is_loopback(host: str) -> bool:
@@ -186,12 +189,16 @@ def check_capacity(cfg: "ServeConfig", gguf: str, available: int | None = None) 
     slots aborted llama.cpp with a C++ exception.
     """
     wanted = (".context_length", ".block_count", ".attention.head_count_kv", ".attention.head_count", ".embedding_length")
+    given = cfg.ctx is not None
+    cfg.ctx = cfg.ctx or DEFAULT_CTX
     try:
         fields = gguf_fields(gguf, wanted)
     except (OSError, ValueError, UnicodeDecodeError):
         return  # an unreadable file is llama.cpp's to report, with its own words
     get = {suffix: next((v for k, v in fields.items() if k.endswith(suffix)), None) for suffix in wanted}
     trained = get[".context_length"]
+    if isinstance(trained, int) and not given:
+        cfg.ctx = min(DEFAULT_CTX, trained)  # no --ctx: never more than the model was trained for
     if isinstance(trained, int) and cfg.ctx > trained:
         raise CuteGPTError(f"--ctx {cfg.ctx} exceeds the model's context of {trained} tokens ({gguf}); lower --ctx.")
     layers, kv_heads, heads, width = (get[s] for s in wanted[1:])

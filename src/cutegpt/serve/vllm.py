@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from cutegpt.errors import CuteGPTError
-from cutegpt.serve.config import ServeConfig
+from cutegpt.serve.config import DEFAULT_CTX, ServeConfig
 
 
 def template_file(jinja: str) -> Path:
@@ -32,7 +32,7 @@ def vllm_command(cfg: ServeConfig, *, model: Path, name: str, jinja: str | None,
     d = cfg.request_defaults("cutegpt" if jinja is not None else "auto", generation_config_defaults(model))
     cmd = ["vllm", "serve", str(model), "--host", cfg.host, "--port", str(cfg.port),
            "--served-model-name", name,
-           "--max-model-len", str(cfg.ctx),
+           "--max-model-len", str(cfg.ctx or DEFAULT_CTX),
            "--max-num-seqs", str(cfg.parallel),
            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
            "--pipeline-parallel-size", str(cfg.pipeline_parallel_size),
