@@ -532,7 +532,9 @@ def test_model_cache_leftovers_are_cleaned_at_start(tmp_path, monkeypatch):
         gguf = embedded.embedded_gguf()
     except CuteGPTError:
         pytest.skip("the embedded model package is not installed")
-    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
+    from cutegpt.model.tokenizer import RULE_VERSION
+
+    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}:{RULE_VERSION}".encode()).hexdigest()[:12]
     models = embedded.cache_dir() / "models"
     target = models / f"smollm2-135m-instruct-{key}"
     target.mkdir(parents=True)

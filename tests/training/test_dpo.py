@@ -58,7 +58,8 @@ def _chatml_prompt(tok, q: str) -> list[int]:
 
 
 def _chatml_answer(tok, a: str) -> list[int]:
-    return _ids(tok, a + "<|im_end|>") + [tok.eos_token_id]  # the newline after <|im_end|> opens the next turn
+    # the model's own template ends an answer at its end-of-turn token, no EOS (the newline after it opens the next turn)
+    return _ids(tok, a + "<|im_end|>")
 
 
 @torch.no_grad()
