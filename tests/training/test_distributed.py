@@ -187,11 +187,17 @@ def test_launcher_variables_last_only_for_the_run(monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")  # a user's own setting survives
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     with process_group_env():
         assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"].isdigit()
         assert os.environ["MASTER_ADDR"] == "10.0.0.7"
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what transformers' TrainingArguments does for a DeepSpeed run
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ
     assert os.environ["MASTER_ADDR"] == "10.0.0.7"
+    # a later Trainer in this Python (or a child) must not start DeepSpeed: it failed for want of LOCAL_RANK
+    assert "ACCELERATE_USE_DEEPSPEED" not in os.environ and os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "8")
     with process_group_env():  # under a real launcher nothing changes

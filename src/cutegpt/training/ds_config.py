@@ -122,16 +122,27 @@ def process_group_env() -> Iterator[None]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a real launcher set them
         yield
         return
+    import torch.distributed as dist
+
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
+    # transformers sets ACCELERATE_USE_DEEPSPEED=true for a DeepSpeed run: left behind, every later Trainer of this
+    # Python (and its child processes) would start DeepSpeed too and fail for want of LOCAL_RANK
+    accelerate = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    had_group = dist.is_available() and dist.is_initialized()
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     try:
         yield
     finally:
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # the one-process group DeepSpeed made for this run
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        for k in [k for k in os.environ if k.startswith("ACCELERATE_") and k not in accelerate]:
+            del os.environ[k]
+        os.environ.update(accelerate)
