@@ -86,9 +86,13 @@ def _adapter_base(adapter: Path) -> Path | None:
         raise CuteGPTError(f"{adapter / 'adapter_config.json'} is not valid JSON.") from None
     if not base:
         return None
+    from cutegpt.model.adapter_base import EMBEDDED_BASE, find_base, record_base
+
+    if record_base(base) == EMBEDDED_BASE:  # also the cache path an older cutegpt recorded: serve the embedded file
+        return None
     if Path(base).is_dir():
         return Path(base)
-    raise CuteGPTError(f"the base model '{base}' of adapter {adapter} is not a local folder; pass the base folder as --model and the adapter as --lora.")
+    return find_base(adapter, missing="error")  # the hub cache or an older cutegpt's cache path; else one sentence naming --model
 
 
 def _looks_cutegpt(jinja: str | None) -> bool:
@@ -133,6 +137,9 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
                 raise CuteGPTError(f"--model {folder} is a LoRA adapter; give its base model as --model and the adapter as --lora.")
             folder, adapter = _adapter_base(folder), folder
             model, lora = (str(folder) if folder else None), str(adapter)
+        elif folder is None and adapter is not None:  # --lora alone: on the base it records, as chat does
+            folder = _adapter_base(adapter)
+            model = str(folder) if folder else None
         hf_folder = folder
         template = _template_name(template, [adapter, folder]) or template
         gguf = cached_export(model, lora, quant=quant, template=template, progress=progress) if export else Path("<not exported>")
