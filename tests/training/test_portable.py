@@ -102,3 +102,30 @@ def test_base_not_on_this_machine_names_the_flag(trained, tmp_path, capsys):
     code = main(["chat", "--lora", str(moved), "--input", "-"])
     err = capsys.readouterr().err
     assert code == 1 and "is not a local folder nor in the local hub cache: pass the base model as --model" in err
+
+
+def test_copied_adapter_exports_with_lora_alone(trained, tiny_model_dir, tmp_path):
+    from cutegpt.export.cli import ExportConfig, run_export
+
+    moved = _moved(trained, tmp_path)
+    want = _logits(load_model(ModelArgs(model=str(tiny_model_dir), lora=str(trained))))
+    merged = tmp_path / "merged"
+    assert run_export(ExportConfig(lora=str(moved), out=str(merged), dtype="float32")) == 0
+    torch.testing.assert_close(_logits(load_model(ModelArgs(model=str(merged)))), want, atol=2e-4, rtol=0)
+
+
+def test_copied_adapter_exports_to_gguf_on_its_base(trained, tiny_model_dir, tmp_path, monkeypatch):
+    """`export --format gguf --lora DIR` merges onto the recorded base, not the embedded model."""
+    from cutegpt.export import gguf as gguf_export
+
+    seen = []
+
+    def stop(folder):  # the folder it would convert is all this test needs
+        seen.append(folder)
+        raise CuteGPTError("stop")
+
+    monkeypatch.setattr(gguf_export, "_check_source", stop)
+    moved = _moved(trained, tmp_path)
+    with pytest.raises(CuteGPTError, match="stop"):
+        gguf_export.export_gguf(None, tmp_path / "out.gguf", lora=str(moved), verify=False)
+    assert seen == [tiny_model_dir]

@@ -85,6 +85,15 @@ def find_base(adapter: Path, missing: str = "embedded") -> Path:
     )
 
 
+def base_folder(adapter: Path) -> Path | None:
+    """The recorded base for commands that run the embedded model from its own file (export/serve GGUF): None for
+    the embedded model (or no record), else its folder as `find_base` finds it."""
+    base = recorded_base(adapter)
+    if base is None or record_base(base) == EMBEDDED_BASE:
+        return None
+    return find_base(adapter, missing="error")
+
+
 def _sample_names(names: list[str]) -> list[str]:
     if len(names) <= SAMPLE_TENSORS:
         return names

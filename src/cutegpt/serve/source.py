@@ -86,13 +86,9 @@ def _adapter_base(adapter: Path) -> Path | None:
         raise CuteGPTError(f"{adapter / 'adapter_config.json'} is not valid JSON.") from None
     if not base:
         return None
-    from cutegpt.model.adapter_base import EMBEDDED_BASE, find_base, record_base
+    from cutegpt.model.adapter_base import base_folder
 
-    if record_base(base) == EMBEDDED_BASE:  # also the cache path an older cutegpt recorded: serve the embedded file
-        return None
-    if Path(base).is_dir():
-        return Path(base)
-    return find_base(adapter, missing="error")  # the hub cache or an older cutegpt's cache path; else one sentence naming --model
+    return base_folder(adapter)  # a local folder or the hub cache; else one sentence naming --model
 
 
 def _looks_cutegpt(jinja: str | None) -> bool:
