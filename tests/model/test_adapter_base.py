@@ -68,3 +68,12 @@ def test_fingerprint_same_base_in_bf16_other_weights_not(tiny_model_dir):
     fp = fingerprint(fp32)
     assert same_base({**fp, "structure": "0" * 16}, fp) == "its architecture or tensor shapes differ"
     assert adapter_base.SAMPLE_TENSORS * adapter_base.SAMPLE_VALUES >= len(fp["sample"]) > 100
+
+
+def test_fingerprint_of_a_large_tensor_stays_in_bounds():
+    """An embedding of SmolLM2's size (28,311,552 entries): float32 spacing rounded past the last index."""
+    model = torch.nn.Module()
+    model.config = type("C", (), {})()
+    model.embed = torch.nn.Parameter(torch.arange(49152 * 576, dtype=torch.float32).reshape(49152, 576))
+    sample = fingerprint(model)["sample"]
+    assert sample[0] == 0.0 and sample[-1] == float(f"{49152 * 576 - 1:.5g}") and len(sample) == 16

@@ -119,7 +119,9 @@ def fingerprint(model: Any) -> dict[str, Any]:
         flat = params[name].detach().reshape(-1)
         if flat.device.type == "meta" or flat.numel() == 0:
             continue
-        idx = torch.linspace(0, flat.numel() - 1, min(SAMPLE_VALUES, flat.numel())).long().to(flat.device)
+        k = min(SAMPLE_VALUES, flat.numel())
+        # integer spacing: a float32 linspace rounds past the last index of a 28M-entry embedding
+        idx = (torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)).to(flat.device)
         sample += [float(f"{v:.5g}") for v in flat[idx].float().cpu().tolist()]
     return {"structure": digest, "sample": sample}
 
