@@ -54,7 +54,11 @@ def save_model_folder(trainer: Any, cfg: TrainArgs, prep: Prepared, precision: s
             state = {k: v.to(dtype) for k, v in model.state_dict().items()}
             model.save_pretrained(tmp, state_dict=state)
         else:
-            model.save_pretrained(tmp)
+            import warnings
+
+            with warnings.catch_warnings():  # peft looks the recorded base name up as a folder or hub id; ours may be neither
+                warnings.filterwarnings("ignore", message="Could not find a config file in")
+                model.save_pretrained(tmp)
         save_tokenizer(prep.tokenizer, tmp, prep.template_name)
         write_model_card(tmp, prep.template_name)
         write_json(tmp / "cutegpt_training.json", training_record(cfg, model))
