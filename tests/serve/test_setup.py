@@ -176,6 +176,20 @@ def test_adapter_folder_as_model_uses_its_recorded_base(tmp_path, fake_exporter)
         source.resolve_model(str(adapter), None, None, "q8_0", progress=False)
 
 
+def test_lora_alone_is_served_on_the_base_it_records(tmp_path, fake_exporter):
+    from cutegpt.model.adapter_base import EMBEDDED_BASE
+
+    base = _hf_folder(tmp_path / "base")
+    adapter = tmp_path / "copied-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    source.resolve_model(None, str(adapter), None, "q8_0", progress=False)
+    assert fake_exporter[-1][:2] == (str(base), str(adapter))
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": EMBEDDED_BASE}))
+    source.resolve_model(None, str(adapter), None, "q8_0", progress=False)
+    assert fake_exporter[-1][:2] == (None, str(adapter))  # the embedded model, as before bases were recorded
+
+
 @pytest.mark.parametrize("model,lora,match", [
     ("missing.gguf", None, "does not exist"),
     ("nowhere", None, "neither a .gguf file nor a folder"),

@@ -176,6 +176,10 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
     clean_leftovers(out.parent)  # temporary files and merges of exports killed here before (their process is gone)
 
     source_info: dict[str, Any] = {}
+    if model is None and lora is not None and (Path(lora).expanduser() / "adapter_config.json").is_file():
+        from cutegpt.model.adapter_base import base_folder
+
+        model = base_folder(Path(lora).expanduser())  # --lora alone: the base it records (None: the embedded model)
     if model is None:
         from cutegpt.model.embedded import embedded_gguf, embedded_model_dir
 

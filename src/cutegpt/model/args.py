@@ -23,3 +23,4 @@ class ModelArgs:
     device: Literal["auto", "cpu", "cuda"] = arg("auto", "where to run")
     trust_remote_code: bool = arg(False, "allow model folders to run their own Python code")
     merge_lora: bool = arg(False, "merge the LoRA adapter into the weights after loading (faster inference)")
+    force: bool = arg(False, "load --lora on a base model other than the one it was trained on (refused otherwise)")

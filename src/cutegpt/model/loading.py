@@ -3,7 +3,8 @@
     --model  (none)          -> the embedded SmolLM2-135M-Instruct (converted once to the cache)
              DIR             -> any AutoModelForCausalLM folder (config.json + weights)
              FILE.gguf       -> dequantized by transformers
-    --lora   DIR             -> a PEFT adapter on top; its tokenizer wins when it has one
+    --lora   DIR             -> a PEFT adapter on top; its tokenizer wins when it has one; alone, on the base
+                                it records (model/adapter_base.py), refused on another base unless --force
     --load-in-8bit           -> bitsandbytes on CUDA (the original 13B-on-a-3090 path);
                                 on CPU optimum-quanto int8 weights by default (faster and more
                                 accurate than bitsandbytes there; see docs/benchmarks.md)
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cutegpt.model.adapter_base import EMBEDDED_BASE, check_base, find_base
 from cutegpt.model.args import ModelArgs  # noqa: F401  (re-exported: commands import it from here)
 from cutegpt.model.hub import resolve_model_path
 from cutegpt.errors import CuteGPTError
@@ -129,18 +131,21 @@ def load_model(args: ModelArgs) -> LoadedModel:
     dtype = resolve_dtype(args.dtype, device)
     int8 = _int8_backend(args, device)
 
-    if args.model is None:
+    lora_path = resolve_model_path(args.lora, "--lora") if args.lora else None
+    if lora_path is not None:
+        _check_adapter_folder(lora_path)
+    if args.model is None and lora_path is not None:
+        model_path = find_base(lora_path)  # --lora alone: the base the adapter records, wherever it was copied
+    elif args.model is None or args.model == EMBEDDED_BASE:
         from cutegpt.model.embedded import embedded_model_dir
 
         model_path = embedded_model_dir()
     else:
         model_path = resolve_model_path(args.model, "--model")
-    lora_path = resolve_model_path(args.lora, "--lora") if args.lora else None
     if lora_path is None and (model_path / "adapter_config.json").is_file() and not (model_path / "config.json").is_file():
         # a LoRA checkpoint given as --model: put it on the base model it names, as `cutegpt chat --model OUT/checkpoint-N` expects
-        model_path, lora_path = _adapter_base(model_path), model_path
-    if lora_path is not None:
-        _check_adapter_folder(lora_path)
+        _check_adapter_folder(model_path)
+        model_path, lora_path = find_base(model_path, missing="error"), model_path
 
     if model_path.suffix == ".gguf":
         if not model_path.is_file():
@@ -183,6 +188,8 @@ def load_model(args: ModelArgs) -> LoadedModel:
         tokenizer = load_tokenizer(tok_path, args.trust_remote_code)
 
     if lora_path is not None:
+        if int8 != "bitsandbytes":  # its int8 weights no longer hold the values the fingerprint sampled
+            check_base(lora_path, model, model_path, args.force)
         model = _attach_lora(model, lora_path, model_path, tokenizer, merge=args.merge_lora)
 
     if int8 == "quanto":
@@ -230,17 +237,6 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CuteGPTError(f"{path}: must hold a JSON object of settings, not a {type(data).__name__}.")
     return data
-
-
-def _adapter_base(adapter: Path) -> Path:
-    config = adapter / "adapter_config.json"
-    base = read_json_object(config).get("base_model_name_or_path")
-    if not base or not Path(base).expanduser().exists():
-        raise CuteGPTError(
-            f"{adapter} is a LoRA adapter whose base model ({base or 'not recorded'}) is not a local folder: "
-            "pass the base model as --model and the adapter as --lora."
-        )
-    return Path(base).expanduser()
 
 
 def _attach_lora(model: Any, lora_path: Path, model_path: Path, tokenizer: Any, merge: bool) -> Any:

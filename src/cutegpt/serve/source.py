@@ -86,9 +86,9 @@ def _adapter_base(adapter: Path) -> Path | None:
         raise CuteGPTError(f"{adapter / 'adapter_config.json'} is not valid JSON.") from None
     if not base:
         return None
-    if Path(base).is_dir():
-        return Path(base)
-    raise CuteGPTError(f"the base model '{base}' of adapter {adapter} is not a local folder; pass the base folder as --model and the adapter as --lora.")
+    from cutegpt.model.adapter_base import base_folder
+
+    return base_folder(adapter)  # a local folder or the hub cache; else one sentence naming --model
 
 
 def _looks_cutegpt(jinja: str | None) -> bool:
@@ -133,6 +133,9 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
                 raise CuteGPTError(f"--model {folder} is a LoRA adapter; give its base model as --model and the adapter as --lora.")
             folder, adapter = _adapter_base(folder), folder
             model, lora = (str(folder) if folder else None), str(adapter)
+        elif folder is None and adapter is not None:  # --lora alone: on the base it records, as chat does
+            folder = _adapter_base(adapter)
+            model = str(folder) if folder else None
         hf_folder = folder
         template = _template_name(template, [adapter, folder]) or template
         gguf = cached_export(model, lora, quant=quant, template=template, progress=progress) if export else Path("<not exported>")

@@ -13,7 +13,8 @@ from cutegpt.model.loading import save_tokenizer
 from cutegpt.templates import write_model_card
 from cutegpt.training.args import TrainArgs
 from cutegpt.training.checkpoints import STAGING, barrier
-from cutegpt.training.prepare import Prepared, base_model_path
+from cutegpt.model.adapter_base import record_base
+from cutegpt.training.prepare import Prepared
 
 
 
@@ -32,9 +33,12 @@ def say_disk_use(cfg: TrainArgs, model: Any) -> None:
 
 
 
-def training_record(cfg: TrainArgs) -> dict[str, Any]:
-    """What final/ and best/ say about how they were trained (export and chat read the base from adapter_config)."""
-    return {"method": cfg.method, "base_model": str(base_model_path(cfg)), "quantization": cfg.quantization,
+def training_record(cfg: TrainArgs, model: Any = None) -> dict[str, Any]:
+    """What final/ and best/ say about how they were trained (export and chat read the base from adapter_config,
+    and check it against base_fingerprint: model/adapter_base.py)."""
+    base_print = getattr(model, "cutegpt_base_fingerprint", None)
+    return {"method": cfg.method, "base_model": record_base(cfg.model), "quantization": cfg.quantization,
+            **({"base_fingerprint": base_print} if base_print else {}),
             **({"bnb_4bit_type": cfg.bnb_4bit_type, "double_quant": cfg.double_quant} if cfg.quantization == "4bit" else {}),
             "note": ("the adapter was trained on a quantized base; load or merge it onto the 16-bit base_model "
                      "(never onto dequantized weights)") if cfg.quantization != "none" else None}
@@ -50,10 +54,14 @@ def save_model_folder(trainer: Any, cfg: TrainArgs, prep: Prepared, precision: s
             state = {k: v.to(dtype) for k, v in model.state_dict().items()}
             model.save_pretrained(tmp, state_dict=state)
         else:
-            model.save_pretrained(tmp)
+            import warnings
+
+            with warnings.catch_warnings():  # peft looks the recorded base name up as a folder or hub id; ours may be neither
+                warnings.filterwarnings("ignore", message="Could not find a config file in")
+                model.save_pretrained(tmp)
         save_tokenizer(prep.tokenizer, tmp, prep.template_name)
         write_model_card(tmp, prep.template_name)
-        write_json(tmp / "cutegpt_training.json", training_record(cfg))
+        write_json(tmp / "cutegpt_training.json", training_record(cfg, model))
         for name, obj in (extra or {}).items():
             write_json(tmp / name, obj)
 
@@ -70,7 +78,7 @@ def save_final(trainer: Any, cfg: TrainArgs, prep: Prepared, precision: str) -> 
             if trainer.is_world_process_zero():
                 save_tokenizer(prep.tokenizer, staging, prep.template_name)
                 write_model_card(staging, prep.template_name)
-                write_json(staging / "cutegpt_training.json", training_record(cfg))
+                write_json(staging / "cutegpt_training.json", training_record(cfg, trainer.accelerator.unwrap_model(trainer.model)))
                 put_in_place(staging, out)
         barrier()
         return out

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from cutegpt.errors import CuteGPTError
+from cutegpt.model.adapter_base import fingerprint, record_base
 from cutegpt.templates import CUTEGPT_STOP, add_stop_token
 from cutegpt.training.args import TrainArgs, training_weight_dtype
 from cutegpt.training.checkpoints import check_torch_file
@@ -92,11 +93,13 @@ def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str, attach
     args = ModelArgs(model=cfg.model, lora=cfg.lora, template=template_name,
                      dtype=training_weight_dtype(cfg.method, resolve_precision(cfg.precision), cfg.dtype),
                      device="cpu",  # the Trainer places the model (no device_map: it breaks DDP/DeepSpeed)
-                     trust_remote_code=cfg.trust_remote_code, merge_lora=cfg.merge_lora)
+                     trust_remote_code=cfg.trust_remote_code, merge_lora=cfg.merge_lora, force=cfg.force)
+    base_print = None
     if cfg.quantization != "none":
-        model = load_quantized(cfg)
+        model = load_quantized(cfg)  # no fingerprint: its 4-/8-bit weights are not the 16-bit base an adapter loads on
     else:
         model = load_model(args).model
+        base_print = fingerprint(model)  # before the embeddings grow: the base as `--lora` will load it
     model.config.use_cache = False  # restarting position ids separate samples only without a cache (tests/training/test_data.py)
     attn = pick_attention(cfg.attn_implementation)
     if attn == "sdpa" and cfg.attn_implementation == "auto" and not getattr(model, "_supports_sdpa", True):
@@ -110,10 +113,19 @@ def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str, attach
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if not attach and not cfg.resume_lora:
+    if not attach and not cfg.resume_lora:  # trl attaches the adapter itself (train dpo)
         check_module_names(model, cfg)
         return model
-    return attach_lora(model, cfg)
+    return portable(attach_lora(model, cfg), cfg, base_print)
+
+
+def portable(model: Any, cfg: TrainArgs, base_print: dict[str, Any] | None) -> Any:
+    """The adapter records its base by name, never a cache path (peft would write the folder it was loaded from),
+    and keeps the base's fingerprint for final/'s cutegpt_training.json (outputs.training_record)."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = record_base(cfg.model)
+    model.cutegpt_base_fingerprint = base_print
+    return model
 
 
 
