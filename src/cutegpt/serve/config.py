@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from cutegpt.config import arg
@@ -123,54 +124,6 @@ def resolve_host(host: str) -> None:
         raise CuteGPTError(f"--host {host} is not an address or name this machine can listen on.") from None
 
 
-# GGUF header value types (gguf-py's GGUFValueType): struct formats of the scalars; 8 = string, 9 = array
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def gguf_fields(path: str, suffixes: tuple[str, ...]) -> dict[str, Any]:
-    """The header keys ending in `suffixes` (e.g. ".context_length"), read up to the last one wanted.
-
-    gguf.GGUFReader parses the whole file first (30 s for the embedded model on a busy machine); the
-    architecture's numbers come right after general.* and take a few hundred bytes.
-    """
-    import struct
-
-    found: dict[str, Any] = {}
-    with open(path, "rb") as f:
-        def read(fmt: str) -> Any:
-            size = struct.calcsize(fmt)
-            data = f.read(size)
-            if len(data) != size:
-                raise ValueError("truncated GGUF header")
-            return struct.unpack(fmt, data)[0]
-
-        def value(vtype: int) -> Any:
-            if vtype in _SCALARS:
-                return read(_SCALARS[vtype])
-            if vtype == 8:
-                return f.read(read("<Q")).decode("utf-8", "replace")
-            if vtype == 9:
-                item, n = read("<I"), read("<Q")
-                if item in _SCALARS:  # skipped, not parsed: vocabularies are arrays of 49k-150k entries
-                    f.seek(n * struct.calcsize(_SCALARS[item]), 1)
-                    return None
-                return [value(item) for _ in range(n)]
-            raise ValueError(f"unknown GGUF value type {vtype}")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        read("<I")
-        read("<Q")
-        for _ in range(read("<Q")):
-            key = f.read(read("<Q")).decode("utf-8", "replace")
-            val = value(read("<I"))
-            if key.endswith(suffixes):
-                found[key] = val
-                if len(found) == len(suffixes):
-                    break
-    return found
-
-
 def _available_memory() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -191,9 +144,11 @@ def check_capacity(cfg: "ServeConfig", gguf: str, available: int | None = None) 
     wanted = (".context_length", ".block_count", ".attention.head_count_kv", ".attention.head_count", ".embedding_length")
     given = cfg.ctx is not None
     cfg.ctx = cfg.ctx or DEFAULT_CTX
-    try:
-        fields = gguf_fields(gguf, wanted)
-    except (OSError, ValueError, UnicodeDecodeError):
+    from cutegpt.runtime.llamacpp import read_gguf_metadata
+
+    try:  # the header only (gguf.GGUFReader parses the whole file first: 30 s on a busy machine)
+        fields = read_gguf_metadata(Path(gguf), lambda k: k.endswith(wanted))
+    except CuteGPTError:
         return  # an unreadable file is llama.cpp's to report, with its own words
     get = {suffix: next((v for k, v in fields.items() if k.endswith(suffix)), None) for suffix in wanted}
     trained = get[".context_length"]
