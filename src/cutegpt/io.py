@@ -289,3 +289,14 @@ def load_json_text(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPT
             stack.extend((k, depth) for k, _ in items if k is not None)
             stack.extend((v, depth + 1) for _, v in items)
     return data
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, adapter_config.json): one sentence otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        raise CuteGPTError(f"{path}: not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise CuteGPTError(f"{path}: must hold a JSON object of settings, not a {type(data).__name__}.")
+    return data

@@ -50,7 +50,7 @@ def record_base(given: str | None) -> str:
 
 
 def recorded_base(adapter: Path) -> str | None:
-    from cutegpt.model.loading import read_json_object
+    from cutegpt.io import read_json_object
 
     base = read_json_object(adapter / "adapter_config.json").get("base_model_name_or_path")
     return base if isinstance(base, str) and base else None
@@ -142,7 +142,7 @@ def same_base(recorded: dict[str, Any], actual: dict[str, Any]) -> str | None:
 
 def check_base(adapter: Path, model: Any, model_path: Path, force: bool) -> None:
     """Refuse (unless --force) a base model that is not the one the adapter was trained on."""
-    from cutegpt.model.loading import read_json_object
+    from cutegpt.io import read_json_object
 
     record = adapter / RECORD
     if not record.is_file():

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from cutegpt.model.adapter_base import EMBEDDED_BASE, check_base, find_base
 from cutegpt.model.args import ModelArgs  # noqa: F401  (re-exported: commands import it from here)
 from cutegpt.model.hub import resolve_model_path
 from cutegpt.errors import CuteGPTError
+from cutegpt.io import read_json_object
 from cutegpt.templates import Template, get_template, resolve_template_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -226,17 +226,6 @@ def load_error(path: Path, what: str, e: BaseException) -> str:
     first = (text.strip().splitlines() or [type(e).__name__])[0]
     detail = " ".join(text.split())[:300] if len(first) < 60 else first[:300]
     return f"{path}: cannot load {what} ({detail})."
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold an object (config.json, adapter_config.json): one sentence otherwise."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
-        raise CuteGPTError(f"{path}: not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise CuteGPTError(f"{path}: must hold a JSON object of settings, not a {type(data).__name__}.")
-    return data
 
 
 def _attach_lora(model: Any, lora_path: Path, model_path: Path, tokenizer: Any, merge: bool) -> Any:

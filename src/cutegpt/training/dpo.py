@@ -191,7 +191,7 @@ def split_rows(rows: list[dict[str, Any]], ratio: float, seed: int) -> tuple[lis
 
 def check_adapter_base(cfg: PrefConfig) -> None:
     """An SFT adapter must sit on the base it was trained on, or its reference log-probabilities mean nothing."""
-    from cutegpt.model.loading import read_json_object
+    from cutegpt.io import read_json_object
     from cutegpt.training.prepare import base_model_path
 
     adapter = cfg.resume_lora or cfg.lora
@@ -255,7 +255,7 @@ def describe_reference(cfg: PrefConfig) -> str:
         what = "the initial model" + (f" (with --lora {cfg.lora} merged)" if cfg.lora else "")
         return (f"log-probabilities of {what}, computed once before training (--precompute-ref)" if cfg.precompute_ref
                 else f"a frozen copy of {what}")
-    start = f" (log-probabilities computed once before training)" if cfg.precompute_ref else ""
+    start = " (log-probabilities computed once before training)" if cfg.precompute_ref else ""
     if load_cfg.resume_lora:
         return f"the base model with the SFT adapter {load_cfg.resume_lora} (a frozen copy of the adapter; the trained adapter starts from it){start}"
     if cfg.lora:
