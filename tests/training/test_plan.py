@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cutegpt.training.args import training_weight_dtype
+from cutegpt.training.prepare import resolve_precision
 from cutegpt.training.plan import GiB, PlanInput, estimate, format_plan, read_shape, suggestions
 from cutegpt.training.sft import SFTConfig, run_sft
 
@@ -88,8 +89,9 @@ GRID = [  # method, quantization, checkpointing, L
 ]
 
 
-def measure_peak(model_dir: Path, text: Path, out: Path, method: str, quant: str, ckpt: bool, L: int) -> float:
-    """Peak RSS (GiB) of one `train pt` process: 2 steps, micro-batch 2 rows of L tokens, bf16, one thread."""
+def measure_peak(model_dir: Path, text: Path, out: Path, method: str, quant: str, ckpt: bool, L: int,
+                 precision: str) -> float:
+    """Peak RSS (GiB) of one `train pt` process: 2 steps, micro-batch 2 rows of L tokens, one thread."""
     rss = out.with_suffix(".rss")
     # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark across fork+exec into ru_maxrss, so
     # under a pytest process that has grown to 4 GiB every child "peaked" at 4 GiB
@@ -100,7 +102,7 @@ def measure_peak(model_dir: Path, text: Path, out: Path, method: str, quant: str
             "    open(res, 'w').write(hwm)\n")
     cmd = [sys.executable, "-c", code, str(rss), "train", "pt", "--model", str(model_dir), "--data", str(text),
            "--out", str(out), "--max-length", str(L), "--micro-batch", "2", "--grad-accum", "1", "--max-steps", "2",
-           "--save-steps", "1000", "--precision", "bf16", "--threads", "1", "--method", method, "--quantization", quant,
+           "--save-steps", "1000", "--precision", precision, "--threads", "1", "--method", method, "--quantization", quant,
            "--report-to", "none", *(["--gradient-checkpointing"] if ckpt else [])]
     # one process, as a user runs it: an earlier in-process DeepSpeed test leaves RANK/WORLD_SIZE in this
     # process's environment, and with them the Trainer wraps the model (DDP) and skips the chunked loss
@@ -126,12 +128,15 @@ def test_plan_within_25_percent_of_measured_peak(embedded_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     text = corpus(tmp_path / "corpus.jsonl")
     shape = read_shape(embedded_dir)
+    # the precision `train` picks here: bf16 where the CPU has it, else fp32 (emulated bf16 takes minutes per point)
+    precision = resolve_precision("auto")
     rows = []
     for method, quant, ckpt, L in GRID:
-        measured = measure_peak(embedded_dir, text, tmp_path / f"{method}-{quant}-{ckpt}-{L}", method, quant, ckpt, L)
-        weights = training_weight_dtype(method, "bf16")  # as `train` loads them
+        measured = measure_peak(embedded_dir, text, tmp_path / f"{method}-{quant}-{ckpt}-{L}", method, quant, ckpt, L,
+                                precision)
+        weights = training_weight_dtype(method, precision)  # as `train` loads them
         plan = estimate(shape, PlanInput(method=method, quantization=quant, gradient_checkpointing=ckpt, seq_len=L,
-                                         micro_batch=2, precision="bf16", weight_dtype=weights, device="cpu")).peak / GiB
+                                         micro_batch=2, precision=precision, weight_dtype=weights, device="cpu")).peak / GiB
         rows.append((method, quant, ckpt, L, plan, measured))
     print("\n".join(f"{r[0]} {r[1]} ckpt={r[2]} L={r[3]}: plan {r[4]:.2f} GiB, measured {r[5]:.2f} GiB" for r in rows))
     for method, quant, ckpt, L, plan, measured in rows:

@@ -405,7 +405,11 @@ def run_plan(cfg: Any) -> Plan | None:
 
         ds, settings = reconcile(read_ds_config(cfg.deepspeed), settings, on_cpu=not on_gpu, source=cfg.deepspeed)
     micro = settings["micro_batch"] or METHOD_DEFAULTS[cfg.method]["micro_batch"]
-    precision = settings["precision"] if settings["precision"] != "auto" else "bf16"  # bf16 where the hardware has it
+    precision = settings["precision"]
+    if precision == "auto":  # what `train` will pick: bf16 on a GPU (most have it), on a CPU only where it is native
+        from cutegpt.training.prepare import resolve_precision
+
+        precision = "bf16" if on_gpu else resolve_precision("auto")
     shape = read_shape(path)
     from cutegpt.training.launch import world_layout
 
