@@ -178,7 +178,7 @@ def test_malformed_http_is_refused(front_factory):
     assert request(port, "GET", "/health")[0] == 200
 
 
-def test_tools_are_dropped_for_the_cutegpt_format(front_factory):
+def test_tools_are_dropped_for_a_format_without_tool_syntax(front_factory):
     port, _, _ = front_factory(tools=False)
     tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
     status, body = request(port, "POST", CHAT, {"messages": HELLO, "tools": tools, "tool_choice": "auto"})

@@ -6,7 +6,8 @@ refuse an unknown model name, empty or malformed `messages`, wrong types, an
 oversized body or `max_tokens`; fill in CuteGPT's sampling defaults for fields
 a request leaves out; add the stop marker `<end>` to every request of a
 CuteGPT-format model (llama.cpp never returns a stop string, also when
-streaming); keep the API key out of llama.cpp's own exemptions.
+streaming); keep the API key out of llama.cpp's own exemptions; render tool
+requests with the training template and parse the calls (`serve/tools.py`).
 
 HTTP is uvicorn's (parsing, keep-alive, chunking, graceful shutdown) and
 Starlette's (requests, responses); forwarding is aiohttp's. Every request gets
@@ -211,8 +212,9 @@ def check_chat(body: Any, policy: Policy) -> dict:
 
 
 # ----------------------------------------------------------------------------- tools and structured output
-# llama.cpp renders tools with the model's Jinja template, parses the calls and builds the grammar of a
-# response_format; it answers malformed ones with a 500 or ignores them, so they are refused here by field.
+# Tool requests are rendered by our template and parsed in serve/tools.py; llama.cpp builds the grammar of a
+# response_format or a forced call from a JSON schema and answers a malformed one with a 500 or ignores it, so
+# malformed ones are refused here by field.
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
