@@ -20,7 +20,7 @@ CALL2 = ToolCall("get_time", "{}", "c2")
 
 def _messages(system, turns):
     """The same conversation as OpenAI-style messages (arguments as objects, as Qwen2.5's template wants)."""
-    msgs = [{"role": "system", "content": system}] if system else []
+    msgs = [{"role": "system", "content": system}] if system is not None else []
     for t in turns:
         msgs.append({"role": "user", "content": t.instruction})
         for r in t.rounds:
@@ -155,3 +155,38 @@ def test_parse_inverts_rendering():
     content, calls = parse_tool_calls(seg)
     assert content == "Let me check." and calls == [{"name": "get_weather", "arguments": {"city": "北京"}},
                                                      {"name": "get_time", "arguments": {}}]
+
+
+@pytest.fixture(scope="module")
+def cutegpt_jinja_tok(tmp_path_factory):
+    from cutegpt.templates import chat_template_jinja
+
+    tok = build_tokenizer(tmp_path_factory.mktemp("cj"), chat_template=False)
+    tok.chat_template = chat_template_jinja("cutegpt")
+    return tok
+
+
+@pytest.mark.parametrize("system", [None, "", "Be brief."])
+@pytest.mark.parametrize("k", range(len(CONVERSATIONS)))
+def test_cutegpt_jinja_renders_the_tool_format(cutegpt_jinja_tok, k, system):
+    """The Jinja saved with every cutegpt tokenizer (and GGUF) renders tools, calls and results as templates.py does."""
+    turns = CONVERSATIONS[k]
+    want = get_template("cutegpt").text(turns, system, [WEATHER, TIME])
+    assert cutegpt_jinja_tok.apply_chat_template(_messages(system, turns), tools=[WEATHER, TIME], tokenize=False) == want
+    # OpenAI clients send arguments as JSON text
+    msgs = _messages(system, turns)
+    for m in msgs:
+        for c in m.get("tool_calls", []):
+            c["function"]["arguments"] = json.dumps(c["function"]["arguments"], ensure_ascii=False)
+    assert cutegpt_jinja_tok.apply_chat_template(msgs, tools=[WEATHER, TIME], tokenize=False) == want
+
+
+def test_auto_over_the_cutegpt_jinja_equals_cutegpt_with_tools(cutegpt_jinja_tok):
+    auto = ChatTemplate(cutegpt_jinja_tok)
+    assert auto.tool_style == "native"
+    for turns in CONVERSATIONS:
+        a, c = auto.segments(turns, None, [WEATHER]), get_template("cutegpt").segments(turns, None, [WEATHER])
+        assert "".join(s.text for s in a) == "".join(s.text for s in c)
+        assert [s.train for s in a for _ in s.text] == [s.train for s in c for _ in s.text]
+    open_turn = [Turn("北京天气怎么样？", rounds=(ToolRound((CALL,), ("rain",)),))]
+    assert auto.prompt(open_turn, None, [WEATHER]) == get_template("cutegpt").prompt(open_turn, None, [WEATHER])

@@ -357,6 +357,9 @@ def chat_template_jinja(template_name: str, system: str | None = None) -> str | 
     message renders as `答：\n{answer}<end>` and `add_generation_prompt` opens
     the answer with `答：\n`, so a conversation ending with a user message and
     add_generation_prompt=True gives `CuteGPTTemplate.prompt` byte for byte.
+    `tools`, assistant `tool_calls` and `tool` messages render the tool format
+    (arguments given as JSON text are written as they are: byte for byte when
+    they are `json.dumps` of an object, as templates.py writes them).
     `system` sets the default system line (None = the CuteGPT one, "" = none).
     """
     if template_name in ("auto", "raw"):
@@ -365,19 +368,39 @@ def chat_template_jinja(template_name: str, system: str | None = None) -> str | 
         raise CuteGPTError(f"unknown template '{template_name}'; choose one of: {', '.join(TEMPLATES)}.")
     default = CUTEGPT_SYSTEM if system is None else system
     return (
-        "{%- set ns = namespace(system=" + _jinja_string(default) + ", start=0) -%}"
+        "{%- set ns = namespace(system=" + _jinja_string(default) + ", start=0, prev='') -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}"
         "{%- endif -%}"
         "{%- if ns.system -%}{{ ns.system }}{%- if not ns.system.endswith('\\n') -%}{{ '\\n' }}{%- endif -%}{%- endif -%}"
+        "{%- if tools -%}{{ " + _jinja_string(CUTEGPT_TOOLS_HEAD) + " }}"
+        "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+        "{{ " + _jinja_string(CUTEGPT_TOOLS_TAIL) + " }}{%- endif -%}"
         "{%- for message in messages[ns.start:] -%}"
         "{%- if message['role'] == 'user' -%}"
         "{{ '问：' + message['content'] }}"
         "{%- if message['input'] is defined and message['input'] -%}{{ '\\n' + message['input'] }}{%- endif -%}"
         "{{ '\\n' }}"
         "{%- elif message['role'] == 'assistant' -%}"
-        "{{ '答：\\n' + message['content'] + '" + CUTEGPT_STOP + "' }}"
+        "{{ '答：\\n' }}"
+        "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+        "{%- if message['content'] -%}{{ message['content'] + '\\n' }}{%- endif -%}"
+        "{%- for call in message['tool_calls'] -%}"
+        "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+        "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+        "{{ '<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+        "{%- if fn['arguments'] is string -%}{{ fn['arguments'] }}{%- else -%}{{ fn['arguments'] | tojson }}{%- endif -%}"
+        "{{ '}\\n</tool_call>' }}"
+        "{%- endfor -%}"
+        "{{ '" + CUTEGPT_STOP + "' }}"
+        "{%- else -%}"
+        "{{ message['content'] + '" + CUTEGPT_STOP + "' }}"
         "{%- endif -%}"
+        "{%- elif message['role'] == 'tool' -%}"
+        "{%- if ns.prev != 'tool' -%}{{ " + _jinja_string(CUTEGPT_TOOL_RESULT) + " }}{%- endif -%}"
+        "{{ '<tool_response>\\n' + message['content'] + '\\n</tool_response>\\n' }}"
+        "{%- endif -%}"
+        "{%- set ns.prev = message['role'] -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '答：\\n' }}{%- endif -%}"
     )

@@ -240,3 +240,30 @@ def test_required_call_on_the_embedded_model_validates():
         (streamed,) = [tc for d in deltas for tc in d]
         assert streamed.function.name == "get_time"
         jsonschema.validate(json.loads(streamed.function.arguments), TIME["function"]["parameters"])
+
+
+@pytest.mark.slow
+def test_cutegpt_format_llama_cpp_renders_our_tool_format_and_forced_calls_validate():
+    """llama.cpp's own Jinja engine renders the cutegpt tool format as templates.py does (what GGUF users get), and a
+    forced call through the cutegpt format comes back parsed and valid."""
+    import jsonschema
+
+    from tests.serve.conftest import running_server
+
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "sunny"}]
+    with running_server("--template", "cutegpt", "--quiet", "--parallel", "1") as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        # (llama.cpp writes a missing tool description as "": WEATHER has one)
+        status, body = request(port, "POST", "/apply-template", {"messages": history, "tools": [WEATHER]})
+        rounds = (ToolRound((ToolCall("get_weather", '{"city": "Paris"}'),), ("sunny",)),)
+        assert status == 200 and body["prompt"] == get_template("cutegpt").prompt(
+            [Turn(ASK[0]["content"], rounds=rounds)], None, [WEATHER])
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="smollm2-135m-instruct", messages=ASK, tools=[WEATHER],
+                                           tool_choice="required", max_tokens=64, temperature=0)
+        assert r.choices[0].message.tool_calls, r
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
