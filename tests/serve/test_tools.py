@@ -267,3 +267,39 @@ def test_cutegpt_format_llama_cpp_renders_our_tool_format_and_forced_calls_valid
         (call,) = r.choices[0].message.tool_calls
         assert call.function.name == "get_weather"
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+@pytest.mark.slow
+def test_a_tiny_model_trained_on_a_tool_turn_calls_the_tool_through_serve(tiny_model_dir, tmp_path):
+    """End to end: OpenAI-style tool data -> data convert -> full SFT of the tiny random model (a few seconds) ->
+    serve (GGUF export, llama.cpp) -> the openai client sees the call the model learnt, with tool_choice auto."""
+    from cutegpt.data.convert import ConvertConfig, convert
+    from cutegpt.training.sft import SFTConfig, run_sft
+    from tests.serve.conftest import running_server
+
+    now = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+    ask = [{"role": "system", "content": ""}, {"role": "user", "content": "What time is it?"}]
+    record = {"tools": [now], "messages": ask + [
+        {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "12:00"},
+        {"role": "assistant", "content": "It is 12:00."}]}
+    src = tmp_path / "tools.jsonl"
+    src.write_text((json.dumps(record) + "\n") * 8)
+    data = convert(ConvertConfig(input=str(src), out=str(tmp_path / "ds"), model=str(tiny_model_dir), max_length=512,
+                                 add_stop_token=True, packing="pad"))
+    run = tmp_path / "run"
+    assert run_sft(SFTConfig(model=str(tiny_model_dir), data=[str(data)], out=str(run), method="full", micro_batch=4,
+                             grad_accum=1, lr=3e-3, warmup_steps=0, max_steps=60, save_steps=1000, precision="fp32",
+                             seed=0, logging_steps=10)) == 0
+    with running_server("--model", str(run / "final"), "--quant", "f32", "--quiet", "--parallel", "1",
+                        env={"CUTEGPT_CACHE": str(tmp_path / "cache")}) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="run", messages=ask, tools=[now], temperature=0, max_tokens=96)
+        assert r.choices[0].finish_reason == "tool_calls", repr(r.choices[0].message.content)
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "now" and json.loads(call.function.arguments) == {}
+        # the result goes back, and the model answers as it learnt
+        r2 = client.chat.completions.create(model="run", tools=[now], temperature=0, max_tokens=24, messages=[
+            *ask, r.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "12:00"}])
+        assert r2.choices[0].message.content == "It is 12:00." and r2.choices[0].finish_reason == "stop"
