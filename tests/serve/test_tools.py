@@ -136,6 +136,8 @@ def test_two_calls_streamed_with_usage(front_factory):
                                                         stream_options={"include_usage": True}):
         events.append(chunk)
     assert events[-1].usage is not None and events[-1].usage.prompt_tokens == 9
+    r = _client(port).chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME], parallel_tool_calls=False)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather"]
 
 
 @pytest.mark.parametrize("choice,names", [("required", ["get_weather", "get_time"]),

@@ -256,6 +256,8 @@ def _check_tools(body: dict) -> None:
                 raise _bad(param + ".function.description", "must be a string.", "invalid_type")
             if fn.get("parameters") is not None:
                 _check_schema(fn["parameters"], param + ".function.parameters")
+    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
+        raise _bad("parallel_tool_calls", "must be true or false.", "invalid_type")
     choice = body.get("tool_choice")
     if choice is None or choice in ("auto", "none"):
         return

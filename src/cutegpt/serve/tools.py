@@ -143,6 +143,7 @@ class ToolPlan:
     prefill: str  # text the prompt already opened the answer with (the call opening when forced)
     forced: bool
     model: str
+    parallel: bool = True  # False: only the first call is returned (`parallel_tool_calls: false`)
     id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -169,7 +170,7 @@ def plan(body: dict, template: Template, stop: list[str]) -> ToolPlan:
     up["stream"] = bool(body.get("stream"))
     if up["stream"] and (body.get("stream_options") or {}).get("include_usage"):
         up["stream_options"] = {"include_usage": True}
-    return ToolPlan(up, prefill, bool(names), body["model"])
+    return ToolPlan(up, prefill, bool(names), body["model"], body.get("parallel_tool_calls") is not False)
 
 
 def _calls_out(calls: list[dict]) -> list[dict]:
@@ -183,6 +184,8 @@ def read_answer(p: ToolPlan, text: str, finish: str | None) -> tuple[str | None,
     if p.forced and finish != "length":
         full += "\n" + TOOL_CALL_CLOSE  # the grammar ends with the call's JSON
     content, calls = parse_tool_calls(full)
+    if not p.parallel:
+        calls = calls[:1]
     if calls:
         return (content or None), _calls_out(calls), "tool_calls"
     return full, [], finish or "stop"
