@@ -305,3 +305,11 @@ def test_a_tiny_model_trained_on_a_tool_turn_calls_the_tool_through_serve(tiny_m
             *ask, r.choices[0].message.model_dump(exclude_none=True),
             {"role": "tool", "tool_call_id": call.id, "content": "12:00"}])
         assert r2.choices[0].message.content == "It is 12:00." and r2.choices[0].finish_reason == "stop"
+
+
+def test_the_web_pages_built_in_tools_are_not_rendered(front_factory):
+    """llama.cpp's page offers its own tools with every message; its chats are answered as plain chats."""
+    port, fake = _front(front_factory, "unused")
+    status, body = request(port, "POST", "/v1/chat/completions", {"messages": ASK, "tools": [WEATHER]},
+                           headers={"Referer": f"http://127.0.0.1:{port}/"})
+    assert status == 200 and fake.bodies[-1]["path"] == "/v1/chat/completions" and "tools" not in body["echo"]

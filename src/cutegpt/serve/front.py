@@ -611,6 +611,9 @@ class Front:
         if self.policy.template is not None:
             from cutegpt.serve.tools import is_tool_request
 
+            if self._from_page(request):  # the page's own built-in tools, offered with every message: not the user's
+                for key in ("tools", "tool_choice", "parallel_tool_calls"):
+                    body.pop(key, None)
             if is_tool_request(body):
                 return await self._tool_chat(request, body)
             for key in ("tools", "tool_choice", "parallel_tool_calls"):  # tool_choice "none": the model sees no tools
