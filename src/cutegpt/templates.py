@@ -18,11 +18,30 @@ The `cutegpt` template is the original training format (MISSION.md section 2):
 Note there is no newline between `<end>` and the next `问：`: that is how the
 original `convert_data.py` joined turns, and the published inference snippets
 that add one (or drop the newline after `答：`) feed the model text it never saw.
+
+Tool calling follows Qwen2.5's / Hermes' convention in every template: tools are
+described as JSON lines inside `<tools></tools>` in the system part, a call is
+`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` in the answer
+(trained), results come back inside `<tool_response></tool_response>` (not
+trained). For `cutegpt` (tool block in Chinese, results after `工具：`):
+
+    {system line}{tool block}
+    问：{instruction}\n答：\n                                       <- not trained
+    <tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call><end>  <- trained
+    工具：\n<tool_response>\n{result}\n</tool_response>\n答：\n       <- not trained
+    {output}<end>                                                 <- trained
+
+`auto` uses the model's own Jinja when it renders tools with `<tool_call>`
+(Qwen2.5, Hermes); for a chat template without tools (SmolLM2's ChatML) the
+tools go into the system message with Qwen2.5's words, calls into the assistant
+message and results into one user message, which is byte for byte what
+Qwen2.5's template renders for the same system text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,12 +60,100 @@ MODEL_CARD = "cutegpt.json"  # written into every model/adapter folder we save; 
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str = "{}"  # JSON text of an object, as OpenAI sends it
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ToolRound:
+    """The assistant calls tools (after optional text), then the tools answer, in the calls' order."""
+
+    calls: tuple[ToolCall, ...]
+    results: tuple[str, ...] = ()
+    content: str = ""
+
+
+@dataclass(frozen=True)
 class Turn:
-    """One exchange. `output is None` marks the open turn the model must answer."""
+    """One exchange. `output is None` marks the open turn the model must answer.
+
+    `rounds` are the assistant's tool rounds before its final `output`. A turn
+    whose last round has no results yet ends at those calls (output None, not open).
+    """
 
     instruction: str
     input: str = ""
     output: str | None = None
+    rounds: tuple[ToolRound, ...] = ()
+
+    @property
+    def is_open(self) -> bool:
+        return self.output is None and not (self.rounds and not self.rounds[-1].results)
+
+
+# ----------------------------------------------------------------------------- the tool format
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+# Qwen2.5's own words (its chat template), also used for chat templates that have no tool section
+HERMES_TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+HERMES_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                     "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                     "<args-json-object>}\n</tool_call>")
+CUTEGPT_TOOLS_HEAD = "你可以调用以下工具，<tools></tools> 中每行描述一个：\n<tools>"
+CUTEGPT_TOOLS_TAIL = ("\n</tools>\n调用工具时，每个调用回答一个 <tool_call></tool_call> 块：\n<tool_call>\n"
+                      "{\"name\": <工具名>, \"arguments\": <参数 JSON 对象>}\n</tool_call>\n")
+CUTEGPT_TOOL_RESULT = "工具：\n"
+
+
+def tojson(value: Any) -> str:
+    """JSON as transformers' and llama.cpp's Jinja `tojson` writes it (", " and ": ", non-ASCII kept)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def tools_block(tools: Sequence[dict], head: str = HERMES_TOOLS_HEAD, tail: str = HERMES_TOOLS_TAIL) -> str:
+    return head + "".join("\n" + tojson(t) for t in tools) + tail
+
+
+def call_text(call: ToolCall) -> str:
+    """One call as Qwen2.5's template writes it."""
+    return f'{TOOL_CALL_OPEN}\n{{"name": "{call.name}", "arguments": {tojson(json.loads(call.arguments))}}}\n{TOOL_CALL_CLOSE}'
+
+
+def round_text(r: ToolRound) -> str:
+    """The assistant's text for a round: its content, then one block per call, a newline between each."""
+    return "\n".join(([r.content] if r.content else []) + [call_text(c) for c in r.calls])
+
+
+def responses_text(results: Sequence[str]) -> str:
+    return "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
+
+
+_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.DOTALL)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """(content before the calls, [{"name", "arguments": dict}]) from a model's answer.
+
+    No well-formed call (a block that is not a JSON object with a string `name`
+    and an object `arguments`) leaves the whole text as content and no calls.
+    """
+    start = text.find(TOOL_CALL_OPEN)
+    if start < 0:
+        return text, []
+    calls = []
+    for body in _CALL_BLOCK.findall(text, start):
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return text, []
+        args = obj.get("arguments", obj.get("parameters", {})) if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(args, dict):
+            return text, []
+        calls.append({"name": obj["name"], "arguments": args})
+    return text[:start].rstrip("\n"), calls
 
 
 @dataclass(frozen=True)
@@ -62,37 +169,43 @@ class Template:
     stop: str | None = None  # text that ends an answer; generation stops there and never prints it
     eos_after_conversation: bool = True  # training appends the tokenizer's EOS (trained) after the last answer
 
-    def segments(self, turns: Sequence[Turn], system: str | None = None) -> list[Segment]:
+    def segments(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> list[Segment]:
         raise NotImplementedError
 
-    def prompt(self, turns: Sequence[Turn], system: str | None = None) -> str:
+    def prompt(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> str:
         """The text the model continues: history with answers, then the open turn."""
-        if not turns or turns[-1].output is not None:
+        if not turns or not turns[-1].is_open:
             raise ValueError("the last turn of a prompt must be open (output=None)")
-        return "".join(s.text for s in self.segments(turns, system))
+        return "".join(s.text for s in self.segments(turns, system, tools))
 
-    def text(self, turns: Sequence[Turn], system: str | None = None) -> str:
-        return "".join(s.text for s in self.segments(turns, system))
+    def text(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> str:
+        return "".join(s.text for s in self.segments(turns, system, tools))
 
 
 class CuteGPTTemplate(Template):
     name = "cutegpt"
     stop = CUTEGPT_STOP
 
-    def segments(self, turns: Sequence[Turn], system: str | None = None) -> list[Segment]:
+    def segments(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> list[Segment]:
         system = CUTEGPT_SYSTEM if system is None else system
         if system and not system.endswith("\n"):
             system += "\n"
+        if tools:
+            system += tools_block(tools, CUTEGPT_TOOLS_HEAD, CUTEGPT_TOOLS_TAIL)
         out = [Segment(system, False)] if system else []
         for i, turn in enumerate(turns):
             if turn.input:
                 out.append(Segment(f"问：{turn.instruction}\n{turn.input}\n答：\n", False))
             else:
                 out.append(Segment(f"问：{turn.instruction}\n答：\n", False))
+            for r in turn.rounds:
+                out.append(Segment(round_text(r) + CUTEGPT_STOP, True))
+                if r.results:
+                    out.append(Segment(CUTEGPT_TOOL_RESULT + responses_text(r.results) + "\n答：\n", False))
             if turn.output is None:
-                if i != len(turns) - 1:
+                if i != len(turns) - 1 and turn.is_open:
                     raise ValueError("only the last turn may be open")
-                break
+                continue
             out.append(Segment(turn.output + CUTEGPT_STOP, True))
         return out
 
@@ -103,7 +216,9 @@ class RawTemplate(Template):
     name = "raw"
     stop = None
 
-    def segments(self, turns: Sequence[Turn], system: str | None = None) -> list[Segment]:
+    def segments(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> list[Segment]:
+        if tools or any(t.rounds for t in turns):
+            raise CuteGPTError("template 'raw' has no tool format; use --template cutegpt or auto for conversations with tools.")
         out = [Segment(system, False)] if system else []
         for turn in turns:
             out.append(Segment(turn.instruction + (("\n" + turn.input) if turn.input else ""), False))
@@ -133,8 +248,9 @@ class ChatTemplate(Template):
         self.tokenizer = tokenizer
         self.stop = self._find_stop()
 
-    def _render(self, messages: list[dict[str, str]], open_turn: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+    def _render(self, messages: list[dict[str, Any]], open_turn: bool, tools: Sequence[dict] | None = None) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=list(tools) if tools else None, tokenize=False,
+                                                  add_generation_prompt=open_turn)
 
     def _find_stop(self) -> str | None:
         probe = "PROBE_ANSWER"
@@ -144,24 +260,62 @@ class ChatTemplate(Template):
         tail = after[len(before):].split(probe, 1)[-1].strip() if after.startswith(before) else ""
         return tail or getattr(self.tokenizer, "eos_token", None)
 
-    @staticmethod
-    def _messages(turns: Sequence[Turn], system: str | None) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": system}] if system else []
+    @property
+    def tool_style(self) -> str:
+        """"native" (the template renders tools and `<tool_call>` calls itself), "none" (it ignores tools: ours are
+        written into the messages) or "other" (it has its own call syntax, which cutegpt does not parse)."""
+        if not hasattr(self, "_tool_style"):
+            probe = {"type": "function", "function": {"name": "probe_tool_xq", "parameters": {"type": "object", "properties": {}}}}
+            user = [{"role": "user", "content": "hi"}]
+            try:
+                described = "probe_tool_xq" in self._render(user, True, [probe])
+                call = {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c0", "type": "function", "function": {"name": "probe_tool_xq", "arguments": {}}}]}
+                called = self._render(user + [call], False, [probe])
+            except Exception:  # a template that raises on tool messages has no usable tool section
+                described, called = False, ""
+            if not described:
+                self._tool_style = "none"
+            elif TOOL_CALL_OPEN in called and "probe_tool_xq" in called:
+                self._tool_style = "native"
+            else:
+                self._tool_style = "other"
+        return self._tool_style
+
+    def _messages(self, turns: Sequence[Turn], system: str | None, tools: Sequence[dict] | None) -> list[dict[str, Any]]:
+        native = self.tool_style == "native" if (tools or any(t.rounds for t in turns)) else True
+        if not native and self.tool_style == "other":
+            raise CuteGPTError(f"the chat template of {self.tokenizer.name_or_path} writes tool calls in its own syntax, "
+                               "not <tool_call> blocks, which cutegpt cannot parse; use --template cutegpt for tools.")
+        if tools and not native:
+            system = (system + "\n\n" if system else "") + tools_block(tools)
+        msgs: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         for t in turns:
             msgs.append({"role": "user", "content": t.instruction + (("\n" + t.input) if t.input else "")})
+            for r in t.rounds:
+                if native:
+                    msgs.append({"role": "assistant", "content": r.content, "tool_calls": [
+                        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                        for c in r.calls]})
+                    msgs += [{"role": "tool", "content": res} for res in r.results]
+                else:
+                    msgs.append({"role": "assistant", "content": round_text(r)})
+                    if r.results:
+                        msgs.append({"role": "user", "content": responses_text(r.results)})
             if t.output is not None:
                 msgs.append({"role": "assistant", "content": t.output})
         return msgs
 
-    def segments(self, turns: Sequence[Turn], system: str | None = None) -> list[Segment]:
-        msgs = self._messages(turns, system)
+    def segments(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> list[Segment]:
+        msgs = self._messages(turns, system, tools)
+        native_tools = tools if tools and self.tool_style == "native" else None
         out: list[Segment] = []
         done = ""  # text covered so far
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt = self._render(msgs[:i], True)
-            full = self._render(msgs[: i + 1], False)
+            prompt = self._render(msgs[:i], True, native_tools)
+            full = self._render(msgs[: i + 1], False, native_tools)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise CuteGPTError(
                     f"the chat template of {self.tokenizer.name_or_path} re-renders earlier turns differently, "
@@ -169,7 +323,7 @@ class ChatTemplate(Template):
                 )
             out.append(Segment(prompt[len(done):], False))
             answer = full[len(prompt):]
-            cut = answer.find(self.stop, len(m["content"])) if self.stop else -1
+            cut = answer.find(self.stop, len(m["content"] or "")) if self.stop else -1
             if cut >= 0:
                 cut += len(self.stop)
                 out.append(Segment(answer[:cut], True))
@@ -178,8 +332,8 @@ class ChatTemplate(Template):
             else:
                 out.append(Segment(answer, True))
             done = full
-        if turns and turns[-1].output is None:
-            prompt = self._render(msgs, True)
+        if turns and turns[-1].is_open:
+            prompt = self._render(msgs, True, native_tools)
             if not prompt.startswith(done):
                 raise CuteGPTError(f"the chat template of {self.tokenizer.name_or_path} is not prefix-stable; use --template cutegpt.")
             out.append(Segment(prompt[len(done):], False))
@@ -203,6 +357,9 @@ def chat_template_jinja(template_name: str, system: str | None = None) -> str | 
     message renders as `答：\n{answer}<end>` and `add_generation_prompt` opens
     the answer with `答：\n`, so a conversation ending with a user message and
     add_generation_prompt=True gives `CuteGPTTemplate.prompt` byte for byte.
+    `tools`, assistant `tool_calls` and `tool` messages render the tool format
+    (arguments given as JSON text are written as they are: byte for byte when
+    they are `json.dumps` of an object, as templates.py writes them).
     `system` sets the default system line (None = the CuteGPT one, "" = none).
     """
     if template_name in ("auto", "raw"):
@@ -211,19 +368,39 @@ def chat_template_jinja(template_name: str, system: str | None = None) -> str | 
         raise CuteGPTError(f"unknown template '{template_name}'; choose one of: {', '.join(TEMPLATES)}.")
     default = CUTEGPT_SYSTEM if system is None else system
     return (
-        "{%- set ns = namespace(system=" + _jinja_string(default) + ", start=0) -%}"
+        "{%- set ns = namespace(system=" + _jinja_string(default) + ", start=0, prev='') -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}"
         "{%- endif -%}"
         "{%- if ns.system -%}{{ ns.system }}{%- if not ns.system.endswith('\\n') -%}{{ '\\n' }}{%- endif -%}{%- endif -%}"
+        "{%- if tools -%}{{ " + _jinja_string(CUTEGPT_TOOLS_HEAD) + " }}"
+        "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+        "{{ " + _jinja_string(CUTEGPT_TOOLS_TAIL) + " }}{%- endif -%}"
         "{%- for message in messages[ns.start:] -%}"
         "{%- if message['role'] == 'user' -%}"
         "{{ '问：' + message['content'] }}"
         "{%- if message['input'] is defined and message['input'] -%}{{ '\\n' + message['input'] }}{%- endif -%}"
         "{{ '\\n' }}"
         "{%- elif message['role'] == 'assistant' -%}"
-        "{{ '答：\\n' + message['content'] + '" + CUTEGPT_STOP + "' }}"
+        "{{ '答：\\n' }}"
+        "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+        "{%- if message['content'] -%}{{ message['content'] + '\\n' }}{%- endif -%}"
+        "{%- for call in message['tool_calls'] -%}"
+        "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+        "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+        "{{ '<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+        "{%- if fn['arguments'] is string -%}{{ fn['arguments'] }}{%- else -%}{{ fn['arguments'] | tojson }}{%- endif -%}"
+        "{{ '}\\n</tool_call>' }}"
+        "{%- endfor -%}"
+        "{{ '" + CUTEGPT_STOP + "' }}"
+        "{%- else -%}"
+        "{{ message['content'] + '" + CUTEGPT_STOP + "' }}"
         "{%- endif -%}"
+        "{%- elif message['role'] == 'tool' -%}"
+        "{%- if ns.prev != 'tool' -%}{{ " + _jinja_string(CUTEGPT_TOOL_RESULT) + " }}{%- endif -%}"
+        "{{ '<tool_response>\\n' + message['content'] + '\\n</tool_response>\\n' }}"
+        "{%- endif -%}"
+        "{%- set ns.prev = message['role'] -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '答：\\n' }}{%- endif -%}"
     )

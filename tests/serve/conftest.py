@@ -97,9 +97,9 @@ def front_factory():
     """Start a Front (with `Policy` overrides) before a FakeLlama, in a background event loop; yields (port, fake, front)."""
     loops = []
 
-    def make(**policy):
+    def make(fake=None, **policy):
         loop = asyncio.new_event_loop()
-        fake = FakeLlama()
+        fake = fake or FakeLlama()
         started = threading.Event()
         box = {}
 

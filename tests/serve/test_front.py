@@ -178,7 +178,7 @@ def test_malformed_http_is_refused(front_factory):
     assert request(port, "GET", "/health")[0] == 200
 
 
-def test_tools_are_dropped_for_the_cutegpt_format(front_factory):
+def test_tools_are_dropped_for_a_format_without_tool_syntax(front_factory):
     port, _, _ = front_factory(tools=False)
     tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
     status, body = request(port, "POST", CHAT, {"messages": HELLO, "tools": tools, "tool_choice": "auto"})
@@ -351,6 +351,7 @@ BAD_TOOLS = [
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}}, "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
     ({"response_format": {"type": "xml"}}, "response_format"),

@@ -173,10 +173,10 @@ class Encoder:
         self.eos_after = True if s.template_pool else self.template.eos_after_conversation
 
     def segments(self, unit_index: int, conv: Conversation) -> list[Segment]:
-        if self.s.template_pool:
+        if self.s.template_pool and not conv.tools:
             # one RNG per unit: the same seed gives the same text whatever the worker count
             return pool_segments(conv.turns, conv.system, random.Random(self.s.seed * 1_000_000_007 + unit_index))
-        return self.template.segments(conv.turns, conv.system)
+        return self.template.segments(conv.turns, conv.system, conv.tools)
 
     def encode_chunk(self, units: Sequence[tuple[int, Conversation]]) -> EncodedChunk:
         seg_lists = [self.segments(i, c) for i, c in units]
@@ -186,10 +186,10 @@ class Encoder:
         lab_out: list[list[int]] = []
         counts: collections.Counter[str] = collections.Counter()
         k = 0
-        for segs in seg_lists:
+        for segs, (_, conv) in zip(seg_lists, units):
             seg_ids = encoded[k:k + len(segs)]
             k += len(segs)
-            for ids, labels in self.assemble(segs, seg_ids, counts):
+            for ids, labels in self.assemble(segs, seg_ids, counts, tools=bool(conv.tools)):
                 ids_out.append(ids)
                 lab_out.append(labels)
         lengths = np.array([len(x) for x in ids_out], dtype=np.int64)
@@ -216,14 +216,24 @@ class Encoder:
         by_text = dict(zip(unique, ids))
         return [by_text[t] for t in texts]
 
-    def assemble(self, segs: Sequence[Segment], seg_ids: Sequence[list[int]], counts: collections.Counter) -> list[tuple[list[int], list[int]]]:
-        """Truncate per segment, join, add EOS; in `fit` mode cut into samples of <= max_length at turn boundaries."""
+    def assemble(self, segs: Sequence[Segment], seg_ids: Sequence[list[int]], counts: collections.Counter,
+                 tools: bool = False) -> list[tuple[list[int], list[int]]]:
+        """Truncate per segment, join, add EOS; in `fit` mode cut into samples of <= max_length at turn boundaries.
+
+        A system part that describes tools is never cut (a cut tool list teaches calls to tools that are not
+        there); when it takes more than 2/3 of max_length the conversation is dropped and counted.
+        """
         L = self.s.max_length
         third = L // 3
         system_at = 0 if len(segs) > 1 and not segs[0].train and not segs[1].train else -1
+        if tools and system_at == 0 and len(seg_ids[0]) > 2 * third:
+            counts["dropped_long_tool_lists"] += 1
+            return []
         pieces: list[tuple[list[int], bool, bool, bool]] = []  # (ids, has loss, is an answer, answer was cut)
         for k, (seg, ids) in enumerate(zip(segs, seg_ids)):
-            if k == system_at:
+            if k == system_at and tools:
+                pass
+            elif k == system_at:
                 ids = ids[(-L) // 3:]  # the original's [-max_length//3:]
             elif not seg.train:
                 ids = ids[:third]
@@ -585,6 +595,9 @@ def convert(cfg: ConvertConfig) -> Path:
                 counts = _encode_all(source, units, settings, cfg.workers, store, tokenizer)
             finally:
                 store.close()
+            if not len(store.lengths) and counts.get("dropped_long_tool_lists"):
+                raise CuteGPTError(f"{in_path}: every conversation's tool list takes more than 2/3 of --max-length "
+                                   f"{cfg.max_length} tokens, so none is left to train on; raise --max-length.")
             if cfg.packing == "concat" and store.total < cfg.max_length:
                 raise CuteGPTError(f"{in_path}: --packing concat cuts blocks of {cfg.max_length} tokens, but the whole data has only "
                                    f"{store.total} tokens; use a smaller --max-length or --packing bins.")
@@ -636,6 +649,7 @@ def _manifest(cfg: ConvertConfig, in_path: Path, source: Sources, tokenizer: Any
         "truncated_prompts": counts.get("truncated_prompts", 0),
         "dropped_turns": counts.get("dropped_turns", 0),
         "continued_samples": counts.get("continued_samples", 0),
+        "dropped_long_tool_lists": counts.get("dropped_long_tool_lists", 0),  # tool descriptions over 2/3 of L
         "rows": n_rows,
         "tokens": rows.get("tokens", 0),
         "trained_tokens": rows.get("trained_tokens", 0),
@@ -676,6 +690,8 @@ def run_convert(cfg: ConvertConfig) -> int:
     print(f"records read {c['records_read']:,}, skipped {c['records_skipped']:,}, truncated conversations "
           f"{c['truncated_conversations']:,} (answers cut {c['truncated_answers']:,}, continued in new samples {c['continued_samples']:,}, "
           f"turns dropped {c['dropped_turns']:,}); "
+          + (f"conversations dropped for a tool list over 2/3 of --max-length {c['dropped_long_tool_lists']:,}; "
+             if c.get("dropped_long_tool_lists") else "") +
           f"tokens {c['tokens']:,}, trained {c['trained_tokens']:,}")
     for msg in m.get("skipped_examples", [])[:5]:
         print(f"  skipped: {msg}")

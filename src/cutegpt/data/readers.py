@@ -10,8 +10,13 @@ Record shapes (detected per record, or forced with --format):
 
     cutegpt    [{"instruction", "input", "output"}, ...]            one conversation, the original's
     alpaca     {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
-    sharegpt   {"conversations": [{"from": "human"|"gpt"|"system", "value"}], "system"?}
-    messages   {"messages": [{"role": "system"|"user"|"assistant", "content"}]}
+    sharegpt   {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}],
+                "system"?, "tools"?}                                  LLaMA-Factory's tool turns
+    messages   {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content", "tool_calls"?}], "tools"?}
+
+Tool calls (an assistant's `tool_calls`, a sharegpt `function_call` value: one
+{"name", "arguments"} object or a list of them) become `ToolRound`s, rendered by
+the template; the results (`tool` messages, `observation`) are never trained on.
 
 Every problem names the file, the record ([i] for arrays, line N for JSON
 Lines), the turn and the field.
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 from cutegpt.errors import CuteGPTError
-from cutegpt.templates import Turn
+from cutegpt.templates import ToolCall, ToolRound, Turn
 
 FORMATS = ("auto", "cutegpt", "alpaca", "sharegpt", "messages")
 Format = Literal["auto", "cutegpt", "alpaca", "sharegpt", "messages"]
@@ -43,6 +48,19 @@ ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
 class Conversation:
     turns: tuple[Turn, ...]
     system: str | None = None  # None = the template's default system line
+    tools: tuple[dict, ...] | None = None  # OpenAI-style {"type": "function", "function": {...}} the system part describes
+
+    @property
+    def n_turns(self) -> int:
+        """Exchanges, each tool round and a tool list counting as one: a conversation with tools is never a
+        single turn, so --group-single-turns never merges it into another (whose tools it would lose)."""
+        return len(self.turns) + sum(len(t.rounds) for t in self.turns) + (1 if self.tools else 0)
+
+    def text_bytes(self) -> int:
+        turns = sum(len(t.instruction.encode()) + len(t.input.encode()) + len((t.output or "").encode())
+                    + sum(len(c.arguments.encode()) + sum(len(x.encode()) for x in r.results)
+                          for r in t.rounds for c in r.calls) for t in self.turns)
+        return turns + (len(json.dumps(self.tools).encode()) if self.tools else 0)
 
 
 class RecordError(ValueError):
@@ -346,53 +364,129 @@ def _parse_alpaca(rec: Any) -> Conversation:
     return Conversation(tuple(turns), _system(rec))
 
 
-def _parse_dialogue(items: Any, key: str, role_key: str, text_key: str, system: str | None) -> Conversation:
+def _json_field(value: Any, where: str, field: str) -> Any:
+    """A field that holds JSON, given as JSON text (LLaMA-Factory's way) or already as a value."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise RecordError(f"{where}: field '{field}' is not valid JSON text") from None
+
+
+def _tools(rec: dict) -> tuple[dict, ...] | None:
+    """The record's tool list as OpenAI tools; LLaMA-Factory's bare function objects are wrapped."""
+    if rec.get("tools") in (None, "", []):
+        return None
+    tools = _json_field(rec["tools"], "record", "tools")
+    if not isinstance(tools, list):
+        raise RecordError(f"field 'tools' is {_typename(tools)}, not a list of functions")
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else t
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise RecordError(f"tools [{i}]: field 'name' is missing (a tool is {{\"name\", \"description\", \"parameters\"}})")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise RecordError(f"tools [{i}]: field 'parameters' is {_typename(fn['parameters'])}, not a JSON Schema object")
+        out.append({"type": "function", "function": fn})
+    return tuple(out)
+
+
+def _calls(value: Any, where: str, field: str) -> tuple[ToolCall, ...]:
+    """Tool calls from OpenAI `tool_calls` or a sharegpt function_call value (one call or a list)."""
+    value = _json_field(value, where, field)
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise RecordError(f"{where}: field '{field}' holds no call")
+    calls = []
+    for j, c in enumerate(items):
+        at = f"{where}: field '{field}'" + (f" [{j}]" if isinstance(value, list) else "")
+        fn = c.get("function", c) if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise RecordError(f"{at} has no function name (a call is {{\"name\", \"arguments\"}})")
+        args = _json_field(fn.get("arguments", fn.get("parameters", {})), at, "arguments")
+        if not isinstance(args, dict):
+            raise RecordError(f"{at}: the arguments are {_typename(args)}, not a JSON object")
+        call_id = c.get("id") if isinstance(c.get("id"), str) else ""
+        calls.append(ToolCall(fn["name"], json.dumps(args, ensure_ascii=False), call_id))
+    return tuple(calls)
+
+
+def _parse_dialogue(items: Any, key: str, role_key: str, text_key: str, system: str | None,
+                    tools: tuple[dict, ...] | None = None) -> Conversation:
+    """Messages -> turns. A user message opens a turn; assistant tool calls and their results (`tool` /
+    `observation`) become its rounds; a plain assistant message closes it. A conversation may end with calls."""
     if not isinstance(items, list):
         raise RecordError(f"field '{key}' is {_typename(items)}, not a list")
     turns: list[Turn] = []
     question: str | None = None
+    rounds: list[ToolRound] = []
     for i, m in enumerate(items):
         where = f"{key} [{i}]"
         if not isinstance(m, dict):
             raise RecordError(f"{where} is {_typename(m)}, not a mapping")
         role = _text(m, role_key, where).lower()
-        text = _text(m, text_key, where)
+        calls_field = "tool_calls" if role_key == "role" else None
+        has_calls = role in ASSISTANT_ROLES and calls_field is not None and m.get(calls_field) not in (None, [])
+        text = _text(m, text_key, where, required=not has_calls)
         if role == "system":
             if turns or question is not None:
                 raise RecordError(f"{where}: a system message may only come first")
             system = text
         elif role in USER_ROLES:
             if question is not None:
-                raise RecordError(f"{where}: two user messages in a row")
+                raise RecordError(f"{where}: two user messages in a row" if not rounds else
+                                  f"{where}: a user message before the assistant answered the tool results")
             if not text.strip():  # as alpaca refuses an empty instruction: nothing to answer
                 raise RecordError(f"{where}: field '{text_key}' is empty")
             question = text
+        elif has_calls or role == "function_call":
+            if question is None:
+                raise RecordError(f"{where}: a tool call without a user message before it")
+            if rounds and not rounds[-1].results:
+                raise RecordError(f"{where}: tool calls while the previous calls have no results")
+            calls = _calls(m[calls_field] if has_calls else text, where, calls_field or text_key)
+            rounds.append(ToolRound(calls, (), text if has_calls else ""))
+        elif role in ("tool", "observation"):
+            if not rounds:
+                raise RecordError(f"{where}: a tool result without an assistant tool call before it")
+            last = rounds[-1]
+            if role == "tool" and len(last.results) >= len(last.calls):
+                raise RecordError(f"{where}: more tool results than the {len(last.calls)} call(s) before them")
+            rounds[-1] = ToolRound(last.calls, last.results + (text,), last.content)
         elif role in ASSISTANT_ROLES:
             if question is None:
                 raise RecordError(f"{where}: an assistant message without a user message before it")
+            if rounds and not rounds[-1].results:
+                raise RecordError(f"{where}: an answer while the tool calls before it have no results")
             if not text.strip():
                 raise RecordError(f"{where}: field '{text_key}' is empty")
-            turns.append(Turn(question, "", text))
-            question = None
+            turns.append(Turn(question, "", text, tuple(rounds)))
+            question, rounds = None, []
         else:
-            raise RecordError(f"{where}: field '{role_key}' is {role!r}, not a user, assistant or system role")
+            raise RecordError(f"{where}: field '{role_key}' is {role!r}, not a user, assistant, system or tool role")
     if question is not None:
-        raise RecordError(f"{key} [{len(items) - 1}]: the last user message has no answer")
+        if not rounds or rounds[-1].results:
+            raise RecordError(f"{key} [{len(items) - 1}]: the last user message has no answer" if not rounds else
+                              f"{key} [{len(items) - 1}]: the tool results have no answer after them")
+        turns.append(Turn(question, "", None, tuple(rounds)))  # ends with calls: the calls are the trained answer
     if not turns:
         raise RecordError(f"field '{key}' holds no exchange")
-    return Conversation(tuple(turns), system)
+    if tools is None and any(t.rounds for t in turns):
+        raise RecordError("the conversation calls tools but has no 'tools' field describing them")
+    return Conversation(tuple(turns), system, tools)
 
 
 def _parse_sharegpt(rec: Any) -> Conversation:
     if not isinstance(rec, dict) or "conversations" not in rec:
         raise RecordError("field 'conversations' is missing")
-    return _parse_dialogue(rec["conversations"], "conversations", "from", "value", _system(rec))
+    return _parse_dialogue(rec["conversations"], "conversations", "from", "value", _system(rec), _tools(rec))
 
 
 def _parse_messages(rec: Any) -> Conversation:
     if not isinstance(rec, dict) or "messages" not in rec:
         raise RecordError("field 'messages' is missing")
-    return _parse_dialogue(rec["messages"], "messages", "role", "content", None)
+    return _parse_dialogue(rec["messages"], "messages", "role", "content", None, _tools(rec))
 
 
 _PARSERS = {"cutegpt": _parse_cutegpt, "alpaca": _parse_alpaca, "sharegpt": _parse_sharegpt, "messages": _parse_messages}
@@ -457,14 +551,14 @@ class Source:
         try:
             conv = parse_record(rec, self.fmt)
             if self._items is not None:
-                size = sum(len(t.instruction.encode()) + len(t.input.encode()) + len(t.output.encode()) for t in conv.turns)
+                size = conv.text_bytes()
                 if size > self.max_record_bytes:
                     raise RecordError(f"its text is {size:,} bytes, more than --max-record-bytes ({self.max_record_bytes:,})")
         except RecordError as e:
             self._invalid(f"{self.path}: {label}: {e}.", skip_invalid)
             return
         self._where.append(where)
-        self.n_turns.append(len(conv.turns))
+        self.n_turns.append(conv.n_turns)
         if self._items is not None:
             self._items.append(conv)
         else:

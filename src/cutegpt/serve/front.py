@@ -6,7 +6,8 @@ refuse an unknown model name, empty or malformed `messages`, wrong types, an
 oversized body or `max_tokens`; fill in CuteGPT's sampling defaults for fields
 a request leaves out; add the stop marker `<end>` to every request of a
 CuteGPT-format model (llama.cpp never returns a stop string, also when
-streaming); keep the API key out of llama.cpp's own exemptions.
+streaming); keep the API key out of llama.cpp's own exemptions; render tool
+requests with the training template and parse the calls (`serve/tools.py`).
 
 HTTP is uvicorn's (parsing, keep-alive, chunking, graceful shutdown) and
 Starlette's (requests, responses); forwarding is aiohttp's. Every request gets
@@ -70,7 +71,10 @@ class Policy:
     ctx: int = 2048
     defaults: dict[str, Any] = field(default_factory=dict)  # max_tokens, temperature, top_p, top_k, repeat_penalty
     ui: bool = True
-    tools: bool = True  # False for the cutegpt format: it has no tool syntax, so tool lists are dropped, not rendered
+    tools: bool = True  # False: a format with no tool syntax, so tool lists are dropped, not rendered
+    # the served `cutegpt.templates.Template` (or a function making it on first use): tool requests are rendered
+    # with it and parsed here (`serve/tools.py`); None forwards them to llama.cpp as they are
+    template: Any = None
 
 
 # ----------------------------------------------------------------------------- request checks
@@ -208,8 +212,9 @@ def check_chat(body: Any, policy: Policy) -> dict:
 
 
 # ----------------------------------------------------------------------------- tools and structured output
-# llama.cpp renders tools with the model's Jinja template, parses the calls and builds the grammar of a
-# response_format; it answers malformed ones with a 500 or ignores them, so they are refused here by field.
+# Tool requests are rendered by our template and parsed in serve/tools.py; llama.cpp builds the grammar of a
+# response_format or a forced call from a JSON schema and answers a malformed one with a 500 or ignores it, so
+# malformed ones are refused here by field.
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -251,6 +256,8 @@ def _check_tools(body: dict) -> None:
                 raise _bad(param + ".function.description", "must be a string.", "invalid_type")
             if fn.get("parameters") is not None:
                 _check_schema(fn["parameters"], param + ".function.parameters")
+    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
+        raise _bad("parallel_tool_calls", "must be true or false.", "invalid_type")
     choice = body.get("tool_choice")
     if choice is None or choice in ("auto", "none"):
         return
@@ -463,6 +470,32 @@ def _relay_class():
     return Relay
 
 
+def _tool_relay_class(relay: Any) -> Any:
+    class ToolRelay(relay):
+        """Streams a tool request's answer: llama.cpp's text events read line by line and turned into chat chunks."""
+
+        def __init__(self, front: Front, upstream: Any, headers: dict[str, str], reader: Any):
+            self.reader = reader
+            super().__init__(front, upstream, headers)
+
+        async def _pieces(self):
+            async for line in self.upstream.content:
+                line = line.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                try:
+                    event = json.loads(line[6:])
+                except ValueError:
+                    continue
+                for piece in self.reader.feed(event):
+                    yield piece
+            for piece in self.reader.close():
+                yield piece
+            self.complete = True
+
+    return ToolRelay
+
+
 class Front:
     """The public listener; forwards checked requests to llama.cpp at `backend` (http://127.0.0.1:PORT)."""
 
@@ -477,6 +510,7 @@ class Front:
         self.counts: dict[str, int] = {"requests": 0, "rejected": 0, "disconnects": 0, "backend_errors": 0}
         self.started = time.time()
         self._relay = _relay_class()
+        self._tool_relay = _tool_relay_class(self._relay)
 
     @property
     def tasks(self) -> set:
@@ -574,8 +608,55 @@ class Front:
 
     async def _chat(self, request: Any, path: str) -> Any:
         body = check_chat(_json(await _read_body(request, self.policy.max_body_bytes)), self.policy)
+        if self.policy.template is not None:
+            from cutegpt.serve.tools import is_tool_request
+
+            if self._from_page(request):  # the page's own built-in tools, offered with every message: not the user's
+                for key in ("tools", "tool_choice", "parallel_tool_calls"):
+                    body.pop(key, None)
+            if is_tool_request(body):
+                return await self._tool_chat(request, body)
+            for key in ("tools", "tool_choice", "parallel_tool_calls"):  # tool_choice "none": the model sees no tools
+                body.pop(key, None)
         return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"),
                                    mark_cut_off=bool(body.get("stream")) and self._from_page(request))
+
+    async def _served_template(self) -> Any:
+        from cutegpt.templates import Template
+
+        t = self.policy.template
+        if not isinstance(t, Template):  # made once, off the event loop (reading a GGUF's tokenizer takes seconds)
+            t = self.policy.template = await asyncio.to_thread(t)
+        return t
+
+    async def _tool_chat(self, request: Any, body: dict) -> Any:
+        """A request with tools or tool turns: rendered by our template, completed by llama.cpp, parsed here."""
+        from starlette.responses import Response
+
+        from cutegpt.errors import CuteGPTError
+        from cutegpt.serve.tools import StreamReader, ToolRequestError, chat_response, plan
+
+        if body.get("n", 1) != 1:
+            raise _bad("n", "must be 1 when tools are used.")
+        try:
+            p = plan(body, await self._served_template(), self.policy.stop)
+        except ToolRequestError as e:
+            raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
+        except CuteGPTError as e:
+            raise ApiError(400, f"This model cannot take tools: {e}", param="tools", code="invalid_value") from None
+        upstream = await self._open(request, json.dumps(p.upstream, ensure_ascii=False).encode(), "/v1/completions")
+        if upstream.status < 400 and upstream.content_length is None and p.upstream["stream"]:
+            return self._tool_relay(self, upstream, {"content-type": "text/event-stream", "Cache-Control": "no-cache"},
+                                    reader=StreamReader(p))
+        try:
+            data = await upstream.read()
+        finally:
+            upstream.close()
+        if upstream.status >= 400:
+            if not data.lstrip().startswith(b"{"):
+                raise ApiError(upstream.status, data.decode("utf-8", "replace").strip()[:300] or str(upstream.reason))
+            return Response(data, status_code=upstream.status, media_type="application/json")
+        return Response(json.dumps(chat_response(p, json.loads(data)), ensure_ascii=False), media_type="application/json")
 
     async def _completion(self, request: Any, path: str) -> Any:
         body = check_completion(_json(await _read_body(request, self.policy.max_body_bytes)), self.policy)
@@ -648,11 +729,28 @@ class Front:
         headers.update({h: request.headers[h] for h in forward if h in request.headers})
         return headers
 
+    async def _open(self, request: Any, body: bytes, path: str | None = None, headers: dict[str, str] | None = None) -> Any:
+        """The backend's answer (headers read, body not yet) to the client's request with `body` at `path`."""
+        import aiohttp
+        from yarl import URL
+
+        headers = self._backend_headers(request) if headers is None else headers
+        if body or request.method == "POST":
+            headers["content-type"] = "application/json"
+        query = request.url.query
+        url = URL(self.backend + (path or request.url.path) + ("?" + query if query else ""), encoded=True)
+        try:
+            return await self.client.request(request.method, url, data=body or None, headers=headers)
+        except aiohttp.ClientConnectorError:
+            self.counts["backend_errors"] += 1
+            raise ApiError(503, "The model server is not available.", code="backend_unavailable") from None
+        except aiohttp.ClientError:
+            self.counts["backend_errors"] += 1
+            raise ApiError(502, "The model server closed the connection without an answer.", code="backend_error") from None
+
     async def _forward(self, request: Any, body: bytes, path: str | None = None, mark_cut_off: bool = False) -> Any:
         """Send the request to llama.cpp and relay the answer; streams are relayed piece by piece."""
-        import aiohttp
         from starlette.responses import Response
-        from yarl import URL
 
         headers = self._backend_headers(request)
         # llama.cpp has the page only gzip-compressed and refuses a client that does not take gzip (415, e.g.
@@ -660,18 +758,7 @@ class Front:
         unpack = self._is_static(request) and "gzip" not in headers.get("accept-encoding", "")
         if unpack:
             headers["accept-encoding"] = "gzip"
-        if body or request.method == "POST":
-            headers["content-type"] = "application/json"
-        query = request.url.query
-        url = URL(self.backend + (path or request.url.path) + ("?" + query if query else ""), encoded=True)
-        try:
-            upstream = await self.client.request(request.method, url, data=body or None, headers=headers)
-        except aiohttp.ClientConnectorError:
-            self.counts["backend_errors"] += 1
-            raise ApiError(503, "The model server is not available.", code="backend_unavailable") from None
-        except aiohttp.ClientError:
-            self.counts["backend_errors"] += 1
-            raise ApiError(502, "The model server closed the connection without an answer.", code="backend_error") from None
+        upstream = await self._open(request, body, path, headers)
         passthrough = {k: upstream.headers[k] for k in PASSTHROUGH if k in upstream.headers}
         if upstream.content_length is None:  # streamed (chunked) or read-to-EOF answer
             return self._relay(self, upstream, {**passthrough, "Cache-Control": "no-cache"}, mark_cut_off)

@@ -105,12 +105,28 @@ def run_serve(cfg: ServeConfig) -> int:
     return 0
 
 
+def served_template(served) -> object:
+    """The template tool requests are rendered with: cutegpt's at once, the GGUF's own (its tokenizer read from the file,
+    which takes seconds) on the first tool request."""
+    from cutegpt.templates import ChatTemplate, get_template
+
+    if served.template == "cutegpt":
+        return get_template("cutegpt")
+
+    def from_gguf():
+        from cutegpt.runtime.llamacpp import gguf_tokenizer
+
+        return ChatTemplate(gguf_tokenizer(served.gguf))
+
+    return from_gguf
+
+
 async def _serve(cfg: ServeConfig, served, backend, sock: socket.socket, key: str | None) -> None:
     from cutegpt.serve.front import Front, Policy
 
     policy = Policy(
         model_id=served.name, stop=served.stop, api_key=key, max_body_bytes=cfg.max_body_bytes,
-        max_tokens_limit=cfg.token_limit, ctx=cfg.ctx, ui=cfg.ui, tools=served.template != "cutegpt",
+        max_tokens_limit=cfg.token_limit, ctx=cfg.ctx, ui=cfg.ui, tools=True, template=served_template(served),
         defaults=cfg.request_defaults(served.template, served.model_defaults),
     )
     front = Front(policy, backend.url, backend.key)
