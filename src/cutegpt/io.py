@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -261,6 +262,18 @@ def _parse_int(text: str) -> int | _HugeInt:
     return _HugeInt(digits) if digits > MAX_JSON_DIGITS else int(text)
 
 
+class _NotFinite:
+    """Stands in for NaN, Infinity or a float beyond float64 (1e400): Python's parser takes them, JSON has none."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _parse_float(text: str) -> float | _NotFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NotFinite(text)
+
+
 def _join(path: str, key: str | int) -> str:
     return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
 
@@ -274,7 +287,7 @@ def _nesting_field(path: str) -> str:
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{},]')
 
 
-def _too_deep_at(text: str, max_depth: int) -> str:
+def too_deep_at(text: str, max_depth: int) -> str:
     """The path ('messages[0].content') where `text` first nests deeper than `max_depth` (for the message only)."""
     path: list[str | int | None] = []  # one entry per open container: its current key or index
     for m in _JSON_TOKEN.finditer(text):
@@ -308,6 +321,8 @@ def json_problem(data: Any, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, str] 
         value, path, depth = stack.pop()
         if isinstance(value, _HugeInt):
             return path, f"a {value.digits:,}-digit number"
+        if isinstance(value, _NotFinite):
+            return path, f"{value.text[:20]}, which is not a finite JSON number"
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
@@ -322,7 +337,7 @@ def json_problem(data: Any, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, str] 
     return None
 
 
-JSON_HOOKS: dict[str, Any] = {"parse_int": _parse_int}  # json.loads(text, **JSON_HOOKS) before json_problem
+JSON_HOOKS: dict[str, Any] = {"parse_int": _parse_int, "parse_float": _parse_float, "parse_constant": _NotFinite}  # json.loads(text, **JSON_HOOKS) before json_problem
 
 
 def load_json_text(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -343,7 +358,7 @@ def load_json_text(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPT
         what = problem[1]
         if what.startswith("nesting"):
             raise CuteGPTError(f"{where}: nested more than {max_depth} levels deep.")
-        if what.endswith("number"):
+        if what.endswith("-digit number"):
             raise CuteGPTError(f"{where}: holds {what}; numbers must be at most {MAX_JSON_DIGITS} digits.")
         raise CuteGPTError(f"{where}: holds {what}.")
     return data

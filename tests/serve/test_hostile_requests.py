@@ -37,6 +37,10 @@ HOSTILE = [
     (_chat('"max_tokens": ' + "9" * 5000), CHAT, "max_tokens", "5,000-digit number"),
     (_chat('"seed": -' + "1" * 5000), CHAT, "seed", "5,000-digit number"),
     (_chat('"logit_bias": {"5": ' + "9" * 5000 + "}"), CHAT, "logit_bias.5", "5,000-digit number"),
+    # Python reads these; JSON has no such numbers (json.dumps would send NaN on to llama.cpp)
+    (_chat('"temperature": NaN'), CHAT, "temperature", "not a finite JSON number"),
+    (_chat('"metadata": {"x": [1, -Infinity]}'), CHAT, "metadata.x[1]", "not a finite JSON number"),
+    (_chat('"top_p": 1e400'), CHAT, "top_p", "not a finite JSON number"),
 ]
 
 

@@ -455,7 +455,7 @@ def _field(path: str) -> str:
 def _json(raw: bytes) -> Any:
     """The parsed body; what Python or llama.cpp could not take (deep nesting, huge numbers, lone surrogates) is a 400
     naming the field."""
-    from cutegpt.io import JSON_HOOKS, MAX_JSON_DEPTH, MAX_JSON_DIGITS, _too_deep_at, json_problem
+    from cutegpt.io import JSON_HOOKS, MAX_JSON_DEPTH, MAX_JSON_DIGITS, too_deep_at, json_problem
 
     if not raw:
         raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
@@ -468,14 +468,14 @@ def _json(raw: bytes) -> Any:
         raise ApiError(400, f"The request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).",
                        code="invalid_json") from None
     except RecursionError:
-        data, problem = None, (_too_deep_at(text, MAX_JSON_DEPTH), f"nesting more than {MAX_JSON_DEPTH} levels deep")
+        data, problem = None, (too_deep_at(text, MAX_JSON_DEPTH), f"nesting more than {MAX_JSON_DEPTH} levels deep")
     else:
         problem = json_problem(data)
     if problem is not None:
         path, what = problem
         if what.startswith("nesting"):
             message = f"{_field(path)} nests more than {MAX_JSON_DEPTH} levels deep."
-        elif what.endswith("number"):
+        elif what.endswith("-digit number"):
             message = f"{_field(path)} holds {what}; numbers must be at most {MAX_JSON_DIGITS} digits."
         else:
             message = f"{_field(path)} holds {what}."
