@@ -89,6 +89,8 @@ def test_tiny_recipe_end_to_end(tmp_path, embedded_dir):
     assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == ext["embedding_rows_after"]
     assert set(steps["chat smoke test"]["info"]["answers"]) == {"中国的首都是哪里？", "熊猫喜欢吃什么？", "What is the capital of France?"}
     assert (out / "8-eval" / "results.json").is_file()
+    assert not list(out.glob("*/checkpoint-*"))  # only final/ of each training step is kept
+    assert steps["continued pre-training"]["info"]["checkpoints_removed_mb"] > 0
 
 
 # ---------------------------------------------------------------- issue 11: nothing typed destroys a run
@@ -185,3 +187,25 @@ def test_tiny_recipe_with_dpo(tmp_path, embedded_dir):
     dpo = steps["preference tuning (DPO)"]["info"]
     assert dpo["steps"] == 2 and "SFT adapter" in dpo["reference"]
     assert (out / "5b-dpo" / "final" / "adapter_model.safetensors").is_file() and (out / "6-merged").is_dir()
+
+
+def test_checkpoints_go_once_final_is_written(tmp_path):
+    from cutegpt.recipe import drop_checkpoints
+
+    run = tmp_path / "5-sft"
+    for name in ("checkpoint-1", "checkpoint-2/global_step2"):
+        (run / name).mkdir(parents=True)
+    (run / "checkpoint-1" / "optimizer.pt").write_bytes(b"x" * 1000)
+    (run / "checkpoint-2" / "global_step2" / "states.pt").write_bytes(b"y" * 500)
+    (run / "final").mkdir()
+    (run / "final" / "adapter_model.safetensors").write_bytes(b"z" * 10)
+    assert drop_checkpoints(run) == 0  # no summary.json: the step is not finished, its checkpoints stay
+    assert (run / "checkpoint-1").is_dir()
+    (run / "summary.json").write_text("{}")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep.pt").write_bytes(b"k" * 100)
+    (run / "checkpoint-3").symlink_to(outside, target_is_directory=True)  # never followed
+    assert drop_checkpoints(run) == 1500
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-3", "final", "summary.json"]
+    assert (outside / "keep.pt").read_bytes() == b"k" * 100 and (run / "final" / "adapter_model.safetensors").is_file()

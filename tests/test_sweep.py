@@ -63,7 +63,8 @@ PATHS_BY_COMMAND: dict[tuple[tuple[str, ...], str], tuple[str, str]] = {
 # for them the case writes over a part of the input instead
 INSIDE_BY_DESIGN = {(("data", "stats"), "plot"): "data"}
 NOT_PATHS = {"template", "system", "text_field", "split", "eval_split", "lora_targets", "modules_to_save", "subjects",
-             "api_key", "host", "engine", "backend", "prompt", "target_delimiter", "report_to", "endpoint"}
+             "api_key", "host", "engine", "backend", "prompt", "target_delimiter", "report_to", "endpoint",
+             "entries"}  # cutegpt cache: names of cache entries, checked against the cache
 
 
 def path_role(words: tuple[str, ...], name: str) -> tuple[str, str] | None:
@@ -111,6 +112,7 @@ def base_spec(words: tuple[str, ...], s: dict[str, Path]) -> dict[str, typing.An
         ("eval",): dict(benchmark="ceval", model=m, data=str(s["ceval"]), out="eval", limit=1, shots=0, threads=1),
         ("vocab", "train"): dict(out="zh", corpus=[str(s["corpus"])], model=m, vocab_size=400),
         ("vocab", "extend"): dict(model=m, pieces=str(s["pieces"]), out="ext"),
+        ("cache",): dict(),
         ("recipe",): dict(out="recipe", model=m, corpus=[str(s["corpus"])], sft_data=str(s["sft"]), eval_data=str(s["ceval"]),
                           vocab_size=400, pt_steps=1, sft_steps=1, max_length=64, micro_batch=1, threads=1, max_new_tokens=2,
                           eval_limit=1, eval_base=False),

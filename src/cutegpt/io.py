@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -246,48 +247,120 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 MAX_JSON_DEPTH = 100  # conversations and records nest 3-4 levels; Python's parser itself gives up near 1,000
+MAX_JSON_DIGITS = 100  # Python refuses past 4,300 digits anyway; no field of ours needs more than a few
 
 
-class _HugeNumber(ValueError):
-    pass
+class _HugeInt:
+    """Stands in for an integer of too many digits, so the check that follows can say where it was."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
 
 
-def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > 100:  # Python refuses past 4,300 digits anyway; no field of ours needs more than a few
-        raise _HugeNumber(f"a {len(text.lstrip('-')):,}-digit number")
-    return int(text)
+def _parse_int(text: str) -> int | _HugeInt:
+    digits = len(text.lstrip("-"))
+    return _HugeInt(digits) if digits > MAX_JSON_DIGITS else int(text)
+
+
+class _NotFinite:
+    """Stands in for NaN, Infinity or a float beyond float64 (1e400): Python's parser takes them, JSON has none."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _parse_float(text: str) -> float | _NotFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NotFinite(text)
+
+
+def _join(path: str, key: str | int) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+
+
+def _nesting_field(path: str) -> str:
+    """The field a too-deep chain hangs from: `path` without its trailing indices, at most 8 names long."""
+    names = re.sub(r"(\[\d+\])+$", "", path).split(".")
+    return ".".join(names[:8]) + (".…" if len(names) > 8 else "")
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{},]')
+
+
+def too_deep_at(text: str, max_depth: int) -> str:
+    """The path ('messages[0].content') where `text` first nests deeper than `max_depth` (for the message only)."""
+    path: list[str | int | None] = []  # one entry per open container: its current key or index
+    for m in _JSON_TOKEN.finditer(text):
+        tok = m.group()
+        if tok in "[{":
+            if len(path) >= max_depth:
+                break
+            path.append(0 if tok == "[" else None)
+        elif tok in "]}":
+            if path:
+                path.pop()
+        elif tok == ",":
+            if path and isinstance(path[-1], int):
+                path[-1] += 1
+        elif tok.endswith(":") and path:
+            path[-1] = json.loads(tok[:-1].rstrip(), strict=False)
+    out = ""
+    for key in path:
+        out = _join(out, "?" if key is None else key)
+    return _nesting_field(out)
+
+
+def json_problem(data: Any, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, str] | None:
+    """(path, what is wrong) for the first value of parsed JSON that is not usable data, else None.
+
+    Checks nesting beyond `max_depth`, huge integers (parsed with `JSON_HOOKS`) and lone UTF-16 surrogates
+    (valid JSON escapes, but not text: every later encode would fail). Iterative: the check must not recurse.
+    """
+    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, _HugeInt):
+            return path, f"a {value.digits:,}-digit number"
+        if isinstance(value, _NotFinite):
+            return path, f"{value.text[:20]}, which is not a finite JSON number"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path, "a lone UTF-16 surrogate escape (such as \\ud800), which is not text"
+        elif isinstance(value, (list, dict)):
+            if depth > max_depth:
+                return _nesting_field(path), f"nesting more than {max_depth} levels deep"
+            items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+            stack.extend((k, path, depth) for k, _ in reversed(items) if isinstance(k, str))
+            stack.extend((v, _join(path, k), depth + 1) for k, v in reversed(items))
+    return None
+
+
+JSON_HOOKS: dict[str, Any] = {"parse_int": _parse_int, "parse_float": _parse_float, "parse_constant": _NotFinite}  # json.loads(text, **JSON_HOOKS) before json_problem
 
 
 def load_json_text(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """json.loads for text a user gives: anything it cannot take is one sentence naming `where`.
 
-    Besides malformed JSON: nesting deeper than `max_depth` (Python's parser recurses), integers of hundreds of
-    digits, and lone UTF-16 surrogates (valid JSON escapes, but not text: every later encode would fail).
+    Besides malformed JSON: what `json_problem` finds (deep nesting, huge integers, lone surrogates).
     """
     try:
-        data = json.loads(text, parse_int=_parse_int)
-    except _HugeNumber as e:
-        raise CuteGPTError(f"{where}: holds {e}; numbers must be at most 100 digits.") from None
+        data = json.loads(text, **JSON_HOOKS)
     except json.JSONDecodeError as e:
         raise CuteGPTError(f"{where}: not valid JSON ({e.msg}).") from None
     except UnicodeDecodeError:
         raise CuteGPTError(f"{where}: not UTF-8 text.") from None
     except RecursionError:
         raise CuteGPTError(f"{where}: nested more than {max_depth} levels deep.") from None
-    stack = [(data, 1)]
-    while stack:  # iterative: the check itself must not recurse
-        value, depth = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise CuteGPTError(f"{where}: holds a lone UTF-16 surrogate escape (such as \\ud800), which is not text.") from None
-        elif isinstance(value, (list, dict)):
-            if depth > max_depth:
-                raise CuteGPTError(f"{where}: nested more than {max_depth} levels deep.")
-            items = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
-            stack.extend((k, depth) for k, _ in items if k is not None)
-            stack.extend((v, depth + 1) for _, v in items)
+    problem = json_problem(data, max_depth)
+    if problem is not None:
+        what = problem[1]
+        if what.startswith("nesting"):
+            raise CuteGPTError(f"{where}: nested more than {max_depth} levels deep.")
+        if what.endswith("-digit number"):
+            raise CuteGPTError(f"{where}: holds {what}; numbers must be at most {MAX_JSON_DIGITS} digits.")
+        raise CuteGPTError(f"{where}: holds {what}.")
     return data
 
 

@@ -142,6 +142,28 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def drop_checkpoints(run: Path) -> int:
+    """Remove a finished training step's checkpoint-N folders; the bytes freed.
+
+    The recipe never resumes a step (a new run starts over), and the later steps read final/ only: the
+    checkpoints (weights and optimizer states) left 4.4 GB behind for the embedded model.
+    """
+    if not ((run / "final").is_dir() and (run / "summary.json").is_file()):
+        return 0
+    freed = 0
+    for ckpt in sorted(run.glob("checkpoint-*")):
+        if ckpt.is_dir() and not ckpt.is_symlink():
+            freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(ckpt)
+    return freed
+
+
+def _trained(run: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """A training step's headline numbers, once its checkpoints are removed."""
+    freed = drop_checkpoints(run)
+    return {"steps": summary.get("steps"), "loss": _first_last(summary), "checkpoints_removed_mb": round(freed / 2**20, 1)}
+
+
 def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Step, Callable[[], dict[str, Any]], list[str]]]:
     """(step, action, names of the steps it needs), in order."""
     d = {name: out / name for name in ("1-vocab", "2-extended", "3-pt", "4-sft-data", "5-sft", "5a-pairs.jsonl", "5b-dpo",
@@ -177,7 +199,7 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
             from cutegpt.export.cli import ExportConfig, run_export
 
             run_export(_make(ExportConfig, model=str(d["2-extended"]), lora=str(d["3-pt"] / "final"), out=str(pt_model), dtype="float32"))
-        return {"steps": s.get("steps"), "loss": _first_last(s), "final": str(pt_model)}
+        return {**_trained(d["3-pt"], s), "final": str(pt_model)}
 
     def convert() -> dict[str, Any]:
         from cutegpt.data.convert import ConvertConfig, run_convert
@@ -193,7 +215,7 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
         run_sft(_make(SFTConfig, model=str(pt_model), data=[str(d["4-sft-data"])], out=str(d["5-sft"]), method="lora",
                       template="cutegpt", max_steps=cfg.sft_steps, lr=cfg.sft_lr, **train_common))
         s = _read(d["5-sft"] / "summary.json")
-        return {"steps": s.get("steps"), "loss": _first_last(s), "final": s.get("final")}
+        return {**_trained(d["5-sft"], s), "final": s.get("final")}
 
     def pairs() -> dict[str, Any]:
         from cutegpt.chat.pairs import PairsConfig, run_pairs
@@ -210,7 +232,7 @@ def plan(cfg: RecipeConfig, out: Path, paths: dict[str, Path]) -> list[tuple[Ste
                       out=str(d["5b-dpo"]), template="cutegpt", max_steps=cfg.dpo_steps, lr=cfg.dpo_lr,
                       max_prompt_length=cfg.max_length // 2, **train_common))  # long prompts keep their end
         s = _read(d["5b-dpo"] / "summary.json")
-        return {"steps": s.get("steps"), "loss": _first_last(s), "reward_accuracy": s.get("final_rewards_accuracies"),
+        return {**_trained(d["5b-dpo"], s), "reward_accuracy": s.get("final_rewards_accuracies"),
                 "reference": s.get("reference"), "final": s.get("final")}
 
     def export() -> dict[str, Any]:

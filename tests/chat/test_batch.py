@@ -62,3 +62,26 @@ def test_generate_bad_json_leaves_no_output(tiny_model_dir, tmp_path, capsys):
     assert code == 1
     assert f"{src}, line 2: not valid JSON" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_batched_stop_reasons_equal_the_engines(tiny_lm):
+    """`generate` records per answer why it ended, as chat's engine decides it (the reference)."""
+    from cutegpt.chat.batch import batch_stop_reason
+
+    questions = ["你好", "What is the capital of France?", "1+1=?"]
+    prompts = [encode_segments(tiny_lm.tokenizer, tiny_lm.template.segments([Turn(q)]))[0] for q in questions]
+    for max_new in (1, 6):
+        gen = GenerationArgs(greedy=True, max_new_tokens=max_new)
+        for p, (_, ids) in zip(prompts, generate_batch(tiny_lm, prompts, gen)):
+            assert batch_stop_reason(tiny_lm, ids, max_new) == Engine(tiny_lm).generate(p, gen).stop_reason
+
+
+def test_a_marker_completed_on_the_last_allowed_token_is_a_stop(tiny_lm):
+    from cutegpt.chat.batch import batch_stop_reason
+
+    tok, stop = tiny_lm.tokenizer, tiny_lm.template.stop
+    ended = tok("北京。" + stop, add_special_tokens=False)["input_ids"]
+    assert len(tok(stop, add_special_tokens=False)["input_ids"]) > 1  # the marker is several ordinary tokens here
+    assert batch_stop_reason(tiny_lm, ended, len(ended)) == "stop"
+    assert batch_stop_reason(tiny_lm, ended[:-1], len(ended) - 1) == "length"  # half a marker: cut
+    assert batch_stop_reason(tiny_lm, ended[:2], 5) == "stop"  # ended early: a stop token

@@ -136,3 +136,14 @@ def test_load_errors_leave_the_chat_running_and_the_conversation_intact(tiny_lm,
     assert "missing/tree does not exist; create it first" in out and not (tmp_path / "missing").exists()
     assert s.history == before
     assert out.count("error: ") == len(files) + 1
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_numbers_json_does_not_have_are_named(literal):
+    """Python's json module takes NaN, Infinity and 1e400 (as inf); JSON has none of them, and json.dumps would write
+    them back as text no other parser reads."""
+    text = '{"instruction": "hi", "t": [1, ' + literal + "]}"
+    assert json.dumps(json.loads(text)).endswith(("NaN]}", "Infinity]}"))  # the reference: written back as non-JSON
+    with pytest.raises(CuteGPTError, match=r"^f, line 1: holds .*, which is not a finite JSON number\.$"):
+        load_json_text(text, "f, line 1")
+    assert load_json_text('{"t": [1e300, -0.5, 2E-5]}', "x") == {"t": [1e300, -0.5, 2e-5]}

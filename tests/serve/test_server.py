@@ -200,3 +200,30 @@ def test_structured_output_answers_parse_and_validate(client):
     with pytest.raises(openai.BadRequestError, match="response_format.json_schema.schema"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": 3}}})
+
+
+def test_sigterm_mid_stream_ends_the_stream_with_done():
+    """SIGTERM while an answer streams: the stream ends as a stream ends (`data: [DONE]`), then the server exits 0."""
+    import signal
+
+    with running_server("--quiet", "--ctx", "2048", timeout=600) as (url, proc):  # may convert the embedded model first
+        port = int(url.rsplit(":", 1)[1])
+        data = json.dumps({"messages": [{"role": "user", "content": "Count to one thousand."}], "stream": True,
+                           "max_tokens": 1500, "ignore_eos": True}).encode()
+        s = socket.create_connection(("127.0.0.1", port), timeout=120)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(data), data))
+        buf = b""
+        while buf.count(b"data: ") < 5:
+            piece = s.recv(65536)
+            assert piece, buf
+            buf += piece
+        proc.send_signal(signal.SIGTERM)
+        while piece := s.recv(65536):
+            buf += piece
+        s.close()
+        proc.wait(60)
+    events = [e.split(b"\n\n")[0] for e in buf.split(b"data: ")[1:]]
+    assert events[-1] == b"[DONE]" and buf.endswith(b"0\r\n\r\n")
+    assert all(json.loads(e).get("choices") or json.loads(e).get("error") for e in events[:-1])
+    assert proc.returncode == 0

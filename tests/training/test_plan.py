@@ -210,3 +210,22 @@ def test_plan_processes_is_only_for_the_plan():
 
     with pytest.raises(CuteGPTError, match="--plan-processes only sets the layout --plan assumes"):
         SFTConfig(model="m", data=["d"], plan_processes=16).check()
+
+
+def test_plan_uses_the_row_length_of_a_converted_dataset(tmp_path, capsys):
+    """A dataset folder keeps its own row length; --max-length (2048 by default) only limits on-the-fly conversion."""
+    folder = llama13b(tmp_path, 32000)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"max_length": 512}))
+    common = dict(model=str(folder), plan=True, micro_batch=1, precision="bf16", quantization="4bit", device="cuda")
+    run_sft(SFTConfig(data=[str(data)], **common))
+    from_data = capsys.readouterr().out
+    run_sft(SFTConfig(data=[str(tmp_path / "raw.jsonl")], **common))  # files to convert: rows of up to --max-length
+    from_flag = capsys.readouterr().out
+    assert "micro-batch 1 x 512 tokens" in from_data and "micro-batch 1 x 2048 tokens" in from_flag
+    shape = read_shape(folder)
+    want = [estimate(shape, PlanInput(method="lora", quantization="4bit", seq_len=L, micro_batch=1, device="cuda")).peak
+            for L in (512, 2048)]
+    peaks = [float(out.split("expected peak per device")[1].split("GiB")[0]) for out in (from_data, from_flag)]
+    assert peaks == [pytest.approx(w / GiB, abs=0.01) for w in want] and want[0] < want[1]

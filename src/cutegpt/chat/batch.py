@@ -119,6 +119,18 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def batch_stop_reason(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> str:
+    """"stop" (a stop token or the stop marker ended the answer) or "length" (cut at --max-new-tokens).
+
+    `ids` are an answer's tokens before any stop token; a marker of ordinary tokens is among them, and may
+    complete exactly at the last allowed token: that answer stopped, it was not cut.
+    """
+    if len(ids) < max_new_tokens:
+        return "stop"
+    stop = lm.template.stop
+    return "stop" if stop and stop in lm.tokenizer.decode(ids, skip_special_tokens=False) else "length"
+
+
 def generate_batch(lm: LoadedModel, prompts: list[list[int]], gen: GenerationArgs) -> list[tuple[str, list[int]]]:
     """Answers for several prompt-id lists at once (left padding), cut at the stop marker."""
     import torch
@@ -279,7 +291,7 @@ def run_generate(cfg: GenerateConfig) -> int:
                         raise KeyboardInterrupt
                     results = [(r.text, r.new_tokens, r.stop_reason)]
                 else:
-                    results = [(text, len(ids), "length" if len(ids) >= gen.max_new_tokens else "stop")
+                    results = [(text, len(ids), batch_stop_reason(lm, ids, gen.max_new_tokens))
                                for text, ids in generate_batch(lm, [prompts[i] for i in chunk], gen)]
                 for i, (text, n, reason) in zip(chunk, results):
                     line = json.dumps({**records[i][1], "answer": text, "new_tokens": n, "stop_reason": reason},

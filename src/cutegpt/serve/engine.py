@@ -23,6 +23,19 @@ class Backend:
     key: str
     threads: int
 
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size as llama.cpp reports it (None if it does not say)."""
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(self.url + "/v1/models", headers={"Authorization": f"Bearer {self.key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                n = json.loads(r.read())["data"][0]["meta"]["n_vocab"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return None
+        return n if isinstance(n, int) and n > 0 else None
+
     def close(self) -> None:
         server, self.server = self.server, None
         del server  # the destructor stops llama.cpp's loop and releases its port

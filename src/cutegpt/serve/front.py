@@ -75,6 +75,7 @@ class Policy:
     # the served `cutegpt.templates.Template` (or a function making it on first use): tool requests are rendered
     # with it and parsed here (`serve/tools.py`); None forwards them to llama.cpp as they are
     template: Any = None
+    vocab_size: int | None = None  # token ids must lie below it (llama.cpp answers 500 to /detokenize beyond)
 
 
 # ----------------------------------------------------------------------------- request checks
@@ -160,6 +161,10 @@ def _common(body: dict, policy: Policy) -> dict:
     for key, value in policy.defaults.items():
         if key != "max_tokens" and value is not None:
             body.setdefault(key, value)
+    _check_logit_bias(body, policy.vocab_size)
+    user = body.get("user")
+    if user is not None and not (isinstance(user, str) and len(user) <= 256):
+        raise _bad("user", "must be a string of at most 256 characters (an id for the end user).", "invalid_type")
     stop = body.get("stop")
     if stop is None:
         stops: list[str] = []
@@ -183,6 +188,54 @@ def _common(body: dict, policy: Policy) -> dict:
         body.pop("parallel_tool_calls", None)
     body["model"] = policy.model_id
     return body
+
+
+def _token_id_problem(v: Any, vocab_size: int | None) -> str | None:
+    if not _is_int(v) or not 0 <= v < 2**31:
+        return f"{json.dumps(v)[:40]} is not a token id (an integer from 0)"
+    if vocab_size is not None and v >= vocab_size:
+        return f"{v} is not a token id of this model (its vocabulary has {vocab_size} tokens)"
+    return None
+
+
+def _check_logit_bias(body: dict, vocab_size: int | None) -> None:
+    """OpenAI's form: {"token id": bias in [-100, 100]} (llama.cpp silently ignores anything else)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict) or len(bias) > 1024:
+        raise _bad("logit_bias", "must be an object of at most 1024 {\"token id\": bias} entries.", "invalid_type")
+    for key, value in bias.items():
+        param = f"logit_bias.{key[:20]}"
+        problem = _token_id_problem(int(key) if key.isascii() and key.isdigit() else key, vocab_size)
+        if problem:
+            raise _bad(param, f"is not a valid key: {problem}.")
+        if not _is_number(value) or not -100 <= value <= 100:
+            raise _bad(param, f"must be a number from -100 to 100, not {json.dumps(value)[:40]}.",
+                       "invalid_value" if _is_number(value) else "invalid_type")
+
+
+def check_detokenize(body: Any, policy: Policy) -> None:
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_type")
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise _bad("tokens", "must be a list of token ids.", "invalid_type" if "tokens" in body else "missing_required_parameter")
+    for i, t in enumerate(tokens):
+        problem = _token_id_problem(t, policy.vocab_size)
+        if problem:
+            raise _bad(f"tokens[{i}]", f"is wrong: {problem}.")
+
+
+def check_tokenize(body: Any, policy: Policy) -> None:
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_type")
+    if not isinstance(body.get("content"), str):
+        raise _bad("content", "must be the text to tokenize (a string).",
+                   "invalid_type" if "content" in body else "missing_required_parameter")
+    for name in ("add_special", "parse_special", "with_pieces"):
+        if name in body and not isinstance(body[name], bool):
+            raise _bad(name, "must be true or false.", "invalid_type")
 
 
 def check_chat(body: Any, policy: Policy) -> dict:
@@ -323,7 +376,8 @@ def check_completion(body: Any, policy: Policy) -> dict:
         raise ApiError(400, "'prompt' is required: a string or a list of strings.", param="prompt", code="missing_required_parameter")
     ok = (isinstance(prompt, str) and prompt != "") or (
         isinstance(prompt, list) and 0 < len(prompt) <= 16 and (
-            all(isinstance(p, str) and p for p in prompt) or all(_is_int(t) and t >= 0 for t in prompt)))
+            all(isinstance(p, str) and p for p in prompt)
+            or all(_token_id_problem(t, policy.vocab_size) is None for t in prompt)))
     if not ok:
         raise ApiError(400, "'prompt' must be a non-empty string, a list of up to 16 non-empty strings, or a list of token ids.",
                        param="prompt", code="invalid_value")
@@ -354,6 +408,9 @@ ROUTES: dict[str, Route] = {
     **{p: Route("POST", "forward_json") for p in FORWARD_POST},
     **{p: Route("GET", "pass") for p in FORWARD_GET_KEYED},
 }
+
+
+BODY_CHECKS = {"/detokenize": check_detokenize, "/tokenize": check_tokenize}  # of the forwarded llama.cpp helpers
 
 
 def _error(e: ApiError) -> Any:
@@ -398,16 +455,39 @@ async def _read_body(request: Any, limit: int) -> bytes:
         raise e from None
 
 
+def _field(path: str) -> str:
+    return "'" + (path if len(path) <= 60 else path[:60] + "...") + "'" if path else "The request body"
+
+
 def _json(raw: bytes) -> Any:
+    """The parsed body; what Python or llama.cpp could not take (deep nesting, huge numbers, lone surrogates) is a 400
+    naming the field."""
+    from cutegpt.io import JSON_HOOKS, MAX_JSON_DEPTH, MAX_JSON_DIGITS, too_deep_at, json_problem
+
     if not raw:
         raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = json.loads(text, **JSON_HOOKS)
     except UnicodeDecodeError:
         raise ApiError(400, "The request body is not UTF-8 text.", code="invalid_json") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"The request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).",
                        code="invalid_json") from None
+    except RecursionError:
+        data, problem = None, (too_deep_at(text, MAX_JSON_DEPTH), f"nesting more than {MAX_JSON_DEPTH} levels deep")
+    else:
+        problem = json_problem(data)
+    if problem is not None:
+        path, what = problem
+        if what.startswith("nesting"):
+            message = f"{_field(path)} nests more than {MAX_JSON_DEPTH} levels deep."
+        elif what.endswith("-digit number"):
+            message = f"{_field(path)} holds {what}; numbers must be at most {MAX_JSON_DIGITS} digits."
+        else:
+            message = f"{_field(path)} holds {what}."
+        raise ApiError(400, message, param=path or None, code="invalid_value")
+    return data
 
 
 CUT_OFF = b'"finish_reason":"length"'
@@ -430,6 +510,11 @@ def _mark_cut_off(piece: bytes) -> list[bytes]:
     return [p for p in (piece[:start], note, piece[start:]) if p]
 
 
+DONE = b"data: [DONE]"
+SHUTDOWN_EVENT = (b'data: {"error": {"message": "The server is shutting down; this answer was cut short.", '
+                  b'"type": "server_error", "param": null, "code": "server_shutdown"}}\n\n' + DONE + b"\n\n")
+
+
 def _relay_class():
     from starlette.requests import ClientDisconnect
     from starlette.responses import StreamingResponse
@@ -443,16 +528,28 @@ def _relay_class():
             super().__init__(self._pieces(), status_code=upstream.status, headers=headers)
 
         async def _pieces(self):
-            async for piece in self.upstream.content.iter_any():
-                if self.mark_cut_off and CUT_OFF in piece:
-                    for part in _mark_cut_off(piece):
-                        yield part
-                elif piece:
-                    yield piece
+            ended = False  # the [DONE] event has passed
+            try:
+                async for piece in self.upstream.content.iter_any():
+                    if self.mark_cut_off and CUT_OFF in piece:
+                        for part in _mark_cut_off(piece):
+                            yield part
+                    elif piece:
+                        yield piece
+                    ended = ended or DONE in piece
+            except Exception:
+                if not self.front.cutting:
+                    raise
+            if self.front.cutting and not ended:
+                # shutdown's grace is over: end the stream as a stream ends, so clients see why it stopped
+                if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                    yield SHUTDOWN_EVENT
+                return
             self.complete = True
 
         async def __call__(self, scope, receive, send) -> None:
             self.front.active_streams += 1
+            self.front.relays.add(self)
             try:
                 # Starlette stops the stream when the client's disconnect arrives
                 await super().__call__(scope, receive, send)
@@ -463,6 +560,7 @@ def _relay_class():
                 raise  # headers are out: uvicorn cuts the connection, so the client sees an incomplete answer
             finally:
                 self.front.active_streams -= 1
+                self.front.relays.discard(self)
                 self.upstream.close()  # a client that went away: llama.cpp sees the close and frees the slot
             if not self.complete:
                 self.front.counts["disconnects"] += 1
@@ -507,6 +605,8 @@ class Front:
         self.uvicorn: Any = None
         self.client: Any = None  # aiohttp.ClientSession
         self.active_streams = 0
+        self.relays: set = set()  # streams being relayed now
+        self.cutting = False  # shutdown's grace is over: streams end now, with an error event and [DONE]
         self.counts: dict[str, int] = {"requests": 0, "rejected": 0, "disconnects": 0, "backend_errors": 0}
         self.started = time.time()
         self._relay = _relay_class()
@@ -540,11 +640,24 @@ class Front:
         self.server = self.uvicorn.servers[0]
 
     async def close(self, grace: float = 10.0) -> None:
-        """Stop accepting; let in-flight requests finish for up to `grace` seconds, then cut them."""
+        """Stop accepting; let in-flight requests finish for up to `grace` seconds, then end them.
+
+        Streams still running then get a closing error event and `data: [DONE]` (uvicorn's own cut would end
+        them mid-answer); other requests get a few more seconds before uvicorn cancels them.
+        """
         if self.uvicorn is None:
             return
-        self.uvicorn.config.timeout_graceful_shutdown = grace
-        await self.uvicorn.shutdown()  # idle keep-alive connections close at once
+        loop = asyncio.get_running_loop()
+        self.uvicorn.config.timeout_graceful_shutdown = grace + 5
+        shutdown = asyncio.ensure_future(self.uvicorn.shutdown())  # idle keep-alive connections close at once
+        deadline = loop.time() + grace
+        while self.relays and not shutdown.done() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.relays:
+            self.cutting = True
+            for relay in list(self.relays):
+                relay.upstream.close()  # wakes the relay, which ends its stream
+        await shutdown
         cut = [t for t in self.uvicorn.server_state.tasks if not t.done()]
         if cut:
             await asyncio.wait(cut, timeout=2)
@@ -688,7 +801,10 @@ class Front:
 
     async def _forward_json(self, request: Any, path: str) -> Any:
         raw = await _read_body(request, self.policy.max_body_bytes)
-        _json(raw)
+        body = _json(raw)
+        check = BODY_CHECKS.get(path)
+        if check is not None:
+            check(body, self.policy)
         return await self._forward(request, raw)
 
     async def _models(self, request: Any, path: str) -> Any:

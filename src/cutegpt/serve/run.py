@@ -128,6 +128,7 @@ async def _serve(cfg: ServeConfig, served, backend, sock: socket.socket, key: st
         model_id=served.name, stop=served.stop, api_key=key, max_body_bytes=cfg.max_body_bytes,
         max_tokens_limit=cfg.token_limit, ctx=cfg.ctx, ui=cfg.ui, tools=True, template=served_template(served),
         defaults=cfg.request_defaults(served.template, served.model_defaults),
+        vocab_size=await asyncio.to_thread(backend.vocab_size),
     )
     front = Front(policy, backend.url, backend.key)
     await front.start(sock)

@@ -125,7 +125,9 @@ def resolve_template(cfg: SFTConfig, manifest: dict[str, Any], folder: Path) -> 
 # ---------------------------------------------------------------- on-the-fly conversion
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CUTEGPT_CACHE", Path.home() / ".cache" / "cutegpt")) / "datasets"
+    from cutegpt.model.embedded import cache_dir
+
+    return cache_dir() / "datasets"
 
 
 def conversion_key(cfg: SFTConfig) -> str:
