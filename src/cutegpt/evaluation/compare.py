@@ -382,6 +382,15 @@ def _order(items: list[Instruction]) -> list[int]:
     return sorted(range(len(items)), key=lambda k: (first[items[k].category], k))
 
 
+def _columns(items: list[Instruction], labels: list[str], answers: list[list[str]]) -> tuple[list[str], list[list[str | None]]]:
+    """The table's head and rows: category and reference only when some instruction has one."""
+    has_cat, has_ref = any(it.category for it in items), any(it.reference for it in items)
+    head = (["category"] if has_cat else []) + ["instruction"] + (["reference"] if has_ref else []) + labels
+    rows = [([items[k].category] if has_cat else []) + [items[k].user_text()] + ([items[k].reference] if has_ref else [])
+            + [a[k] for a in answers] for k in _order(items)]
+    return head, rows
+
+
 def _md_cell(text: str | None) -> str:
     if text is None:
         return ""
@@ -404,12 +413,9 @@ VERDICT_HEAD = ["model", "against", "win", "tie", "loss", "win rate (ties ½)", 
 
 
 def markdown(items: list[Instruction], labels: list[str], answers: list[list[str]], judge: dict[str, Any] | None) -> str:
-    has_ref = any(it.reference for it in items)
-    head = ["category", "instruction"] + (["reference"] if has_ref else []) + labels
+    head, cells = _columns(items, labels, answers)
     lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
-    for k in _order(items):
-        it = items[k]
-        row = [it.category, it.user_text()] + ([it.reference] if has_ref else []) + [a[k] for a in answers]
+    for row in cells:
         lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
     text = "\n".join(lines) + "\n"
     if judge:
@@ -430,13 +436,8 @@ def html_page(items: list[Instruction], labels: list[str], answers: list[list[st
               title: str) -> str:
     """One self-contained page (no script, no external file); every text escaped."""
     e = html.escape
-    has_ref = any(it.reference for it in items)
-    head = ["category", "instruction"] + (["reference"] if has_ref else []) + labels
-    rows = []
-    for k in _order(items):
-        it = items[k]
-        cells = [it.category or "", it.user_text()] + ([it.reference or ""] if has_ref else []) + [a[k] for a in answers]
-        rows.append("<tr>" + "".join(f"<td>{e(c.strip())}</td>" for c in cells) + "</tr>")
+    head, cells = _columns(items, labels, answers)
+    rows = ["<tr>" + "".join(f"<td>{e((c or '').strip())}</td>" for c in row) + "</tr>" for row in cells]
     parts = [f"<!DOCTYPE html>\n<html lang=\"zh\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
              f"<style>{STYLE}</style></head><body>", f"<h1>{e(title)}</h1>",
              "<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>",
