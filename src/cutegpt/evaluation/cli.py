@@ -809,9 +809,9 @@ def model_name(cfg: EvalConfig, lm: Any, backend: str) -> str:
     if backend == "endpoint":
         return str(lm.name)
     if cfg.model is None:
-        from cutegpt.chat.backend import EMBEDDED_NAME
+        from cutegpt.model.embedded import NAME
 
-        return EMBEDDED_NAME
+        return NAME
     return Path(cfg.model).expanduser().name or str(lm.model_path.name)
 
 

@@ -24,6 +24,7 @@ without asking the judge.
 
 The work happens in OUT.partial/ (answers as they come); it becomes OUT when the tables are written, so an
 interrupted run keeps every finished answer and judgment and `--resume` continues it.
+It lives beside `generate` (chat/) because it is built on it, as `data pairs` is; the statistics are evaluation's.
 """
 
 from __future__ import annotations

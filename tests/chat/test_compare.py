@@ -16,7 +16,7 @@ import pytest
 
 from cutegpt.config import parse_config
 from cutegpt.errors import CuteGPTError
-from cutegpt.evaluation.compare import (CompareConfig, combine, judge_messages, Instruction, pair_summary, parse_verdict,
+from cutegpt.chat.compare import (CompareConfig, combine, judge_messages, Instruction, pair_summary, parse_verdict,
                                         read_instructions, run_compare)
 
 # instruction -> how the judge rules (the stub model's answer is the one starting with "stub:")
