@@ -24,7 +24,7 @@ RULES = {"prefer stub": "stub", "prefer other": "other", "always A": "A", "say t
 
 
 class Stub:
-    def __init__(self, fail_after: int | None = None):
+    def __init__(self, fail_after: int | None = None, prefix: str = "stub: "):
         self.judge_calls: list[tuple[str, str, str]] = []  # (instruction, answer A, answer B)
         self.fail_after = fail_after
         stub = self
@@ -63,7 +63,7 @@ class Stub:
                     else:
                         reply = "I cannot decide." if rule == "none" else f"Both fine. [[{rule}]]"
                 else:
-                    reply = "stub: " + msgs[-1]["content"]
+                    reply = prefix + msgs[-1]["content"]
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -275,3 +275,22 @@ def test_a_local_judge_runs_through_generate_and_its_errors_name_the_flag(tmp_pa
     assert len((work / "answers-1.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     assert len((work / "answers-2.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     assert not out.exists()
+
+
+def test_resume_refuses_other_settings_and_keeps_the_answers(tmp_path, stub):
+    other = Stub(fail_after=0, prefix="other: ")  # answers differently; as a judge it fails at once
+    try:
+        ins = _instructions(tmp_path, names=("say tie",))
+        argv = [ins, "--endpoint", stub.url, other.url, "--judge", other.url, "--max-new-tokens", 8, "--out", tmp_path / "out"]
+        with pytest.raises(CuteGPTError, match="HTTP 500"):
+            run_compare(_cfg(*argv))
+        work = tmp_path / "out.partial"
+        assert [json.loads(x)["answer"] for x in (work / "answers-2.jsonl").read_text(encoding="utf-8").splitlines()] == ["other: say tie"]
+        with pytest.raises(CuteGPTError, match=r"--resume: .* other settings \(generation\)"):
+            run_compare(_cfg(*argv[:-4], "--max-new-tokens", 9, "--out", tmp_path / "out", "--resume"))
+        other.fail_after = None
+        assert run_compare(_cfg(*argv, "--resume")) == 0
+        res = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+        assert res["judge"]["pairs"][0]["tie"]["count"] == 1 and len(other.judge_calls) == 2
+    finally:
+        other.close()
