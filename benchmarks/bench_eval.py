@@ -35,6 +35,9 @@ detection, which crashes on some CPUs):
     python benchmarks/bench_eval.py --threads 1 --shots 5 --lmeval-python /tmp/venv-lmeval/bin/python \
         --gguf f16.gguf --lmeval-gguf
 
+(`--lmeval-gguf` has not been run on this project's machines yet: the llama-cpp-python build did not finish
+in the time available on the loaded machine; see docs/benchmarks.md.)
+
 Printed: the CPU model, wall time and questions/s of each tool (model loading included, and the
 scoring time alone), the ratio, accuracy, and the agreement of predicted letters
 question by question with every disagreement listed.
