@@ -24,6 +24,20 @@ llama.cpp path scores each file too, and its letters are compared with our torch
 
     python benchmarks/bench_eval.py --threads 1 --shots 5 --gguf f16.gguf q8_0.gguf q4_1.gguf
 
+With `--lmeval-gguf` as well, lm-eval's own llama.cpp path scores each --gguf file too: its `gguf` backend
+against llama-cpp-python's server on the same file (one request per choice; lm-eval needs the prompt's
+log-probabilities, `echo`, which llama.cpp's own server does not return, so llama-cpp-python's server is the
+one its backend was written for). Install it in the lm-eval venv, built for this CPU (AVX2, no native
+detection, which crashes on some CPUs):
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+        /tmp/venv-lmeval/bin/pip install "llama-cpp-python[server]"
+    python benchmarks/bench_eval.py --threads 1 --shots 5 --lmeval-python /tmp/venv-lmeval/bin/python \
+        --gguf f16.gguf --lmeval-gguf
+
+(`--lmeval-gguf` has not been run on this project's machines yet: the llama-cpp-python build did not finish
+in the time available on the loaded machine; see docs/benchmarks.md.)
+
 Printed: the CPU model, wall time and questions/s of each tool (model loading included, and the
 scoring time alone), the ratio, accuracy, and the agreement of predicted letters
 question by question with every disagreement listed.
@@ -127,8 +141,52 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lmeval_gguf(gguf: str, lm_python: str, tasks: Path, subjects: list[str], env: dict[str, str], work: Path, shots: int,
+                threads: int, ctx: int = 2048) -> tuple[float, float, dict, dict]:
+    """lm-eval's gguf backend against llama-cpp-python's server on `gguf`: (lm-eval wall s, server start s, letters, lls)."""
+    import urllib.request
+
+    port = free_port()
+    log = open(work / f"llama-cpp-python-server-{Path(gguf).stem}.log", "w")
+    t0 = time.perf_counter()
+    server = subprocess.Popen([lm_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+                               "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(ctx)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            if server.poll() is not None:
+                sys.exit(f"llama-cpp-python's server exited with {server.returncode}; see {log.name}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        start_s = time.perf_counter() - t0
+        out = work / f"lmeval-gguf-{Path(gguf).stem}-{shots}shot"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [lm_python, "-m", "lm_eval", "--model", "gguf", "--model_args", f"base_url=http://127.0.0.1:{port}",
+               "--tasks", ",".join(f"cg_ceval_{s}" for s in subjects), "--include_path", str(tasks),
+               "--num_fewshot", str(shots), "--output_path", str(out), "--log_samples"]
+        wall = run(cmd, env, work / f"lmeval-gguf-{Path(gguf).stem}-{shots}shot.log")
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+    preds, lls, _ = lmeval_predictions(out, subjects)
+    return wall, start_s, preds, lls
+
+
 def compare_gguf(gguf: str, ours_cmd: list[str], ours: dict, ours_wall: float, ours_score_s: float, env: dict[str, str],
-                 work: Path, shots: int, threads: int) -> None:
+                 work: Path, shots: int, threads: int, lm_python: str | None = None, tasks: Path | None = None,
+                 subjects: list[str] | None = None) -> None:
     """Our llama.cpp path on `gguf` beside our torch path: speed, and letters question by question."""
     out = work / f"gguf-{Path(gguf).stem}-{shots}shot"
     cmd = list(ours_cmd)
@@ -153,6 +211,22 @@ def compare_gguf(gguf: str, ours_cmd: list[str], ours: dict, ours_wall: float, o
     for k in sorted(ours):
         if by_key[k]["pred"] != ours[k]["pred"]:
             print(f"  difference {k}: gguf {by_key[k]['pred']} {by_key[k]['probs']} | torch {ours[k]['pred']} {ours[k]['probs']}")
+    if lm_python is None:
+        return
+    lm_wall, start_s, lm_pred, lm_ll = lmeval_gguf(gguf, lm_python, tasks, subjects, env, work, shots, threads)
+    if set(lm_pred) != set(ours):
+        sys.exit(f"question sets differ: ours {len(ours)}, lm-eval gguf {len(lm_pred)}")
+    agree_gguf = sum(lm_pred[k] == by_key[k]["pred"] for k in ours)
+    agree_torch = sum(lm_pred[k] == ours[k]["pred"] for k in ours)
+    max_dp = max(max(abs(by_key[k]["probs"][L] - p) for L, p in zip(LETTERS, softmax(lm_ll[k]))) for k in ours)
+    print(f"  lm-eval gguf backend (llama-cpp-python server, started in {start_s:.1f} s, not counted): wall {lm_wall:7.1f} s "
+          f"({n / lm_wall:.3f} q/s)")
+    print(f"  speed-up ours on llama.cpp / lm-eval's llama.cpp path: wall {lm_wall / wall:.2f}x, scoring alone {lm_wall / score_s:.2f}x; "
+          f"letters lm-eval gguf = ours gguf {agree_gguf}/{n}, = ours torch {agree_torch}/{n}; max |p_ours_gguf - p_lmeval_gguf| {max_dp:.3f}")
+    for k in sorted(ours):
+        if lm_pred[k] != by_key[k]["pred"]:
+            print(f"  lm-eval gguf differs {k}: lm-eval {lm_pred[k]} {dict(zip(LETTERS, (round(p, 6) for p in softmax(lm_ll[k]))))} "
+                  f"| ours gguf {by_key[k]['pred']} {by_key[k]['probs']}")
 
 
 def softmax(xs: list[float]) -> list[float]:
@@ -173,6 +247,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating which goes first; the best is reported")
     ap.add_argument("--work", default="/tmp/bench-eval")
     ap.add_argument("--gguf", nargs="+", default=[], help="GGUF files scored by our llama.cpp path beside the torch path")
+    ap.add_argument("--lmeval-gguf", action="store_true", help="also score each --gguf file with lm-eval's gguf backend "
+                    "(llama-cpp-python's server, installed in the --lmeval-python venv)")
+    ap.add_argument("--skip-lmeval-hf", action="store_true", help="do not run lm-eval's hf backend (with --lmeval-gguf: its gguf path only)")
     args = ap.parse_args()
     if not (Path(args.data) / "val").is_dir():
         print(f"skipped: no C-Eval data at {args.data} (pass --data, or set $CEVAL_DATA or $CUTEGPT_SHARED)")
@@ -222,7 +299,7 @@ def main() -> None:
         for rep in range(args.repeats):
             order = ["ours", "lm"] if rep % 2 == 0 else ["lm", "ours"]
             for tool in order:
-                if tool == "lm" and not with_lm:
+                if tool == "lm" and (not with_lm or args.skip_lmeval_hf):
                     continue
                 if tool == "ours":
                     ours_walls.append(run(ours_cmd, env, work / f"ours-{shots}shot.log"))
@@ -237,8 +314,9 @@ def main() -> None:
                 for i, r in enumerate(x for x in map(json.loads, (ours_out / "predictions.jsonl").read_text(encoding="utf-8").splitlines())
                                       if x["subject"] == s)}
         for gguf in args.gguf:
-            compare_gguf(gguf, ours_cmd, ours, ours_wall, ours_score_s, env, work, shots, args.threads)
-        if not with_lm:
+            compare_gguf(gguf, ours_cmd, ours, ours_wall, ours_score_s, env, work, shots, args.threads,
+                         args.lmeval_python if with_lm and args.lmeval_gguf else None, tasks, args.subjects)
+        if not with_lm or args.skip_lmeval_hf:
             n = len(ours)
             correct = sum(bool(r["correct"]) for r in ours.values())
             rows.append((shots, n, ours_wall, ours_score_s, None, None, None, 100 * correct / n, None, None))

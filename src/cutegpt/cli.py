@@ -31,6 +31,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("train", "dpo"): ("cutegpt.training.dpo", "PrefConfig", "run_dpo", "preference tuning: DPO, IPO, ORPO, SimPO, KTO (trl)"),
     ("export",): ("cutegpt.export.cli", "ExportConfig", "run_export", "merge a LoRA adapter into its base model; write GGUF"),
     ("eval",): ("cutegpt.evaluation.cli", "EvalConfig", "run_eval", "C-Eval / CMMLU / MMLU / XieZhi multiple-choice evaluation"),
+    ("compare",): ("cutegpt.chat.compare", "CompareConfig", "run_compare", "answers of several models side by side (Markdown, HTML), optionally judged pairwise"),
     ("vocab", "train"): ("cutegpt.vocab.train", "VocabTrainConfig", "run_vocab_train", "train a Chinese tokenizer on a corpus"),
     ("vocab", "extend"): ("cutegpt.vocab.extend", "VocabExtendConfig", "run_vocab_extend", "merge new pieces into a model's tokenizer and embeddings"),
     ("recipe",): ("cutegpt.recipe", "RecipeConfig", "run_recipe", "the whole CuteGPT recipe at small scale, end to end"),

@@ -69,3 +69,25 @@ def test_a_down_endpoint_is_one_sentence(ceval_dir, tmp_path):
     assert not out.exists()
     with pytest.raises(CuteGPTError, match="give --endpoint or --model/--lora, not both"):
         run_eval(EvalConfig(benchmark="ceval", endpoint="http://x", model="m.gguf", data=str(ceval_dir), out=str(out)))
+
+
+@pytest.mark.slow
+def test_endpoint_against_cutegpt_serve_equals_the_gguf_mode(served, ceval_dir, tmp_path):
+    """cutegpt serve's front passes the scoring requests (token-id prompts, logit_bias, n_probs, /tokenize) to llama.cpp
+    unchanged: the letters and log-probabilities equal those of the file scored in-process."""
+    from tests.serve.conftest import running_server
+
+    gguf, _ = served
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert run_eval(EvalConfig(benchmark="ceval", model=str(gguf), data=str(ceval_dir), out=str(local), shots=2, threads=1)) == 0
+    with running_server("--model", str(gguf), "--ctx", "512", "--api-key", "k3y", "--quiet") as (url, _):
+        with pytest.raises(CuteGPTError, match="answered HTTP 401 .*check --api-key"):
+            run_eval(EvalConfig(benchmark="ceval", endpoint=url + "/v1", data=str(ceval_dir), out=str(remote), shots=2))
+        assert run_eval(EvalConfig(benchmark="ceval", endpoint=url + "/v1", api_key="k3y", data=str(ceval_dir),
+                                   out=str(remote), shots=2)) == 0
+    a, b = _preds(local), _preds(remote)
+    assert [r["pred"] for r in a] == [r["pred"] for r in b] and len(a) == 5
+    for x, y in zip(a, b):
+        assert x["scores"] == pytest.approx(y["scores"], abs=0.02)
+    res = json.loads((remote / "results.json").read_text(encoding="utf-8"))
+    assert res["backend"] == "endpoint" and res["model"] == "tiny"

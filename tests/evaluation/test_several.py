@@ -50,6 +50,8 @@ def test_several_models_write_one_table_with_the_right_differences(tiny_model_di
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     models, rows = res["models"], res["comparison"]
     assert [m["backend"] for m in models] == ["torch", "llamacpp", "torch"]
+    assert [m["label"] for m in models] == [f"{tiny_model_dir.name} (torch, float32)", "tiny-f32.gguf (llamacpp, gguf F32)",
+                                            "other (torch, float32)"]
     assert [r["model"] for r in rows] == [m["label"] for m in models]
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(preds) == 3 * 5
@@ -67,3 +69,18 @@ def test_several_models_write_one_table_with_the_right_differences(tiny_model_di
     table = (out / "table.md").read_text(encoding="utf-8")
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 3 and "(reference)" in table and table.count(" vs ") == 2
     assert (out / "categories.png").stat().st_size > 1000
+
+
+def test_the_embedded_model_is_named_by_its_name_not_its_cache_folder(tmp_path):
+    """Loaded, the embedded model lives in a cache folder `smollm2-135m-instruct-<hash>`; tables name the model."""
+    from types import SimpleNamespace
+
+    from cutegpt.evaluation.cli import model_label, model_name
+
+    lm = SimpleNamespace(model_path=tmp_path / "smollm2-135m-instruct-e81ea9205682", name="served-id")
+    assert model_name(EvalConfig(benchmark="ceval"), lm, "torch") == "SmolLM2-135M-Instruct"
+    assert model_name(EvalConfig(benchmark="ceval", endpoint="http://x"), lm, "endpoint") == "served-id"
+    assert model_name(EvalConfig(benchmark="ceval", model=str(tmp_path / "q4.gguf")), lm, "llamacpp") == "q4.gguf"
+    results = {"model": str(lm.model_path), "name": "SmolLM2-135M-Instruct", "adapter": str(tmp_path / "lora"),
+               "backend": "torch", "weights": "float32"}
+    assert model_label(results) == "SmolLM2-135M-Instruct + lora (torch, float32)"

@@ -81,9 +81,13 @@ def test_bad_chat_requests_get_openai_errors_and_the_server_keeps_serving(front_
 
 def test_bad_completion_requests(front_factory):
     port, _, _ = front_factory()
-    for body in ({}, {"prompt": ""}, {"prompt": 5}, {"prompt": [""]}, {"prompt": ["a", 1]}):
+    for body in ({}, {"prompt": ""}, {"prompt": 5}, {"prompt": [""]}, {"prompt": ["a", 1]}, {"prompt": ["a"] * 17},
+                 {"prompt": [1, -2]}):
         got, answer = request(port, "POST", "/v1/completions", body)
         assert got == 400 and answer["error"]["param"] == "prompt", body
+    # one prompt as token ids (how `eval --endpoint` scores) may be longer than the 16 strings of a batch
+    got, answer = request(port, "POST", "/v1/completions", {"prompt": list(range(300)), "max_tokens": 1})
+    assert got == 200 and answer["echo"]["prompt"] == list(range(300))
 
 
 def test_one_megabyte_prompt_is_refused_with_413(front_factory):

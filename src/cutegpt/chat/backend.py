@@ -17,6 +17,7 @@ from typing import Any, Literal
 from cutegpt.chat.args import GenerationArgs, describe_sources, generation_config_defaults, resolve_generation
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
+from cutegpt.model.embedded import NAME as EMBEDDED_NAME
 
 # Measured on the embedded model, one thread, side by side (docs/benchmarks.md): llama.cpp on the
 # embedded Q4_1 file decodes ~4x faster than torch fp32, starts faster, and agrees with fp32 on most top-1 tokens.
@@ -24,7 +25,6 @@ EMBEDDED_BACKEND = "llamacpp"
 # The file llama.cpp runs for the embedded model: None = the Q4_1 file the package ships; a quant type =
 # our export of it at that type, made once into the cache (the shipped Q4_1 file disagrees with fp32 more).
 EMBEDDED_GGUF_QUANT: str | None = "f16"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 BACKEND_HELP = ("inference engine: llama.cpp (fast on CPU, GGUF files) or torch (any HF folder, LoRA, 8-bit); "
                 "auto = llama.cpp for a .gguf file and the embedded model, torch for a folder")
 Backend = Literal["auto", "torch", "llamacpp"]

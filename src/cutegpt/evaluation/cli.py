@@ -724,6 +724,7 @@ def score_model(cfg: EvalConfig, bench: Benchmark, backend: str, threads: int) -
         "split": bench.split,
         "setting": setting,
         "model": str(lm.model_path) if backend != "endpoint" else lm.name,
+        "name": model_name(cfg, lm, backend),
         "endpoint": cfg.endpoint,
         "adapter": str(lm.lora_path) if lm.lora_path else None,
         "backend": backend,
@@ -777,7 +778,7 @@ def write_single(out_dir: Path, bench: Benchmark, cfg: EvalConfig, lm: Any, resu
                 for r in recs:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         if has_gold:
-            bar_chart(bench, results["summary"], chart_title(bench, cfg, lm, setting, results["questions"]), tmp / "categories.png")
+            bar_chart(bench, results["summary"], chart_title(bench, cfg, lm, setting, results["questions"], results["backend"]), tmp / "categories.png")
         else:
             write_json(tmp / "submission.json", submission(records))
         write_json(tmp / "results.json", results)
@@ -802,9 +803,21 @@ def write_single(out_dir: Path, bench: Benchmark, cfg: EvalConfig, lm: Any, resu
     print(f"results: {out_dir}/")
 
 
+def model_name(cfg: EvalConfig, lm: Any, backend: str) -> str:
+    """What the user calls the model: the embedded model's own name (never its cache folder), the served model's id,
+    the file's or folder's name."""
+    if backend == "endpoint":
+        return str(lm.name)
+    if cfg.model is None:
+        from cutegpt.model.embedded import NAME
+
+        return NAME
+    return Path(cfg.model).expanduser().name or str(lm.model_path.name)
+
+
 def model_label(results: dict[str, Any]) -> str:
     """A model's name in the tables: file or folder, adapter, and what ran it."""
-    name = Path(results["model"]).name
+    name = results.get("name") or Path(results["model"]).name
     if results["adapter"]:
         name += " + " + Path(results["adapter"]).name
     return f"{name} ({results['backend']}, {results['weights']})"
@@ -849,8 +862,8 @@ def write_several(out_dir: Path, bench: Benchmark, cfg: EvalConfig,
     print(f"results: {out_dir}/")
 
 
-def chart_title(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, setting: str, n_questions: int) -> str:
-    name = lm.model_path.name + (f" + {lm.lora_path.name}" if lm.lora_path else "")
+def chart_title(bench: Benchmark, cfg: EvalConfig, lm: LoadedModel, setting: str, n_questions: int, backend: str = "torch") -> str:
+    name = model_name(cfg, lm, backend) + (f" + {lm.lora_path.name}" if lm.lora_path else "")
     subjects = (f"subjects: {', '.join(cfg.subjects)}" if cfg.subjects else f"all {len(bench.subjects)} subjects")
     limit = f", first {cfg.limit} questions per subject" if cfg.limit else ""
     return (f"{bench.name} {bench.split}, {setting}, {cfg.method}, prompt {cfg.prompt}: {name} — "

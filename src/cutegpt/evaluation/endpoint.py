@@ -72,9 +72,13 @@ class EndpointServer:
         except (KeyError, TypeError, ValueError):
             raise CuteGPTError(f"--endpoint {self.url}: /tokenize answered without token ids.") from None
 
-    def chat(self, text: str, max_tokens: int) -> str:
-        r = self.post("/v1/chat/completions", {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-                                               "temperature": 0.0, "top_k": 1, "stream": False})
+    def chat(self, text: str | list[dict[str, str]], max_tokens: int, sampling: dict[str, Any] | None = None) -> str:
+        """The assistant's answer to one user turn (or a whole message list); greedy unless `sampling` says otherwise
+        (OpenAI names: temperature, top_p, seed, plus llama.cpp's top_k and repeat_penalty)."""
+        messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
+        r = self.post("/v1/chat/completions", {"messages": messages, "max_tokens": max_tokens,
+                                               **(sampling if sampling is not None else {"temperature": 0.0, "top_k": 1}),
+                                               "stream": False})
         try:
             return str(r["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError):

