@@ -126,7 +126,7 @@ def test_hf_folder_is_exported_once_and_reused(tmp_path, fake_exporter):
     first = source.resolve_model(str(model), None, None, "q8_0", progress=False)
     second = source.resolve_model(str(model), None, None, "q8_0", progress=False)
     assert len(fake_exporter) == 1 and first.gguf == second.gguf and first.gguf.is_file()
-    assert first.gguf.parent == tmp_path / "cache" / "serve-gguf"
+    assert first.gguf.parent == tmp_path / "cache" / "gguf"
     assert first.template == "cutegpt" and first.stop == ["<end>"] and "问：" in first.jinja
     assert fake_exporter[0] == (str(model), None, "q8_0", "cutegpt")
     (model / "model.safetensors").write_bytes(b"weights-v2")  # new content -> new export
