@@ -114,3 +114,24 @@ def test_what_a_gguf_lora_cannot_hold_is_refused(bpe_dir, tmp_path, capsys):
     assert main(["export", "--format", "gguf-lora", "--out", str(tmp_path / "d.gguf")]) == 1
     assert "--lora is required" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_generate_and_chat_run_base_gguf_plus_lora_gguf_as_the_merged_file(bpe_dir, tmp_path, capsys):
+    import json
+
+    adapter = _adapter(bpe_dir, tmp_path / "adapter")
+    base_file, merged, lora_file = _export(tmp_path, bpe_dir, adapter, quant="f32")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"instruction": "The quick brown fox"}\n{"instruction": "Language models"}\n', encoding="utf-8")
+    answers = {}
+    for name, extra in (("merged", ["--model", str(merged)]), ("lora", ["--model", str(base_file), "--lora", str(lora_file)])):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["generate", str(prompts), *extra, "--out", str(out), "--greedy", "--max-new-tokens", "12",
+                     "--template", "raw", "--threads", "1"]) == 0
+        answers[name] = [json.loads(line)["answer"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert answers["lora"] == answers["merged"] and any(answers["merged"])
+    capsys.readouterr()
+    assert main(["chat", "--model", str(bpe_dir), "--lora", str(lora_file), "--input", str(prompts)]) == 1
+    assert "is a LoRA GGUF: give the base model's GGUF file as --model" in capsys.readouterr().err
+    assert main(["chat", "--model", str(base_file), "--lora", str(lora_file), "--backend", "torch", "--input", str(prompts)]) == 1
+    assert "which only llama.cpp runs" in capsys.readouterr().err

@@ -35,9 +35,13 @@ class BackendArgs:
     backend: Backend = arg("auto", BACKEND_HELP)
 
 
+def _is_gguf(path: str | None) -> bool:
+    return path is not None and Path(path).suffix.lower() == ".gguf"
+
+
 def torch_only_flags(cfg: Any) -> list[str]:
     flags = []
-    if getattr(cfg, "lora", None):
+    if getattr(cfg, "lora", None) and not _is_gguf(cfg.lora):  # a LoRA GGUF is llama.cpp's (export --format gguf-lora)
         flags.append("--lora")
     if getattr(cfg, "load_in_8bit", False):
         flags.append("--load-in-8bit")
@@ -52,13 +56,20 @@ def choose_backend(cfg: Any) -> str:
     """The backend a command runs on (checked before anything loads)."""
     model = getattr(cfg, "model", None)
     is_gguf = model is not None and Path(model).suffix == ".gguf"
+    if _is_gguf(getattr(cfg, "lora", None)):
+        if not is_gguf:
+            raise CuteGPTError(f"--lora {cfg.lora} is a LoRA GGUF: give the base model's GGUF file as --model "
+                               f"(`cutegpt export --format gguf` makes one).")
+        if cfg.backend == "torch":
+            raise CuteGPTError(f"--lora {cfg.lora} is a LoRA GGUF, which only llama.cpp runs; use --backend llamacpp "
+                               f"(or the adapter's folder with --backend torch).")
     if cfg.backend == "llamacpp":
         blocked = [f for f in torch_only_flags(cfg) if f != "--lora"]
         if blocked:
             raise CuteGPTError(f"{blocked[0]} works only with --backend torch; llama.cpp runs the GGUF file's own weights.")
-        if cfg.lora and is_gguf:
-            raise CuteGPTError("--lora with a .gguf model needs --backend torch, or export the merged model with "
-                               "`cutegpt export --format gguf --lora ...` and chat with that file.")
+        if cfg.lora and is_gguf and not _is_gguf(cfg.lora):
+            raise CuteGPTError("--lora with a .gguf model needs --backend torch or a LoRA GGUF (`cutegpt export --format "
+                               "gguf-lora`), or export the merged model with `cutegpt export --format gguf --lora ...`.")
         return "llamacpp"
     if cfg.backend == "torch":
         return "torch"
@@ -150,7 +161,8 @@ def load_chat_model(cfg: Any, backend: str, threads: int) -> Any:
         if not (path / "config.json").is_file():
             raise CuteGPTError(f"{path} is not a model folder: it has no config.json.")
         return _load_exported(cfg, path, threads, name)
-    return load_llamacpp(path, template=cfg.template, threads=threads, name=name)
+    lora = Path(cfg.lora).expanduser() if _is_gguf(cfg.lora) else None
+    return load_llamacpp(path, template=cfg.template, threads=threads, name=name, lora=lora)
 
 
 def _load_exported(cfg: Any, base: Path | None, threads: int, name: str) -> Any:

@@ -36,7 +36,8 @@ class ExportConfig(ModelArgs):
     format: Literal["hf", "gguf", "gguf-lora"] = arg(
         "hf", "hf: merged safetensors folder; gguf: one file for llama.cpp / ollama / LM Studio; "
               "gguf-lora: the --lora adapter alone as a llama.cpp LoRA GGUF (f32, f16 or bf16), run with the base's GGUF")
-    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg("f16", "GGUF tensor type (--format gguf)")
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k_m", "q4_k_m"] = arg(
+        "f16", "GGUF tensor type (--format gguf); q4_k_m, q5_k_m and q6_k are llama.cpp's K-quant mixtures (its quantizer, from xllamacpp)")
     verify: bool = arg(True, "load the GGUF file in llama.cpp and check tokenization, top-1 agreement and the template")
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     quiet: bool = arg(False, "no progress bars")

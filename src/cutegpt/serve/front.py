@@ -18,6 +18,7 @@ backend connection and llama.cpp frees the slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -648,6 +649,31 @@ class Front:
         headers.update({h: request.headers[h] for h in forward if h in request.headers})
         return headers
 
+    @staticmethod
+    async def _unless_client_leaves(request: Any, call: Any) -> Any:
+        """`call`'s result, or None (the call cancelled, closing its connection to llama.cpp) if the client disconnects first.
+
+        A non-streamed answer (and a stream's headers) arrives only when llama.cpp is done: without this, a
+        client that gave up would keep its slot busy until the whole answer was computed for nobody."""
+        async def gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass  # the rest of a body nobody read (GET, pass-through): only the disconnect matters
+
+        work, watch = asyncio.ensure_future(call), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the front shutting down: nothing is left waiting on llama.cpp
+            work.cancel()
+            raise
+        finally:
+            watch.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        return None
+
     async def _forward(self, request: Any, body: bytes, path: str | None = None, mark_cut_off: bool = False) -> Any:
         """Send the request to llama.cpp and relay the answer; streams are relayed piece by piece."""
         import aiohttp
@@ -665,7 +691,11 @@ class Front:
         query = request.url.query
         url = URL(self.backend + (path or request.url.path) + ("?" + query if query else ""), encoded=True)
         try:
-            upstream = await self.client.request(request.method, url, data=body or None, headers=headers)
+            upstream = await self._unless_client_leaves(request, self.client.request(request.method, url, data=body or None,
+                                                                                      headers=headers))
+            if upstream is None:  # the client left while llama.cpp was working: the closed connection frees its slot
+                self.counts["disconnects"] += 1
+                return Response(b"", status_code=499)
         except aiohttp.ClientConnectorError:
             self.counts["backend_errors"] += 1
             raise ApiError(503, "The model server is not available.", code="backend_unavailable") from None

@@ -27,6 +27,7 @@ class ServedModel:
     hf_folder: Path | None  # for --engine vllm
     source: str  # what the user asked for, for the start-up banner
     model_defaults: dict = field(default_factory=dict)  # the sampling settings the model recommends (chat's source too)
+    lora: Path | None = None  # a LoRA GGUF llama.cpp applies on top of `gguf` (export --format gguf-lora)
 
 
 def _is_adapter(folder: Path) -> bool:
@@ -92,6 +93,7 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
     from cutegpt.chat.args import generation_config_defaults
 
     hf_folder: Path | None = None
+    lora_gguf: Path | None = None
     model_defaults: dict | None = None  # None: the GGUF file's own metadata
     if model is None and lora is None:
         from cutegpt.chat.backend import embedded_llamacpp_file
@@ -103,10 +105,12 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
         gguf = Path(model)
         if not gguf.is_file():
             raise CuteGPTError(f"--model {gguf} does not exist.")
-        if lora:
-            raise CuteGPTError("--lora needs an HF model folder as --model (a .gguf file already has its weights merged).")
         source = str(gguf)
         name = gguf.stem
+        if lora:
+            lora_gguf = _lora_gguf(Path(lora))
+            source += f" + LoRA {lora_gguf}"
+            name = lora_gguf.stem
     else:
         folder = Path(model) if model else None
         adapter = Path(lora) if lora else None
@@ -143,7 +147,21 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
         from cutegpt.runtime.llamacpp import gguf_generation_defaults
 
         model_defaults = gguf_generation_defaults(gguf)
-    return ServedModel(gguf, name, template, jinja, stop, hf_folder, source, model_defaults)
+    return ServedModel(gguf, name, template, jinja, stop, hf_folder, source, model_defaults, lora_gguf)
+
+
+def _lora_gguf(lora: Path) -> Path:
+    """--lora on a .gguf model: a LoRA GGUF (export --format gguf-lora); llama.cpp checks its architecture at load."""
+    if lora.suffix.lower() != ".gguf":
+        raise CuteGPTError(f"--lora needs an HF model folder as --model (a .gguf file already has its weights merged), or a "
+                           f"LoRA GGUF: make one with `cutegpt export --format gguf-lora --lora {lora}`.")
+    if not lora.is_file():
+        raise CuteGPTError(f"--lora {lora} does not exist.")
+    from cutegpt.export.gguf_lora import is_lora_gguf
+
+    if not is_lora_gguf(lora):
+        raise CuteGPTError(f"--lora {lora} is not a LoRA GGUF (its general.type is not 'adapter').")
+    return lora
 
 
 # checkpoint folders a run writes: serve them under the run's name ("runs/sft/final" -> "sft")
