@@ -116,6 +116,7 @@ def test_what_a_gguf_lora_cannot_hold_is_refused(bpe_dir, tmp_path, capsys):
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.slow  # three exports and two generate runs; the equality itself is the fast test above
 def test_generate_and_chat_run_base_gguf_plus_lora_gguf_as_the_merged_file(bpe_dir, tmp_path, capsys):
     import json
 
