@@ -170,3 +170,58 @@ def test_llamacpp_refuses_torch_only_flags():
     cfg = SimpleNamespace(backend="llamacpp", model="m.gguf", lora=None, load_in_8bit=True, dtype="auto", device="auto")
     with pytest.raises(CuteGPTError, match="--load-in-8bit works only with --backend torch"):
         choose_backend(cfg)
+
+
+LORA_ANSWER = "北京"
+
+
+@pytest.fixture(scope="module")
+def parrot_lora(parrot, tmp_path_factory) -> Path:
+    """A LoRA adapter on the parrot that answers `hi` with 北京 (the base says Hello there); records its base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cutegpt.templates import CuteGPTTemplate, Turn, encode_segments
+
+    tok = AutoTokenizer.from_pretrained(parrot.folder)
+    seq = encode_segments(tok, CuteGPTTemplate().segments([Turn("hi", output=LORA_ANSWER)]))[0]
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(parrot.folder),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                          "gate_proj", "up_proj", "down_proj"]))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(60):
+        loss = model(torch.tensor([seq]), labels=torch.tensor([seq])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("parrot-lora")
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    assert config["base_model_name_or_path"] == str(parrot.folder)
+    return out
+
+
+def test_lora_alone_on_llamacpp_is_applied_as_on_torch(parrot, parrot_lora, tmp_path, monkeypatch):
+    """`chat --backend llamacpp --lora X` with no --model runs the adapter on its recorded base (it ran the embedded model)."""
+    from cutegpt.chat.backend import load_chat_model
+    from cutegpt.model.loading import ModelArgs, load_model
+
+    monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache"))
+    gen = GenerationArgs(greedy=True, max_new_tokens=20)
+    torch_answer = ChatSession(load_model(ModelArgs(lora=str(parrot_lora))), gen).ask("hi").text
+    assert torch_answer == LORA_ANSWER  # the adapter changed the base's answer (Hello there)
+    cfg = SimpleNamespace(model=None, lora=str(parrot_lora), template=None, backend="llamacpp", load_in_8bit=False,
+                          dtype="auto", device="auto")
+    assert choose_backend(cfg) == "llamacpp"
+    lm = load_chat_model(cfg, "llamacpp", 1)
+    assert lm.template.name == "cutegpt"
+    assert _session(lm).ask("hi").text == torch_answer
+
+
+def test_lora_not_an_adapter_on_llamacpp(tmp_path):
+    from cutegpt.chat.backend import load_chat_model
+
+    cfg = SimpleNamespace(model=None, lora=str(tmp_path), template=None)
+    with pytest.raises(CuteGPTError, match="has no adapter_config.json"):
+        load_chat_model(cfg, "llamacpp", 1)

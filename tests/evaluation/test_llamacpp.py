@@ -134,3 +134,39 @@ def test_a_chat_prompt_llamacpp_reads_differently_is_refused(tiny_gguf, ceval_di
         run_eval(EvalConfig(benchmark="ceval", model=str(tiny_gguf), data=str(ceval_dir), out=str(out), threads=1,
                             chat_template=True))
     assert not out.exists()
+
+
+@pytest.mark.slow  # three exports and three evaluations
+def test_base_gguf_plus_lora_gguf_scores_as_the_merged_file(tiny_model_dir, tiny_gguf, ceval_dir, tmp_path):
+    """`eval --model base.gguf --lora adapter.gguf` (export --format gguf-lora) gives the merged file's probabilities."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cutegpt.cli import main
+    from cutegpt.evaluation.cli import choose_backend
+    from cutegpt.export.gguf import export_gguf
+    from cutegpt.export.gguf_lora import export_gguf_lora
+
+    torch.manual_seed(5)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    merged = export_gguf(str(tiny_model_dir), tmp_path / "merged.gguf", lora=str(adapter), quant="f32", verify=False, progress=False)
+    lora = export_gguf_lora(None, adapter, tmp_path / "lora.gguf", quant="f32")
+    assert choose_backend(EvalConfig(benchmark="ceval", model=str(tiny_gguf), lora=str(lora))) == "llamacpp"
+    with pytest.raises(CuteGPTError, match="is a LoRA GGUF: give the base model's GGUF"):
+        choose_backend(EvalConfig(benchmark="ceval", model=str(tiny_model_dir), lora=str(lora)))
+    probs = {}
+    for name, extra in (("merged", ["--model", str(merged)]), ("lora", ["--model", str(tiny_gguf), "--lora", str(lora)]),
+                        ("base", ["--model", str(tiny_gguf)])):
+        out = tmp_path / name
+        assert main(["eval", "ceval", *extra, "--data", str(ceval_dir), "--out", str(out), "--threads", "1"]) == 0
+        probs[name] = [json.loads(x)["probs"] for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    flat = {k: [row[c] for row in v for c in sorted(row)] for k, v in probs.items()}
+    assert max(abs(a - b) for a, b in zip(flat["lora"], flat["merged"])) < 1e-3
+    assert max(abs(a - b) for a, b in zip(flat["base"], flat["merged"])) > 1e-2  # the adapter changes the scores

@@ -84,6 +84,15 @@ class FakeLlama:
                     except ConnectionError:
                         self.closed_early += 1
                         return
+                elif "SLOW" in json.dumps(req):  # a long non-streamed answer: is the connection closed before it is ready?
+                    try:
+                        if await asyncio.wait_for(reader.read(), 60) == b"":
+                            self.closed_early += 1
+                            return
+                    except asyncio.TimeoutError:
+                        pass
+                    data = json.dumps({"object": "chat.completion", "echo": req}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
                 else:
                     data = json.dumps({"object": "chat.completion", "echo": req}).encode()
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))

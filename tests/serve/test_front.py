@@ -161,6 +161,26 @@ def test_client_disconnect_mid_stream_frees_the_backend_and_the_server_keeps_ser
     assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
 
 
+def test_client_leaving_before_a_non_streamed_answer_frees_the_backend(front_factory):
+    """llama.cpp answers a non-streamed request only when done: a client that leaves must not keep the slot."""
+    port, fake, front = front_factory()
+    sock = socket.create_connection(("127.0.0.1", port))
+    body = json.dumps({"messages": [{"role": "user", "content": "SLOW"}]}).encode()
+    sock.sendall(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 10
+    while not fake.bodies and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.bodies  # llama.cpp is working on it
+    sock.close()
+    deadline = time.monotonic() + 20
+    while fake.closed_early == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.closed_early == 1  # the backend connection was closed: llama.cpp cancels the task and frees the slot
+    assert front.counts["disconnects"] == 1
+    assert request(port, "POST", CHAT, {"messages": HELLO})[0] == 200
+
+
 def test_keep_alive_connection_carries_several_requests(front_factory):
     import http.client
 

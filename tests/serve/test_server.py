@@ -173,7 +173,7 @@ def test_tiny_cutegpt_model_from_an_hf_folder_never_returns_the_stop_marker(tiny
         port = int(url.rsplit(":", 1)[1])
         status, rendered = request(port, "POST", "/apply-template", {"messages": [{"role": "user", "content": "你好"}]})
         assert status == 200 and rendered["prompt"].startswith("你是复旦大学") and rendered["prompt"].endswith("问：你好\n答：\n")
-        assert len(list((tmp_path / "cache" / "serve-gguf").glob("*.gguf"))) == 1  # exported once, into the cache
+        assert len(list((tmp_path / "cache" / "gguf").glob("*.gguf"))) == 1  # exported once, into the cache
         for seed in range(5):
             status, body = request(port, "POST", "/v1/chat/completions",
                                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "seed": seed})

@@ -126,7 +126,7 @@ def test_hf_folder_is_exported_once_and_reused(tmp_path, fake_exporter):
     first = source.resolve_model(str(model), None, None, "q8_0", progress=False)
     second = source.resolve_model(str(model), None, None, "q8_0", progress=False)
     assert len(fake_exporter) == 1 and first.gguf == second.gguf and first.gguf.is_file()
-    assert first.gguf.parent == tmp_path / "cache" / "serve-gguf"
+    assert first.gguf.parent == tmp_path / "cache" / "gguf"
     assert first.template == "cutegpt" and first.stop == ["<end>"] and "问：" in first.jinja
     assert fake_exporter[0] == (str(model), None, "q8_0", "cutegpt")
     (model / "model.safetensors").write_bytes(b"weights-v2")  # new content -> new export
@@ -310,3 +310,33 @@ def test_generation_config_of_a_folder_reaches_the_served_defaults(tmp_path, fak
     assert served.name == "sft" and served.model_defaults == {"greedy": False, "temperature": 0.6, "top_p": 0.95}
     d = ServeConfig().request_defaults(served.template, served.model_defaults)
     assert (d["temperature"], d["top_p"], d["repeat_penalty"]) == (0.6, 0.95, 1.1)  # the rest: cutegpt's
+
+
+def _header_only_gguf(path: Path, general_type: str) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type(general_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return path
+
+
+def test_lora_gguf_on_a_gguf_model_reaches_llama_cpps_parameters(tmp_path, monkeypatch):
+    from cutegpt.serve.engine import backend_params
+
+    monkeypatch.setattr(source, "gguf_chat_template", lambda path: None)
+    monkeypatch.setattr("cutegpt.runtime.llamacpp.gguf_generation_defaults", lambda path: {})
+    model = _header_only_gguf(tmp_path / "base.gguf", "model")
+    lora = _header_only_gguf(tmp_path / "sft-lora.gguf", "adapter")
+    served = source.resolve_model(str(model), str(lora), None, "f16", progress=False)
+    assert served.lora == lora and served.name == "sft-lora" and served.gguf == model
+    params = backend_params(ServeConfig(ctx=64), served, 1, "key")
+    assert [(a.path, a.scale) for a in params.lora_adapters] == [(str(lora), 1.0)]
+    assert source.resolve_model(str(model), None, None, "f16", progress=False).lora is None
+    with pytest.raises(CuteGPTError, match="not a LoRA GGUF \\(its general.type"):
+        source.resolve_model(str(model), str(model), None, "f16", progress=False)
+    with pytest.raises(CuteGPTError, match="export --format gguf-lora --lora"):
+        source.resolve_model(str(model), str(tmp_path), None, "f16", progress=False)

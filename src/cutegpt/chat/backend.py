@@ -35,9 +35,13 @@ class BackendArgs:
     backend: Backend = arg("auto", BACKEND_HELP)
 
 
+def _is_gguf(path: str | None) -> bool:
+    return path is not None and Path(path).suffix.lower() == ".gguf"
+
+
 def torch_only_flags(cfg: Any) -> list[str]:
     flags = []
-    if getattr(cfg, "lora", None):
+    if getattr(cfg, "lora", None) and not _is_gguf(cfg.lora):  # a LoRA GGUF is llama.cpp's (export --format gguf-lora)
         flags.append("--lora")
     if getattr(cfg, "load_in_8bit", False):
         flags.append("--load-in-8bit")
@@ -52,13 +56,20 @@ def choose_backend(cfg: Any) -> str:
     """The backend a command runs on (checked before anything loads)."""
     model = getattr(cfg, "model", None)
     is_gguf = model is not None and Path(model).suffix == ".gguf"
+    if _is_gguf(getattr(cfg, "lora", None)):
+        if not is_gguf:
+            raise CuteGPTError(f"--lora {cfg.lora} is a LoRA GGUF: give the base model's GGUF file as --model "
+                               f"(`cutegpt export --format gguf` makes one).")
+        if cfg.backend == "torch":
+            raise CuteGPTError(f"--lora {cfg.lora} is a LoRA GGUF, which only llama.cpp runs; use --backend llamacpp "
+                               f"(or the adapter's folder with --backend torch).")
     if cfg.backend == "llamacpp":
         blocked = [f for f in torch_only_flags(cfg) if f != "--lora"]
         if blocked:
             raise CuteGPTError(f"{blocked[0]} works only with --backend torch; llama.cpp runs the GGUF file's own weights.")
-        if cfg.lora and is_gguf:
-            raise CuteGPTError("--lora with a .gguf model needs --backend torch, or export the merged model with "
-                               "`cutegpt export --format gguf --lora ...` and chat with that file.")
+        if cfg.lora and is_gguf and not _is_gguf(cfg.lora):
+            raise CuteGPTError("--lora with a .gguf model needs --backend torch or a LoRA GGUF (`cutegpt export --format "
+                               "gguf-lora`), or export the merged model with `cutegpt export --format gguf --lora ...`.")
         return "llamacpp"
     if cfg.backend == "torch":
         return "torch"
@@ -85,28 +96,18 @@ def display_name(cfg: Any, lm: Any) -> str:
     return name
 
 
-def _exported_gguf(folder: Path, lora: str | None) -> Path:
-    """An HF folder (+ adapter) exported to GGUF once, in the cache, for --backend llamacpp."""
+def _exported_gguf(folder: Path | None, lora: str | None, template: str | None) -> Path:
+    """An HF folder (None: the embedded model) + adapter exported to GGUF once for --backend llamacpp, in the cache
+    serve shares (`cutegpt.export.cache`): the same files give the same GGUF file, whichever command made it."""
     try:
-        from cutegpt.export.gguf import export_gguf
+        from cutegpt.export.gguf import export_gguf  # noqa: F401
     except ImportError:
-        raise CuteGPTError(f"{folder} is a model folder and llama.cpp needs a GGUF file: export it first with "
-                           f"`cutegpt export --format gguf --model {folder} --out model.gguf`, or use --backend torch.") from None
-    from cutegpt.model.embedded import cache_dir
+        raise CuteGPTError(f"{folder or lora} needs a GGUF file for llama.cpp: export it first with "
+                           f"`cutegpt export --format gguf --out model.gguf`, or use --backend torch.") from None
+    from cutegpt.export.cache import cached_gguf
 
-    parts = []
-    for base in [folder] + ([Path(lora)] if lora else []):
-        for f in sorted(base.glob("*")):
-            if f.is_file():
-                st = f.stat()
-                parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-    out = cache_dir() / "gguf" / f"{folder.resolve().name}-{key}.f16.gguf"
-    if not out.is_file():
-        print(f"Exporting {folder} to GGUF (f16) once for llama.cpp: {out}", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        export_gguf(str(folder), out, lora=lora, quant="f16", verify=False, overwrite=True, progress=False)
-    return out
+    # verification is export's and serve's job; chat starts as soon as the file is written
+    return cached_gguf(str(folder) if folder else None, lora, quant="f16", template=template, verify=False, progress=False)
 
 
 def embedded_llamacpp_file() -> Path:
@@ -142,8 +143,16 @@ def load_chat_model(cfg: Any, backend: str, threads: int) -> Any:
     from cutegpt.runtime.llamacpp import load_llamacpp
 
     name = display_name(cfg, None)
-    if cfg.model is None:
+    if cfg.model is None and not cfg.lora:
         return load_llamacpp(embedded_llamacpp_file(), template=cfg.template, threads=threads, name=name)
+    if cfg.model is None:  # --lora alone: on the base the adapter records (None: the embedded model), as torch does
+        from cutegpt.model.adapter_base import base_folder
+
+        lora = Path(cfg.lora).expanduser()
+        if not (lora / "adapter_config.json").is_file():
+            raise CuteGPTError(f"--lora {cfg.lora} is not a LoRA adapter folder: it has no adapter_config.json.")
+        base = base_folder(lora)
+        return _load_exported(cfg, base, threads, name)
     path = Path(cfg.model).expanduser()
     if path.suffix != ".gguf":
         if not path.is_dir():
@@ -151,12 +160,24 @@ def load_chat_model(cfg: Any, backend: str, threads: int) -> Any:
                                else f"{path} is a file; --model takes a model folder or a .gguf file.")
         if not (path / "config.json").is_file():
             raise CuteGPTError(f"{path} is not a model folder: it has no config.json.")
-        from cutegpt.templates import resolve_template_name
+        return _load_exported(cfg, path, threads, name)
+    lora = Path(cfg.lora).expanduser() if _is_gguf(cfg.lora) else None
+    return load_llamacpp(path, template=cfg.template, threads=threads, name=name, lora=lora)
 
-        template = cfg.template or resolve_template_name(None, [cfg.lora, path], _folder_tokenizer(path, cfg.lora))
-        path = _exported_gguf(path, cfg.lora)
-        return load_llamacpp(path, template=template, threads=threads, name=name)
-    return load_llamacpp(path, template=cfg.template, threads=threads, name=name)
+
+def _load_exported(cfg: Any, base: Path | None, threads: int, name: str) -> Any:
+    """A folder (None: the embedded model) + cfg.lora on llama.cpp, through the shared export cache."""
+    from cutegpt.runtime.llamacpp import load_llamacpp
+    from cutegpt.templates import resolve_template_name
+
+    folder = base
+    if folder is None:
+        from cutegpt.model.embedded import embedded_model_dir
+
+        folder = embedded_model_dir()
+    template = cfg.template or resolve_template_name(None, [cfg.lora, folder], _folder_tokenizer(folder, cfg.lora))
+    gguf = _exported_gguf(base, cfg.lora, cfg.template)
+    return load_llamacpp(gguf, template=template, threads=threads, name=name)
 
 
 def _folder_tokenizer(path: Path, lora: str | None) -> Any:

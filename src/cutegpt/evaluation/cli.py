@@ -196,7 +196,13 @@ def choose_backend(cfg: EvalConfig) -> str:
             raise CuteGPTError("--endpoint scores the model its server runs: give --endpoint or --model/--lora, not both.")
         return "endpoint"
     is_gguf = cfg.model is not None and Path(cfg.model).suffix == ".gguf"
-    torch_only = [flag for flag, on in (("--lora", bool(cfg.lora)), ("--load-in-8bit", cfg.load_in_8bit),
+    lora_gguf = cfg.lora is not None and Path(cfg.lora).suffix.lower() == ".gguf"  # export --format gguf-lora
+    if lora_gguf and not is_gguf:
+        raise CuteGPTError(f"--lora {cfg.lora} is a LoRA GGUF: give the base model's GGUF file as --model "
+                           f"(`cutegpt export --format gguf` makes one).")
+    if lora_gguf and cfg.backend == "torch":
+        raise CuteGPTError(f"--lora {cfg.lora} is a LoRA GGUF, which only llama.cpp runs; leave out --backend torch.")
+    torch_only = [flag for flag, on in (("--lora", bool(cfg.lora) and not lora_gguf), ("--load-in-8bit", cfg.load_in_8bit),
                                         ("--dtype", cfg.dtype != "auto"), ("--device cuda", cfg.device == "cuda")) if on]
     if cfg.backend == "llamacpp":
         if not is_gguf:
@@ -244,8 +250,9 @@ def load_llamacpp_for(cfg: EvalConfig, bench: Benchmark, threads: int, slot_dir:
         raise CuteGPTError(f"--model {path.name}: the longest prompt has {longest} tokens, more than the model's context of "
                            f"{train_ctx}; use fewer --shots.")
     per_slot = min(train_ctx, -(-need // 256) * 256)
+    lora = Path(cfg.lora).expanduser() if cfg.lora else None  # a LoRA GGUF (choose_backend sent a folder to torch)
     lm = load_llamacpp(path, template=cfg.template, threads=threads, n_ctx=per_slot * cfg.parallel, tokenizer=tokenizer,
-                       parallel=cfg.parallel, slot_save_path=slot_dir)
+                       parallel=cfg.parallel, slot_save_path=slot_dir, lora=lora)
     if not uses_template(cfg):  # plain prompts: llama.cpp's own tokenization (chat prompts go through the template's segments)
         from cutegpt.evaluation.llamacpp import ServerTokenizer
 

@@ -5,9 +5,11 @@
     export/gguf.py    --format gguf: one file for llama.cpp / ollama / LM Studio, streamed tensor by tensor
     export/verify.py  the GGUF file checked in llama.cpp (runtime/llamacpp.py) against transformers
     export/ollama.py  --ollama: the Modelfile beside the .gguf file (FROM, Go TEMPLATE, SYSTEM, PARAMETERs)
+    export/gguf_lora.py  --format gguf-lora: the adapter alone as a llama.cpp LoRA GGUF (run on the base's GGUF)
 
     cutegpt export --model BASE --lora runs/sft/final --out merged [--dtype float16]
     cutegpt export --format gguf [--model DIR] [--lora ADAPTER] --out model.gguf [--quant q8_0] [--no-verify] [--ollama]
+    cutegpt export --format gguf-lora --lora ADAPTER [--model BASE_DIR] --out adapter.gguf [--quant f16]
 
 GGUF export (llama.cpp, ollama, LM Studio) is `cutegpt.export.gguf.export_gguf`; with no
 --model it exports the embedded model.
@@ -31,8 +33,11 @@ class ExportConfig(ModelArgs):
 
     out: str = arg("", "folder for the merged model (--format hf) or the .gguf file (--format gguf)",
                    aliases=("--output", "--output-dir", "--output_dir"))
-    format: Literal["hf", "gguf"] = arg("hf", "hf: merged safetensors folder; gguf: one file for llama.cpp / ollama / LM Studio")
-    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg("f16", "GGUF tensor type (--format gguf)")
+    format: Literal["hf", "gguf", "gguf-lora"] = arg(
+        "hf", "hf: merged safetensors folder; gguf: one file for llama.cpp / ollama / LM Studio; "
+              "gguf-lora: the --lora adapter alone as a llama.cpp LoRA GGUF (f32, f16 or bf16), run with the base's GGUF")
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k_m", "q4_k_m"] = arg(
+        "f16", "GGUF tensor type (--format gguf); q4_k_m, q5_k_m and q6_k are llama.cpp's K-quant mixtures (its quantizer, from xllamacpp)")
     verify: bool = arg(True, "load the GGUF file in llama.cpp and check tokenization, top-1 agreement and the template")
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     quiet: bool = arg(False, "no progress bars")
@@ -44,11 +49,20 @@ class ExportConfig(ModelArgs):
         """Refuse a bad output before any model loads: never inside, or instead of, the model being exported."""
         from cutegpt.io import check_output
 
+        if self.format == "gguf-lora":
+            from cutegpt.export.gguf_lora import LORA_QUANTS
+
+            if not self.lora:
+                raise CuteGPTError("--lora is required: the adapter folder --format gguf-lora converts.")
+            if self.quant not in LORA_QUANTS:
+                raise CuteGPTError(f"--format gguf-lora writes {', '.join(LORA_QUANTS)} tensors; --quant {self.quant} is for whole models.")
         if self.format != "gguf" and (self.ollama or self.system is not None):
             raise CuteGPTError(f"{'--ollama' if self.ollama else '--system'} applies to --format gguf only.")
         if self.system is not None and not self.ollama:
             raise CuteGPTError("--system sets the Modelfile's SYSTEM line; add --ollama.")
-        if self.format == "gguf":
+        if self.format in ("gguf", "gguf-lora"):
+            if self.format == "gguf-lora" and not self.out:
+                raise CuteGPTError("--out is required: the .gguf file to write.")
             if self.out and not self.out.lower().endswith(".gguf"):
                 raise CuteGPTError(f"--out {self.out} must be a file name ending in .gguf.")
             if self.out:
@@ -89,6 +103,8 @@ def run_export(cfg: ExportConfig) -> int:
     threads = apply_threads(cfg.threads)  # auto measures the machine once; llama.cpp's verification gets the same count
     if cfg.format == "gguf":
         return run_export_gguf(cfg, threads)
+    if cfg.format == "gguf-lora":
+        return run_export_gguf_lora(cfg)
     from cutegpt.export.hf import export_merged
 
     export_merged(cfg)
@@ -132,4 +148,18 @@ def run_export_gguf(cfg: ExportConfig, threads: int = 1) -> int:
         except CuteGPTError as e:  # the GGUF file is complete and valid on its own: keep it, say so
             raise CuteGPTError(f"{str(e).rstrip('.')}; {out} was written without a Modelfile.") from None
         print(f"saved {modelfile}: `ollama create NAME -f {modelfile}` imports it")
+    return 0
+
+
+def run_export_gguf_lora(cfg: ExportConfig) -> int:
+    from cutegpt.export.gguf_lora import export_gguf_lora, lora_metadata
+
+    if cfg.load_in_8bit or cfg.dtype != "auto":
+        raise CuteGPTError(f"{'--load-in-8bit' if cfg.load_in_8bit else '--dtype'} does not apply to --format gguf-lora; "
+                           f"choose the tensor type with --quant.")
+    out = export_gguf_lora(cfg.model, cfg.lora, Path(cfg.out), quant=cfg.quant, overwrite=cfg.overwrite)
+    meta = lora_metadata(out)
+    print(f"saved {out} (LoRA for {meta.get('general.architecture')}, alpha {meta.get('adapter.lora.alpha'):g}, {cfg.quant}, "
+          f"{out.stat().st_size / 2**20:.1f} MiB): run it on the base's GGUF, e.g. "
+          f"`cutegpt chat --model base.gguf --lora {out}` or llama.cpp's `--lora {out}`")
     return 0

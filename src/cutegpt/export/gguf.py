@@ -41,7 +41,7 @@ import numpy as np
 from cutegpt.errors import CuteGPTError
 from cutegpt.io import check_output, clean_leftovers, describe_os_error, os_errors
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k_m", "q4_k_m")  # K-quants: export/kquants.py
 CHUNK_ROWS = 4096  # rows converted at a time, so a 70k x 5120 embedding never exists in float32 at once
 
 
@@ -59,6 +59,10 @@ def _qtype(quant: str) -> Any:
 def _file_type(quant: str) -> Any:
     import gguf
 
+    from cutegpt.export.kquants import K_QUANTS, file_type
+
+    if quant in K_QUANTS:
+        return file_type(quant)
     return {
         "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
@@ -168,6 +172,10 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
     out = Path(out).expanduser()
     if quant not in QUANTS:
         raise CuteGPTError(f"unknown --quant '{quant}'; choose one of: {', '.join(QUANTS)}.")
+    if quant.endswith(("_k", "_k_m")):
+        from cutegpt.export.kquants import available
+
+        available()  # llama.cpp's quantizer is there, before anything is read or written
     if out.suffix.lower() != ".gguf":
         raise CuteGPTError(f"--out {out} must be a file name ending in .gguf.")
     check_output(out, kind="file", inputs=(model, lora), overwrite=overwrite)
@@ -433,6 +441,7 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
 
     # tensors
     files = _weight_index(folder)
+    has_output = "lm_head.weight" in files and not tied  # K-quant mixtures give the head (else the embedding) Q6_K
     tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_arch), n_layer)
     n_rows = None
     for key, (file, shape) in files.items():
@@ -448,7 +457,8 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
             n_rows = shape[0]
         permute = (n_head if ".attn_q." in new else n_kv if ".attn_k." in new else 0) if arch.permute_qk else 0
         offset = arch.norm_offset if key.endswith("norm.weight") else 0.0
-        plan.tensors.append(TensorPlan(new, key, file, shape, _tensor_qtype(new, shape, quant), permute, offset=offset))
+        plan.tensors.append(TensorPlan(new, key, file, shape, _tensor_qtype(new, shape, quant, n_layer, has_output),
+                                       permute, offset=offset))
     if n_rows is None:
         raise CuteGPTError(f"{folder}: no token embedding (model.embed_tokens.weight) in the weights.")
 
@@ -494,11 +504,15 @@ def _weight_index(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return out
 
 
-def _tensor_qtype(name: str, shape: tuple[int, ...], quant: str) -> Any:
+def _tensor_qtype(name: str, shape: tuple[int, ...], quant: str, n_layer: int = 0, has_output: bool = True) -> Any:
     import gguf
+
+    from cutegpt.export.kquants import K_QUANTS, tensor_type
 
     if len(shape) == 1 or quant == "f32":
         return gguf.GGMLQuantizationType.F32
+    if quant in K_QUANTS:
+        return tensor_type(name, shape, quant, n_layer, has_output)
     q = quant
     if quant.startswith(("q4", "q5")) and name in ("token_embd.weight", "output.weight"):
         q = "q8_0"
@@ -810,9 +824,14 @@ def _convert(t: TensorPlan, st: Any) -> np.ndarray:
         return src.to(torch.float32).numpy()
     if t.qtype == gguf.GGMLQuantizationType.F16:
         return src.to(torch.float16).contiguous().numpy()  # one cast, no float32 copy (round-to-nearest-even, as numpy)
+    from cutegpt.export.kquants import quantize as ggml_quantize
+
+    Q = gguf.GGMLQuantizationType
+    # K-quants only in llama.cpp's own code (gguf-py cannot); the legacy types as before, byte-identical either way
+    quantize = ggml_quantize if t.qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else gguf.quants.quantize
     rows = []
     for start in range(0, src.shape[0], CHUNK_ROWS):
-        rows.append(gguf.quants.quantize(src[start:start + CHUNK_ROWS].to(torch.float32).numpy(), t.qtype))
+        rows.append(quantize(src[start:start + CHUNK_ROWS].to(torch.float32).numpy(), t.qtype))
     del src
     return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
 

@@ -34,7 +34,8 @@ PROBE_CORPUS = (
 )
 GREEDY_TOKENS = 16
 # minimum top-1 agreement per type: exact types must match (measured: F16 agrees 100%), quantized ones must be sane (a broken file agrees at chance level; tiny random models quantize badly)
-THRESHOLDS = {"f32": 0.99, "f16": 0.99, "bf16": 0.95, "q8_0": 0.85, "q5_1": 0.5, "q5_0": 0.5, "q4_1": 0.4, "q4_0": 0.4}
+THRESHOLDS = {"f32": 0.99, "f16": 0.99, "bf16": 0.95, "q8_0": 0.85, "q5_1": 0.5, "q5_0": 0.5, "q4_1": 0.4, "q4_0": 0.4,
+              "q6_k": 0.7, "q5_k_m": 0.5, "q4_k_m": 0.4}
 EXACT = ("f32", "f16")
 TIE = 0.05  # logit gap below which two next tokens are a tie (llama.cpp keeps the KV cache in f16)
 

@@ -42,12 +42,18 @@ def xllamacpp_module(what: str = "--backend llamacpp") -> Any:
     return xllamacpp
 
 
-def server_params(xl: Any, path: Path, n_ctx: int, threads: int, parallel: int = 1) -> Any:
+def server_params(xl: Any, path: Path, n_ctx: int, threads: int, parallel: int = 1, lora: Path | None = None) -> Any:
     """The llama.cpp server settings chat, serve and export's verification all start from: the file, the context
     (split between `parallel` slots), the same thread count for prompt and generation, quiet, and listening only
-    on a free loopback port (the in-process server always serves HTTP too)."""
+    on a free loopback port (the in-process server always serves HTTP too). `lora`: a LoRA GGUF
+    (`export --format gguf-lora`) applied at full scale on top of the model."""
     p = xl.CommonParams()
     p.model.path = str(path)
+    if lora is not None:
+        adapter = xl.CommonAdapterLoraInfo()
+        adapter.path = str(lora)
+        adapter.scale = 1.0
+        p.lora_adapters = [adapter]
     p.n_ctx = n_ctx
     p.n_parallel = parallel
     p.cpuparams.n_threads = threads
@@ -211,10 +217,11 @@ class LlamaCppModel:
 
 def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, n_ctx: int = 0,
                   tokenizer: Any = None, name: str | None = None, parallel: int = 1,
-                  slot_save_path: Path | None = None) -> LlamaCppModel:
+                  slot_save_path: Path | None = None, lora: Path | None = None) -> LlamaCppModel:
     """Load a GGUF file in llama.cpp (`parallel` slots sharing `n_ctx`, prompt cache on) with its tokenizer and template.
 
-    `slot_save_path`: a folder where slots may save and restore their KV cache (`share_prefix`)."""
+    `slot_save_path`: a folder where slots may save and restore their KV cache (`share_prefix`).
+    `lora`: a LoRA GGUF applied on top (its architecture must be the model's; llama.cpp checks)."""
     xl = xllamacpp_module()
     if not path.is_file():
         raise CuteGPTError(f"GGUF file {path} does not exist." if not path.exists() else f"{path} is a folder, not a .gguf file.")
@@ -224,7 +231,9 @@ def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, 
     if tokenizer is None:
         tokenizer = gguf_tokenizer(path)
     tmpl = template_for(template, tokenizer)
-    params = server_params(xl, path, n_ctx or train_ctx, threads, parallel)
+    if lora is not None and not lora.is_file():
+        raise CuteGPTError(f"--lora {lora} does not exist.")
+    params = server_params(xl, path, n_ctx or train_ctx, threads, parallel, lora=lora)
     params.warmup = False
     if slot_save_path is not None:
         params.endpoint_slots = True
@@ -232,11 +241,12 @@ def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, 
     try:
         server = xl.Server(params)
     except Exception as e:
-        raise CuteGPTError(f"{path}: llama.cpp cannot load this GGUF file ({str(e).splitlines()[0][:200]}).") from None
+        what = f"{path} with the LoRA {lora}" if lora is not None else f"{path}"
+        raise CuteGPTError(f"{what}: llama.cpp cannot load this GGUF file ({str(e).splitlines()[0][:200]}).") from None
     keep_alive(server)
     return LlamaCppModel(server=server, tokenizer=tokenizer, template=tmpl, model_path=path,
                          context_length=params.n_ctx // parallel, threads=threads, name=name or gguf_model_name(path),
-                         generation_defaults=gguf_generation_defaults(path))
+                         generation_defaults=gguf_generation_defaults(path), lora_path=lora)
 
 
 def keep_alive(server: Any) -> None:
@@ -381,8 +391,8 @@ class LlamaCpp:
     """A GGUF file loaded in llama.cpp, quiet, with token-level calls: tokenize, render a template, the next
     token's log-probabilities, a greedy continuation (export's verification; scoring)."""
 
-    def __init__(self, path: Path, n_ctx: int = 1024, threads: int = 1):
-        p = server_params(xllamacpp_module(), path, n_ctx, threads)
+    def __init__(self, path: Path, n_ctx: int = 1024, threads: int = 1, lora: Path | None = None):
+        p = server_params(xllamacpp_module(), path, n_ctx, threads, lora=lora)
         p.warmup = False
         p.use_jinja = True
         self.server = start_server(p, path)

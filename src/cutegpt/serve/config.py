@@ -27,7 +27,8 @@ DEFAULT_CTX = 2048  # tokens per request when --ctx is not given (or the model's
 @dataclass
 class ServeConfig:
     model: str | None = arg(None, "a .gguf file, an HF model folder, an adapter folder, or nothing for the embedded SmolLM2-135M-Instruct GGUF")
-    lora: str | None = arg(None, "LoRA adapter folder merged into --model before the GGUF export")
+    lora: str | None = arg(None, "LoRA adapter folder merged into --model before the GGUF export, or a LoRA GGUF "
+                                  "(export --format gguf-lora) that llama.cpp applies on a .gguf --model")
     template: Literal["cutegpt", "auto"] | None = arg(
         None, "chat template: cutegpt (the training format, stop marker <end>) or auto (the model's own); "
         "default: what the model folder records, else the GGUF's own template, else cutegpt")
@@ -40,7 +41,7 @@ class ServeConfig:
                           ge=16, absent=f"{DEFAULT_CTX}, or the model's own context when shorter")
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     engine: Literal["llamacpp", "vllm"] = arg("llamacpp", "llamacpp: llama.cpp in this process (CPU or GPU wheels); vllm: run `vllm serve` on the HF folder (GPUs)")
-    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = arg(
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k_m", "q4_k_m"] = arg(
         "f16", "weight type when an HF folder is exported to GGUF (once, then cached); f16, as chat and generate "
         "run a folder on llama.cpp, gives the same answers as they do")
     tensor_parallel_size: int = arg(1, "vllm only: GPUs that split each layer (usually the GPUs of one node)", ge=1)

@@ -47,7 +47,7 @@ def backend_params(cfg: ServeConfig, served: ServedModel, threads: int, key: str
     from cutegpt.runtime.llamacpp import server_params
 
     # llama.cpp splits n_ctx evenly between the slots; the loopback port is free and only the front connects
-    p = server_params(xllamacpp, served.gguf, cfg.ctx * cfg.parallel, threads, cfg.parallel)
+    p = server_params(xllamacpp, served.gguf, cfg.ctx * cfg.parallel, threads, cfg.parallel, lora=served.lora)
     p.model_alias = {served.name}
     p.api_keys = [key]
     # one HTTP thread per connection the front may hold: every slot busy plus as many waiting, so queued

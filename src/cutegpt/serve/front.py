@@ -19,6 +19,7 @@ backend connection and llama.cpp frees the slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -759,6 +760,8 @@ class Front:
         except CuteGPTError as e:
             raise ApiError(400, f"This model cannot take tools: {e}", param="tools", code="invalid_value") from None
         upstream = await self._open(request, json.dumps(p.upstream, ensure_ascii=False).encode(), "/v1/completions")
+        if upstream is None:  # the client left while llama.cpp was working
+            return Response(b"", status_code=499)
         if upstream.status < 400 and upstream.content_length is None and p.upstream["stream"]:
             return self._tool_relay(self, upstream, {"content-type": "text/event-stream", "Cache-Control": "no-cache"},
                                     reader=StreamReader(p))
@@ -846,8 +849,35 @@ class Front:
         headers.update({h: request.headers[h] for h in forward if h in request.headers})
         return headers
 
+    @staticmethod
+    async def _unless_client_leaves(request: Any, call: Any) -> Any:
+        """`call`'s result, or None (the call cancelled, closing its connection to llama.cpp) if the client disconnects first.
+
+        A non-streamed answer (and a stream's headers) arrives only when llama.cpp is done: without this, a
+        client that gave up would keep its slot busy until the whole answer was computed for nobody."""
+        async def gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass  # the rest of a body nobody read (GET, pass-through): only the disconnect matters
+
+        work, watch = asyncio.ensure_future(call), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the front shutting down: nothing is left waiting on llama.cpp
+            work.cancel()
+            raise
+        finally:
+            watch.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        return None
+
     async def _open(self, request: Any, body: bytes, path: str | None = None, headers: dict[str, str] | None = None) -> Any:
-        """The backend's answer (headers read, body not yet) to the client's request with `body` at `path`."""
+        """The backend's answer (headers read, body not yet) to the client's request with `body` at `path`.
+
+        None if the client left first: the backend request is then cancelled, and its closed connection frees the slot."""
         import aiohttp
         from yarl import URL
 
@@ -857,13 +887,17 @@ class Front:
         query = request.url.query
         url = URL(self.backend + (path or request.url.path) + ("?" + query if query else ""), encoded=True)
         try:
-            return await self.client.request(request.method, url, data=body or None, headers=headers)
+            upstream = await self._unless_client_leaves(request, self.client.request(request.method, url, data=body or None,
+                                                                                      headers=headers))
         except aiohttp.ClientConnectorError:
             self.counts["backend_errors"] += 1
             raise ApiError(503, "The model server is not available.", code="backend_unavailable") from None
         except aiohttp.ClientError:
             self.counts["backend_errors"] += 1
             raise ApiError(502, "The model server closed the connection without an answer.", code="backend_error") from None
+        if upstream is None:
+            self.counts["disconnects"] += 1
+        return upstream
 
     async def _forward(self, request: Any, body: bytes, path: str | None = None, mark_cut_off: bool = False) -> Any:
         """Send the request to llama.cpp and relay the answer; streams are relayed piece by piece."""
@@ -876,6 +910,8 @@ class Front:
         if unpack:
             headers["accept-encoding"] = "gzip"
         upstream = await self._open(request, body, path, headers)
+        if upstream is None:  # the client left while llama.cpp was working
+            return Response(b"", status_code=499)
         passthrough = {k: upstream.headers[k] for k in PASSTHROUGH if k in upstream.headers}
         if upstream.content_length is None:  # streamed (chunked) or read-to-EOF answer
             return self._relay(self, upstream, {**passthrough, "Cache-Control": "no-cache"}, mark_cut_off)

@@ -2,30 +2,19 @@
 
 - no --model (and no --lora): the embedded model's GGUF, served as it is;
 - a .gguf file: served as it is;
-- an HF folder or an adapter folder (with --lora merged): exported to GGUF once by
-  `cutegpt.export.gguf.export_gguf` and cached under `<cutegpt cache>/serve-gguf/<content hash>.gguf`;
-  the next start with the same files reuses it.
-
-The content hash covers every file of the model and adapter folders (names and
-bytes), the quant type and the template. Hashing a 13B folder reads ~26 GB, so
-each file's digest is remembered against its (size, mtime) in a small index and
-only changed files are read again.
+- an HF folder or an adapter folder (with --lora merged): exported to GGUF once into the cache that chat and
+  generate share (`cutegpt.export.cache`); the next start, or a chat on the same files, reuses it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from cutegpt.errors import CuteGPTError
-
-CACHE_SUBDIR = "serve-gguf"
-HASH_INDEX = "file-digests.json"
+from cutegpt.export.cache import _exporter, cached_gguf
 
 
 @dataclass
@@ -38,6 +27,7 @@ class ServedModel:
     hf_folder: Path | None  # for --engine vllm
     source: str  # what the user asked for, for the start-up banner
     model_defaults: dict = field(default_factory=dict)  # the sampling settings the model recommends (chat's source too)
+    lora: Path | None = None  # a LoRA GGUF llama.cpp applies on top of `gguf` (export --format gguf-lora)
 
 
 def _is_adapter(folder: Path) -> bool:
@@ -103,6 +93,7 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
     from cutegpt.chat.args import generation_config_defaults
 
     hf_folder: Path | None = None
+    lora_gguf: Path | None = None
     model_defaults: dict | None = None  # None: the GGUF file's own metadata
     if model is None and lora is None:
         from cutegpt.chat.backend import embedded_llamacpp_file
@@ -114,10 +105,12 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
         gguf = Path(model)
         if not gguf.is_file():
             raise CuteGPTError(f"--model {gguf} does not exist.")
-        if lora:
-            raise CuteGPTError("--lora needs an HF model folder as --model (a .gguf file already has its weights merged).")
         source = str(gguf)
         name = gguf.stem
+        if lora:
+            lora_gguf = _lora_gguf(Path(lora))
+            source += f" + LoRA {lora_gguf}"
+            name = lora_gguf.stem
     else:
         folder = Path(model) if model else None
         adapter = Path(lora) if lora else None
@@ -137,8 +130,9 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
             folder = _adapter_base(adapter)
             model = str(folder) if folder else None
         hf_folder = folder
+        asked = template  # the export gets what was asked (the cache resolves it as chat does: one file for both)
         template = _template_name(template, [adapter, folder]) or template
-        gguf = cached_export(model, lora, quant=quant, template=template, progress=progress) if export else Path("<not exported>")
+        gguf = cached_export(model, lora, quant=quant, template=asked, progress=progress) if export else Path("<not exported>")
         source = " + LoRA ".join(str(p) for p in (folder, adapter) if p is not None) or "embedded model"
         name = run_name(adapter or folder) if (adapter or folder) else "cutegpt"
         model_defaults = {**generation_config_defaults(folder), **generation_config_defaults(adapter)}
@@ -153,7 +147,21 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
         from cutegpt.runtime.llamacpp import gguf_generation_defaults
 
         model_defaults = gguf_generation_defaults(gguf)
-    return ServedModel(gguf, name, template, jinja, stop, hf_folder, source, model_defaults)
+    return ServedModel(gguf, name, template, jinja, stop, hf_folder, source, model_defaults, lora_gguf)
+
+
+def _lora_gguf(lora: Path) -> Path:
+    """--lora on a .gguf model: a LoRA GGUF (export --format gguf-lora); llama.cpp checks its architecture at load."""
+    if lora.suffix.lower() != ".gguf":
+        raise CuteGPTError(f"--lora needs an HF model folder as --model (a .gguf file already has its weights merged), or a "
+                           f"LoRA GGUF: make one with `cutegpt export --format gguf-lora --lora {lora}`.")
+    if not lora.is_file():
+        raise CuteGPTError(f"--lora {lora} does not exist.")
+    from cutegpt.export.gguf_lora import is_lora_gguf
+
+    if not is_lora_gguf(lora):
+        raise CuteGPTError(f"--lora {lora} is not a LoRA GGUF (its general.type is not 'adapter').")
+    return lora
 
 
 # checkpoint folders a run writes: serve them under the run's name ("runs/sft/final" -> "sft")
@@ -171,78 +179,6 @@ def run_name(folder: Path) -> str:
 # ----------------------------------------------------------------------------- cache
 
 
-def _file_digest(path: Path, index: dict[str, list], key: str) -> str:
-    st = path.stat()
-    known = index.get(key)
-    if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
-        return known[2]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    index[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
-    return index[key][2]
-
-
-def content_hash(folders: list[Path | None], extra: str, cache: Path) -> str:
-    """sha256 over the relative names and bytes of every file in the folders, plus `extra`."""
-    index_path = cache / HASH_INDEX
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        index = {}
-    h = hashlib.sha256(extra.encode())
-    for i, folder in enumerate(folders):
-        h.update(f"|folder{i}|".encode())
-        if folder is None:
-            continue
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            rel = path.relative_to(folder).as_posix()
-            if rel.startswith(".") or "/." in rel:
-                continue  # editor/VCS droppings do not change the model
-            h.update(rel.encode() + b"\0" + _file_digest(path, index, str(path.resolve())).encode())
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_name(index_path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(index), encoding="utf-8")
-        os.replace(tmp, index_path)
-    except OSError:
-        pass  # the index only saves time
-    return h.hexdigest()[:24]
-
-
-def _exporter() -> Callable[..., Path]:
-    try:
-        from cutegpt.export.gguf import export_gguf  # type: ignore[import-not-found]
-    except ImportError:
-        raise CuteGPTError(
-            "serving an HF or adapter folder needs the GGUF exporter (cutegpt.export.gguf), which this version does not have yet; "
-            "pass a .gguf file as --model, or use --engine vllm for HF folders."
-        ) from None
-    return export_gguf
-
-
 def cached_export(model: str | None, lora: str | None, *, quant: str, template: str | None, progress: bool = True) -> Path:
-    """The GGUF of model (+ lora), exported once and reused while the files are unchanged."""
-    from cutegpt.model.embedded import cache_dir
-
-    export_gguf = _exporter()
-    cache = cache_dir() / CACHE_SUBDIR
-    folders = [Path(model) if model else None, Path(lora) if lora else None]
-    key = content_hash(folders, f"quant={quant};template={template}", cache)
-    target = cache / f"{key}-{quant}.gguf"
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(f"Exporting {' + '.join(str(f) for f in folders if f)} to GGUF ({quant}) once: {target}", flush=True)
-    try:
-        out = export_gguf(model, target, lora=lora, quant=quant, template=template, verify=True, overwrite=False, progress=progress)
-    except (FileExistsError, CuteGPTError):
-        if not target.is_file():
-            raise
-        out = target  # another server exported the same files at the same time
-    out = Path(out)
-    if not out.is_file():
-        raise CuteGPTError(f"the GGUF export of {model or 'the embedded model'} did not produce {target}.")
-    return out
+    """The GGUF of model (+ lora), from the cache chat and generate share (exported once, verified)."""
+    return cached_gguf(model, lora, quant=quant, template=template, verify=True, progress=progress, exporter=_exporter())
