@@ -39,13 +39,17 @@ class ExportConfig(ModelArgs):
     overwrite: bool = arg(False, "replace --out if it exists (once the new output is complete)")
     ollama: bool = arg(False, "also write an Ollama Modelfile beside the .gguf file (--format gguf)")
     system: str | None = arg(None, "the Modelfile's SYSTEM line (--ollama); default: the template's")
+    name: str | None = arg(None, "the GGUF file's general.name (--format gguf); default: the run's name (runs/sft/final -> sft)")
 
     def check(self) -> None:
         """Refuse a bad output before any model loads: never inside, or instead of, the model being exported."""
         from cutegpt.io import check_output
 
-        if self.format != "gguf" and (self.ollama or self.system is not None):
-            raise CuteGPTError(f"{'--ollama' if self.ollama else '--system'} applies to --format gguf only.")
+        if self.format != "gguf" and (self.ollama or self.system is not None or self.name is not None):
+            flag = "--ollama" if self.ollama else "--system" if self.system is not None else "--name"
+            raise CuteGPTError(f"{flag} applies to --format gguf only.")
+        if self.name is not None and not self.name.strip():
+            raise CuteGPTError("--name is empty; give the model's name, or leave the flag out for the run's name.")
         if self.system is not None and not self.ollama:
             raise CuteGPTError("--system sets the Modelfile's SYSTEM line; add --ollama.")
         if self.format == "gguf":
@@ -83,10 +87,13 @@ def _say_base(cfg: ExportConfig) -> None:
 
 
 def run_export(cfg: ExportConfig) -> int:
-    from cutegpt.threads import apply_threads
+    from cutegpt.threads import apply_threads, resolve_threads
 
     _say_base(cfg)
-    threads = apply_threads(cfg.threads)  # auto measures the machine once; llama.cpp's verification gets the same count
+    # auto measures the machine once; llama.cpp's verification gets the same count. A GGUF written without
+    # verification or a merge never runs torch, so it is not imported (seconds of a small export's time)
+    torchless = cfg.format == "gguf" and not cfg.verify and not cfg.lora
+    threads = resolve_threads(cfg.threads) if torchless else apply_threads(cfg.threads)
     if cfg.format == "gguf":
         return run_export_gguf(cfg, threads)
     from cutegpt.export.hf import export_merged
@@ -106,7 +113,7 @@ def run_export_gguf(cfg: ExportConfig, threads: int = 1) -> int:
         raise CuteGPTError("--dtype applies to --format hf; choose the GGUF tensor type with --quant.")
     out = gguf_export.export_gguf(cfg.model, Path(cfg.out), lora=cfg.lora, quant=cfg.quant, template=cfg.template,
                                   verify=cfg.verify, overwrite=cfg.overwrite, progress=not cfg.quiet,
-                                  threads=threads)
+                                  threads=threads, name=cfg.name)
     report = gguf_export.last_report or {}
     size = out.stat().st_size
     print(f"saved {out} ({cfg.quant}, {size / 2**20:.1f} MiB, {report.get('tensors')} tensors, template {report.get('template')})")

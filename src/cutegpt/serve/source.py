@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from cutegpt.errors import CuteGPTError
+from cutegpt.io import run_name  # noqa: F401  (the model id clients see; export names GGUF files the same way)
 
 CACHE_SUBDIR = "serve-gguf"
 HASH_INDEX = "file-digests.json"
@@ -154,18 +154,6 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
 
         model_defaults = gguf_generation_defaults(gguf)
     return ServedModel(gguf, name, template, jinja, stop, hf_folder, source, model_defaults)
-
-
-# checkpoint folders a run writes: serve them under the run's name ("runs/sft/final" -> "sft")
-_RUN_PARTS = re.compile(r"^(final|best|last|latest|checkpoint-\d+)$")
-
-
-def run_name(folder: Path) -> str:
-    """The model id clients see for a folder: its own name, or its run's for a checkpoint folder of a run."""
-    folder = folder.expanduser().resolve()
-    if _RUN_PARTS.match(folder.name) and folder.parent.name:
-        return folder.parent.name if folder.name in ("final", "best", "last", "latest") else f"{folder.parent.name}-{folder.name}"
-    return folder.name
 
 
 # ----------------------------------------------------------------------------- cache
