@@ -106,12 +106,14 @@ def run_serve(cfg: ServeConfig) -> int:
 
 
 async def _serve(cfg: ServeConfig, served, backend, sock: socket.socket, key: str | None) -> None:
+    from cutegpt.runtime.llamacpp import drops_first_space
     from cutegpt.serve.front import Front, Policy
 
     policy = Policy(
         model_id=served.name, stop=served.stop, api_key=key, max_body_bytes=cfg.max_body_bytes,
         max_tokens_limit=cfg.token_limit, ctx=cfg.ctx, ui=cfg.ui, tools=served.template != "cutegpt",
         defaults=cfg.request_defaults(served.template, served.model_defaults),
+        drop_first_space=drops_first_space(served.gguf),  # answers as chat and generate give them
     )
     front = Front(policy, backend.url, backend.key)
     await front.start(sock)
