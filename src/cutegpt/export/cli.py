@@ -87,13 +87,13 @@ def _say_base(cfg: ExportConfig) -> None:
 
 
 def run_export(cfg: ExportConfig) -> int:
-    from cutegpt.threads import apply_threads, resolve_threads
+    from cutegpt.threads import apply_threads
 
     _say_base(cfg)
     # auto measures the machine once; llama.cpp's verification gets the same count. A GGUF written without
     # verification or a merge never runs torch, so it is not imported (seconds of a small export's time)
     torchless = cfg.format == "gguf" and not cfg.verify and not cfg.lora
-    threads = resolve_threads(cfg.threads) if torchless else apply_threads(cfg.threads)
+    threads = 1 if torchless else apply_threads(cfg.threads)  # without verification nothing runs on threads
     if cfg.format == "gguf":
         return run_export_gguf(cfg, threads)
     from cutegpt.export.hf import export_merged

@@ -719,7 +719,7 @@ def _tokenizer_kv(folder: Path, tokenizer: Any, n_rows: int, template_name: str)
         kv.append(("add_tokenizer_pre", (pre_tokenizer_name(tj, tokenizer),)))
     for i in range(n_tok, n_rows):  # embedding rows past the vocabulary (padding to a multiple of 64)
         tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
+        scores.append(-10000.0)  # as llama.cpp's converter writes them (added tokens get -1000)
         types.append(int(gguf.TokenType.UNUSED))
     kv.append(("add_token_list", (tokens,)))
     if family == "llama":
