@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--llamacpp", required=True, help="llama.cpp checkout (holds convert_hf_to_gguf.py)")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the converter's venv")
     ap.add_argument("--quants", nargs="+", default=["f16", "q8_0"])
-    ap.add_argument("--repeats", type=int, default=3, help="--archs: interleaved runs per tool and model (medians)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per tool and model (medians)")
+    ap.add_argument("--no-verified-run", dest="verified_run", action="store_false",
+                    help="skip the extra timing of cutegpt's export with verification (embedded model)")
     ap.add_argument("--archs", action="store_true",
                     help="instead of the embedded model: the tiny Llama-3, Mistral, Qwen2, Qwen3 and Gemma 2 models of the tests")
     args = ap.parse_args()
@@ -89,23 +91,34 @@ def main() -> None:
     ours_env = dict(env, PYTHONPATH=str(SRC))
     converter = str(Path(args.llamacpp) / "convert_hf_to_gguf.py")
     src_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    print(f"embedded model folder: {src_bytes / 2**20:.0f} MiB of safetensors; loaded machine (2 cores shared), one run each, side by side")
+    import platform
+    import statistics
+
+    print(f"embedded model folder: {src_bytes / 2**20:.0f} MiB of safetensors; CPU: {_cpu_model() or platform.processor()}; load "
+          f"average at the start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; one thread; medians of {args.repeats} "
+          "interleaved runs")
     print("| quant | tool | seconds | peak RSS MiB | file MiB |\n|---|---|---|---|---|")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for q in args.quants:
             ours = Path(tmp) / f"ours-{q}.gguf"
             ref = Path(tmp) / f"ref-{q}.gguf"
-            cmd_ours = [sys.executable, "-m", "cutegpt", "export", "--format", "gguf", "--out", str(ours), "--quant", q, "--no-verify", "--quiet"]
+            cmd_ours = [sys.executable, "-m", "cutegpt", "export", "--format", "gguf", "--out", str(ours), "--quant", q, "--no-verify",
+                        "--quiet", "--overwrite"]
             cmd_ref = [args.python, converter, str(folder), "--outtype", q, "--outfile", str(ref)]
-            r_ours = run(cmd_ours, ours_env)
-            r_ref = run(cmd_ref, env)
+            runs_ours, runs_ref = [], []
+            for _ in range(args.repeats):  # interleaved, so a change in the machine's load hits both tools alike
+                runs_ours.append(run(cmd_ours, ours_env))
+                runs_ref.append(run(cmd_ref, env))
+            r_ours = tuple(statistics.median(r[i] for r in runs_ours) for i in (0, 1))
+            r_ref = tuple(statistics.median(r[i] for r in runs_ref) for i in (0, 1))
             for tool, (wall, rss), path in (("cutegpt export", r_ours, ours), ("convert_hf_to_gguf.py", r_ref, ref)):
                 print(f"| {q} | {tool} | {wall:.1f} | {rss / 2**20:.0f} | {path.stat().st_size / 2**20:.1f} |", flush=True)
             results[q] = {"ours": r_ours, "ref": r_ref, "compare": compare(ours, ref)}
-        verify_out = Path(tmp) / "verify-f16.gguf"
-        wall_v, rss_v = run([sys.executable, "-m", "cutegpt", "export", "--format", "gguf", "--out", str(verify_out), "--quant", "f16", "--quiet"], ours_env)
-    print(f"\ncutegpt export f16 with verification (llama.cpp + transformers checks): {wall_v:.1f} s, peak RSS {rss_v / 2**20:.0f} MiB")
+        if args.verified_run:
+            verify_out = Path(tmp) / "verify-f16.gguf"
+            wall_v, rss_v = run([sys.executable, "-m", "cutegpt", "export", "--format", "gguf", "--out", str(verify_out), "--quant", "f16", "--quiet"], ours_env)
+            print(f"\ncutegpt export f16 with verification (llama.cpp + transformers checks): {wall_v:.1f} s, peak RSS {rss_v / 2**20:.0f} MiB")
     for q, r in results.items():
         c = r["compare"]
         print(f"\n{q}: {c['tensors']} tensors {c['tensor_types']}; same names/types/shapes as llama.cpp's: {c['same_tensor_layout']}; "
