@@ -375,3 +375,20 @@ def test_name_flag_is_checked_before_anything_loads(tmp_path, capsys):
     assert main(["export", "--format", "gguf", "--out", str(tmp_path / "y.gguf"), "--name", " "]) == 1
     assert "--name is empty" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_llamacpp_takes_the_sampling_defaults_from_the_file(tmp_path, bpe_dir):
+    """llama.cpp's server (as llama-cli) starts from the file's general.sampling.*: the cutegpt template's settings and
+    transformers' sampler order, instead of its own defaults (0.8 / 40 / 0.95, min_p 0.05, no penalty over 64 tokens)."""
+    import urllib.request
+
+    from cutegpt.templates import CUTEGPT_DEFAULTS
+
+    out = gx.export_gguf(str(bpe_dir), tmp_path / "m.gguf", quant="f32", template="cutegpt", verify=False, progress=False)
+    with LlamaCpp(out) as cpp:
+        with urllib.request.urlopen(cpp.base + "/props", timeout=60) as r:
+            params = json.loads(r.read())["default_generation_settings"]["params"]
+    assert params["temperature"] == pytest.approx(CUTEGPT_DEFAULTS["temperature"])
+    assert params["top_k"] == CUTEGPT_DEFAULTS["top_k"] and params["top_p"] == pytest.approx(CUTEGPT_DEFAULTS["top_p"])
+    assert params["repeat_penalty"] == pytest.approx(CUTEGPT_DEFAULTS["repetition_penalty"]) and params["repeat_last_n"] == -1
+    assert params["min_p"] == 0.0 and params["samplers"] == ["penalties", "temperature", "top_k", "top_p"]
