@@ -373,3 +373,15 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CuteGPTError(f"{path}: must hold a JSON object of settings, not a {type(data).__name__}.")
     return data
+
+
+# checkpoint folders a run writes: serve them under the run's name ("runs/sft/final" -> "sft")
+_RUN_PARTS = re.compile(r"^(final|best|last|latest|checkpoint-\d+)$")
+
+
+def run_name(folder: Path) -> str:
+    """The model id clients see for a folder: its own name, or its run's for a checkpoint folder of a run."""
+    folder = folder.expanduser().resolve()
+    if _RUN_PARTS.match(folder.name) and folder.parent.name:
+        return folder.parent.name if folder.name in ("final", "best", "last", "latest") else f"{folder.parent.name}-{folder.name}"
+    return folder.name

@@ -225,3 +225,84 @@ def test_lora_not_an_adapter_on_llamacpp(tmp_path):
     cfg = SimpleNamespace(model=None, lora=str(tmp_path), template=None)
     with pytest.raises(CuteGPTError, match="has no adapter_config.json"):
         load_chat_model(cfg, "llamacpp", 1)
+
+
+# --- SentencePiece: the answer's first word piece ("▁北京") ------------------------------------------------------
+
+SP_QA = [("中国的首都是哪里？", "北京。"), ("hi", "Hello there")]
+
+
+@pytest.fixture(scope="module")
+def sp_parrot(tmp_path_factory) -> SimpleNamespace:
+    """A tiny LLaMA with a SentencePiece vocabulary (dummy prefix, `<end>` one token) taught SP_QA, and its GGUF."""
+    from cutegpt.export.gguf import export_gguf
+    from cutegpt.model.tokenizer import load_tokenizer
+    from cutegpt.templates import CuteGPTTemplate, Turn, encode_segments, write_model_card
+    from tests.tiny import build_sp_layout
+
+    folder = tmp_path_factory.mktemp("sp-parrot")
+    build_sp_layout(folder, "llama1", end=True)
+    tok = load_tokenizer(folder)
+    model = build_tiny_llama(folder, vocab_size=len(tok))
+    seqs = [encode_segments(tok, CuteGPTTemplate().segments([Turn(q, output=a)]))[0] for q, a in SP_QA]
+    answer_ids = tok(SP_QA[0][1], add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(answer_ids)[0].startswith("▁")  # the case under test: a word-boundary piece first
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        loss = sum(model(torch.tensor([s]), labels=torch.tensor([s])).loss for s in seqs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_model_card(folder, "cutegpt")
+    path = export_gguf(str(folder), folder.parent / "sp-parrot.gguf", template="cutegpt", quant="f32", verify=False,
+                       overwrite=True, progress=False)
+    return SimpleNamespace(folder=folder, gguf=path)
+
+
+def test_sentencepiece_answer_is_the_torch_text_on_llamacpp(sp_parrot):
+    """llama.cpp's pieces give " 北京。"; transformers decodes "北京。": the llama.cpp backend answers like torch."""
+    from cutegpt.model.loading import ModelArgs, load_model
+    from cutegpt.runtime.llamacpp import drops_first_space, load_llamacpp
+
+    assert drops_first_space(sp_parrot.gguf)
+    lm_torch = load_model(ModelArgs(model=str(sp_parrot.folder)))
+    lm_cpp = load_llamacpp(sp_parrot.gguf, threads=1)
+    gen = GenerationArgs(greedy=True, max_new_tokens=20)
+    for q, a in SP_QA:
+        torch_answer = ChatSession(lm_torch, gen).ask(q)
+        chunks: list[str] = []
+        cpp_answer = _session(lm_cpp).ask(q, on_text=chunks.append)
+        assert torch_answer.text == a and torch_answer.stop_reason == "stop"
+        assert cpp_answer.text == "".join(chunks) == a and cpp_answer.stop_reason == "stop"
+    # without the rule the text would keep llama.cpp's space (the test above would fail)
+    raw = load_llamacpp(sp_parrot.gguf, threads=1)
+    raw.drops_first_space = False
+    assert _session(raw).ask(SP_QA[0][0]).text == " " + SP_QA[0][1]
+
+
+def test_byte_level_bpe_keeps_its_first_space(parrot):
+    from cutegpt.runtime.llamacpp import drops_first_space
+
+    assert not drops_first_space(parrot.gguf)  # GPT-2 style pieces carry their own space ("Ġ"): nothing to drop
+
+
+@pytest.mark.slow
+def test_sentencepiece_answer_is_the_torch_text_on_serve(sp_parrot, tmp_path):
+    """serve relays llama.cpp's answer with the first space dropped, streamed or not, as chat and generate give it."""
+    from tests.serve.conftest import request, running_server
+
+    q, a = SP_QA[0]
+    with running_server("--model", str(sp_parrot.gguf), "--quiet", env={"CUTEGPT_CACHE": str(tmp_path / "cache")}) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        status, body = request(port, "POST", "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 16})
+        assert status == 200 and body["choices"][0]["message"]["content"] == a, body
+        status, body = request(port, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": q}],
+                                                                       "temperature": 0, "max_tokens": 16, "stream": True})
+        events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+        assert status == 200 and "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == a

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -190,3 +191,35 @@ def test_pre_tokenizer_found_by_its_split_rule(arch_dirs):
     for name, pre in (("qwen2-bpe-tied", "qwen2"), ("llama3-bpe-gqa", "llama-bpe")):
         tj = json.loads((arch_dirs[name] / "tokenizer.json").read_text())
         assert gx.pre_tokenizer_name(tj) == pre
+
+
+def _ends_at(cpp, prompt: list[int], token: int) -> bool:
+    """Whether llama.cpp ends the answer right after `token` (forced by a logit bias; no stop string given)."""
+    r = cpp._post("/completion", {"prompt": prompt, "n_predict": 3, "temperature": 0, "return_tokens": True,
+                                  "logit_bias": [[token, 1000.0]], "cache_prompt": False})
+    assert r["tokens"][0] == token
+    return len(r["tokens"]) == 1
+
+
+@pytest.mark.parametrize("name", ["llama3-bpe-gqa", "qwen2-bpe-tied", "gemma2-sp-tied"])
+def test_both_backends_end_answers_at_the_tokens_llamacpp_ends_them(arch_dirs, tmp_path, name):
+    """Every added token is forced in llama.cpp: those it ends the answer at are end_of_generation_ids (which the torch
+    engine stops at, and the file lists for ollama), e.g. Llama-3's <|end_of_text|> beside <|eot_id|>."""
+    from cutegpt.chat.engine import stop_token_ids
+    from cutegpt.model.tokenizer import end_of_generation_ids, load_tokenizer
+    from cutegpt.templates import get_template
+
+    tok = load_tokenizer(arch_dirs[name])
+    out = gx.export_gguf(str(arch_dirs[name]), tmp_path / "m.gguf", quant="f32", template="auto", verify=False, progress=False)
+    stop = get_template("auto", tok).stop
+    ours = set(end_of_generation_ids(tok, stop))
+    candidates = sorted(set(tok.added_tokens_decoder) | {tok.convert_tokens_to_ids(t) for t in ("hello", "a") if t in tok.get_vocab()})
+    prompt = tok("hello", add_special_tokens=False)["input_ids"]
+    with LlamaCpp(out) as cpp:
+        llamacpp = {t for t in candidates if _ends_at(cpp, prompt, t)}
+    assert llamacpp == ours & set(candidates) and ours <= set(candidates)
+    if name.startswith("llama3"):
+        assert tok.convert_tokens_to_ids("<|end_of_text|>") in llamacpp
+    lm = SimpleNamespace(tokenizer=tok, template=get_template("auto", tok), model=None)
+    assert ours <= stop_token_ids(lm)
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.eos_token_ids"].contents() == sorted(ours)

@@ -293,3 +293,102 @@ def test_threads_reach_llamacpp_and_torch(bpe_dir, tmp_path, monkeypatch):
         assert seen == [2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _fields(path: Path, prefix: str) -> dict:
+    return {k: v.contents() for k, v in gguf.GGUFReader(path).fields.items() if k.startswith(prefix)}
+
+
+def test_cutegpt_end_ends_generation_in_llamacpp_without_a_stop_string(tmp_path):
+    """`<end>` (one token after training) is the file's end of generation: llama.cpp's own server ends the answer
+    at it with no stop string in the request, as llama-cli and ollama (eos_token_ids) do; other tokens run on."""
+    from tests.tiny import build_tiny_llama, build_tokenizer
+
+    from cutegpt.templates import add_stop_token
+
+    folder = tmp_path / "m"
+    tok = build_tokenizer(folder, chat_template=False)
+    add_stop_token(tok)
+    tok.save_pretrained(folder)
+    build_tiny_llama(folder, vocab_size=len(tok))
+    out = gx.export_gguf(str(folder), tmp_path / "m.gguf", quant="f32", template="cutegpt", verify=False, progress=False)
+    end = tok.convert_tokens_to_ids("<end>")
+    assert end in _fields(out, "tokenizer.ggml.eos_token_ids")["tokenizer.ggml.eos_token_ids"]
+    prompt = tok("问：hi\n答：\n", add_special_tokens=False)["input_ids"]
+    with LlamaCpp(out) as cpp:
+        for token, ends in ((end, True), (tok.convert_tokens_to_ids("hello"), False)):
+            r = cpp._post("/completion", {"prompt": prompt, "n_predict": 4, "temperature": 0, "return_tokens": True,
+                                          "logit_bias": [[token, 1000.0]]})
+            assert r["tokens"] == ([token] if ends else [token] * 4), (token, r["tokens"])
+            assert r["stop_type"] == ("eos" if ends else "limit")
+
+
+def test_general_name_and_sampling_defaults(tmp_path, bpe_dir):
+    """general.name is the run's (or --name); general.sampling.* are the settings chat resolves for the model, which
+    every reader of the file (our llama.cpp backend, serve, ollama's Modelfile) gets back."""
+    from cutegpt.chat.args import GenerationArgs, generation_config_defaults, resolve_generation
+    from cutegpt.runtime.llamacpp import gguf_generation_defaults
+    from cutegpt.templates import CUTEGPT_DEFAULTS
+
+    run = tmp_path / "runs" / "zh-sft" / "final"
+    shutil.copytree(bpe_dir, run)
+    out = gx.export_gguf(str(run), tmp_path / "a.gguf", quant="f32", template="cutegpt", verify=False, progress=False)
+    f = _fields(out, "general.")
+    assert f["general.name"] == "zh-sft"
+    assert f["general.sampling.temp"] == pytest.approx(CUTEGPT_DEFAULTS["temperature"])
+    assert f["general.sampling.top_p"] == pytest.approx(CUTEGPT_DEFAULTS["top_p"])
+    assert f["general.sampling.top_k"] == CUTEGPT_DEFAULTS["top_k"]
+    assert f["general.sampling.penalty_repeat"] == pytest.approx(CUTEGPT_DEFAULTS["repetition_penalty"])
+    assert f["general.sampling.sequence"] == "penalties;temperature;top_k;top_p" and f["general.sampling.min_p"] == 0.0
+    assert f["general.sampling.penalty_last_n"] == -1  # the whole context, as transformers penalises
+    want = {k: getattr(resolve_generation(GenerationArgs(), {}, "", "cutegpt")[0], k) for k in ("greedy", "temperature", "top_p", "top_k", "repetition_penalty")}
+    assert {k: pytest.approx(v) for k, v in gguf_generation_defaults(out).items()} == want
+
+    # the model's own generation_config.json wins over the template's defaults; greedy is temperature 0
+    (run / "generation_config.json").write_text(json.dumps({"do_sample": False, "repetition_penalty": 1.3}))
+    out = gx.export_gguf(str(run), tmp_path / "b.gguf", quant="f32", template="auto", verify=False, progress=False,
+                         name="Tiny Chinese Chat")
+    f = _fields(out, "general.")
+    assert f["general.name"] == "Tiny Chinese Chat"
+    assert f["general.sampling.temp"] == 0.0 and f["general.sampling.penalty_repeat"] == pytest.approx(1.3)
+    resolved = resolve_generation(GenerationArgs(), generation_config_defaults(run), "", "auto")[0]
+    assert gguf_generation_defaults(out) == {"greedy": True, "top_p": resolved.top_p, "top_k": resolved.top_k,
+                                             "repetition_penalty": pytest.approx(resolved.repetition_penalty)}
+
+
+def test_adapter_export_is_named_after_its_run(tmp_path, bpe_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(bpe_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter = tmp_path / "runs" / "qa-lora" / "checkpoint-40"
+    peft.save_pretrained(adapter)
+    out = gx.export_gguf(str(bpe_dir), tmp_path / "m.gguf", lora=str(adapter), quant="f32", verify=False, progress=False)
+    assert _fields(out, "general.name")["general.name"] == "qa-lora-checkpoint-40"  # not the merge's temporary folder
+
+
+def test_name_flag_is_checked_before_anything_loads(tmp_path, capsys):
+    from cutegpt.cli import main
+
+    assert main(["export", "--lora", str(tmp_path / "x"), "--out", str(tmp_path / "y"), "--name", "n"]) == 1
+    assert "--name applies to --format gguf only." in capsys.readouterr().err
+    assert main(["export", "--format", "gguf", "--out", str(tmp_path / "y.gguf"), "--name", " "]) == 1
+    assert "--name is empty" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_llamacpp_takes_the_sampling_defaults_from_the_file(tmp_path, bpe_dir):
+    """llama.cpp's server (as llama-cli) starts from the file's general.sampling.*: the cutegpt template's settings and
+    transformers' sampler order, instead of its own defaults (0.8 / 40 / 0.95, min_p 0.05, no penalty over 64 tokens)."""
+    import urllib.request
+
+    from cutegpt.templates import CUTEGPT_DEFAULTS
+
+    out = gx.export_gguf(str(bpe_dir), tmp_path / "m.gguf", quant="f32", template="cutegpt", verify=False, progress=False)
+    with LlamaCpp(out) as cpp:
+        with urllib.request.urlopen(cpp.base + "/props", timeout=60) as r:
+            params = json.loads(r.read())["default_generation_settings"]["params"]
+    assert params["temperature"] == pytest.approx(CUTEGPT_DEFAULTS["temperature"])
+    assert params["top_k"] == CUTEGPT_DEFAULTS["top_k"] and params["top_p"] == pytest.approx(CUTEGPT_DEFAULTS["top_p"])
+    assert params["repeat_penalty"] == pytest.approx(CUTEGPT_DEFAULTS["repetition_penalty"]) and params["repeat_last_n"] == -1
+    assert params["min_p"] == 0.0 and params["samplers"] == ["penalties", "temperature", "top_k", "top_p"]

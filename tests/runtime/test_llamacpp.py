@@ -44,7 +44,14 @@ def test_gguf_metadata_reader_and_sampling_defaults(tmp_path):
     assert meta["general.name"] == "Tiny Parrot" and meta["llama.context_length"] == 512
     assert "tokenizer.ggml.tokens" not in meta  # arrays are skipped
     d = gguf_generation_defaults(path)
-    assert d == {"temperature": pytest.approx(0.2), "top_p": pytest.approx(0.9), "top_k": 20}
+    assert d == {"temperature": pytest.approx(0.2), "top_p": pytest.approx(0.9), "top_k": 20, "greedy": False}
+    w = gguf.GGUFWriter(str(tmp_path / "greedy.gguf"), "llama")
+    w.add_float32("general.sampling.temp", 0.0)  # llama.cpp's greedy
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert gguf_generation_defaults(tmp_path / "greedy.gguf") == {"greedy": True}
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf")
     with pytest.raises(CuteGPTError, match="not a GGUF file"):

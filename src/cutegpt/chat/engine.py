@@ -55,21 +55,16 @@ def logits_processors(gen: GenerationArgs) -> Any:
 
 
 def stop_token_ids(lm: LoadedModel) -> set[int]:
-    """EOS ids of the tokenizer and generation config, plus the stop marker when it is one token."""
-    ids: set[int] = set()
-    tok = lm.tokenizer
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
+    """The ids llama.cpp ends an answer at (model.tokenizer.end_of_generation_ids: EOS, the stop marker when it is
+    one token, the end-of-text tokens llama.cpp knows by name), plus the generation config's EOS ids."""
+    from cutegpt.model.tokenizer import end_of_generation_ids
+
+    ids = set(end_of_generation_ids(lm.tokenizer, lm.template.stop))
     eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
     if isinstance(eos, int):
         ids.add(eos)
     elif isinstance(eos, (list, tuple)):
         ids.update(int(i) for i in eos)
-    stop = lm.template.stop
-    if stop:
-        enc = tok(stop, add_special_tokens=False)["input_ids"]
-        if len(enc) == 1 and tok.convert_ids_to_tokens(enc[0]) == stop:
-            ids.add(int(enc[0]))
     return ids
 
 

@@ -11,7 +11,9 @@ in Python and is shared with the torch engine:
   streamed text with the same hold-back rule as the torch engine, EOS stops too,
   and neither is ever printed;
 - the sampling settings: mapped onto llama.cpp's samplers in transformers' order
-  (runtime/llamacpp.py `request_for`).
+  (runtime/llamacpp.py `request_for`);
+- the text: a SentencePiece answer's first space, which llama.cpp's pieces keep and
+  transformers' decoding drops, is dropped (runtime/llamacpp.py `drops_first_space`).
 
 Loading the file, its tokenizer and template is the runtime's (`runtime.llamacpp.load_llamacpp`).
 History is reused through llama.cpp's prompt cache (`cache_prompt`, one slot):
@@ -71,7 +73,7 @@ class LlamaCppEngine:
         stop = self.lm.template.stop
         req = request_for(prompt_ids, gen, stop, self.lm.context_length, self.reuse_cache)
         state: dict[str, Any] = {"text": "", "emitted": 0, "first": None, "reason": "length", "final": None,
-                                 "error": None, "stopped_by_us": False}
+                                 "error": None, "stopped_by_us": False, "lead": self.lm.drops_first_space}
         t0 = time.perf_counter()
 
         with _SigintFlag() as sigint:
@@ -92,6 +94,8 @@ class LlamaCppEngine:
                     state["final"] = chunk
                 if choice.get("finish_reason"):
                     state["reason"] = "stop" if choice["finish_reason"] == "stop" else "length"
+                if piece and state["lead"]:  # one space at most, as transformers decodes (runtime.llamacpp.drops_first_space)
+                    piece, state["lead"] = piece.removeprefix(" "), False
                 if piece:
                     text = state["text"] + piece
                     start = max(0, state["emitted"] - len(stop)) if stop else 0

@@ -54,12 +54,10 @@ def answer_text(lm: Any, ids: list[int], max_new_tokens: int, text: str = "") ->
     else:
         import torch
 
+        from cutegpt.model.tokenizer import end_of_generation_ids
+
         tok = lm.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        if stop:
-            stop_ids = tok(stop, add_special_tokens=False)["input_ids"]
-            if len(stop_ids) == 1:
-                eos.append(stop_ids[0])
+        eos = end_of_generation_ids(tok, stop)  # where llama.cpp ends the answer too
         device = next(lm.model.parameters()).device
         with torch.no_grad():
             out = lm.model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,

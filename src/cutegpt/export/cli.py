@@ -44,6 +44,7 @@ class ExportConfig(ModelArgs):
     overwrite: bool = arg(False, "replace --out if it exists (once the new output is complete)")
     ollama: bool = arg(False, "also write an Ollama Modelfile beside the .gguf file (--format gguf)")
     system: str | None = arg(None, "the Modelfile's SYSTEM line (--ollama); default: the template's")
+    name: str | None = arg(None, "the GGUF file's general.name (--format gguf); default: the run's name (runs/sft/final -> sft)")
 
     def check(self) -> None:
         """Refuse a bad output before any model loads: never inside, or instead of, the model being exported."""
@@ -56,8 +57,11 @@ class ExportConfig(ModelArgs):
                 raise CuteGPTError("--lora is required: the adapter folder --format gguf-lora converts.")
             if self.quant not in LORA_QUANTS:
                 raise CuteGPTError(f"--format gguf-lora writes {', '.join(LORA_QUANTS)} tensors; --quant {self.quant} is for whole models.")
-        if self.format != "gguf" and (self.ollama or self.system is not None):
-            raise CuteGPTError(f"{'--ollama' if self.ollama else '--system'} applies to --format gguf only.")
+        if self.format != "gguf" and (self.ollama or self.system is not None or self.name is not None):
+            flag = "--ollama" if self.ollama else "--system" if self.system is not None else "--name"
+            raise CuteGPTError(f"{flag} applies to --format gguf only.")
+        if self.name is not None and not self.name.strip():
+            raise CuteGPTError("--name is empty; give the model's name, or leave the flag out for the run's name.")
         if self.system is not None and not self.ollama:
             raise CuteGPTError("--system sets the Modelfile's SYSTEM line; add --ollama.")
         if self.format in ("gguf", "gguf-lora"):
@@ -100,7 +104,10 @@ def run_export(cfg: ExportConfig) -> int:
     from cutegpt.threads import apply_threads
 
     _say_base(cfg)
-    threads = apply_threads(cfg.threads)  # auto measures the machine once; llama.cpp's verification gets the same count
+    # auto measures the machine once; llama.cpp's verification gets the same count. A GGUF written without
+    # verification or a merge never runs torch, so it is not imported (seconds of a small export's time)
+    torchless = cfg.format == "gguf" and not cfg.verify and not cfg.lora
+    threads = 1 if torchless else apply_threads(cfg.threads)  # without verification nothing runs on threads
     if cfg.format == "gguf":
         return run_export_gguf(cfg, threads)
     if cfg.format == "gguf-lora":
@@ -122,7 +129,7 @@ def run_export_gguf(cfg: ExportConfig, threads: int = 1) -> int:
         raise CuteGPTError("--dtype applies to --format hf; choose the GGUF tensor type with --quant.")
     out = gguf_export.export_gguf(cfg.model, Path(cfg.out), lora=cfg.lora, quant=cfg.quant, template=cfg.template,
                                   verify=cfg.verify, overwrite=cfg.overwrite, progress=not cfg.quiet,
-                                  threads=threads)
+                                  threads=threads, name=cfg.name)
     report = gguf_export.last_report or {}
     size = out.stat().st_size
     print(f"saved {out} ({cfg.quant}, {size / 2**20:.1f} MiB, {report.get('tensors')} tensors, template {report.get('template')})")

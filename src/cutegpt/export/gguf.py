@@ -160,11 +160,12 @@ def sliding_window(config: dict[str, Any]) -> int | None:
 
 def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None = None, quant: str = "f16",
                 template: str | None = None, verify: bool = True, overwrite: bool = False,
-                progress: bool = True, threads: int = 1) -> Path:
+                progress: bool = True, threads: int = 1, name: str | None = None) -> Path:
     """Write `model` (HF folder; None = the embedded model), with `lora` merged in, to the GGUF file `out`.
 
     `template`: the prompt template whose Jinja the file carries (None = what the
-    model folder records, as every command resolves it). Raises CuteGPTError with one
+    model folder records, as every command resolves it). `name`: the file's
+    `general.name` (None = the run's name: the adapter's run, else the model folder's). Raises CuteGPTError with one
     sentence for every user mistake; nothing is left under `out` on failure.
     Returns `out`; the verification report (if any) is in `last_report`.
     """
@@ -198,6 +199,13 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
     if folder.suffix == ".gguf":
         raise CuteGPTError(f"--model {folder} is already a GGUF file; export takes a model folder (or nothing for the embedded model).")
     _check_source(folder)
+    from cutegpt.chat.args import generation_config_defaults
+    from cutegpt.io import run_name
+
+    # what chat and serve resolve for this model (the adapter's generation_config.json over the base's)
+    source_info["sampling"] = {**generation_config_defaults(folder), **generation_config_defaults(lora)}
+    if name or lora is not None or not source_info.get("name"):
+        source_info["name"] = name or run_name(Path(lora).expanduser() if lora is not None else folder)
 
     with contextlib.ExitStack() as stack:
         if lora is not None:
@@ -287,7 +295,7 @@ def _merge_lora(base: Path, lora: Path, stack: contextlib.ExitStack, near: Path,
 
 
 def _template_and_tokenizer(template: str | None, folder: Path, lora: Any) -> tuple[str, Any]:
-    from cutegpt.model.loading import load_tokenizer
+    from cutegpt.model.tokenizer import load_tokenizer  # not model.loading's wrapper: that module imports torch
     from cutegpt.templates import TEMPLATES, resolve_template_name
 
     if template is not None and template not in TEMPLATES:
@@ -414,6 +422,7 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
     lic = info.get("license") or _licence(folder)
     if lic:
         kv.append(("add_license", (str(lic),)))
+    kv += sampling_kv(info.get("sampling") or {}, template_name)
     repo = config.get("_name_or_path")
     if isinstance(repo, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not Path(repo).exists():
         kv.append(("add_source_url", (f"https://huggingface.co/{repo}",)))
@@ -480,6 +489,27 @@ def plan_export(folder: Path, tokenizer: Any, quant: str, template_name: str, so
     return plan
 
 
+# llama.cpp's sampler names, in the order transformers (and our llama.cpp requests, runtime.llamacpp.request_for) apply them
+SAMPLER_SEQUENCE = "penalties;temperature;top_k;top_p"
+
+
+def sampling_kv(model_defaults: dict[str, Any], template_name: str) -> list[tuple[str, tuple[Any, ...]]]:
+    """`general.sampling.*`: the settings chat and serve resolve for this model (its generation_config.json, else the
+    template's defaults), in llama.cpp's terms, so llama-cli, llama-server and ollama sample as `cutegpt chat` does.
+
+    Greedy is temperature 0 for llama.cpp; the penalty covers the whole context (-1) and min_p is off, as transformers."""
+    from cutegpt.chat.args import GenerationArgs, resolve_generation
+
+    gen, _ = resolve_generation(GenerationArgs(), model_defaults, "model", template_name)
+    return [("add_sampling_sequence", (SAMPLER_SEQUENCE,)),
+            ("add_sampling_temp", (0.0 if gen.greedy else float(gen.temperature),)),
+            ("add_sampling_top_k", (int(gen.top_k),)),
+            ("add_sampling_top_p", (float(gen.top_p),)),
+            ("add_sampling_min_p", (0.0,)),
+            ("add_sampling_penalty_repeat", (float(gen.repetition_penalty),)),
+            ("add_sampling_penalty_last_n", (-1,))]
+
+
 def _licence(folder: Path) -> str | None:
     readme = folder / "README.md"
     if readme.is_file():
@@ -491,17 +521,28 @@ def _licence(folder: Path) -> str | None:
 
 def _weight_index(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """safetensors key -> (file, shape), in file order; headers only, no tensor is read."""
-    from safetensors import safe_open
-
     out: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    out[k] = (f, tuple(st.get_slice(k).get_shape()))
-        except Exception as e:
-            raise CuteGPTError(f"{f}: the weights file is corrupt or truncated ({str(e).splitlines()[0][:200]}).") from None
+        for k, t in _safetensors(f).items():
+            if t.dtype not in SOURCE_DTYPES:
+                raise CuteGPTError(f"{f}: the tensor {k} is {t.dtype}; GGUF export reads {', '.join(SOURCE_DTYPES)} weights.")
+            out[k] = (f, tuple(t.shape))
     return out
+
+
+# safetensors dtypes the export reads, as numpy dtypes (BF16, which numpy lacks, is widened from its 16 bits)
+SOURCE_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def _safetensors(f: Path) -> dict[str, Any]:
+    """The file's tensors (name -> gguf.utility.LocalTensor: dtype, shape, byte range), from its header only."""
+    from gguf.utility import SafetensorsLocal
+
+    try:
+        with SafetensorsLocal(f) as tensors:
+            return tensors
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
+        raise CuteGPTError(f"{f}: the weights file is corrupt or truncated ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}).") from None
 
 
 def _tensor_qtype(name: str, shape: tuple[int, ...], quant: str, n_layer: int = 0, has_output: bool = True) -> Any:
@@ -692,7 +733,7 @@ def _tokenizer_kv(folder: Path, tokenizer: Any, n_rows: int, template_name: str)
         kv.append(("add_tokenizer_pre", (pre_tokenizer_name(tj, tokenizer),)))
     for i in range(n_tok, n_rows):  # embedding rows past the vocabulary (padding to a multiple of 64)
         tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
+        scores.append(-10000.0)  # as llama.cpp's converter writes them (added tokens get -1000)
         types.append(int(gguf.TokenType.UNUSED))
     kv.append(("add_token_list", (tokens,)))
     if family == "llama":
@@ -724,6 +765,12 @@ def _tokenizer_kv(folder: Path, tokenizer: Any, n_rows: int, template_name: str)
         stop = tokenizer(marker, add_special_tokens=False)["input_ids"]
         if len(stop) == 1:  # llama.cpp ends generation at its end-of-turn token, as chat and serve stop at the marker
             kv.append(("add_eot_token_id", (stop[0],)))
+    # ollama's own engine reads its ends of generation from this list (beside eos_token_id), not from eot or names
+    from cutegpt.model.tokenizer import end_of_generation_ids
+
+    eog = end_of_generation_ids(tokenizer, marker)
+    if eog:
+        kv.append(("add_array", ("tokenizer.ggml.eos_token_ids", eog)))
     return kv
 
 
@@ -781,7 +828,6 @@ def _sp_add_dummy_prefix(folder: Path) -> bool | None:
 def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
     """Write `plan` to `path`, one tensor in memory at a time."""
     import gguf
-    from safetensors import safe_open
     from tqdm import tqdm
 
     writer = gguf.GGUFWriter(str(path), plan.arch)
@@ -794,11 +840,12 @@ def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"GGUF {plan.quant}", disable=not progress, leave=False)
+    headers: dict[Path, dict[str, Any]] = {}
     try:
         for t in plan.tensors:
-            # a fresh handle per tensor: the mapping (and the file pages it made resident) goes away with it
-            with (safe_open(str(t.file), framework="pt") if t.file is not None else contextlib.nullcontext()) as st:
-                data = _convert(t, st)
+            if t.file is not None and t.file not in headers:
+                headers[t.file] = _safetensors(t.file)
+            data = _convert(t, headers[t.file][t.source] if t.file is not None else None)
             writer.write_tensor_data(data)
             bar.update(t.nbytes)
             del data
@@ -810,30 +857,54 @@ def write_gguf(plan: Plan, path: Path, progress: bool = True) -> None:
                 f.close()
 
 
-def _convert(t: TensorPlan, st: Any) -> np.ndarray:
-    """One tensor as GGUF bytes: unpermuted, then cast or quantized a block of rows at a time."""
-    import gguf
-    import torch
+def _source(t: TensorPlan, local: Any) -> np.ndarray:
+    """The tensor as stored (BF16 as its raw 16 bits), mapped from its file; a fresh mapping per tensor, so the
+    pages it made resident go with it."""
+    if t.data is not None:
+        return t.data
+    return local.mmap_bytes().view(SOURCE_DTYPES[local.dtype]).reshape(local.shape)
 
-    src = torch.from_numpy(t.data) if t.data is not None else st.get_tensor(t.source)
+
+def _widen(a: np.ndarray) -> np.ndarray:
+    """float32 values of stored ones (uint16 holds bfloat16: the top half of a float32)."""
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def _convert(t: TensorPlan, local: Any) -> np.ndarray:
+    """One tensor as GGUF bytes: unpermuted, then cast or quantized CHUNK_ROWS rows at a time.
+
+    numpy throughout, as llama.cpp's converter (no torch import); a 16-bit tensor is widened to float32
+    a block of rows at a time into the preallocated output, never as a whole.
+    """
+    import gguf
+
+    src = _source(t, local)
     if t.permute_heads:
         src = _unpermute(src, t.permute_heads)
-    if t.offset:
-        src = src.to(torch.float32) + t.offset
-    if src.dim() == 1 or t.qtype == gguf.GGMLQuantizationType.F32:
-        return src.to(torch.float32).numpy()
-    if t.qtype == gguf.GGMLQuantizationType.F16:
-        return src.to(torch.float16).contiguous().numpy()  # one cast, no float32 copy (round-to-nearest-even, as numpy)
+    if src.ndim == 1:
+        return _widen(src) + np.float32(t.offset) if t.offset else np.ascontiguousarray(_widen(src))
     from cutegpt.export.kquants import quantize as ggml_quantize
 
     Q = gguf.GGMLQuantizationType
-    # K-quants only in llama.cpp's own code (gguf-py cannot); the legacy types as before, byte-identical either way
+    # K-quants only in llama.cpp's own code (gguf-py cannot); the legacy types by gguf-py, byte-identical either way
     quantize = ggml_quantize if t.qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else gguf.quants.quantize
-    rows = []
+    if t.qtype == Q.F32:
+        out = np.empty(src.shape, dtype=np.float32)
+    elif t.qtype == Q.F16:
+        out = np.empty(src.shape, dtype=np.float16)
+    else:
+        out = np.empty(gguf.quant_shape_to_byte_shape(src.shape, t.qtype), dtype=np.uint8)
     for start in range(0, src.shape[0], CHUNK_ROWS):
-        rows.append(quantize(src[start:start + CHUNK_ROWS].to(torch.float32).numpy(), t.qtype))
-    del src
-    return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+        rows = _widen(src[start:start + CHUNK_ROWS])
+        if t.offset:
+            rows = rows + np.float32(t.offset)
+        if out.dtype == np.uint8:
+            out[start:start + CHUNK_ROWS] = quantize(rows, t.qtype)
+        else:
+            out[start:start + CHUNK_ROWS] = rows  # to float16 with round-to-nearest-even, as llama.cpp's converter
+    return out
 
 
 def _unpermute(w: Any, n_head: int) -> Any:

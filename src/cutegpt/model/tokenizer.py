@@ -258,3 +258,27 @@ def ids_fingerprint(tokenizer: Any) -> str:
     for text in FINGERPRINT:
         h.update((str(list(tokenizer(text, add_special_tokens=False)["input_ids"])) + "\n").encode())
     return h.hexdigest()[:16]
+
+
+# Token texts llama.cpp ends generation at wherever they are in a vocabulary, besides the file's eos/eot/eom ids
+# (llama-vocab.cpp, the special_eog_ids it builds when loading a model). The torch engine stops at the same
+# tokens, so both backends end an answer alike (a Llama-3 model emitting <|end_of_text|>, a Qwen base <|endoftext|>).
+LLAMACPP_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+                      "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+                      "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+                      "<｜end▁of▁sentence｜>", "[e~[")
+
+
+def end_of_generation_ids(tokenizer: Any, stop: str | None = None) -> list[int]:
+    """The ids that end an answer in llama.cpp: EOS, the template's stop marker when it is one token, and every
+    token whose text llama.cpp treats as an end of generation (LLAMACPP_EOG_TEXTS)."""
+    ids: set[int] = set()
+    if isinstance(getattr(tokenizer, "eos_token_id", None), int):
+        ids.add(int(tokenizer.eos_token_id))
+    if stop:
+        enc = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1 and tokenizer.convert_ids_to_tokens(enc[0]) == stop:
+            ids.add(int(enc[0]))
+    vocab = tokenizer.get_vocab()
+    ids.update(int(vocab[t]) for t in LLAMACPP_EOG_TEXTS if t in vocab)
+    return sorted(ids)

@@ -136,13 +136,30 @@ def read_gguf_metadata(path: Path, wanted: Callable[[str], bool] = lambda k: Tru
 
 
 def gguf_generation_defaults(path: Path) -> dict[str, Any]:
-    """The sampling settings a GGUF file recommends (`general.sampling.*`), as GenerationArgs fields."""
+    """The sampling settings a GGUF file recommends (`general.sampling.*`), as GenerationArgs fields.
+
+    As in llama.cpp, a temperature of 0 means greedy decoding and a positive one sampling."""
     meta = read_gguf_metadata(path, lambda k: k in GGUF_SAMPLING_KEYS)
     out: dict[str, Any] = {}
     for key, name in GGUF_SAMPLING_KEYS.items():
         if key in meta:
             out[name] = int(meta[key]) if name == "top_k" else float(meta[key])
+    if "temperature" in out:
+        out["greedy"] = out["temperature"] <= 0
+        if out["greedy"]:
+            del out["temperature"]
     return out
+
+
+def drops_first_space(path: Path) -> bool:
+    """Whether an answer's first space is not part of its text for this file's vocabulary.
+
+    A SentencePiece vocabulary with a dummy prefix starts an answer with a word-boundary piece ("▁北京"):
+    llama.cpp's text for it keeps the space (" 北京"), transformers' decoding drops it, as SentencePiece
+    does at the start of a text. The torch backend's answer is the reference; the llama.cpp backend and
+    serve drop that one space too."""
+    meta = read_gguf_metadata(path, lambda k: k in ("tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix"))
+    return meta.get("tokenizer.ggml.model") == "llama" and bool(meta.get("tokenizer.ggml.add_space_prefix", True))
 
 
 def gguf_model_name(path: Path) -> str:
@@ -210,6 +227,7 @@ class LlamaCppModel:
     device: str = "cpu"
     int8: str | None = None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    drops_first_space: bool = False  # see drops_first_space()
 
     def describe(self) -> str:
         return f"{self.name} (llama.cpp, {self.threads} thread{'s' if self.threads != 1 else ''}, template {self.template.name})"
@@ -246,7 +264,8 @@ def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, 
     keep_alive(server)
     return LlamaCppModel(server=server, tokenizer=tokenizer, template=tmpl, model_path=path,
                          context_length=params.n_ctx // parallel, threads=threads, name=name or gguf_model_name(path),
-                         generation_defaults=gguf_generation_defaults(path), lora_path=lora)
+                         generation_defaults=gguf_generation_defaults(path), lora_path=lora,
+                         drops_first_space=drops_first_space(path))
 
 
 def keep_alive(server: Any) -> None:

@@ -77,6 +77,7 @@ class Policy:
     # with it and parsed here (`serve/tools.py`); None forwards them to llama.cpp as they are
     template: Any = None
     vocab_size: int | None = None  # token ids must lie below it (llama.cpp answers 500 to /detokenize beyond)
+    drop_first_space: bool = False  # a SentencePiece answer's first space (runtime.llamacpp.drops_first_space)
 
 
 # ----------------------------------------------------------------------------- request checks
@@ -515,6 +516,70 @@ def _mark_cut_off(piece: bytes) -> list[bytes]:
 DONE = b"data: [DONE]"
 SHUTDOWN_EVENT = (b'data: {"error": {"message": "The server is shutting down; this answer was cut short.", '
                   b'"type": "server_error", "param": null, "code": "server_shutdown"}}\n\n' + DONE + b"\n\n")
+def _strip_choice(choice: Any) -> bool:
+    """Drop the first space of a choice's text (chat: message or delta content; completion: text); True once it had text."""
+    if not isinstance(choice, dict):
+        return False
+    holder = choice.get("message") or choice.get("delta")
+    key = "content" if isinstance(holder, dict) else "text"
+    holder = holder if isinstance(holder, dict) else choice
+    text = holder.get(key)
+    if not isinstance(text, str) or not text:
+        return False
+    holder[key] = text.removeprefix(" ")
+    return True
+
+
+def drop_first_space(data: bytes) -> bytes:
+    """A whole (not streamed) answer with each choice's first space dropped, as transformers decodes it."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return data
+    for choice in (body.get("choices") or []) if isinstance(body, dict) else []:
+        _strip_choice(choice)
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+class FirstSpace:
+    """Drops the first space of each choice's streamed text: reads whole SSE events until every choice has begun
+    its text, rewriting the event that begins it, then passes the stream through untouched."""
+
+    def __init__(self, n_choices: int):
+        self.waiting = set(range(max(1, n_choices)))
+        self.buffer = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        if not self.waiting:
+            return piece
+        self.buffer += piece
+        out: list[bytes] = []
+        while self.waiting and b"\n\n" in self.buffer:
+            event, self.buffer = self.buffer.split(b"\n\n", 1)
+            out.append(self._event(event) + b"\n\n")
+        if not self.waiting:
+            out.append(self.buffer)
+            self.buffer = b""
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self.buffer, self.waiting = self.buffer, b"", set()
+        return rest
+
+    def _event(self, event: bytes) -> bytes:
+        if not event.startswith(b"data: ") or event.startswith(b"data: [DONE]"):
+            return event
+        try:
+            body = json.loads(event[6:])
+        except ValueError:
+            return event
+        changed = False
+        for choice in (body.get("choices") or []) if isinstance(body, dict) else []:
+            index = choice.get("index", 0) if isinstance(choice, dict) else None
+            if index in self.waiting and _strip_choice(choice):
+                self.waiting.discard(index)
+                changed = True
+        return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() if changed else event
 
 
 def _relay_class():
@@ -524,15 +589,18 @@ def _relay_class():
     class Relay(StreamingResponse):
         """Relays a streamed llama.cpp answer; closes the backend connection however the stream ends."""
 
-        def __init__(self, front: Front, upstream: Any, headers: dict[str, str], mark_cut_off: bool = False):
+        def __init__(self, front: Front, upstream: Any, headers: dict[str, str], mark_cut_off: bool = False,
+                     first_space: FirstSpace | None = None):
             self.front, self.upstream, self.complete = front, upstream, False
-            self.mark_cut_off = mark_cut_off
+            self.mark_cut_off, self.first_space = mark_cut_off, first_space
             super().__init__(self._pieces(), status_code=upstream.status, headers=headers)
 
         async def _pieces(self):
             ended = False  # the [DONE] event has passed
             try:
                 async for piece in self.upstream.content.iter_any():
+                    if self.first_space is not None:
+                        piece = self.first_space.feed(piece)
                     if self.mark_cut_off and CUT_OFF in piece:
                         for part in _mark_cut_off(piece):
                             yield part
@@ -542,6 +610,9 @@ def _relay_class():
             except Exception:
                 if not self.front.cutting:
                     raise
+            if self.first_space is not None and (rest := self.first_space.flush()):
+                yield rest
+                ended = ended or DONE in rest
             if self.front.cutting and not ended:
                 # shutdown's grace is over: end the stream as a stream ends, so clients see why it stopped
                 if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
@@ -734,7 +805,8 @@ class Front:
             for key in ("tools", "tool_choice", "parallel_tool_calls"):  # tool_choice "none": the model sees no tools
                 body.pop(key, None)
         return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"),
-                                   mark_cut_off=bool(body.get("stream")) and self._from_page(request))
+                                   mark_cut_off=bool(body.get("stream")) and self._from_page(request),
+                                   choices=self._first_space_choices(body))
 
     async def _served_template(self) -> Any:
         from cutegpt.templates import Template
@@ -777,7 +849,15 @@ class Front:
 
     async def _completion(self, request: Any, path: str) -> Any:
         body = check_completion(_json(await _read_body(request, self.policy.max_body_bytes)), self.policy)
-        return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"))
+        return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"),
+                                   choices=self._first_space_choices(body))
+
+    def _first_space_choices(self, body: dict) -> int:
+        """How many answers get their first space dropped (0: none; a continued text keeps its spaces)."""
+        if not self.policy.drop_first_space or body.get("echo"):
+            return 0
+        n = body.get("n")
+        return n if _is_int(n) and n > 0 else 1
 
     async def _pass(self, request: Any, path: str) -> Any:
         return await self._forward(request, b"")
@@ -899,8 +979,11 @@ class Front:
             self.counts["disconnects"] += 1
         return upstream
 
-    async def _forward(self, request: Any, body: bytes, path: str | None = None, mark_cut_off: bool = False) -> Any:
-        """Send the request to llama.cpp and relay the answer; streams are relayed piece by piece."""
+    async def _forward(self, request: Any, body: bytes, path: str | None = None, mark_cut_off: bool = False,
+                       choices: int = 0) -> Any:
+        """Send the request to llama.cpp and relay the answer; streams are relayed piece by piece.
+
+        `choices`: answers whose first space is dropped (Policy.drop_first_space)."""
         from starlette.responses import Response
 
         headers = self._backend_headers(request)
@@ -914,7 +997,8 @@ class Front:
             return Response(b"", status_code=499)
         passthrough = {k: upstream.headers[k] for k in PASSTHROUGH if k in upstream.headers}
         if upstream.content_length is None:  # streamed (chunked) or read-to-EOF answer
-            return self._relay(self, upstream, {**passthrough, "Cache-Control": "no-cache"}, mark_cut_off)
+            return self._relay(self, upstream, {**passthrough, "Cache-Control": "no-cache"}, mark_cut_off,
+                               FirstSpace(choices) if choices and upstream.status == 200 else None)
         try:
             data = await upstream.read()
         finally:
@@ -926,4 +1010,6 @@ class Front:
             passthrough = {k: v for k, v in passthrough.items() if k.lower() != "content-encoding"}
         if upstream.status >= 400 and not data.lstrip().startswith(b"{"):
             raise ApiError(upstream.status, data.decode("utf-8", "replace").strip()[:300] or str(upstream.reason))
+        if choices and upstream.status == 200:
+            data = drop_first_space(data)
         return Response(data, status_code=upstream.status, headers=passthrough)

@@ -122,6 +122,7 @@ def served_template(served) -> object:
 
 
 async def _serve(cfg: ServeConfig, served, backend, sock: socket.socket, key: str | None) -> None:
+    from cutegpt.runtime.llamacpp import drops_first_space
     from cutegpt.serve.front import Front, Policy
 
     policy = Policy(
@@ -129,6 +130,7 @@ async def _serve(cfg: ServeConfig, served, backend, sock: socket.socket, key: st
         max_tokens_limit=cfg.token_limit, ctx=cfg.ctx, ui=cfg.ui, tools=True, template=served_template(served),
         defaults=cfg.request_defaults(served.template, served.model_defaults),
         vocab_size=await asyncio.to_thread(backend.vocab_size),
+        drop_first_space=drops_first_space(served.gguf),  # answers as chat and generate give them
     )
     front = Front(policy, backend.url, backend.key)
     await front.start(sock)

@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cutegpt.errors import CuteGPTError
 from cutegpt.export.cache import _exporter, cached_gguf
+from cutegpt.io import run_name  # noqa: F401  (the model id clients see; export names GGUF files the same way)
 
 
 @dataclass
@@ -162,18 +162,6 @@ def _lora_gguf(lora: Path) -> Path:
     if not is_lora_gguf(lora):
         raise CuteGPTError(f"--lora {lora} is not a LoRA GGUF (its general.type is not 'adapter').")
     return lora
-
-
-# checkpoint folders a run writes: serve them under the run's name ("runs/sft/final" -> "sft")
-_RUN_PARTS = re.compile(r"^(final|best|last|latest|checkpoint-\d+)$")
-
-
-def run_name(folder: Path) -> str:
-    """The model id clients see for a folder: its own name, or its run's for a checkpoint folder of a run."""
-    folder = folder.expanduser().resolve()
-    if _RUN_PARTS.match(folder.name) and folder.parent.name:
-        return folder.parent.name if folder.name in ("final", "best", "last", "latest") else f"{folder.parent.name}-{folder.name}"
-    return folder.name
 
 
 # ----------------------------------------------------------------------------- cache
