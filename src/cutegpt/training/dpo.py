@@ -289,6 +289,30 @@ def trainer_class(loss: str) -> Any:
         from trl.experimental.orpo import ORPOTrainer as base
 
     class PrefTrainer(make_trainer_class(base)):
+        def __init__(self, *a: Any, **kw: Any):
+            super().__init__(*a, **kw)
+            self.install_head()
+
+        def install_head(self) -> None:
+            """Our answer-only log-prob head in place of trl's fused head (logprobs.py) where trl would score every
+            position with torch tiles (no Triton: the CPU). Called again by the reference precomputation, which trl
+            runs inside its __init__."""
+            from cutegpt.training import logprobs
+
+            if getattr(self, "answer_head", None) is not None or self.args.device.type in ("cuda", "xpu"):
+                return
+            if LOSSES[loss].trainer not in ("dpo", "kto"):
+                self.answer_head = False  # CPO / ORPO read full logits: trl gives them no fused head
+                return
+            lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.answer_head = logprobs.install(lm)
+            if self.answer_head and getattr(self, "ref_model", None) is not None:
+                logprobs.install(self.ref_model)
+
+        def _precompute_ref_logps(self, *a: Any, **kw: Any) -> Any:
+            self.install_head()
+            return super()._precompute_ref_logps(*a, **kw)
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             """Rows come tokenized with our templates (data/pairs.py); KTO's mismatched KL answers added as trl does."""
             if getattr(self, "calculate_KL", False):
@@ -422,7 +446,8 @@ class PrefStage:
         history = trainer.state.log_history
         curves = {key: [[h["step"], h[key]] for h in history if key in h] for key in REWARD_KEYS}
         val_curves = {key: [[h["step"], h["eval_" + key]] for h in history if "eval_" + key in h] for key in REWARD_KEYS}
-        summary.update(loss=c.loss, beta=c.beta_value, reference=self.reference, loss_path="trl",
+        summary.update(loss=c.loss, beta=c.beta_value, reference=self.reference,
+                       loss_path="trl, answer-only log-probabilities (training/logprobs.py)" if trainer.answer_head else "trl",
                        **{k.replace("/", "_") + "_curve": v for k, v in curves.items() if v},
                        **{"val_" + k.replace("/", "_") + "_curve": v for k, v in val_curves.items() if v})
         last = {k.replace("/", "_"): v[-1][1] for k, v in curves.items() if v}
