@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import warnings
@@ -333,6 +332,16 @@ def trainer_class(loss: str) -> Any:
                 out[f"{key}_labels"] = [-100] * len(p) + ans
             return out
 
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            """peft saves every adapter: trl's frozen copy of the SFT adapter ("ref") would land in OUT/checkpoint-N/ref.
+            It is not needed to resume (trl copies the starting adapter again) and is not the result: not written."""
+            super()._save(output_dir, state_dict)
+            model = self.accelerator.unwrap_model(self.model)
+            if "ref" in getattr(model, "peft_config", {}):
+                import shutil
+
+                shutil.rmtree(Path(output_dir or self.args.output_dir) / "ref", ignore_errors=True)
+
         def create_model_card(self, *a: Any, **k: Any) -> None:
             pass  # trl writes a README into --out at each checkpoint; ours is cutegpt.json in final/
 
@@ -399,7 +408,7 @@ class PrefStage:
     def trainer(self, cfg: TrainArgs, prep: Any, args: Any, record: dict[str, Any]) -> Any:
         from peft import PeftModel
 
-        from cutegpt.training.prepare import trainable_in_fp32
+        from cutegpt.training.prepare import portable, trainable_in_fp32
 
         c = self.cfg
         spec = LOSSES[c.loss]
@@ -427,12 +436,18 @@ class PrefStage:
             if "target_modules" in str(e) or "Target modules" in str(e):
                 raise CuteGPTError(f"--lora-targets {' '.join(c.lora_targets)}: {str(e).splitlines()[0][:300]}") from None
             raise
+        if isinstance(trainer.model, PeftModel) and not load_cfg.resume_lora:
+            # the adapter trl created records its base as SFT's do (by name, with the fingerprint): --lora alone finds it
+            portable(trainer.model, load_cfg, getattr(model, "cutegpt_base_fingerprint", None))
         if isinstance(trainer.model, PeftModel):
             trainable_in_fp32(trainer.model)  # trl casts a quantized base's adapter to bf16; AdamW wants fp32 (prepare.py)
         return trainer
 
     def evaluator(self, trainer: Any, cfg: TrainArgs, prep: Any, micro_batch: int, precision: str) -> Any:
-        return make_pref_evaluator(trainer, self.cfg, prep, precision)
+        """The preference loss and rewards on the validation pairs (trl's evaluate logs them), --keep-best on it."""
+        from cutegpt.training.trainer import make_evaluator
+
+        return make_evaluator(trainer, self.cfg, prep, precision, lambda: float(trainer.evaluate()["eval_loss"]))
 
     def before_final(self, trainer: Any) -> None:
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -459,44 +474,6 @@ class PrefStage:
                 print(f"rewards: chosen {last.get('rewards_chosen', 0):.4f}, rejected {last.get('rewards_rejected', 0):.4f}, "
                       f"margin {last.get('rewards_margins', 0):.4f}, accuracy {last['rewards_accuracies']:.3f}; reference: {self.reference}")
         return summary
-
-
-def make_pref_evaluator(trainer: Any, cfg: PrefConfig, prep: Any, precision: str) -> Any:
-    """The preference loss and rewards on the validation pairs every --eval-steps and at the end; --keep-best."""
-    from transformers import TrainerCallback
-
-    from cutegpt.training.checkpoints import barrier
-    from cutegpt.training.outputs import save_model_folder
-
-    every = cfg.eval_steps or cfg.save_steps
-    best_file = Path(cfg.out) / "best" / "best.json"
-
-    class Evaluate(TrainerCallback):
-        best: float | None = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            if cfg.keep_best and best_file.is_file():
-                try:
-                    self.best = float(json.loads(best_file.read_text())["eval_loss"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    self.best = None
-
-        def on_step_end(self, args, state, control, **kw):
-            step = state.global_step
-            if step % every and step != state.max_steps:
-                return
-            should_log = control.should_log  # evaluate() logs, which clears it and would drop this step's training loss
-            metrics = trainer.evaluate()
-            control.should_log = should_log
-            loss = float(metrics["eval_loss"])
-            if cfg.keep_best and (self.best is None or loss < self.best):
-                self.best = loss
-                if trainer.is_world_process_zero():
-                    save_model_folder(trainer, cfg, prep, precision, Path(cfg.out) / "best",
-                                      extra={"best.json": {"step": step, "eval_loss": loss}})
-                barrier()
-
-    return Evaluate()
 
 
 def plot_rewards(curves: dict[str, list], val_curves: dict[str, list], path: Path, title: str) -> None:
