@@ -127,6 +127,22 @@ class PrefConfig(TrainArgs):
             return dataclasses.replace(self, merge_lora=True)
         return self
 
+    def plan_fields(self) -> dict[str, Any]:
+        """What the memory plan (training/plan.py) counts for preference tuning: two sequences per pair, the reference."""
+        spec = LOSSES[self.loss]
+        load_cfg = self.for_loading()
+        if not spec.reference:
+            reference = "none"
+        elif self.precompute_ref:
+            reference = "precomputed"
+        elif self.method == "full":
+            reference = "frozen-copy"
+        else:
+            reference = "adapter-copy" if load_cfg.resume_lora else "adapter-disabled"
+        # KTO: one completion per row (its KL completions run without gradients); CPO/ORPO read full logits
+        return {"sequences": 1 if self.loss == "kto" else 2, "reference": reference, "loss_chunk": 512,
+                "full_logits": spec.trainer in ("cpo", "orpo")}
+
     @property
     def beta_value(self) -> float:
         return self.beta if self.beta is not None else LOSSES[self.loss].beta
