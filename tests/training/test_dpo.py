@@ -419,3 +419,48 @@ def test_dpo_adapter_is_portable(tiny_model_dir, pairs_file, tmp_path):
     build_tiny_llama(other, vocab_size=json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"], seed=7)
     with pytest.raises(CuteGPTError, match="same shape but other weights"):
         load_model(ModelArgs(model=str(other), lora=str(moved)))
+
+
+def test_tokenized_pairs_are_cached_with_a_manifest(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path, monkeypatch, caplog):
+    """Tokenized once: the second run reuses the rows (the encoder is not called) and reports the same cuts; other
+    lengths, another template or other file bytes make a new cache; a broken cache is made again."""
+    import logging
+
+    from cutegpt.data import pairs
+    from cutegpt.training.dpo import pref_rows
+
+    monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_length=24, max_prompt_length=20)
+    with caplog.at_level(logging.INFO, logger="cutegpt.training"):
+        first = pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")
+    made = caplog.text
+    assert "truncated prompts" in made and "reused" not in made
+    [folder] = (tmp_path / "cache" / "datasets").iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["template"] == "cutegpt" and manifest["max_length"] == 24 and manifest["max_prompt_length"] == 20
+    assert manifest["tokenizer"]["vocab_hash"] and manifest["counts"]["rows"] == len(PAIRS)
+    assert manifest["counts"]["truncated_prompts"] == len(PAIRS)  # the system line alone is longer than 20 tokens
+    assert manifest["lengths"]["prompt"]["max"] == 20
+
+    def never(*a, **k):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(pairs.PrefEncoder, "encode", never)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cutegpt.training"):
+        assert pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training") == first
+    assert "reused" in caplog.text and f"{len(PAIRS)} truncated prompts" in caplog.text
+    for changed, template in ((_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_length=30, max_prompt_length=20), "cutegpt"),
+                              (cfg, "auto")):
+        with pytest.raises(AssertionError, match="tokenized again"):
+            pref_rows(changed, changed.data, tiny_tokenizer, template, "training")
+    pairs_file.write_text(pairs_file.read_text() + json.dumps({"instruction": "x", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(AssertionError, match="tokenized again"):
+        pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")
+    monkeypatch.undo()
+    monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache2"))
+    pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")
+    [folder] = (tmp_path / "cache2" / "datasets").iterdir()
+    (folder / "manifest.json").write_text("{broken")
+    assert len(pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")) == len(PAIRS) + 1
+    assert json.loads((folder / "manifest.json").read_text())["counts"]["rows"] == len(PAIRS) + 1

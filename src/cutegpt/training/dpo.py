@@ -170,21 +170,39 @@ def resolve_pref_template(cfg: PrefConfig) -> str:
 
 
 def pref_rows(cfg: PrefConfig, paths: list[str], tokenizer: Any, template_name: str, what: str) -> list[dict[str, Any]]:
-    """Read, validate and tokenize preference files; prints what was cut or skipped."""
-    from cutegpt.data.pairs import Lengths, PrefEncoder, check_kto_labels, encode_prefs, read_prefs
+    """Read, validate and tokenize preference files, or reuse their cached tokenization (data/pairs.py: a manifest
+    with the files' hashes, tokenizer, template and lengths); prints what was cut or skipped either way."""
+    from cutegpt.data.pairs import (Lengths, PrefEncoder, check_kto_labels, encode_prefs, load_pairs, pairs_key,
+                                    pairs_settings, read_prefs, save_pairs)
     from cutegpt.templates import get_template
+    from cutegpt.training.sft import cache_root
 
-    records, stats = read_prefs(paths, skip_invalid=cfg.skip_invalid, flag="--data" if what == "training" else "--val-data")
-    kto = check_kind(records[0], cfg.loss)
-    encoder = PrefEncoder(tokenizer, get_template(template_name, tokenizer), Lengths(cfg.max_length, cfg.max_prompt_length))
-    rows = encode_prefs(records, encoder, stats, cfg.skip_invalid)
+    lengths = Lengths(cfg.max_length, cfg.max_prompt_length)
+    settings = pairs_settings(paths, tokenizer, template_name, lengths, cfg.skip_invalid)
+    folder = cache_root() / pairs_key(settings)
+    cached = load_pairs(folder, settings)
+    if cached:
+        rows, stats = cached
+    else:
+        records, stats = read_prefs(paths, skip_invalid=cfg.skip_invalid, flag="--data" if what == "training" else "--val-data")
+        check_kind(records[0], cfg.loss)
+        encoder = PrefEncoder(tokenizer, get_template(template_name, tokenizer), lengths)
+        rows = encode_prefs(records, encoder, stats, cfg.skip_invalid)
+        if os.environ.get("RANK", "0") == "0":  # one writer; the others tokenize for themselves (seconds)
+            try:
+                save_pairs(folder, rows, stats, settings)
+            except (CuteGPTError, OSError) as e:
+                log.warning("the tokenized pairs were not cached (%s); training goes on", str(e).rstrip("."))
+    kto = "label" in rows[0]
+    if kto != (cfg.loss == "kto"):
+        check_kind(read_prefs(paths, flag="--data" if what == "training" else "--val-data")[0][0], cfg.loss)
     if kto and what == "training":
         check_kto_labels(rows, " ".join(paths))
     notes = [f"{n} {k.replace('_', ' ')}" for k, n in sorted(stats.counts.items()) if n]
     if stats.skipped:
         notes.append(f"{len(stats.skipped)} invalid record(s) skipped (first: {stats.skipped[0]})")
-    log.info("%s data: %d %s from %d record(s)%s", what, len(rows), "answers" if kto else "pairs", stats.records,
-             f" ({'; '.join(notes)})" if notes else "")
+    log.info("%s data: %d %s from %d record(s)%s%s", what, len(rows), "answers" if kto else "pairs", stats.records,
+             f" ({'; '.join(notes)})" if notes else "", f"; tokenized earlier, reused from {folder}" if cached else "")
     return rows
 
 
