@@ -105,15 +105,15 @@ def main() -> None:
     work = work_dir("bench-dpo-")
     n = write_pairs(work / "data", a.pairs)
     sides = [Side("cutegpt LoRA (reference: adapter disabled)", "cutegpt")]
-    if a.compare_src:
-        sides.append(Side(f"cutegpt LoRA from {a.compare_src}", "cutegpt", src=a.compare_src))
-    if not a.references_only:
-        sides.append(Side("cutegpt LoRA, checkpointing", "cutegpt", checkpointing=True))
     have_lf = bool(a.llamafactory_python and Path(a.llamafactory_python).is_file()) and not a.references_only
     if have_lf:
         sides.append(Side("LLaMA-Factory LoRA (checkpointing, its default)", "llamafactory", checkpointing=True))
     elif not a.references_only:
         print("no LLaMA-Factory python (--llamafactory-python / $LLAMAFACTORY_PYTHON): our side only")
+    if a.compare_src:
+        sides.append(Side(f"cutegpt LoRA from {a.compare_src}", "cutegpt", src=a.compare_src))
+    if not a.references_only:
+        sides.append(Side("cutegpt LoRA, checkpointing", "cutegpt", checkpointing=True))
     if not a.lora_only:
         full_lr = ["--method", "full", "--lr", "5e-7"]
         sides += [Side("cutegpt full (reference: frozen copy)", "cutegpt", extra=full_lr),

@@ -334,6 +334,9 @@ def trainer_class(loss: str) -> Any:
 
             if getattr(self, "answer_head", None) is not None or self.args.device.type in ("cuda", "xpu"):
                 return
+            if getattr(self, "is_deepspeed_enabled", False) and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                self.answer_head = False  # the output layer is sharded: trl's head gathers it, ours would not
+                return
             if LOSSES[loss].trainer not in ("dpo", "kto"):
                 self.answer_head = False  # CPO / ORPO read full logits: trl gives them no fused head
                 return
