@@ -421,7 +421,7 @@ def test_dpo_adapter_is_portable(tiny_model_dir, pairs_file, tmp_path):
         load_model(ModelArgs(model=str(other), lora=str(moved)))
 
 
-def test_tokenized_pairs_are_cached_with_a_manifest(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path, monkeypatch, caplog):
+def test_tokenized_pairs_are_cached_with_a_manifest(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path, monkeypatch):
     """Tokenized once: the second run reuses the rows (the encoder is not called) and reports the same cuts; other
     lengths, another template or other file bytes make a new cache; a broken cache is made again."""
     import logging
@@ -429,11 +429,20 @@ def test_tokenized_pairs_are_cached_with_a_manifest(tiny_model_dir, tiny_tokeniz
     from cutegpt.data import pairs
     from cutegpt.training.dpo import pref_rows
 
+    class Lines(logging.Handler):  # the run's logger may not propagate to pytest's (setup_logging)
+        lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    handler = Lines(logging.INFO)
+    logger = logging.getLogger("cutegpt.training")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, handler])  # both restored by monkeypatch
     monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_length=24, max_prompt_length=20)
-    with caplog.at_level(logging.INFO, logger="cutegpt.training"):
-        first = pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")
-    made = caplog.text
+    first = pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")
+    made = "\n".join(handler.lines)
     assert "truncated prompts" in made and "reused" not in made
     [folder] = (tmp_path / "cache" / "datasets").iterdir()
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -446,10 +455,10 @@ def test_tokenized_pairs_are_cached_with_a_manifest(tiny_model_dir, tiny_tokeniz
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr(pairs.PrefEncoder, "encode", never)
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="cutegpt.training"):
-        assert pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training") == first
-    assert "reused" in caplog.text and f"{len(PAIRS)} truncated prompts" in caplog.text
+    handler.lines.clear()
+    assert pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training") == first
+    again = "\n".join(handler.lines)
+    assert "reused" in again and f"{len(PAIRS)} truncated prompts" in again
     for changed, template in ((_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_length=30, max_prompt_length=20), "cutegpt"),
                               (cfg, "auto")):
         with pytest.raises(AssertionError, match="tokenized again"):
