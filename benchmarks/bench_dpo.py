@@ -94,6 +94,7 @@ def main() -> None:
                    help="both sides (fp32 on CPUs without native bf16, where torch emulates it)")
     p.add_argument("--compare-src", type=Path, default=None,
                    help="also run our LoRA side from this source tree (another commit's src/): before/after")
+    p.add_argument("--only", nargs="+", default=None, help="run only the sides whose name contains one of these words")
     a = p.parse_args()
     PRECISION[0] = a.precision
     if not DATA.is_file():
@@ -118,6 +119,8 @@ def main() -> None:
         full_lr = ["--method", "full", "--lr", "5e-7"]
         sides += [Side("cutegpt full (reference: frozen copy)", "cutegpt", extra=full_lr),
                   Side("cutegpt full, --precompute-ref", "cutegpt", extra=[*full_lr, "--precompute-ref"])]
+    if a.only:
+        sides = [s for s in sides if any(word in s.name for word in a.only)]
     print(f"{cpu_model()}; {n} pairs; {a.steps} steps of 2 x 2 pairs <= {MAX_LENGTH} tokens; 1 thread; {a.repeats} "
           f"interleaved repeats; load average at start {os.getloadavg()[0]:.2f}; work dir {work}", flush=True)
 

@@ -168,7 +168,9 @@ def run_measured(side: Side, i: int, counter: str, work: Path, python: str, args
 
 
 def out_dir(side: Side, i: int, work: Path) -> Path:
-    return work / f"{side.name.replace(' ', '_').replace(',', '').replace(':', '')}-{i}"
+    import re
+
+    return work / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', side.name)}-{i}"
 
 
 def refusal_line(log: Path, fallback: str) -> str:
