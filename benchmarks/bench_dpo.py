@@ -10,13 +10,11 @@ ranking file serves both (LLaMA-Factory's `ranking: true` format, which `cutegpt
 by the cutegpt template (registered in LLaMA-Factory as in bench_llamafactory.py). LoRA r 8, alpha 16, dropout
 0.05 on q_proj/v_proj (the reference: the base with the adapter disabled, on both sides), lr 5e-6 constant,
 micro-batch 2 x accumulation 2, at most 512 tokens per sequence (ours: prompts cut to their last 256; LLaMA-Factory: its own
-proportional rule), bf16, one torch thread, the same steps.
+proportional rule), bf16 or fp32 (--precision) on both sides, one torch thread, the same steps.
 
-Measured inside each training process by the same code (a patch of transformers' Trainer):
-  - tokens/s = non-padding tokens of the chosen and rejected sequences given to `Trainer.training_step`, over the
-    wall time of `Trainer.train()` (no loading, no tokenization, no save);
-  - peak RSS = VmHWM of the training process.
-Runs are interleaved (A B C ... A B C ...) and the median of the repeats is reported.
+Measured inside each training process by lf_harness.py (the same code as the SFT comparison, counter "pref"):
+tokens = non-padding tokens of the chosen and rejected sequences given to `Trainer.training_step`, over the wall
+time and over the CPU time of `Trainer.train()`; peak RSS = VmHWM. Runs are interleaved and medians reported.
 """
 
 from __future__ import annotations
@@ -24,74 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import runpy
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_llamafactory import register_cutegpt_template, versions, vm_hwm_kib
 from bench_train import DATA, ROOT
+from lf_harness import Side, cpu_model, interleave, out_dir, print_table, run_measured, versions, work_dir
 
 MAX_LENGTH = 512
-PRECISION = ["bf16"]  # --precision sets it (our side; LLaMA-Factory runs bf16)
+PRECISION = ["bf16"]  # --precision sets it, for both sides
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
-
-
-def measure(result: Path, tool: str, args: list[str]) -> None:
-    import torch
-    import transformers
-
-    torch.set_num_threads(1)
-    counted = {"tokens": 0, "positions": 0, "seconds": 0.0, "steps": 0}
-    step, train = transformers.Trainer.training_step, transformers.Trainer.train
-
-    def counting_step(self, model, inputs, *a, **kw):
-        mask = inputs["attention_mask"]
-        counted["tokens"] += int(mask.sum())
-        counted["positions"] += mask.numel()
-        return step(self, model, inputs, *a, **kw)
-
-    def timed_train(self, *a, **kw):
-        start = time.perf_counter()
-        try:
-            return train(self, *a, **kw)
-        finally:
-            counted["seconds"] += time.perf_counter() - start
-            counted["steps"] = self.state.global_step
-
-    transformers.Trainer.training_step, transformers.Trainer.train = counting_step, timed_train
-    error = None
-    try:
-        if tool == "cutegpt":
-            sys.argv = ["cutegpt", *args]
-            runpy.run_module("cutegpt", run_name="__main__", alter_sys=True)
-        else:
-            from llamafactory.train.tuner import run_exp
-
-            register_cutegpt_template()
-            run_exp(json.loads(Path(args[0]).read_text()))
-    except SystemExit as e:
-        error = None if not e.code else f"exit {e.code}"
-    except Exception as e:
-        error = f"{type(e).__name__}: {e}".splitlines()[0]
-    finally:
-        counted["peak_kib"] = vm_hwm_kib()
-        counted["error"] = error
-        result.write_text(json.dumps(counted))
-
-
-@dataclass
-class Side:
-    name: str
-    tool: str
-    extra: list[str] = field(default_factory=list)
-    checkpointing: bool = False
-    runs: list[dict] = field(default_factory=list)
 
 
 def write_pairs(folder: Path, limit: int | None = None) -> int:
@@ -137,53 +76,25 @@ def llamafactory_config(model: Path, dataset_dir: Path, out: Path, steps: int) -
         "pref_beta": 0.1, "pref_loss": "sigmoid", "dataset": "cutegpt_pairs", "dataset_dir": str(dataset_dir),
         "template": "cutegpt", "cutoff_len": MAX_LENGTH, "overwrite_cache": True,
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": steps, "learning_rate": 5e-6,
-        "lr_scheduler_type": "constant", "warmup_steps": 0, "bf16": True, "use_cpu": True, "output_dir": str(out),
+        "lr_scheduler_type": "constant", "warmup_steps": 0, "bf16": PRECISION[0] == "bf16", "use_cpu": True, "output_dir": str(out),
         "overwrite_output_dir": True, "save_strategy": "no", "logging_steps": 1, "report_to": "none", "seed": 42,
         "dataloader_num_workers": 0,
     }
 
 
-def run_once(side: Side, i: int, steps: int, lf_python: str | None, model: Path, work: Path) -> dict:
-    out = work / f"{side.name.replace(' ', '_').replace(',', '')}-{i}"
-    result, log = out.with_suffix(".json"), out.with_suffix(".log")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(work / "hf-datasets"))
-    if side.tool == "cutegpt":
-        python, args = sys.executable, cutegpt_args(side, model, work / "data" / "pairs.json", out, steps)
-        env["PYTHONPATH"] = str(ROOT / "src")
-    else:
-        config = out.with_suffix(".config.json")
-        config.write_text(json.dumps(llamafactory_config(model, work / "data", out, steps)))
-        python, args = lf_python, [str(config)]
-        env["PYTHONPATH"] = str(work / "stubs")  # LLaMA-Factory imports torchaudio: an empty stub satisfies it
-    with open(log, "w") as f:
-        subprocess.run([python, __file__, "--measure", str(result), side.tool, *args], env=env, stdout=f,
-                       stderr=subprocess.STDOUT, cwd=work)
-    if not result.exists():
-        raise SystemExit(f"{side.name} run {i} died before measuring; see {log}")
-    return json.loads(result.read_text())
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--measure":
-        measure(Path(sys.argv[2]), sys.argv[3], sys.argv[4:])
-        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--llamafactory-python", default=os.environ.get("LLAMAFACTORY_PYTHON"))
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--references-only", action="store_true", help="only our reference strategies (memory)")
+    p.add_argument("--lora-only", action="store_true", help="no full-tuning sides")
     p.add_argument("--pairs", type=int, default=None, help="use the first N pairs (default: all)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="our side's precision")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="both sides (fp32 on CPUs without native bf16, where torch emulates it)")
+    p.add_argument("--compare-src", type=Path, default=None,
+                   help="also run our LoRA side from this source tree (another commit's src/): before/after")
+    p.add_argument("--only", nargs="+", default=None, help="run only the sides whose name contains one of these words")
     a = p.parse_args()
     PRECISION[0] = a.precision
     if not DATA.is_file():
@@ -192,47 +103,39 @@ def main() -> None:
     from cutegpt.model.embedded import embedded_model_dir
 
     model = embedded_model_dir()
-    work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
-    (work / "stubs" / "torchaudio").mkdir(parents=True)
-    (work / "stubs" / "torchaudio" / "__init__.py").write_text("")
+    work = work_dir("bench-dpo-")
     n = write_pairs(work / "data", a.pairs)
     sides = [Side("cutegpt LoRA (reference: adapter disabled)", "cutegpt")]
-    if not a.references_only:
-        sides.append(Side("cutegpt LoRA, checkpointing", "cutegpt", checkpointing=True))
     have_lf = bool(a.llamafactory_python and Path(a.llamafactory_python).is_file()) and not a.references_only
     if have_lf:
         sides.append(Side("LLaMA-Factory LoRA (checkpointing, its default)", "llamafactory", checkpointing=True))
     elif not a.references_only:
-        print(f"no LLaMA-Factory python (--llamafactory-python / $LLAMAFACTORY_PYTHON): our side only")
-    full_lr = ["--method", "full", "--lr", "5e-7"]
-    sides += [Side("cutegpt full (reference: frozen copy)", "cutegpt", extra=full_lr),
-              Side("cutegpt full, --precompute-ref", "cutegpt", extra=[*full_lr, "--precompute-ref"])]
+        print("no LLaMA-Factory python (--llamafactory-python / $LLAMAFACTORY_PYTHON): our side only")
+    if a.compare_src:
+        sides.append(Side(f"cutegpt LoRA from {a.compare_src}", "cutegpt", src=a.compare_src))
+    if not a.references_only:
+        sides.append(Side("cutegpt LoRA, checkpointing", "cutegpt", checkpointing=True))
+    if not a.lora_only:
+        full_lr = ["--method", "full", "--lr", "5e-7"]
+        sides += [Side("cutegpt full (reference: frozen copy)", "cutegpt", extra=full_lr),
+                  Side("cutegpt full, --precompute-ref", "cutegpt", extra=[*full_lr, "--precompute-ref"])]
+    if a.only:
+        sides = [s for s in sides if any(word in s.name for word in a.only)]
     print(f"{cpu_model()}; {n} pairs; {a.steps} steps of 2 x 2 pairs <= {MAX_LENGTH} tokens; 1 thread; {a.repeats} "
           f"interleaved repeats; load average at start {os.getloadavg()[0]:.2f}; work dir {work}", flush=True)
-    start = time.time()
-    for i in range(a.repeats):
-        for side in sides:
-            if side.runs and side.runs[-1]["error"]:
-                continue
-            r = run_once(side, i, a.steps, a.llamafactory_python, model, work)
-            side.runs.append(r)
-            shown = f"{r['tokens'] / r['seconds']:.1f} tok/s" if not r["error"] else r["error"]
-            print(f"  [{time.time() - start:5.0f} s] {side.name} #{i + 1}: {shown}, {r['tokens']} of {r['positions']} positions, "
-                  f"{r['steps']} steps, peak {r['peak_kib'] / 1024 ** 2:.2f} GiB", flush=True)
+
+    def run(side: Side, i: int) -> dict:
+        out = out_dir(side, i, work)
+        if side.tool == "llamafactory":
+            return run_measured(side, i, "pref", work, a.llamafactory_python,
+                                [llamafactory_config(model, work / "data", out, a.steps)], ROOT / "src")
+        return run_measured(side, i, "pref", work, sys.executable,
+                            cutegpt_args(side, model, work / "data" / "pairs.json", out, a.steps), ROOT / "src")
+
+    interleave(sides, a.repeats, run)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}; cutegpt: {versions(sys.executable)}"
           + (f"; LLaMA-Factory: {versions(a.llamafactory_python)}" if have_lf else "") + "\n")
-    lf = next((s for s in sides if s.tool == "llamafactory" and s.runs and not s.runs[0]["error"]), None)
-    lf_rate = statistics.median(r["tokens"] / r["seconds"] for r in lf.runs) if lf else None
-    lf_peak = statistics.median(r["peak_kib"] for r in lf.runs) / 1024 ** 2 if lf else None
-    print("| side | tokens/s | peak RSS GiB | tokens/s ours/LLaMA-Factory | peak ours/LLaMA-Factory |\n|---|---|---|---|---|")
-    for side in sides:
-        if not side.runs or side.runs[0]["error"]:
-            print(f"| {side.name} | failed: `{side.runs[0]['error'] if side.runs else 'not run'}` | | | |")
-            continue
-        rate = statistics.median(r["tokens"] / r["seconds"] for r in side.runs)
-        peak = statistics.median(r["peak_kib"] for r in side.runs) / 1024 ** 2
-        ratio = f"| {rate / lf_rate:.2f} | {peak / lf_peak:.2f} |" if lf and side.tool == "cutegpt" else "| | |"
-        print(f"| {side.name} | {rate:.1f} | {peak:.2f} {ratio}")
+    print_table(sides, "tokens")
 
 
 if __name__ == "__main__":

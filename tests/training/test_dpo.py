@@ -149,6 +149,8 @@ def test_sft_adapter_is_the_reference(tiny_model_dir, tiny_tokenizer, pairs_file
     wrong, chosen, _ = _dpo_loss(_with_adapter(tiny_model_dir, sft_adapter), _base(tiny_model_dir), tiny_tokenizer, 0.1)
     assert abs(wrong - math.log(2)) > 1e-3 and abs(chosen) > 1e-3  # what a base reference would have logged
     assert "SFT adapter" in read_summary(out)["reference"]
+    assert (out / "checkpoint-1" / "adapter_model.safetensors").is_file()
+    assert not (out / "checkpoint-1" / "ref").exists() and not (out / "final" / "ref").exists()  # trl's frozen copy
     # the trained adapter started from the SFT adapter: one small step away from it, far from a fresh (zero) one
     from safetensors.torch import load_file
 
@@ -387,3 +389,87 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, deepspeed):
         assert a == pytest.approx(b, abs=1e-5)
     for (_, a), (_, b) in zip(two["rewards_margins_curve"], one["rewards_margins_curve"]):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_dpo_adapter_is_portable(tiny_model_dir, pairs_file, tmp_path):
+    """The adapter trl creates records its base like an SFT adapter (name + fingerprint): copied elsewhere, --lora
+    alone loads it with the same logits; a base of the same shape with other weights is refused."""
+    import shutil
+
+    from cutegpt.errors import CuteGPTError
+    from cutegpt.model.loading import ModelArgs, load_model
+    from tests.tiny import build_tiny_llama
+
+    out = tmp_path / "run"
+    assert run_dpo(_cfg(tiny_model_dir, pairs_file, out, max_steps=2, save_steps=100)) == 0
+    record = json.loads((out / "final" / "cutegpt_training.json").read_text())
+    assert record["base_model"] == str(tiny_model_dir) and record["base_fingerprint"]["structure"]
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    moved = tmp_path / "elsewhere" / "dpo-adapter"
+    shutil.copytree(out / "final", moved)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+    with torch.no_grad():
+        want = load_model(ModelArgs(model=str(tiny_model_dir), lora=str(out / "final"))).model(input_ids=ids).logits
+        after = load_model(ModelArgs(lora=str(moved)))
+        assert after.model_path == tiny_model_dir
+        torch.testing.assert_close(after.model(input_ids=ids).logits, want, atol=0, rtol=0)
+        assert (_base(tiny_model_dir)(input_ids=ids).logits - want).abs().max() > 1e-5  # the adapter is on
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other)
+    build_tiny_llama(other, vocab_size=json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"], seed=7)
+    with pytest.raises(CuteGPTError, match="same shape but other weights"):
+        load_model(ModelArgs(model=str(other), lora=str(moved)))
+
+
+def test_tokenized_pairs_are_cached_with_a_manifest(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path, monkeypatch):
+    """Tokenized once: the second run reuses the rows (the encoder is not called) and reports the same cuts; other
+    lengths, another template or other file bytes make a new cache; a broken cache is made again."""
+    import logging
+
+    from cutegpt.data import pairs
+    from cutegpt.training.dpo import pref_rows
+
+    class Lines(logging.Handler):  # the run's logger may not propagate to pytest's (setup_logging)
+        lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    handler = Lines(logging.INFO)
+    logger = logging.getLogger("cutegpt.training")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, handler])  # both restored by monkeypatch
+    monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_length=24, max_prompt_length=20)
+    first = pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")
+    made = "\n".join(handler.lines)
+    assert "truncated prompts" in made and "reused" not in made
+    [folder] = (tmp_path / "cache" / "datasets").iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["template"] == "cutegpt" and manifest["max_length"] == 24 and manifest["max_prompt_length"] == 20
+    assert manifest["tokenizer"]["vocab_hash"] and manifest["counts"]["rows"] == len(PAIRS)
+    assert manifest["counts"]["truncated_prompts"] == len(PAIRS)  # the system line alone is longer than 20 tokens
+    assert manifest["lengths"]["prompt"]["max"] == 20
+
+    def never(*a, **k):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(pairs.PrefEncoder, "encode", never)
+    handler.lines.clear()
+    assert pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training") == first
+    again = "\n".join(handler.lines)
+    assert "reused" in again and f"{len(PAIRS)} truncated prompts" in again
+    for changed, template in ((_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_length=30, max_prompt_length=20), "cutegpt"),
+                              (cfg, "auto")):
+        with pytest.raises(AssertionError, match="tokenized again"):
+            pref_rows(changed, changed.data, tiny_tokenizer, template, "training")
+    pairs_file.write_text(pairs_file.read_text() + json.dumps({"instruction": "x", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(AssertionError, match="tokenized again"):
+        pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")
+    monkeypatch.undo()
+    monkeypatch.setenv("CUTEGPT_CACHE", str(tmp_path / "cache2"))
+    pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")
+    [folder] = (tmp_path / "cache2" / "datasets").iterdir()
+    (folder / "manifest.json").write_text("{broken")
+    assert len(pref_rows(cfg, cfg.data, tiny_tokenizer, "cutegpt", "training")) == len(PAIRS) + 1
+    assert json.loads((folder / "manifest.json").read_text())["counts"]["rows"] == len(PAIRS) + 1

@@ -229,3 +229,39 @@ def test_plan_uses_the_row_length_of_a_converted_dataset(tmp_path, capsys):
             for L in (512, 2048)]
     peaks = [float(out.split("expected peak per device")[1].split("GiB")[0]) for out in (from_data, from_flag)]
     assert peaks == [pytest.approx(w / GiB, abs=0.01) for w in want] and want[0] < want[1]
+
+
+def test_preference_plan_counts_both_sequences_and_the_reference(tmp_path, capsys, tiny_model_dir):
+    """train dpo --plan: twice SFT's activations (chosen + rejected), the reference by strategy: nothing for the
+    disabled adapter or --precompute-ref, a second copy of the weights for full tuning, of the adapter when an SFT
+    adapter is continued; full logits for ORPO/SimPO (trl's)."""
+    from cutegpt.training.dpo import PrefConfig, run_dpo
+    from cutegpt.training.plan import lora_params
+
+    folder = llama13b(tmp_path, 32000)
+    shape = read_shape(folder)
+    common = dict(model=str(folder), max_length=1024, micro_batch=1, precision="bf16")
+
+    def plan(**kw):
+        cfg = PrefConfig(**common, **kw)
+        fields = cfg.plan_fields()
+        return estimate(shape, PlanInput(method=cfg.method, weight_dtype=training_weight_dtype(cfg.method, "bf16", "auto"),
+                                         seq_len=1024, micro_batch=1, precision="bf16", **fields))
+
+    sft = estimate(shape, PlanInput(method="lora", weight_dtype="bfloat16", seq_len=1024, micro_batch=1, precision="bf16"))
+    lora = plan()
+    assert lora.parts["activations"] == 2 * sft.parts["activations"]  # linear in tokens and in rows (scores: per row)
+    assert "reference model" not in lora.parts and any("adapter disabled" in n for n in lora.notes)
+    assert "reference model" not in plan(precompute_ref=True).parts
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    continued = plan(lora=str(sft_dir))
+    assert continued.parts["reference model"] == lora_params(shape, continued.inp) * 4
+    full = plan(method="full")
+    assert full.parts["reference model"] == full.parts["weights"] == shape.total * 4
+    assert "reference model" not in plan(method="full", precompute_ref=True).parts
+    simpo = plan(loss="simpo")
+    assert "reference model" not in simpo.parts and simpo.parts["logits (full)"] == 2 * 1024 * shape.vocab * 12
+    assert run_dpo(PrefConfig(**common, method="full", plan=True)) == 0
+    out = capsys.readouterr().out
+    assert "reference model" in out and "a frozen copy of the model's weights" in out and "2 sequences per row" in out

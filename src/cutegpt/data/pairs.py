@@ -280,3 +280,78 @@ def check_kto_labels(rows: Sequence[dict[str, Any]], source: str) -> None:
     if len(labels) < 2:
         which = "desirable (label true)" if labels == {True} else "undesirable (label false)"
         raise CuteGPTError(f"{source}: every KTO record is {which}; KTO needs both kinds of answers.")
+
+
+# ---------------------------------------------------------------- the tokenized pairs, cached with a manifest
+
+PAIRS_FORMAT = "cutegpt-pairs"
+PAIRS_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def pairs_settings(paths: Sequence[str | Path], tokenizer: Any, template_name: str, lengths: Lengths,
+                   skip_invalid: bool) -> dict[str, Any]:
+    """What decides the tokenized rows: the files' bytes, the tokenizer (vocabulary and tokenization rule), the
+    template, the lengths; a cache whose manifest says otherwise is made again."""
+    import hashlib
+
+    from cutegpt.data.manifest import tokenizer_info
+
+    sources = []
+    for given in paths:
+        h = hashlib.sha256()
+        with open(given, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        sources.append({"name": Path(given).name, "sha256": h.hexdigest()})
+    info = tokenizer_info(tokenizer)
+    info.pop("name_or_path")  # the same tokenizer from another folder tokenizes the same
+    return {"format": PAIRS_FORMAT, "version": PAIRS_VERSION, "sources": sources, "tokenizer": info,
+            "template": template_name, "max_length": lengths.max_length, "max_prompt_length": lengths.max_prompt_length,
+            "skip_invalid": skip_invalid}
+
+
+def pairs_key(settings: dict[str, Any]) -> str:
+    import hashlib
+    import json
+
+    return "pairs-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_pairs(folder: Path, rows: Sequence[dict[str, Any]], stats: PrefStats, settings: dict[str, Any]) -> None:
+    """OUT/data (Arrow) + OUT/manifest.json: the settings, the counts (cut, skipped) and the token lengths."""
+    import datasets
+    from datasets import Dataset
+
+    from cutegpt.io import atomic_dir, write_json
+
+    datasets.disable_progress_bars()  # milliseconds; the run's own log line says what was written
+
+    answers = [k for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in rows[0]]
+    lengths = {k.removesuffix("_ids"): {"max": max(len(r[k]) for r in rows), "mean": round(sum(len(r[k]) for r in rows) / len(rows), 1)}
+               for k in ("prompt_ids", *answers)}
+    with atomic_dir(folder, overwrite=True) as tmp:
+        Dataset.from_list(list(rows)).save_to_disk(str(tmp / "data"))
+        write_json(tmp / MANIFEST, {**settings, "counts": {"records": stats.records, "rows": len(rows), **stats.counts},
+                                    "skipped": stats.skipped, "lengths": lengths})
+
+
+def load_pairs(folder: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], PrefStats] | None:
+    """The cached rows and their counts when the manifest matches `settings`; None otherwise (made again)."""
+    import json
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in settings.items()):
+            return None
+        from datasets import load_from_disk
+
+        rows = load_from_disk(str(folder / "data")).to_list()
+        counts = dict(manifest["counts"])
+        if len(rows) != counts.pop("rows"):
+            return None
+        stats = PrefStats(records=counts.pop("records"), skipped=list(manifest["skipped"]),
+                          counts=collections.Counter(counts))
+        return rows, stats
+    except Exception:  # noqa: BLE001 - missing, half-removed, another datasets version: a cache, made again
+        return None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import warnings
@@ -128,6 +127,22 @@ class PrefConfig(TrainArgs):
             return dataclasses.replace(self, merge_lora=True)
         return self
 
+    def plan_fields(self) -> dict[str, Any]:
+        """What the memory plan (training/plan.py) counts for preference tuning: two sequences per pair, the reference."""
+        spec = LOSSES[self.loss]
+        load_cfg = self.for_loading()
+        if not spec.reference:
+            reference = "none"
+        elif self.precompute_ref:
+            reference = "precomputed"
+        elif self.method == "full":
+            reference = "frozen-copy"
+        else:
+            reference = "adapter-copy" if load_cfg.resume_lora else "adapter-disabled"
+        # KTO: one completion per row (its KL completions run without gradients); CPO/ORPO read full logits
+        return {"sequences": 1 if self.loss == "kto" else 2, "reference": reference, "loss_chunk": 512,
+                "full_logits": spec.trainer in ("cpo", "orpo")}
+
     @property
     def beta_value(self) -> float:
         return self.beta if self.beta is not None else LOSSES[self.loss].beta
@@ -155,21 +170,39 @@ def resolve_pref_template(cfg: PrefConfig) -> str:
 
 
 def pref_rows(cfg: PrefConfig, paths: list[str], tokenizer: Any, template_name: str, what: str) -> list[dict[str, Any]]:
-    """Read, validate and tokenize preference files; prints what was cut or skipped."""
-    from cutegpt.data.pairs import Lengths, PrefEncoder, check_kto_labels, encode_prefs, read_prefs
+    """Read, validate and tokenize preference files, or reuse their cached tokenization (data/pairs.py: a manifest
+    with the files' hashes, tokenizer, template and lengths); prints what was cut or skipped either way."""
+    from cutegpt.data.pairs import (Lengths, PrefEncoder, check_kto_labels, encode_prefs, load_pairs, pairs_key,
+                                    pairs_settings, read_prefs, save_pairs)
     from cutegpt.templates import get_template
+    from cutegpt.training.sft import cache_root
 
-    records, stats = read_prefs(paths, skip_invalid=cfg.skip_invalid, flag="--data" if what == "training" else "--val-data")
-    kto = check_kind(records[0], cfg.loss)
-    encoder = PrefEncoder(tokenizer, get_template(template_name, tokenizer), Lengths(cfg.max_length, cfg.max_prompt_length))
-    rows = encode_prefs(records, encoder, stats, cfg.skip_invalid)
+    lengths = Lengths(cfg.max_length, cfg.max_prompt_length)
+    settings = pairs_settings(paths, tokenizer, template_name, lengths, cfg.skip_invalid)
+    folder = cache_root() / pairs_key(settings)
+    cached = load_pairs(folder, settings)
+    if cached:
+        rows, stats = cached
+    else:
+        records, stats = read_prefs(paths, skip_invalid=cfg.skip_invalid, flag="--data" if what == "training" else "--val-data")
+        check_kind(records[0], cfg.loss)
+        encoder = PrefEncoder(tokenizer, get_template(template_name, tokenizer), lengths)
+        rows = encode_prefs(records, encoder, stats, cfg.skip_invalid)
+        if os.environ.get("RANK", "0") == "0":  # one writer; the others tokenize for themselves (seconds)
+            try:
+                save_pairs(folder, rows, stats, settings)
+            except (CuteGPTError, OSError) as e:
+                log.warning("the tokenized pairs were not cached (%s); training goes on", str(e).rstrip("."))
+    kto = "label" in rows[0]
+    if kto != (cfg.loss == "kto"):
+        check_kind(read_prefs(paths, flag="--data" if what == "training" else "--val-data")[0][0], cfg.loss)
     if kto and what == "training":
         check_kto_labels(rows, " ".join(paths))
     notes = [f"{n} {k.replace('_', ' ')}" for k, n in sorted(stats.counts.items()) if n]
     if stats.skipped:
         notes.append(f"{len(stats.skipped)} invalid record(s) skipped (first: {stats.skipped[0]})")
-    log.info("%s data: %d %s from %d record(s)%s", what, len(rows), "answers" if kto else "pairs", stats.records,
-             f" ({'; '.join(notes)})" if notes else "")
+    log.info("%s data: %d %s from %d record(s)%s%s", what, len(rows), "answers" if kto else "pairs", stats.records,
+             f" ({'; '.join(notes)})" if notes else "", f"; tokenized earlier, reused from {folder}" if cached else "")
     return rows
 
 
@@ -289,6 +322,33 @@ def trainer_class(loss: str) -> Any:
         from trl.experimental.orpo import ORPOTrainer as base
 
     class PrefTrainer(make_trainer_class(base)):
+        def __init__(self, *a: Any, **kw: Any):
+            super().__init__(*a, **kw)
+            self.install_head()
+
+        def install_head(self) -> None:
+            """Our answer-only log-prob head in place of trl's fused head (logprobs.py) where trl would score every
+            position with torch tiles (no Triton: the CPU). Called again by the reference precomputation, which trl
+            runs inside its __init__."""
+            from cutegpt.training import logprobs
+
+            if getattr(self, "answer_head", None) is not None or self.args.device.type in ("cuda", "xpu"):
+                return
+            if getattr(self, "is_deepspeed_enabled", False) and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                self.answer_head = False  # the output layer is sharded: trl's head gathers it, ours would not
+                return
+            if LOSSES[loss].trainer not in ("dpo", "kto"):
+                self.answer_head = False  # CPO / ORPO read full logits: trl gives them no fused head
+                return
+            lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.answer_head = logprobs.install(lm)
+            if self.answer_head and getattr(self, "ref_model", None) is not None:
+                logprobs.install(self.ref_model)
+
+        def _precompute_ref_logps(self, *a: Any, **kw: Any) -> Any:
+            self.install_head()
+            return super()._precompute_ref_logps(*a, **kw)
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             """Rows come tokenized with our templates (data/pairs.py); KTO's mismatched KL answers added as trl does."""
             if getattr(self, "calculate_KL", False):
@@ -308,6 +368,16 @@ def trainer_class(loss: str) -> Any:
                 out[f"{key}_attention_mask"] = [1] * (len(p) + len(ans))
                 out[f"{key}_labels"] = [-100] * len(p) + ans
             return out
+
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            """peft saves every adapter: trl's frozen copy of the SFT adapter ("ref") would land in OUT/checkpoint-N/ref.
+            It is not needed to resume (trl copies the starting adapter again) and is not the result: not written."""
+            super()._save(output_dir, state_dict)
+            model = self.accelerator.unwrap_model(self.model)
+            if "ref" in getattr(model, "peft_config", {}):
+                import shutil
+
+                shutil.rmtree(Path(output_dir or self.args.output_dir) / "ref", ignore_errors=True)
 
         def create_model_card(self, *a: Any, **k: Any) -> None:
             pass  # trl writes a README into --out at each checkpoint; ours is cutegpt.json in final/
@@ -375,7 +445,7 @@ class PrefStage:
     def trainer(self, cfg: TrainArgs, prep: Any, args: Any, record: dict[str, Any]) -> Any:
         from peft import PeftModel
 
-        from cutegpt.training.prepare import trainable_in_fp32
+        from cutegpt.training.prepare import portable, trainable_in_fp32
 
         c = self.cfg
         spec = LOSSES[c.loss]
@@ -403,12 +473,18 @@ class PrefStage:
             if "target_modules" in str(e) or "Target modules" in str(e):
                 raise CuteGPTError(f"--lora-targets {' '.join(c.lora_targets)}: {str(e).splitlines()[0][:300]}") from None
             raise
+        if isinstance(trainer.model, PeftModel) and not load_cfg.resume_lora:
+            # the adapter trl created records its base as SFT's do (by name, with the fingerprint): --lora alone finds it
+            portable(trainer.model, load_cfg, getattr(model, "cutegpt_base_fingerprint", None))
         if isinstance(trainer.model, PeftModel):
             trainable_in_fp32(trainer.model)  # trl casts a quantized base's adapter to bf16; AdamW wants fp32 (prepare.py)
         return trainer
 
     def evaluator(self, trainer: Any, cfg: TrainArgs, prep: Any, micro_batch: int, precision: str) -> Any:
-        return make_pref_evaluator(trainer, self.cfg, prep, precision)
+        """The preference loss and rewards on the validation pairs (trl's evaluate logs them), --keep-best on it."""
+        from cutegpt.training.trainer import make_evaluator
+
+        return make_evaluator(trainer, self.cfg, prep, precision, lambda: float(trainer.evaluate()["eval_loss"]))
 
     def before_final(self, trainer: Any) -> None:
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -422,7 +498,8 @@ class PrefStage:
         history = trainer.state.log_history
         curves = {key: [[h["step"], h[key]] for h in history if key in h] for key in REWARD_KEYS}
         val_curves = {key: [[h["step"], h["eval_" + key]] for h in history if "eval_" + key in h] for key in REWARD_KEYS}
-        summary.update(loss=c.loss, beta=c.beta_value, reference=self.reference, loss_path="trl",
+        summary.update(loss=c.loss, beta=c.beta_value, reference=self.reference,
+                       loss_path="trl, answer-only log-probabilities (training/logprobs.py)" if trainer.answer_head else "trl",
                        **{k.replace("/", "_") + "_curve": v for k, v in curves.items() if v},
                        **{"val_" + k.replace("/", "_") + "_curve": v for k, v in val_curves.items() if v})
         last = {k.replace("/", "_"): v[-1][1] for k, v in curves.items() if v}
@@ -434,44 +511,6 @@ class PrefStage:
                 print(f"rewards: chosen {last.get('rewards_chosen', 0):.4f}, rejected {last.get('rewards_rejected', 0):.4f}, "
                       f"margin {last.get('rewards_margins', 0):.4f}, accuracy {last['rewards_accuracies']:.3f}; reference: {self.reference}")
         return summary
-
-
-def make_pref_evaluator(trainer: Any, cfg: PrefConfig, prep: Any, precision: str) -> Any:
-    """The preference loss and rewards on the validation pairs every --eval-steps and at the end; --keep-best."""
-    from transformers import TrainerCallback
-
-    from cutegpt.training.checkpoints import barrier
-    from cutegpt.training.outputs import save_model_folder
-
-    every = cfg.eval_steps or cfg.save_steps
-    best_file = Path(cfg.out) / "best" / "best.json"
-
-    class Evaluate(TrainerCallback):
-        best: float | None = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            if cfg.keep_best and best_file.is_file():
-                try:
-                    self.best = float(json.loads(best_file.read_text())["eval_loss"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    self.best = None
-
-        def on_step_end(self, args, state, control, **kw):
-            step = state.global_step
-            if step % every and step != state.max_steps:
-                return
-            should_log = control.should_log  # evaluate() logs, which clears it and would drop this step's training loss
-            metrics = trainer.evaluate()
-            control.should_log = should_log
-            loss = float(metrics["eval_loss"])
-            if cfg.keep_best and (self.best is None or loss < self.best):
-                self.best = loss
-                if trainer.is_world_process_zero():
-                    save_model_folder(trainer, cfg, prep, precision, Path(cfg.out) / "best",
-                                      extra={"best.json": {"step": step, "eval_loss": loss}})
-                barrier()
-
-    return Evaluate()
 
 
 def plot_rewards(curves: dict[str, list], val_curves: dict[str, list], path: Path, title: str) -> None:

@@ -30,7 +30,7 @@ from cutegpt.training.args import METHOD_DEFAULTS, TrainArgs
 from cutegpt.training.checkpoints import STAGING, check_run, clear_previous_run, run_progress, run_record
 from cutegpt.training.outputs import save_final, say_disk_use, write_summary
 from cutegpt.training.prepare import Prepared, base_model_path, quiet_deprecations, resolve_precision
-from cutegpt.training.trainer import check_report_to, make_callbacks, make_evaluator, make_trainer_class
+from cutegpt.training.trainer import check_report_to, lm_validation_loss, make_callbacks, make_evaluator, make_trainer_class
 
 log = logging.getLogger("cutegpt.training")
 
@@ -211,7 +211,7 @@ class Stage:
             fused_loss=os.environ.get("CUTEGPT_FULL_LOGITS") != "1")  # the env switch exists for the before/after benchmark
 
     def evaluator(self, trainer: Any, cfg: TrainArgs, prep: Prepared, micro_batch: int, precision: str) -> Any:
-        return make_evaluator(trainer, cfg, prep, trainer.data_collator, micro_batch, precision)
+        return make_evaluator(trainer, cfg, prep, precision, lm_validation_loss(trainer, prep, micro_batch, precision))
 
     def before_final(self, trainer: Any) -> None:
         pass

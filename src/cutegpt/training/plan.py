@@ -149,6 +149,12 @@ class PlanInput:
     device: str = "cpu"
     double_quant: bool = True
     loss_fraction: float = 1.0  # share of positions that carry a loss (SFT: answers only)
+    # preference tuning (train dpo: PrefConfig.plan_fields): rows per example (chosen + rejected), the reference
+    # model (none | adapter-disabled | adapter-copy | frozen-copy | precomputed), logits chunk or full logits
+    sequences: int = 1
+    reference: str = "none"
+    loss_chunk: int = LOSS_CHUNK
+    full_logits: bool = False
 
 
 @dataclass
@@ -228,21 +234,49 @@ def estimate(shape: ModelShape, inp: PlanInput) -> Plan:
     if not full:
         plan.parts["LoRA/quantization overhead"] = _lora_overhead(shape, inp)
 
-    # activations
-    tokens = inp.micro_batch * inp.seq_len
+    ref = _reference(shape, inp, trainable, weights)
+    if ref:
+        plan.parts["reference model"] = ref
+
+    # activations (a preference row is a chosen and a rejected sequence, both in one forward)
+    tokens = inp.micro_batch * inp.sequences * inp.seq_len
     ph = inp.precision if inp.precision in A_H else "fp32"
     per_layer = A_H[ph] * shape.hidden + A_I[ph] * shape.intermediate
-    scores = inp.micro_batch * shape.heads * inp.seq_len * inp.seq_len * (4 if ph == "fp32" else 2)
+    scores = inp.micro_batch * inp.sequences * shape.heads * inp.seq_len * inp.seq_len * (4 if ph == "fp32" else 2)
     if inp.gradient_checkpointing:
         act = tokens * shape.layers * 4 * shape.hidden + tokens * per_layer + 2 * scores
     else:
         act = tokens * shape.layers * per_layer + shape.layers * scores
     plan.parts["activations"] = act
     loss_tokens = max(1, int(tokens * inp.loss_fraction))
-    chunk = min(LOSS_CHUNK, loss_tokens)
-    plan.parts["logits (chunked loss)"] = chunk * shape.vocab * 12 + tokens * shape.hidden * 8
+    if inp.full_logits:  # trl's CPO/ORPO: fp32 logits of every position, their log-softmax and its gradient
+        plan.parts["logits (full)"] = tokens * shape.vocab * 12
+    else:
+        chunk = min(inp.loss_chunk, loss_tokens)
+        plan.parts["logits (chunked loss)"] = chunk * shape.vocab * 12 + tokens * shape.hidden * 8
     plan.parts["runtime"] = CPU_RUNTIME if inp.device == "cpu" else GPU_RUNTIME
+    if inp.sequences > 1 or inp.reference != "none":
+        plan.notes.append(f"{inp.sequences} sequences per row (chosen and rejected); {REFERENCES[inp.reference]}")
     return plan
+
+
+REFERENCES = {
+    "none": "reference-free loss: no reference model",
+    "adapter-disabled": "reference: the base with the adapter disabled (no second copy; its forward runs without gradients)",
+    "adapter-copy": "reference: trl's frozen copy of the starting adapter beside the trained one",
+    "frozen-copy": "reference: a frozen copy of the model's weights (--precompute-ref avoids it)",
+    "precomputed": "reference: log-probabilities computed once before training (no reference model)",
+}
+
+
+def _reference(shape: ModelShape, inp: PlanInput, trainable: int, weights: float) -> float:
+    """What the reference model adds: a second copy of the weights for full tuning, of the adapter when an SFT
+    adapter is continued, nothing when it is the base with the adapter disabled or precomputed."""
+    if inp.sequences == 1 and inp.reference == "none":
+        return 0.0  # SFT / PT: no note either
+    if inp.reference not in REFERENCES:
+        raise ValueError(f"unknown reference {inp.reference!r}")
+    return {"frozen-copy": weights, "adapter-copy": lora_params(shape, inp) * 4.0}.get(inp.reference, 0.0)
 
 
 def _lora_overhead(shape: ModelShape, inp: PlanInput) -> float:
@@ -377,7 +411,8 @@ def plan_input_from_args(cfg: Any, *, precision: str, micro_batch: int, ds: dict
                      weight_dtype=training_weight_dtype(cfg.method, precision, cfg.dtype), quantization=cfg.quantization,
                      seq_len=row_length(cfg), micro_batch=micro_batch, gradient_checkpointing=cfg.gradient_checkpointing,
                      lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_targets), modules_to_save=tuple(cfg.modules_to_save or ()),
-                     zero_stage=stage, offload=offload, processes=processes, device=device, double_quant=cfg.double_quant)
+                     zero_stage=stage, offload=offload, processes=processes, device=device, double_quant=cfg.double_quant,
+                     **(cfg.plan_fields() if hasattr(cfg, "plan_fields") else {}))
 
 
 def disk_estimate(shape: ModelShape, inp: PlanInput, keep: int, keep_best: bool) -> float:

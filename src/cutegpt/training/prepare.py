@@ -113,8 +113,9 @@ def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str, attach
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if not attach and not cfg.resume_lora:  # trl attaches the adapter itself (train dpo)
+    if not attach and not cfg.resume_lora:  # trl attaches the adapter itself (train dpo), then calls portable()
         check_module_names(model, cfg)
+        model.cutegpt_base_fingerprint = base_print
         return model
     return portable(attach_lora(model, cfg), cfg, base_print)
 

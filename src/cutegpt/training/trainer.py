@@ -165,11 +165,10 @@ def make_callbacks(tokens: Callable[[], int], world: int) -> list[Any]:
 
 
 
-def make_evaluator(trainer: Any, cfg: TrainArgs, prep: "Prepared", collator: Any, micro_batch: int, precision: str) -> Any:
-    """Validation loss every --eval-steps and at the last step; --keep-best saves OUT/best when it is the lowest."""
+def make_evaluator(trainer: Any, cfg: TrainArgs, prep: "Prepared", precision: str, loss_fn: Callable[[], float]) -> Any:
+    """`loss_fn()` (the validation loss, logged by it) every --eval-steps and at the last step; --keep-best saves
+    OUT/best when it is the lowest. SFT passes `lm_validation_loss`, preference tuning its trainer's evaluate."""
     from transformers import TrainerCallback
-
-    from cutegpt.training.validation import validation_loss
 
     every = cfg.eval_steps or cfg.save_steps
     best_file = Path(cfg.out) / "best" / "best.json"
@@ -186,10 +185,8 @@ def make_evaluator(trainer: Any, cfg: TrainArgs, prep: "Prepared", collator: Any
             step = state.global_step
             if step % every and step != state.max_steps:
                 return
-            loss = validation_loss(trainer.model, prep.val_dataset, collator, micro_batch, precision,
-                                   show=trainer.is_world_process_zero())
             should_log = control.should_log  # trainer.log clears it, which would drop this step's training loss
-            trainer.log({"eval_loss": loss})
+            loss = loss_fn()
             control.should_log = should_log
             if cfg.keep_best and (self.best is None or loss < self.best):
                 self.best = loss
@@ -199,6 +196,19 @@ def make_evaluator(trainer: Any, cfg: TrainArgs, prep: "Prepared", collator: Any
                 barrier()
 
     return Evaluate()
+
+
+def lm_validation_loss(trainer: Any, prep: "Prepared", micro_batch: int, precision: str) -> Callable[[], float]:
+    """The causal-LM loss on the validation rows, logged as eval_loss."""
+    from cutegpt.training.validation import validation_loss
+
+    def loss_fn() -> float:
+        loss = validation_loss(trainer.model, prep.val_dataset, trainer.data_collator, micro_batch, precision,
+                               show=trainer.is_world_process_zero())
+        trainer.log({"eval_loss": loss})
+        return loss
+
+    return loss_fn
 
 
 
