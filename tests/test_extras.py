@@ -30,10 +30,6 @@ def _python(code: str, block: bool = True, cwd: Path | None = None) -> subproces
                           cwd=cwd)
 
 
-def _cutegpt(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return _python(f"from cutegpt.cli import main\nsys.exit(main({args!r}))", cwd=cwd)
-
-
 def test_core_command_modules_import_no_training_package():
     code = ("import importlib\n"
             f"for m in {CORE_COMMANDS!r}: importlib.import_module(m)\n"
@@ -45,36 +41,48 @@ def test_core_command_modules_import_no_training_package():
     assert blocked.returncode == 0, blocked.stderr  # and they import where none is installed
 
 
+@pytest.mark.slow  # a real generate and export in a fresh interpreter: tens of seconds on a loaded machine
 def test_generate_and_export_run_without_the_train_extra(tiny_model_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"instruction": "你好"}) + "\n", encoding="utf-8")
-    proc = _cutegpt(["generate", str(prompts), "--model", str(tiny_model_dir), "--out", str(tmp_path / "a.jsonl"),
-                     "--greedy", "--max-new-tokens", "4", "--threads", "1", "--template", "cutegpt"], tmp_path)
+    generate = ["generate", str(prompts), "--model", str(tiny_model_dir), "--out", str(tmp_path / "a.jsonl"),
+                "--greedy", "--max-new-tokens", "4", "--threads", "1", "--template", "cutegpt"]
+    export = ["export", "--format", "gguf", "--model", str(tiny_model_dir), "--out", str(tmp_path / "m.gguf"),
+              "--quant", "f16", "--no-verify"]
+    proc = _python(f"from cutegpt.cli import main\nsys.exit(main({generate!r}) or main({export!r}))", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "a.jsonl").read_text(encoding="utf-8"))["new_tokens"] >= 1
-    proc = _cutegpt(["export", "--format", "gguf", "--model", str(tiny_model_dir), "--out", str(tmp_path / "m.gguf"),
-                     "--quant", "f16", "--no-verify"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m.gguf").stat().st_size > 0
 
 
-@pytest.mark.parametrize("args,package", [
+CASES = [  # (arguments, the package named): one interpreter runs them all (each import of torch costs seconds)
     (["train", "sft", "--data", "DATA", "--out", "OUT"], "accelerate"),
     (["train", "dpo", "--data", "DATA", "--out", "OUT"], "accelerate"),
     (["data", "convert", "DATA", "--out", "OUT"], "datasets"),
     (["recipe", "--out", "OUT"], "accelerate"),
     (["chat", "--model", "MODEL", "--lora", "DATA", "--input", "DATA"], "peft"),
-])
-def test_a_command_needing_the_train_extra_says_so(tiny_model_dir, tmp_path, args, package):
+]
+
+
+def test_a_command_needing_the_train_extra_says_so(tiny_model_dir, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"instruction": "hi", "output": "hello"}) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    args = [str(data) if a == "DATA" else str(out) if a == "OUT" else str(tiny_model_dir) if a == "MODEL" else a for a in args]
-    proc = _cutegpt(args, tmp_path)
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert f"needs {package}, which the train extra installs: pip install 'cutegpt[train]'" in lines[0]
+    runs = [[str(data) if a == "DATA" else str(out) if a == "OUT" else str(tiny_model_dir) if a == "MODEL" else a for a in args]
+            for args, _package in CASES]
+    code = ("import contextlib, io, json\nfrom cutegpt.cli import main\nresults = []\n"
+            f"for args in {runs!r}:\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        rc = main(args)\n"
+            "    results.append([rc, err.getvalue()])\n"
+            "print(json.dumps(results))")
+    proc = _python(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for (args, package), (rc, stderr) in zip(CASES, json.loads(proc.stdout.strip().splitlines()[-1])):
+        lines = stderr.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, stderr)
+        assert f"needs {package}, which the train extra installs: pip install 'cutegpt[train]'" in lines[0], (args, stderr)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 
