@@ -59,6 +59,8 @@ def one_run(src: Path, cache: Path) -> dict[str, float]:
     proc.stdin.write(QUESTION)
     proc.stdin.close()
     first = proc.stdout.readline()
+    while first and not first.startswith("{"):  # older trees printed their status line on stdout
+        first = proc.stdout.readline()
     answer_s = time.perf_counter() - start
     proc.stdout.read()
     _pid, status, usage = os.wait4(proc.pid, 0)

@@ -19,7 +19,7 @@ import traceback
 from cutegpt.errors import CuteGPTError
 
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
-    ("chat",): ("cutegpt.chat.cli", "ChatConfig", "run_chat", "interactive multi-turn chat (default: the embedded SmolLM2 model)"),
+    ("chat",): ("cutegpt.chat.cli", "ChatConfig", "run_chat", "interactive multi-turn chat (default: the embedded SmolLM2 model, English only)"),
     ("generate",): ("cutegpt.chat.batch", "GenerateConfig", "run_generate", "batched generation for a JSON Lines file of prompts"),
     ("serve",): ("cutegpt.serve.cli", "ServeConfig", "run_serve", "OpenAI-compatible server with a web chat page"),
     ("data", "convert"): ("cutegpt.data.convert", "ConvertConfig", "run_convert", "instruction data -> packed training dataset"),

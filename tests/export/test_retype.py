@@ -16,7 +16,8 @@ gguf = pytest.importorskip("gguf")
 
 from cutegpt.errors import CuteGPTError  # noqa: E402
 from cutegpt.export import gguf as gx  # noqa: E402
-from cutegpt.export.retype import read_header, retype_gguf  # noqa: E402
+from cutegpt.export.retype import retype_gguf  # noqa: E402
+from cutegpt.model.gguf_header import header_value, read_header  # noqa: E402
 from cutegpt.export.verify import PROBE_CORPUS, LlamaCpp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,6 +96,10 @@ def test_other_types_and_the_header_reader(shipped_like, tmp_path):
     assert [k for k, *_ in header.fields] == [k for k in reference.fields if not k.startswith("GGUF.")]
     assert [(n, s) for n, s, _t, _o in header.tensors] == [(t.name, tuple(reversed(t.shape.tolist()))) for t in reference.tensors]
     assert header.data_start == reference.data_offset
+    assert read_header(shipped_like, arrays=False).tensors == header.tensors
+    assert header_value(shipped_like, "general.architecture") == "llama"
+    assert header_value(shipped_like, "tokenizer.ggml.pre") == reference.fields["tokenizer.ggml.pre"].contents()
+    assert header_value(shipped_like, "tokenizer.ggml.tokens") is None  # arrays are skipped by header_value
     q8 = retype_gguf(shipped_like, tmp_path / "q8.gguf", quant="q8_0", verify=False)
     assert {t for t, _ in _tensors(q8).values()} == {"Q8_0", "F32"}
     f32 = retype_gguf(q8, tmp_path / "f32.gguf", quant="f32", verify=False)

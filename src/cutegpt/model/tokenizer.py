@@ -88,12 +88,12 @@ def _gguf_tokenizer_class(folder: Path, gguf_file: str) -> Any:
     """
     from transformers import TokenizersBackend
 
-    from cutegpt.runtime.llamacpp import read_gguf_metadata
+    from cutegpt.model.gguf_header import header_value
 
     if (folder / CONFIG_FILE).exists():
         return None
     try:
-        arch = read_gguf_metadata(folder / gguf_file, lambda k: k == "general.architecture").get("general.architecture")
+        arch = header_value(folder / gguf_file, "general.architecture")
     except CuteGPTError:
         return None  # transformers' own reading gives the message
     return TokenizersBackend if arch in GENERIC_GGUF_ARCHS else None
@@ -216,10 +216,10 @@ def _sentencepiece_rule(backend: Any, dummy_prefix: bool, collapse_spaces: bool 
 
 def read_gguf_field(path: Path, key: str) -> Any:
     """One scalar or string metadata value of a GGUF file (None when absent or unreadable)."""
-    from cutegpt.runtime.llamacpp import read_gguf_metadata
+    from cutegpt.model.gguf_header import header_value
 
     try:  # the header reader skips the token arrays: milliseconds, where gguf.GGUFReader takes 4-13 s on 49k tokens
-        return read_gguf_metadata(path, lambda k: k == key).get(key)
+        return header_value(path, key)
     except Exception:
         return None
 
