@@ -19,7 +19,7 @@ import traceback
 from cutegpt.errors import CuteGPTError
 
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
-    ("chat",): ("cutegpt.chat.cli", "ChatConfig", "run_chat", "interactive multi-turn chat (default: the embedded SmolLM2 model)"),
+    ("chat",): ("cutegpt.chat.cli", "ChatConfig", "run_chat", "interactive multi-turn chat (default: the embedded SmolLM2 model, English only)"),
     ("generate",): ("cutegpt.chat.batch", "GenerateConfig", "run_generate", "batched generation for a JSON Lines file of prompts"),
     ("serve",): ("cutegpt.serve.cli", "ServeConfig", "run_serve", "OpenAI-compatible server with a web chat page"),
     ("data", "convert"): ("cutegpt.data.convert", "ConvertConfig", "run_convert", "instruction data -> packed training dataset"),
@@ -96,6 +96,30 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated(128 + signum)
 
 
+# modules of the train extra (cutegpt/extras.py) a command needs, checked once its flags are parsed and before it
+# loads or writes anything; the core install (chat, generate, serve, export, eval, vocab) has none of them
+TRAIN = ("accelerate", "datasets", "peft")
+NEEDS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("data", "convert"): ("datasets", "pyarrow"),
+    ("data", "stats"): ("datasets", "pyarrow"),
+    ("data", "show"): ("datasets", "pyarrow"),
+    ("train", "sft"): TRAIN,
+    ("train", "pt"): TRAIN,
+    ("train", "dpo"): TRAIN + ("trl",),
+    ("recipe",): TRAIN + ("trl",),
+}
+
+
+def _require_extras(words: tuple[str, ...], cfg: object) -> None:
+    from cutegpt.extras import require
+
+    needs = NEEDS.get(words, ())
+    if getattr(cfg, "lora", None) and "peft" not in needs:  # an adapter is loaded (and merged) with peft
+        needs += ("peft",)
+    what = "cutegpt " + " ".join(words) + (" --lora" if needs == ("peft",) else "")
+    require(needs, what)
+
+
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return _main(argv)  # someone else (a test runner, an embedding program) decides what SIGTERM does
@@ -138,6 +162,7 @@ def _main(argv: list[str] | None = None) -> int:
 
         module = importlib.import_module(module_name)
         cfg = parse_config(getattr(module, cls_name), rest, prog="cutegpt " + " ".join(words), description=summary)
+        _require_extras(words, cfg)
         result = getattr(module, fn_name)(cfg)
         return int(result or 0)
     except Terminated as e:
@@ -158,7 +183,10 @@ def _main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: a required package is missing ({e}); reinstall with `pip install -e .`.", file=sys.stderr)
+        from cutegpt.extras import missing_message
+
+        print(f"error: {missing_message(e.name, 'cutegpt ' + ' '.join(words)) or f'a required package is missing ({e}); reinstall with `pip install -e .`.'}",
+              file=sys.stderr)
         return 1
     except MemoryError:
         if debug:

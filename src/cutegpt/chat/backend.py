@@ -10,6 +10,7 @@ torch honours (--lora, --load-in-8bit, --dtype, --device cuda) make auto pick to
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -111,26 +112,22 @@ def _exported_gguf(folder: Path | None, lora: str | None, template: str | None) 
 
 
 def embedded_llamacpp_file() -> Path:
-    """The GGUF file llama.cpp runs for the embedded model (see EMBEDDED_GGUF_QUANT)."""
+    """The GGUF file llama.cpp runs for the embedded model (see EMBEDDED_GGUF_QUANT), made once into the cache
+    straight from the shipped file (export/retype.py: seconds, no HF folder)."""
     from cutegpt.model.embedded import cache_dir, embedded_gguf
 
     shipped = embedded_gguf()
     if EMBEDDED_GGUF_QUANT is None:
         return shipped
-    try:
-        from cutegpt.export.gguf import export_gguf
-    except ImportError:
-        return shipped
     st = shipped.stat()
     key = hashlib.sha256(f"{shipped.name}:{st.st_size}".encode()).hexdigest()[:12]
     out = cache_dir() / "gguf" / f"smollm2-135m-instruct-{key}.{EMBEDDED_GGUF_QUANT}.gguf"
     if not out.is_file():
-        print(f"Preparing the embedded model for llama.cpp once ({EMBEDDED_GGUF_QUANT}): {out}", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            export_gguf(None, out, quant=EMBEDDED_GGUF_QUANT, verify=False, overwrite=True, progress=False)
-        except FileExistsError:
-            pass  # another process made it at the same time
+        from cutegpt.export.retype import retype_gguf
+
+        # stderr: a piped chat's stdout carries JSON Lines only
+        print(f"Preparing the embedded model for llama.cpp once ({EMBEDDED_GGUF_QUANT}, {out.parent})...", file=sys.stderr, flush=True)
+        retype_gguf(shipped, out, quant=EMBEDDED_GGUF_QUANT)
     return out
 
 
@@ -205,8 +202,6 @@ def resolved_generation(cfg: Any, lm: Any, verbose: bool = False) -> GenerationA
     defaults, source = model_generation_defaults(cfg, lm)
     gen, sources = resolve_generation(GenerationArgs.of(cfg), defaults, source, lm.template.name)
     if verbose:
-        import sys
-
         print(describe_sources(gen, sources), file=sys.stderr, flush=True)
     return gen
 

