@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -128,7 +129,7 @@ def cached_gguf(model: str | None, lora: str | None, *, quant: str = "f16", temp
         what = " + ".join(str(f) for f in folders if f) or "the embedded model"
         if model is None and lora:
             what = f"the embedded model + {lora}"
-        print(f"Exporting {what} to GGUF ({quant}) once: {target}", flush=True)
+        print(f"Exporting {what} to GGUF ({quant}) once: {target}", file=sys.stderr, flush=True)  # stdout: answers only
     try:
         out = export_gguf(model, target, lora=lora, quant=quant, template=template, verify=verify, overwrite=False,
                           progress=progress)
