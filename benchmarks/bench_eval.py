@@ -169,7 +169,8 @@ def main() -> None:
     ap.add_argument("--shots", nargs="+", type=int, default=[0, 5])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lmeval-python", default=None, help="python of a venv with lm-eval (omit: ours only)")
-    ap.add_argument("--lmeval-batch-size", default="1")
+    ap.add_argument("--lmeval-batch-size", nargs="+", default=["1"],
+                    help="lm-eval batch sizes, each run in turn; the fastest is the one compared (give several to find its best)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating which goes first; the best is reported")
     ap.add_argument("--work", default="/tmp/bench-eval")
     ap.add_argument("--gguf", nargs="+", default=[], help="GGUF files scored by our llama.cpp path beside the torch path")
@@ -203,36 +204,41 @@ def main() -> None:
                HF_DATASETS_CACHE=str(work / "hf-datasets"))
     print(f"CPU: {cpu_model()}")
     print(f"model {args.model}; {len(args.subjects)} C-Eval val subjects: {', '.join(args.subjects)}; "
-          f"torch threads {args.threads}; lm-eval batch size {args.lmeval_batch_size}", flush=True)
+          f"torch threads {args.threads}; lm-eval batch sizes {', '.join(args.lmeval_batch_size)}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for shots in args.shots:
         ours_out = work / f"ours-{shots}shot"
         ours_cmd = [sys.executable, "-m", "cutegpt", "eval", "ceval", "--data", str(data), "--model", args.model,
                     "--shots", str(shots), "--subjects", *args.subjects, "--no-resume", "--threads", str(args.threads),
                     "--out", str(ours_out), "--overwrite", "--prompt", "official", "--method", "logits"]
-        lm_out = work / f"lmeval-{shots}shot"
-        lm_cmd = [args.lmeval_python, "-m", "lm_eval", "--model", "hf",
-                  "--model_args", f"pretrained={args.model},dtype=float32", "--device", "cpu",
-                  "--tasks", ",".join(f"cg_ceval_{s}" for s in args.subjects), "--include_path", str(tasks),
-                  "--num_fewshot", str(shots), "--batch_size", args.lmeval_batch_size,
-                  "--output_path", str(lm_out), "--log_samples"]
+        def lm_cmd(bs: str) -> list[str]:
+            return [args.lmeval_python, "-m", "lm_eval", "--model", "hf",
+                    "--model_args", f"pretrained={args.model},dtype=float32", "--device", "cpu",
+                    "--tasks", ",".join(f"cg_ceval_{s}" for s in args.subjects), "--include_path", str(tasks),
+                    "--num_fewshot", str(shots), "--batch_size", bs,
+                    "--output_path", str(work / f"lmeval-{shots}shot-b{bs}"), "--log_samples"]
         # Alternate the order (ours first, then lm-eval first, ...) and keep each tool's best run:
         # on a shared machine the background load drifts, and this keeps it from favouring one tool.
-        ours_walls, lm_walls, ours_scoring = [], [], []
+        ours_walls, ours_scoring = [], []
+        lm_walls: dict[str, list[float]] = {bs: [] for bs in args.lmeval_batch_size}
+        lm_scoring: dict[str, list[float]] = {bs: [] for bs in args.lmeval_batch_size}
         for rep in range(args.repeats):
-            order = ["ours", "lm"] if rep % 2 == 0 else ["lm", "ours"]
-            for tool in order:
-                if tool == "lm" and not with_lm:
-                    continue
+            tools = ["ours", *(f"lm:{bs}" for bs in args.lmeval_batch_size if with_lm)]
+            for tool in (tools if rep % 2 == 0 else tools[::-1]):
                 if tool == "ours":
                     ours_walls.append(run(ours_cmd, env, work / f"ours-{shots}shot.log"))
                     res = json.loads((ours_out / "results.json").read_text(encoding="utf-8"))
                     ours_scoring.append(res["timing"]["seconds_this_run"])
                 else:
-                    shutil.rmtree(lm_out, ignore_errors=True)
-                    lm_walls.append(run(lm_cmd, env, work / f"lmeval-{shots}shot.log"))
+                    bs = tool.split(":", 1)[1]
+                    shutil.rmtree(work / f"lmeval-{shots}shot-b{bs}", ignore_errors=True)
+                    lm_walls[bs].append(run(lm_cmd(bs), env, work / f"lmeval-{shots}shot-b{bs}.log"))
+                    lm_scoring[bs].append(lmeval_predictions(work / f"lmeval-{shots}shot-b{bs}", args.subjects)[2] or float("nan"))
         ours_wall, ours_score_s = min(ours_walls), min(ours_scoring)
-        print(f"  runs (wall s): ours {[round(w, 1) for w in ours_walls]}, lm-eval {[round(w, 1) for w in lm_walls]}", flush=True)
+        print(f"  runs (wall s): ours {[round(w, 1) for w in ours_walls]} (scoring {[round(w, 1) for w in ours_scoring]}), lm-eval "
+              + ", ".join(f"batch {bs} {[round(w, 1) for w in ws]} (its evaluation time {[round(w, 1) for w in lm_scoring[bs]]})"
+                          for bs, ws in lm_walls.items() if ws), flush=True)
         ours = {(r["subject"], i): r for s in args.subjects
                 for i, r in enumerate(x for x in map(json.loads, (ours_out / "predictions.jsonl").read_text(encoding="utf-8").splitlines())
                                       if x["subject"] == s)}
@@ -241,12 +247,14 @@ def main() -> None:
         if not with_lm:
             n = len(ours)
             correct = sum(bool(r["correct"]) for r in ours.values())
-            rows.append((shots, n, ours_wall, ours_score_s, None, None, None, 100 * correct / n, None, None))
+            rows.append((shots, n, ours_wall, ours_score_s, None, None, None, 100 * correct / n, None, None, None))
             print(f"\n{shots}-shot, {n} questions (ours only)\n  ours    wall {ours_wall:7.1f} s ({n / ours_wall:.3f} q/s); "
                   f"scoring alone {ours_score_s:.1f} s ({n / ours_score_s:.3f} q/s); accuracy {fmt_acc(100 * correct / n, n)}", flush=True)
             continue
-        lm_wall = min(lm_walls)
-        lm_pred, lm_ll, lm_eval_s = lmeval_predictions(lm_out, args.subjects)
+        best_bs = min(lm_walls, key=lambda bs: min(lm_walls[bs]))  # lm-eval at its best batch size
+        lm_wall = min(lm_walls[best_bs])
+        lm_pred, lm_ll, _ = lmeval_predictions(work / f"lmeval-{shots}shot-b{best_bs}", args.subjects)
+        lm_eval_s = min(lm_scoring[best_bs])
 
         n = len(ours)
         if set(lm_pred) != set(ours):
@@ -255,12 +263,13 @@ def main() -> None:
         max_dp = max(max(abs(ours[k]["probs"][L] - p) for L, p in zip(LETTERS, softmax(lm_ll[k]))) for k in ours)
         acc_ours = 100 * sum(r["correct"] for r in ours.values()) / n
         acc_lm = 100 * sum(lm_pred[k] == ours[k]["gold"] for k in ours) / n
-        rows.append((shots, n, ours_wall, ours_score_s, lm_wall, lm_eval_s, agree, acc_ours, acc_lm, max_dp))
+        rows.append((shots, n, ours_wall, ours_score_s, lm_wall, lm_eval_s, agree, acc_ours, acc_lm, max_dp, best_bs))
         print(f"\n{shots}-shot, {n} questions", flush=True)
         print(f"  ours    wall {ours_wall:7.1f} s ({n / ours_wall:.3f} q/s); scoring alone {ours_score_s:.1f} s ({n / ours_score_s:.3f} q/s)")
-        print(f"  lm-eval wall {lm_wall:7.1f} s ({n / lm_wall:.3f} q/s)" +
-              (f"; its total_evaluation_time {lm_eval_s:.1f} s" if lm_eval_s else ""))
-        print(f"  speed-up (wall) {lm_wall / ours_wall:.2f}x; agreement {agree}/{n} = {100 * agree / n:.1f}%; "
+        print(f"  lm-eval wall {lm_wall:7.1f} s ({n / lm_wall:.3f} q/s) at its best batch size {best_bs}" +
+              (f"; its total_evaluation_time {lm_eval_s:.1f} s" if lm_eval_s == lm_eval_s else ""))
+        print(f"  speed-up (wall) {lm_wall / ours_wall:.2f}x, scoring (ours' scoring / lm-eval's total_evaluation_time) "
+              f"{lm_eval_s / ours_score_s:.2f}x; agreement {agree}/{n} = {100 * agree / n:.1f}%; "
               f"accuracy ours {fmt_acc(acc_ours, n)}, lm-eval {fmt_acc(acc_lm, n)} (question-weighted); "
               f"max |p_ours - p_lmeval| over the 4 letters {max_dp:.2e}")
         for k in sorted(ours):
@@ -268,14 +277,16 @@ def main() -> None:
                 print(f"  disagreement {k}: ours {ours[k]['pred']} {ours[k]['probs']} | lm-eval {lm_pred[k]} "
                       f"{dict(zip(LETTERS, (round(p, 6) for p in softmax(lm_ll[k]))))}")
 
-    print("\n| setting | questions | ours wall s (q/s) | lm-eval wall s (q/s) | speed-up | letter agreement | accuracy ours / lm-eval |")
-    print("|---|---|---|---|---|---|---|")
-    for shots, n, ow, _os, lw, _ls, agree, ao, al, _dp in rows:
+    print(f"\nCPU: {cpu_model()}; load average at the end {os.getloadavg()[0]:.1f}")
+    print("| setting | questions | ours wall s (q/s) | ours scoring s | lm-eval wall s (q/s) | lm-eval evaluation s | lm-eval batch | "
+          "speed-up wall | speed-up scoring | letter agreement | accuracy ours / lm-eval |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for shots, n, ow, os_, lw, ls, agree, ao, al, _dp, bs in rows:
         if lw is None:
-            print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | not run | - | - | {fmt_acc(ao, n)} / - |")
+            print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | {os_:.1f} | not run | - | - | - | - | - | {fmt_acc(ao, n)} / - |")
             continue
-        print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | {lw:.1f} ({n / lw:.2f}) | {lw / ow:.2f}x | "
-              f"{100 * agree / n:.1f}% | {ao:.1f} / {al:.1f} |")
+        print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | {os_:.1f} | {lw:.1f} ({n / lw:.2f}) | {ls:.1f} | {bs} | {lw / ow:.2f}x | "
+              f"{ls / os_:.2f}x | {100 * agree / n:.1f}% | {ao:.1f} / {al:.1f} |")
 
 
 if __name__ == "__main__":
