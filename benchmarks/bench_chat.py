@@ -177,6 +177,22 @@ def llamacpp_with(path: Path, threads: int, n_ctx: int, n_batch: int, n_ubatch: 
     return SimpleNamespace(server=server, context_length=n_ctx)
 
 
+def flash_auto(path: Path, threads: int) -> str:
+    """What llama.cpp's flash attention "auto" (cutegpt's setting) resolves to on this machine, from its own log."""
+    from cutegpt.runtime.llamacpp import captured_stderr
+
+    xl = xllamacpp_module()
+    p = server_params(xl, path, 512, threads)
+    p.verbosity, p.warmup = 4, False
+    log: list[str] = []
+    with captured_stderr(log):
+        keep_alive(xl.Server(p))
+    import re
+
+    found = [m.group(0) for line in log for m in re.finditer(r"Flash Attention (enabled|disabled)", line)]
+    return found[-1] if found else "not reported"
+
+
 def prefill_sweep(args: argparse.Namespace) -> None:
     from cutegpt.export.gguf import export_gguf
 
@@ -195,6 +211,7 @@ def prefill_sweep(args: argparse.Namespace) -> None:
             for flash in (0, 1):
                 name = f"llama.cpp {q}, n_batch {n_batch}, n_ubatch {n_ubatch}, flash {'on' if flash else 'off'}"
                 variants[name] = (run_raw_llamacpp, llamacpp_with(path, args.threads, n_ctx, n_batch, n_ubatch, flash))
+    args.flash_auto = flash_auto(path, args.threads)
     for fn, lm in variants.values():  # warm-up: first-use allocations and page-ins
         fn(lm, long_ids[:64], 1)
     ttft: dict[str, list[float]] = {k: [] for k in variants}
@@ -216,6 +233,7 @@ def sweep_table(args: argparse.Namespace, ttft: dict[str, list[float]], tokens: 
     print(f"CPU: {cpu_model()}; load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
           f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} on {os.cpu_count()} cores: noisy, compare ratios only.")
     print(f"torch {torch.__version__}; xllamacpp {getattr(xl, '__version__', '?')}; llama.cpp build: {xl.get_system_info().strip()}")
+    print(f"flash attention 'auto' (cutegpt's default) resolves to: {getattr(args, 'flash_auto', '?')}")
     print("| variant | TTFT s | prefill tok/s | TTFT / torch bf16 |\n|---|---|---|---|")
     for name, times in ttft.items():
         t = median(times)

@@ -13,7 +13,9 @@ CSV files (converted losslessly to JSON Lines, see `to_jsonl`); it runs in its o
 (or, quicker, `python -m venv --system-site-packages DIR` and `DIR/bin/pip install lm-eval`, which
 reuses the installed torch and transformers). Then:
 
-    python benchmarks/bench_eval.py --threads 1 --lmeval-python /tmp/venv-lmeval/bin/python
+    python benchmarks/bench_eval.py --threads 1 --lmeval-python /tmp/venv-lmeval/bin/python --lmeval-batch-size 1 8
+
+lm-eval runs once per `--lmeval-batch-size` and the fastest is compared (lm-eval at its best batch size).
 
 Without lm-eval (no --lmeval-python, or the interpreter is absent) only our side runs and is
 reported. The data: --data, else $CEVAL_DATA, else ../shared/data/ceval beside the repository
@@ -24,8 +26,9 @@ llama.cpp path scores each file too, and its letters are compared with our torch
 
     python benchmarks/bench_eval.py --threads 1 --shots 5 --gguf f16.gguf q8_0.gguf q4_1.gguf
 
-Printed: the CPU model, wall time and questions/s of each tool (model loading included, and the
-scoring time alone), the ratio, accuracy, and the agreement of predicted letters
+Printed: the CPU model and load, wall time and questions/s of each tool (model loading included), the
+scoring time alone (ours: `results.json` timing; lm-eval: its `total_evaluation_time_seconds`), both
+ratios, accuracy, and the agreement of predicted letters
 question by question with every disagreement listed.
 """
 
