@@ -197,6 +197,8 @@ def prefill_sweep(args: argparse.Namespace) -> None:
     from cutegpt.export.gguf import export_gguf
 
     load_start = os.getloadavg()
+    # first: llama.cpp's log level is process-wide, and the servers started after this one set it back to quiet
+    args.flash_auto = flash_auto(Path(embedded_gguf()), args.threads)
     fp32 = load_model(ModelArgs(dtype="float32"))
     bf16 = load_model(ModelArgs(dtype="bfloat16"))
     long_ids = encode_segments(fp32.tokenizer, fp32.template.segments([Turn(LONG)]))[0]
@@ -211,7 +213,6 @@ def prefill_sweep(args: argparse.Namespace) -> None:
             for flash in (0, 1):
                 name = f"llama.cpp {q}, n_batch {n_batch}, n_ubatch {n_ubatch}, flash {'on' if flash else 'off'}"
                 variants[name] = (run_raw_llamacpp, llamacpp_with(path, args.threads, n_ctx, n_batch, n_ubatch, flash))
-    args.flash_auto = flash_auto(path, args.threads)
     for fn, lm in variants.values():  # warm-up: first-use allocations and page-ins
         fn(lm, long_ids[:64], 1)
     ttft: dict[str, list[float]] = {k: [] for k in variants}
