@@ -283,8 +283,7 @@ def main() -> None:
         print(f"  ours    wall {ours_wall:7.1f} s ({n / ours_wall:.3f} q/s); scoring alone {ours_score_s:.1f} s ({n / ours_score_s:.3f} q/s)")
         print(f"  lm-eval wall {lm_wall:7.1f} s ({n / lm_wall:.3f} q/s) at its best batch size {best_bs}" +
               (f"; scoring alone {lm_eval_s:.1f} s" if lm_eval_s == lm_eval_s else ""))
-        print(f"  speed-up (wall) {lm_wall / ours_wall:.2f}x, scoring (scoring alone) "
-              f"{lm_eval_s / ours_score_s:.2f}x; agreement {agree}/{n} = {100 * agree / n:.1f}%; "
+        print(f"  speed-up: wall {lm_wall / ours_wall:.2f}x, scoring alone {lm_eval_s / ours_score_s:.2f}x; agreement {agree}/{n} = {100 * agree / n:.1f}%; "
               f"accuracy ours {fmt_acc(acc_ours, n)}, lm-eval {fmt_acc(acc_lm, n)} (question-weighted); "
               f"max |p_ours - p_lmeval| over the 4 letters {max_dp:.2e}")
         for k in sorted(ours):
