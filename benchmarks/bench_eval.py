@@ -91,11 +91,20 @@ metadata:
 """
 
 
+CPU_SECONDS: dict[str, float] = {}  # log file -> CPU seconds (user + system) of the command that wrote it
+
+
 def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    """Wall seconds of `cmd`; its CPU seconds go to CPU_SECONDS, which other jobs' load barely moves."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS[str(log)] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
     return wall
@@ -251,6 +260,8 @@ def main() -> None:
                     lm_walls[bs].append(run(lm_cmd(bs), env, work / f"lmeval-{shots}shot-b{bs}.log"))
                     lm_scoring[bs].append(lmeval_scoring_seconds(work / f"lmeval-{shots}shot-b{bs}.log"))
         ours_wall, ours_score_s = min(ours_walls), min(ours_scoring)
+        print("  CPU seconds (user + system, whole process): " + ", ".join(f"{Path(k).stem} {v:.1f}" for k, v in CPU_SECONDS.items()
+                                                                          if f"-{shots}shot" in k), flush=True)
         print(f"  runs (wall s): ours {[round(w, 1) for w in ours_walls]} (scoring {[round(w, 1) for w in ours_scoring]}), lm-eval "
               + ", ".join(f"batch {bs} {[round(w, 1) for w in ws]} (scoring {[round(w, 1) for w in lm_scoring[bs]]})"
                           for bs, ws in lm_walls.items() if ws), flush=True)
