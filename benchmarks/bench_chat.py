@@ -177,10 +177,28 @@ def llamacpp_with(path: Path, threads: int, n_ctx: int, n_batch: int, n_ubatch: 
     return SimpleNamespace(server=server, context_length=n_ctx)
 
 
+def flash_auto(path: Path, threads: int) -> str:
+    """What llama.cpp's flash attention "auto" (cutegpt's setting) resolves to on this machine, from its own log."""
+    from cutegpt.runtime.llamacpp import captured_stderr
+
+    xl = xllamacpp_module()
+    p = server_params(xl, path, 512, threads)
+    p.verbosity, p.warmup = 4, False
+    log: list[str] = []
+    with captured_stderr(log):
+        keep_alive(xl.Server(p))
+    import re
+
+    found = [m.group(0) for line in log for m in re.finditer(r"Flash Attention (enabled|disabled)", line)]
+    return found[-1] if found else "not reported"
+
+
 def prefill_sweep(args: argparse.Namespace) -> None:
     from cutegpt.export.gguf import export_gguf
 
     load_start = os.getloadavg()
+    # first: llama.cpp's log level is process-wide, and the servers started after this one set it back to quiet
+    args.flash_auto = flash_auto(Path(embedded_gguf()), args.threads)
     fp32 = load_model(ModelArgs(dtype="float32"))
     bf16 = load_model(ModelArgs(dtype="bfloat16"))
     long_ids = encode_segments(fp32.tokenizer, fp32.template.segments([Turn(LONG)]))[0]
@@ -216,6 +234,7 @@ def sweep_table(args: argparse.Namespace, ttft: dict[str, list[float]], tokens: 
     print(f"CPU: {cpu_model()}; load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
           f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} on {os.cpu_count()} cores: noisy, compare ratios only.")
     print(f"torch {torch.__version__}; xllamacpp {getattr(xl, '__version__', '?')}; llama.cpp build: {xl.get_system_info().strip()}")
+    print(f"flash attention 'auto' (cutegpt's default) resolves to: {getattr(args, 'flash_auto', '?')}")
     print("| variant | TTFT s | prefill tok/s | TTFT / torch bf16 |\n|---|---|---|---|")
     for name, times in ttft.items():
         t = median(times)

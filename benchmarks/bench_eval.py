@@ -13,7 +13,9 @@ CSV files (converted losslessly to JSON Lines, see `to_jsonl`); it runs in its o
 (or, quicker, `python -m venv --system-site-packages DIR` and `DIR/bin/pip install lm-eval`, which
 reuses the installed torch and transformers). Then:
 
-    python benchmarks/bench_eval.py --threads 1 --lmeval-python /tmp/venv-lmeval/bin/python
+    python benchmarks/bench_eval.py --threads 1 --lmeval-python /tmp/venv-lmeval/bin/python --lmeval-batch-size 1 8
+
+lm-eval runs once per `--lmeval-batch-size` and the fastest is compared (lm-eval at its best batch size).
 
 Without lm-eval (no --lmeval-python, or the interpreter is absent) only our side runs and is
 reported. The data: --data, else $CEVAL_DATA, else ../shared/data/ceval beside the repository
@@ -38,8 +40,9 @@ detection, which crashes on some CPUs):
 (`--lmeval-gguf` has not been run on this project's machines yet: the llama-cpp-python build did not finish
 in the time available on the loaded machine; see docs/benchmarks.md.)
 
-Printed: the CPU model, wall time and questions/s of each tool (model loading included, and the
-scoring time alone), the ratio, accuracy, and the agreement of predicted letters
+Printed: the CPU model and load, wall time and questions/s of each tool (model loading included), the
+scoring time alone (ours: `results.json` timing; lm-eval: the elapsed time of its loglikelihood progress bar), both
+ratios, accuracy, and the agreement of predicted letters
 question by question with every disagreement listed.
 """
 
@@ -102,11 +105,20 @@ metadata:
 """
 
 
+CPU_SECONDS: dict[str, float] = {}  # log file -> CPU seconds (user + system) of the command that wrote it
+
+
 def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    """Wall seconds of `cmd`; its CPU seconds go to CPU_SECONDS, which other jobs' load barely moves."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS[str(log)] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
     return wall
@@ -127,6 +139,18 @@ def lmeval_predictions(out: Path, subjects: list[str]) -> tuple[dict[tuple[str, 
     for f in glob.glob(str(out / "**" / "results_*.json"), recursive=True):
         eval_seconds = float(json.loads(Path(f).read_text())["total_evaluation_time_seconds"])
     return preds, lls, eval_seconds
+
+
+def lmeval_scoring_seconds(log: Path) -> float:
+    """lm-eval's scoring time alone: the elapsed time of its final "Running loglikelihood requests" progress bar
+    (its `total_evaluation_time_seconds` also counts loading the model and building the tasks)."""
+    import re
+
+    bars = re.findall(r"Running loglikelihood requests: 100%[^\[]*\[(?:(\d+):)?(\d+):(\d+)<", log.read_text(errors="replace"))
+    if not bars:
+        return float("nan")
+    h, m, sec = bars[-1]
+    return 3600 * int(h or 0) + 60 * int(m) + int(sec)
 
 
 def cpu_model() -> str:
@@ -243,7 +267,8 @@ def main() -> None:
     ap.add_argument("--shots", nargs="+", type=int, default=[0, 5])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lmeval-python", default=None, help="python of a venv with lm-eval (omit: ours only)")
-    ap.add_argument("--lmeval-batch-size", default="1")
+    ap.add_argument("--lmeval-batch-size", nargs="+", default=["1"],
+                    help="lm-eval batch sizes, each run in turn; the fastest is the one compared (give several to find its best)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating which goes first; the best is reported")
     ap.add_argument("--work", default="/tmp/bench-eval")
     ap.add_argument("--gguf", nargs="+", default=[], help="GGUF files scored by our llama.cpp path beside the torch path")
@@ -280,36 +305,43 @@ def main() -> None:
                HF_DATASETS_CACHE=str(work / "hf-datasets"))
     print(f"CPU: {cpu_model()}")
     print(f"model {args.model}; {len(args.subjects)} C-Eval val subjects: {', '.join(args.subjects)}; "
-          f"torch threads {args.threads}; lm-eval batch size {args.lmeval_batch_size}", flush=True)
+          f"torch threads {args.threads}; lm-eval batch sizes {', '.join(args.lmeval_batch_size)}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for shots in args.shots:
         ours_out = work / f"ours-{shots}shot"
         ours_cmd = [sys.executable, "-m", "cutegpt", "eval", "ceval", "--data", str(data), "--model", args.model,
                     "--shots", str(shots), "--subjects", *args.subjects, "--no-resume", "--threads", str(args.threads),
                     "--out", str(ours_out), "--overwrite", "--prompt", "official", "--method", "logits"]
-        lm_out = work / f"lmeval-{shots}shot"
-        lm_cmd = [args.lmeval_python, "-m", "lm_eval", "--model", "hf",
-                  "--model_args", f"pretrained={args.model},dtype=float32", "--device", "cpu",
-                  "--tasks", ",".join(f"cg_ceval_{s}" for s in args.subjects), "--include_path", str(tasks),
-                  "--num_fewshot", str(shots), "--batch_size", args.lmeval_batch_size,
-                  "--output_path", str(lm_out), "--log_samples"]
+        def lm_cmd(bs: str) -> list[str]:
+            return [args.lmeval_python, "-m", "lm_eval", "--model", "hf",
+                    "--model_args", f"pretrained={args.model},dtype=float32", "--device", "cpu",
+                    "--tasks", ",".join(f"cg_ceval_{s}" for s in args.subjects), "--include_path", str(tasks),
+                    "--num_fewshot", str(shots), "--batch_size", bs,
+                    "--output_path", str(work / f"lmeval-{shots}shot-b{bs}"), "--log_samples"]
         # Alternate the order (ours first, then lm-eval first, ...) and keep each tool's best run:
         # on a shared machine the background load drifts, and this keeps it from favouring one tool.
-        ours_walls, lm_walls, ours_scoring = [], [], []
+        ours_walls, ours_scoring = [], []
+        lm_walls: dict[str, list[float]] = {bs: [] for bs in args.lmeval_batch_size}
+        lm_scoring: dict[str, list[float]] = {bs: [] for bs in args.lmeval_batch_size}
         for rep in range(args.repeats):
-            order = ["ours", "lm"] if rep % 2 == 0 else ["lm", "ours"]
-            for tool in order:
-                if tool == "lm" and (not with_lm or args.skip_lmeval_hf):
-                    continue
+            tools = ["ours", *(f"lm:{bs}" for bs in args.lmeval_batch_size if with_lm and not args.skip_lmeval_hf)]
+            for tool in (tools if rep % 2 == 0 else tools[::-1]):
                 if tool == "ours":
                     ours_walls.append(run(ours_cmd, env, work / f"ours-{shots}shot.log"))
                     res = json.loads((ours_out / "results.json").read_text(encoding="utf-8"))
                     ours_scoring.append(res["timing"]["seconds_this_run"])
                 else:
-                    shutil.rmtree(lm_out, ignore_errors=True)
-                    lm_walls.append(run(lm_cmd, env, work / f"lmeval-{shots}shot.log"))
+                    bs = tool.split(":", 1)[1]
+                    shutil.rmtree(work / f"lmeval-{shots}shot-b{bs}", ignore_errors=True)
+                    lm_walls[bs].append(run(lm_cmd(bs), env, work / f"lmeval-{shots}shot-b{bs}.log"))
+                    lm_scoring[bs].append(lmeval_scoring_seconds(work / f"lmeval-{shots}shot-b{bs}.log"))
         ours_wall, ours_score_s = min(ours_walls), min(ours_scoring)
-        print(f"  runs (wall s): ours {[round(w, 1) for w in ours_walls]}, lm-eval {[round(w, 1) for w in lm_walls]}", flush=True)
+        print("  CPU seconds (user + system, whole process): " + ", ".join(f"{Path(k).stem} {v:.1f}" for k, v in CPU_SECONDS.items()
+                                                                          if f"-{shots}shot" in k), flush=True)
+        print(f"  runs (wall s): ours {[round(w, 1) for w in ours_walls]} (scoring {[round(w, 1) for w in ours_scoring]}), lm-eval "
+              + ", ".join(f"batch {bs} {[round(w, 1) for w in ws]} (scoring {[round(w, 1) for w in lm_scoring[bs]]})"
+                          for bs, ws in lm_walls.items() if ws), flush=True)
         ours = {(r["subject"], i): r for s in args.subjects
                 for i, r in enumerate(x for x in map(json.loads, (ours_out / "predictions.jsonl").read_text(encoding="utf-8").splitlines())
                                       if x["subject"] == s)}
@@ -319,12 +351,14 @@ def main() -> None:
         if not with_lm or args.skip_lmeval_hf:
             n = len(ours)
             correct = sum(bool(r["correct"]) for r in ours.values())
-            rows.append((shots, n, ours_wall, ours_score_s, None, None, None, 100 * correct / n, None, None))
+            rows.append((shots, n, ours_wall, ours_score_s, None, None, None, 100 * correct / n, None, None, None))
             print(f"\n{shots}-shot, {n} questions (ours only)\n  ours    wall {ours_wall:7.1f} s ({n / ours_wall:.3f} q/s); "
                   f"scoring alone {ours_score_s:.1f} s ({n / ours_score_s:.3f} q/s); accuracy {fmt_acc(100 * correct / n, n)}", flush=True)
             continue
-        lm_wall = min(lm_walls)
-        lm_pred, lm_ll, lm_eval_s = lmeval_predictions(lm_out, args.subjects)
+        best_bs = min(lm_walls, key=lambda bs: min(lm_walls[bs]))  # lm-eval at its best batch size
+        lm_wall = min(lm_walls[best_bs])
+        lm_pred, lm_ll, _ = lmeval_predictions(work / f"lmeval-{shots}shot-b{best_bs}", args.subjects)
+        lm_eval_s = min(lm_scoring[best_bs])
 
         n = len(ours)
         if set(lm_pred) != set(ours):
@@ -333,12 +367,12 @@ def main() -> None:
         max_dp = max(max(abs(ours[k]["probs"][L] - p) for L, p in zip(LETTERS, softmax(lm_ll[k]))) for k in ours)
         acc_ours = 100 * sum(r["correct"] for r in ours.values()) / n
         acc_lm = 100 * sum(lm_pred[k] == ours[k]["gold"] for k in ours) / n
-        rows.append((shots, n, ours_wall, ours_score_s, lm_wall, lm_eval_s, agree, acc_ours, acc_lm, max_dp))
+        rows.append((shots, n, ours_wall, ours_score_s, lm_wall, lm_eval_s, agree, acc_ours, acc_lm, max_dp, best_bs))
         print(f"\n{shots}-shot, {n} questions", flush=True)
         print(f"  ours    wall {ours_wall:7.1f} s ({n / ours_wall:.3f} q/s); scoring alone {ours_score_s:.1f} s ({n / ours_score_s:.3f} q/s)")
-        print(f"  lm-eval wall {lm_wall:7.1f} s ({n / lm_wall:.3f} q/s)" +
-              (f"; its total_evaluation_time {lm_eval_s:.1f} s" if lm_eval_s else ""))
-        print(f"  speed-up (wall) {lm_wall / ours_wall:.2f}x; agreement {agree}/{n} = {100 * agree / n:.1f}%; "
+        print(f"  lm-eval wall {lm_wall:7.1f} s ({n / lm_wall:.3f} q/s) at its best batch size {best_bs}" +
+              (f"; scoring alone {lm_eval_s:.1f} s" if lm_eval_s == lm_eval_s else ""))
+        print(f"  speed-up: wall {lm_wall / ours_wall:.2f}x, scoring alone {lm_eval_s / ours_score_s:.2f}x; agreement {agree}/{n} = {100 * agree / n:.1f}%; "
               f"accuracy ours {fmt_acc(acc_ours, n)}, lm-eval {fmt_acc(acc_lm, n)} (question-weighted); "
               f"max |p_ours - p_lmeval| over the 4 letters {max_dp:.2e}")
         for k in sorted(ours):
@@ -346,14 +380,16 @@ def main() -> None:
                 print(f"  disagreement {k}: ours {ours[k]['pred']} {ours[k]['probs']} | lm-eval {lm_pred[k]} "
                       f"{dict(zip(LETTERS, (round(p, 6) for p in softmax(lm_ll[k]))))}")
 
-    print("\n| setting | questions | ours wall s (q/s) | lm-eval wall s (q/s) | speed-up | letter agreement | accuracy ours / lm-eval |")
-    print("|---|---|---|---|---|---|---|")
-    for shots, n, ow, _os, lw, _ls, agree, ao, al, _dp in rows:
+    print(f"\nCPU: {cpu_model()}; load average at the end {os.getloadavg()[0]:.1f}")
+    print("| setting | questions | ours wall s (q/s) | ours scoring s | lm-eval wall s (q/s) | lm-eval scoring s | lm-eval batch | "
+          "speed-up wall | speed-up scoring | letter agreement | accuracy ours / lm-eval |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for shots, n, ow, os_, lw, ls, agree, ao, al, _dp, bs in rows:
         if lw is None:
-            print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | not run | - | - | {fmt_acc(ao, n)} / - |")
+            print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | {os_:.1f} | not run | - | - | - | - | - | {fmt_acc(ao, n)} / - |")
             continue
-        print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | {lw:.1f} ({n / lw:.2f}) | {lw / ow:.2f}x | "
-              f"{100 * agree / n:.1f}% | {ao:.1f} / {al:.1f} |")
+        print(f"| {shots}-shot | {n} | {ow:.1f} ({n / ow:.2f}) | {os_:.1f} | {lw:.1f} ({n / lw:.2f}) | {ls:.1f} | {bs} | {lw / ow:.2f}x | "
+              f"{ls / os_:.2f}x | {100 * agree / n:.1f}% | {ao:.1f} / {al:.1f} |")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,13 @@ def load_test(srv: "Serve", seconds: float, tokens: int) -> dict:
     return {**counts, "seconds": seconds, "rss_mb": rss}
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def gguf_file(quant: str | None) -> Path:
     """The embedded model's shipped GGUF, or our export of it at `quant` (made once, kept in the temp folder)."""
     from cutegpt.model.embedded import embedded_gguf
@@ -220,7 +227,10 @@ def main() -> None:
     model = gguf_file(args.quant)
     clients = [1, 8] if args.quick else [1, 4, 8, 16]
     load_s = 20 if args.quick else args.load_seconds
-    print(f"load average at start: {os.getloadavg()}, threads {args.threads}", flush=True)
+    import xllamacpp
+
+    print(f"CPU: {cpu_model()}; load average at start: {os.getloadavg()}, threads {args.threads}; "
+          f"xllamacpp {getattr(xllamacpp, '__version__', '?')}", flush=True)
     results: dict = {"threads": args.threads, "tokens": args.tokens, "model": model.name, "loadavg_start": os.getloadavg()}
     # all four servers up at once; each client count runs on each in turn, so load drift hits them alike
     print(f"model: {model}", flush=True)
@@ -228,8 +238,10 @@ def main() -> None:
     p1 = Serve("--model", str(model), "--parallel", "1", "--threads", str(args.threads), "--ctx", "2048")
     raw8, raw1 = RawServer(model, 8, args.threads, 2048), RawServer(model, 1, args.threads, 2048)
     servers = {"cutegpt_p8": p8.port, "cutegpt_p1": p1.port, "raw_p8": raw8.port, "raw_p1": raw1.port}
+    # Warm-up: as many concurrent requests as the server has slots, so every slot and llama.cpp's batched graph
+    # sizes have run once before anything is timed (a server's first request took 3-4 s here, its next ones 0.1-1 s).
     for name, port in servers.items():
-        stream_one(port, [{"role": "user", "content": "warm up"}], 4)
+        run_clients(port, 8 if name.endswith("p8") else 1, 4)
         results[name] = []
     for c in clients:
         for name, port in servers.items():
@@ -260,6 +272,7 @@ def main() -> None:
         print(f"| {c} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f}x | {ra['tok_s']:.1f} | {rb['tok_s']:.1f} | "
               f"{ra['tok_s'] / rb['tok_s']:.2f}x | {a['ttft_p50']:.2f} / {a['ttft_p95']:.2f} s | {b['ttft_p50']:.2f} / {b['ttft_p95']:.2f} s |")
     load = results["load"]
+    print(f"load average at the end: {results['loadavg_end']}")
     print(f"\nturn-8 TTFT: prompt cache on {results['turn8_ttft_cache_on']:.2f} s, off {results['turn8_ttft_cache_off']:.2f} s")
     print(f"load: {load['ok']} complete, {load['incomplete']} incomplete, {load['errors']} errors in {load['seconds']:.0f} s; "
           f"RSS MB first {load['rss_mb'][0]:.0f}, last {load['rss_mb'][-1]:.0f}, max {max(load['rss_mb']):.0f}")

@@ -41,6 +41,17 @@ def test_batched_prefix_cached_equals_brute_force(tiny_lm, ceval_dir, shots, met
             _same(got, ref)
 
 
+def test_zero_shot_shares_the_subject_header(tiny_lm, ceval_dir):
+    """Zero-shot too, every question of a subject starts with the subject's header: that is the prefix the
+    scorer computes once (all of it but a token that may merge across the header/question boundary)."""
+    from cutegpt.evaluation.prompts import PromptStyle
+
+    bench = load_benchmark("ceval", ceval_dir, "val")
+    for sub, items in zip(bench.subjects.values(), _items(tiny_lm, bench, 0, "logits")):
+        header = tiny_lm.tokenizer(PromptStyle("ceval").header(sub), add_special_tokens=True)["input_ids"]
+        assert len(header) - 1 <= common_prefix_length([it.ids for it in items]) < min(len(it.ids) for it in items)
+
+
 def test_probabilities_differ_between_questions(tiny_lm, ceval_dir):
     """Guard against a scorer that returns the same numbers for every option or question."""
     bench = load_benchmark("ceval", ceval_dir, "val")
