@@ -43,6 +43,7 @@ from cutegpt.runtime.llamacpp import keep_alive, load_llamacpp, request_for, ser
 from cutegpt.model.embedded import embedded_gguf
 from cutegpt.model.loading import ModelArgs, load_model
 from cutegpt.templates import Turn, encode_segments
+from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 
 PROMPT = "Explain in detail why the sky is blue and why sunsets are red."
 ENGLISH = ("The history of science is the study of the development of science and scientific knowledge, "
@@ -151,18 +152,6 @@ def agreement(a: list[int], b: list[int]) -> float:
 
 def coverage(a: list[int]) -> float:
     return sum(x != -1 for x in a) / max(1, len(a))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def llamacpp_with(path: Path, threads: int, n_ctx: int, n_batch: int, n_ubatch: int, flash: int) -> Any:

@@ -59,6 +59,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CUTEGPT_SHARED") or ROOT.parent / "shared")
@@ -151,18 +152,6 @@ def lmeval_scoring_seconds(log: Path) -> float:
         return float("nan")
     h, m, sec = bars[-1]
     return 3600 * int(h or 0) + 60 * int(m) + int(sec)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def free_port() -> int:

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
@@ -94,7 +96,7 @@ def main() -> None:
     import platform
     import statistics
 
-    print(f"embedded model folder: {src_bytes / 2**20:.0f} MiB of safetensors; CPU: {_cpu_model() or platform.processor()}; load "
+    print(f"embedded model folder: {src_bytes / 2**20:.0f} MiB of safetensors; CPU: {cpu_model() or platform.processor()}; load "
           f"average at the start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; one thread; medians of {args.repeats} "
           "interleaved runs")
     print("| quant | tool | seconds | peak RSS MiB | file MiB |\n|---|---|---|---|---|")
@@ -154,7 +156,7 @@ def bench_archs(args: argparse.Namespace) -> None:
 
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     ours_env = dict(env, PYTHONPATH=str(SRC))
-    print(f"CPU: {_cpu_model() or platform.processor()}; load average at the start {os.getloadavg()[0]:.1f} on "
+    print(f"CPU: {cpu_model() or platform.processor()}; load average at the start {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores; one thread; medians of {args.repeats} interleaved runs; tiny 2-layer models")
     print("| model | quant | cutegpt s | converter s | time ratio | cutegpt RSS MiB | converter RSS MiB | RSS ratio |")
     print("|---|---|---|---|---|---|---|---|")
@@ -251,16 +253,6 @@ def _variant_names(path: Path) -> list[str]:
             if getattr(target, "id", None) == "ARCH_VARIANTS":
                 return [k.value for k in node.value.keys]
     raise SystemExit(f"{path}: no ARCH_VARIANTS")
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":

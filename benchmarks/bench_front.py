@@ -18,7 +18,6 @@ import asyncio
 import http.client
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 EVENT = ('data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" token"}}],"created":1765000000,'
@@ -148,9 +149,7 @@ def main() -> None:
         asyncio.run(run_front(args.kind, args.old_ref, args.port, args.backend))
         return
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"CPU: {cpu}; {os.cpu_count()} cores; load average {os.getloadavg()}", flush=True)
+    print(f"CPU: {cpu_model()}; {os.cpu_count()} cores; load average {os.getloadavg()}", flush=True)
     me = [sys.executable, __file__, "--old-ref", args.old_ref]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     fake_port = free_port()

@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?", "What is 12 times 7?",
@@ -190,13 +191,6 @@ def load_test(srv: "Serve", seconds: float, tokens: int) -> dict:
         time.sleep(5)
         rss.append(srv.rss_mb())
     return {**counts, "seconds": seconds, "rss_mb": rss}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def gguf_file(quant: str | None) -> Path:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from machine import cpu_model  # noqa: F401  (bench_dpo and bench_llamafactory take it from here)
 
 CUTEGPT_SYSTEM = "你是复旦大学知识工场实验室训练出来的语言模型CuteGPT。给定任务描述，请给出对应请求的回答。\n"
 
@@ -230,16 +230,6 @@ def versions(python: str) -> str:
             "('torch', 'transformers', 'peft', 'trl', 'accelerate', 'bitsandbytes', 'llamafactory') "
             "if __import__('importlib.util').util.find_spec(p.replace('-', '_'))))")
     return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__" and len(sys.argv) > 4 and sys.argv[1] == "--measure":

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_bench(monkeypatch, shared: Path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when the script runs: its helpers import by name
     monkeypatch.setenv("CUTEGPT_SHARED", str(shared))
     monkeypatch.delenv("CEVAL_DATA", raising=False)
     spec = importlib.util.spec_from_file_location("bench_eval_under_test", ROOT / "benchmarks" / "bench_eval.py")
