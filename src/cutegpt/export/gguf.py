@@ -34,7 +34,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -212,26 +212,13 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
             folder = _merge_lora(folder, Path(lora).expanduser(), stack, out.parent, out.name)
         template_name, tokenizer = _template_and_tokenizer(template, folder, lora)
         plan = plan_export(folder, tokenizer, quant, template_name, source_info)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)  # io.clean_leftovers knows it
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with published(out, f" (the model needs about {_gib(plan.nbytes)} GiB free)") as tmp:
             write_gguf(plan, tmp, progress=progress)
             report = None
             if verify:
                 from cutegpt.export.verify import verify_gguf
 
                 report = verify_gguf(tmp, folder, tokenizer, quant, template_name, progress=progress, threads=threads)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, out)
-        except OSError as e:
-            _unlink(tmp)
-            if e.errno == errno.ENOSPC or _short_write(e):
-                raise CuteGPTError(f"the disk is full while writing {out}; nothing was left behind (the model needs about {_gib(plan.nbytes)} GiB free).") from None
-            raise CuteGPTError(describe_os_error(e, out)) from None
-        except BaseException:
-            _unlink(tmp)
-            raise
     last_report = {"out": str(out), "quant": quant, "template": template_name, "bytes": out.stat().st_size,
                    "tensors": len(plan.tensors), "verification": report}
     return out
@@ -914,6 +901,28 @@ def _unpermute(w: Any, n_head: int) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def published(out: Path, need: str = "") -> Iterator[Path]:
+    """A hidden temporary file beside `out` to write; renamed to `out` only if the block completes, removed otherwise.
+
+    A full disk or another OS error becomes one sentence naming `out` (`need`: what the sentence adds about space)."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)  # io.clean_leftovers knows it
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except OSError as e:
+        _unlink(tmp)
+        if e.errno == errno.ENOSPC or _short_write(e):
+            raise CuteGPTError(f"the disk is full while writing {out}; nothing was left behind{need}.") from None
+        raise CuteGPTError(describe_os_error(e, out)) from None
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def _unlink(path: Path) -> None:

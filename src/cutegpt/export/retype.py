@@ -16,9 +16,6 @@ equal what `export_gguf` writes from the transformers-converted folder
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +35,8 @@ def retype_gguf(src: Path, out: Path, quant: str = "f16", verify: bool = True) -
     converted from the new file does, and render its chat template as transformers does (export's
     checks (a) and (c)); that tokenizer is then cached for the file, so the first chat does not convert it again.
     """
-    from cutegpt.export.gguf import QUANTS, _file_type, _short_write, _tensor_qtype
-    from cutegpt.io import clean_leftovers, describe_os_error, os_errors
+    from cutegpt.export.gguf import QUANTS, _file_type, _tensor_qtype, published
+    from cutegpt.io import clean_leftovers, os_errors
 
     if quant not in QUANTS:
         raise CuteGPTError(f"unknown quant '{quant}'; choose one of: {', '.join(QUANTS)}.")
@@ -47,22 +44,9 @@ def retype_gguf(src: Path, out: Path, quant: str = "f16", verify: bool = True) -
     with os_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)  # io.clean_leftovers knows it
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with published(out) as tmp:
         _write(src, header, tmp, quant, _file_type(quant), _tensor_qtype)
         tokenizer = _verified_tokenizer(tmp) if verify else None
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-    except OSError as e:
-        _unlink(tmp)
-        if e.errno == errno.ENOSPC or _short_write(e):
-            raise CuteGPTError(f"the disk is full while writing {out}; nothing was left behind.") from None
-        raise CuteGPTError(describe_os_error(e, out)) from None
-    except BaseException:
-        _unlink(tmp)
-        raise
     if tokenizer is not None:
         from cutegpt.runtime.llamacpp import remember_gguf_tokenizer
 
@@ -138,13 +122,3 @@ def _cast(raw: np.ndarray, shape: tuple[int, ...], src_type: Any, qtype: Any) ->
         return values.astype(np.float16)  # round-to-nearest-even, as torch's cast in export_gguf
     return gguf.quants.quantize(values.astype(np.float32, copy=False), qtype)
 
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

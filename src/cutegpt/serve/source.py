@@ -56,16 +56,13 @@ def gguf_chat_template(path: Path) -> str | None:
 
 
 def _template_name(explicit: str | None, folders: list[Path | None]) -> str | None:
+    """The served format: the one asked for, else cutegpt or auto by what the folders' model card records."""
+    from cutegpt.export.cache import export_template
+
     if explicit:
         return explicit
-    from cutegpt.templates import read_model_card
-
-    for folder in folders:
-        if folder is not None and folder.is_dir():
-            recorded = read_model_card(folder).get("template")
-            if recorded:
-                return "cutegpt" if recorded == "cutegpt" else "auto"
-    return None
+    recorded = export_template(None, folders)
+    return None if recorded is None else "cutegpt" if recorded == "cutegpt" else "auto"
 
 
 def _adapter_base(adapter: Path) -> Path | None:
