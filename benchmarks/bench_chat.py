@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.engine import Engine
 from cutegpt.chat.llamacpp import LlamaCppEngine
 from cutegpt.runtime.llamacpp import keep_alive, load_llamacpp, request_for, server_params, xllamacpp_module

@@ -64,7 +64,9 @@ PATHS_BY_COMMAND: dict[tuple[tuple[str, ...], str], tuple[str, str]] = {
 INSIDE_BY_DESIGN = {(("data", "stats"), "plot"): "data"}
 NOT_PATHS = {"template", "system", "text_field", "split", "eval_split", "lora_targets", "modules_to_save", "subjects",
              "api_key", "host", "engine", "backend", "prompt", "target_delimiter", "report_to", "endpoint",
-             "entries"}  # cutegpt cache: names of cache entries, checked against the cache
+             "entries",  # cutegpt cache: names of cache entries, checked against the cache
+             "name",  # export: the model's name inside the GGUF
+             "label", "judge", "judge_api_key", "judge_template"}  # compare: column names; a judge URL or model
 
 
 def path_role(words: tuple[str, ...], name: str) -> tuple[str, str] | None:
@@ -97,6 +99,7 @@ def base_spec(words: tuple[str, ...], s: dict[str, Path]) -> dict[str, typing.An
     return {
         ("chat",): dict(model=m, input=str(s["chat_in"]), max_new_tokens=2, greedy=True, threads=1),
         ("generate",): dict(input=str(s["prompts"]), model=m, out="answers.jsonl", max_new_tokens=2, greedy=True, threads=1),
+        ("compare",): dict(input=str(s["prompts"]), model=[m], out="compare", max_new_tokens=2, greedy=True, threads=1),
         ("serve",): dict(model=m),
         ("data", "convert"): dict(input=[str(s["conv"])], out="ds-new", model=m, max_length=64),
         ("data", "pairs"): dict(input=str(s["qa"]), model=m, out="pairs.jsonl", max_new_tokens=2, greedy=True, threads=1),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.batch import read_records, record_to_turns
 from cutegpt.chat.cli import _command, load_conversation, save_conversation
 from cutegpt.chat.session import ChatSession

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.session import ChatSession
 from cutegpt.templates import Turn
 

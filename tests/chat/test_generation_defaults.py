@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cutegpt.chat.args import (CUTEGPT_DEFAULTS, GenerationArgs, describe_sources, generation_config_defaults,
+from cutegpt.generation import (CUTEGPT_DEFAULTS, GenerationArgs, describe_sources, generation_config_defaults,
                                resolve_generation)
 from cutegpt.chat.backend import resolved_generation
 from cutegpt.chat.cli import ChatConfig

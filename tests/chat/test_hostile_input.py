@@ -10,7 +10,7 @@ import pytest
 
 import cutegpt.chat.backend as backend
 import cutegpt.chat.cli as chat_cli
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.batch import GenerateConfig, run_generate
 from cutegpt.chat.session import ChatSession
 from cutegpt.config import parse_config

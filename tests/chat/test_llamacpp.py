@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.backend import EMBEDDED_BACKEND, choose_backend
 from cutegpt.chat.session import ChatSession
 from cutegpt.errors import CuteGPTError

@@ -326,7 +326,7 @@ def test_cutegpt_end_ends_generation_in_llamacpp_without_a_stop_string(tmp_path)
 def test_general_name_and_sampling_defaults(tmp_path, bpe_dir):
     """general.name is the run's (or --name); general.sampling.* are the settings chat resolves for the model, which
     every reader of the file (our llama.cpp backend, serve, ollama's Modelfile) gets back."""
-    from cutegpt.chat.args import GenerationArgs, generation_config_defaults, resolve_generation
+    from cutegpt.generation import GenerationArgs, generation_config_defaults, resolve_generation
     from cutegpt.runtime.llamacpp import gguf_generation_defaults
     from cutegpt.templates import CUTEGPT_DEFAULTS
 

@@ -268,7 +268,7 @@ def test_vllm_plan_from_the_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_request_defaults_resolve_like_chat(tmp_path):
-    from cutegpt.chat.args import GenerationArgs, resolve_generation
+    from cutegpt.generation import GenerationArgs, resolve_generation
 
     plain = ServeConfig().request_defaults("auto", {})
     assert plain == {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 50, "repeat_penalty": 1.0}  # greedy

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cutegpt.chat.args import GenerationArgs, describe_sources, generation_config_defaults, resolve_generation
+from cutegpt.generation import GenerationArgs, describe_sources, generation_config_defaults, resolve_generation
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
 from cutegpt.model.embedded import NAME as EMBEDDED_NAME

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.backend import BACKEND_HELP, Backend, choose_backend
 from cutegpt.config import arg
 from cutegpt.threads import THREADS_HELP

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Iterator
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.backend import BACKEND_HELP, Backend, choose_backend
 from cutegpt.chat.batch import record_to_turns
 from cutegpt.config import arg

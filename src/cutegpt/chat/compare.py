@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.backend import BACKEND_HELP, EMBEDDED_NAME, Backend
 from cutegpt.config import arg
 from cutegpt.errors import CuteGPTError
@@ -183,6 +183,7 @@ def contestants(cfg: CompareConfig) -> list[Contestant]:
             gen = GenerateConfig(**{f.name: getattr(mc, f.name) for f in dataclasses.fields(GenerateConfig)
                                     if hasattr(mc, f.name) and f.name not in ("input", "out", "resume", "overwrite")})
             choose_backend(gen)  # a flag the backend cannot honour is named before anything loads
+            _check_local(mc.model, mc.lora)  # every model is found before the first one answers into OUT.partial
             out.append(Contestant(model_label(mc.model, mc.lora), local=gen))
     for url in cfg.endpoint or []:
         from cutegpt.evaluation.endpoint import EndpointServer
@@ -199,6 +200,27 @@ def contestants(cfg: CompareConfig) -> list[Contestant]:
         if names.count(c.label) > 1:
             c.label = f"{c.label} #{k + 1}"
     return out
+
+
+def _check_local(model: str | None, lora: str | None) -> None:
+    """One sentence for a --model or --lora that cannot load, read from the files alone (nothing loads)."""
+    from cutegpt.model.hub import resolve_model_path
+    from cutegpt.model.loading import _check_model_folder
+
+    if model:
+        path = resolve_model_path(model, "--model")
+        if path.suffix.lower() == ".gguf":
+            if not path.is_file():
+                raise CuteGPTError(f"--model {model}: " + ("it is a folder, not a GGUF file." if path.exists() else "no such file."))
+        else:
+            _check_model_folder(path)
+    if lora:
+        path = resolve_model_path(lora, "--lora")
+        if path.suffix.lower() == ".gguf" and not path.is_file():
+            raise CuteGPTError(f"--lora {lora}: " + ("it is a folder, not a GGUF file." if path.exists() else "no such file."))
+        if path.suffix.lower() != ".gguf" and not (path / "adapter_config.json").is_file():
+            raise CuteGPTError(f"--lora {lora} is not a LoRA adapter folder (no adapter_config.json)."
+                               if path.exists() else f"--lora {lora} does not exist.")
 
 
 def served_name(server: Any, flag: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.stream import GenerationResult, complete, cut_at_stop, held_back
 from cutegpt.model.kv import cache_kwarg, new_cache
 from cutegpt.model.loading import LoadedModel

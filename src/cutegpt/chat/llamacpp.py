@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.stream import GenerationResult, complete, cut_at_stop, held_back
 from cutegpt.errors import CuteGPTError
 from cutegpt.runtime.llamacpp import LlamaCppModel, request_for

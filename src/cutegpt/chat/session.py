@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from cutegpt.chat.args import GenerationArgs
+from cutegpt.generation import GenerationArgs
 from cutegpt.chat.stream import GenerationResult, complete
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import Turn, encode_segments

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cutegpt.chat.args import GenerationArgs, resolve_generation
+from cutegpt.generation import GenerationArgs, resolve_generation
 
 
 @dataclass

@@ -199,7 +199,7 @@ def export_gguf(model: str | Path | None, out: Path, *, lora: str | Path | None 
     if folder.suffix == ".gguf":
         raise CuteGPTError(f"--model {folder} is already a GGUF file; export takes a model folder (or nothing for the embedded model).")
     _check_source(folder)
-    from cutegpt.chat.args import generation_config_defaults
+    from cutegpt.generation import generation_config_defaults
     from cutegpt.io import run_name
 
     # what chat and serve resolve for this model (the adapter's generation_config.json over the base's)
@@ -485,7 +485,7 @@ def sampling_kv(model_defaults: dict[str, Any], template_name: str) -> list[tupl
     template's defaults), in llama.cpp's terms, so llama-cli, llama-server and ollama sample as `cutegpt chat` does.
 
     Greedy is temperature 0 for llama.cpp; the penalty covers the whole context (-1) and min_p is off, as transformers."""
-    from cutegpt.chat.args import GenerationArgs, resolve_generation
+    from cutegpt.generation import GenerationArgs, resolve_generation
 
     gen, _ = resolve_generation(GenerationArgs(), model_defaults, "model", template_name)
     return [("add_sampling_sequence", (SAMPLER_SEQUENCE,)),

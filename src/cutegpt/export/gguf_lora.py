@@ -148,7 +148,7 @@ def export_gguf_lora(model: str | Path | None, lora: str | Path, out: Path, *, q
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        from cutegpt.serve.source import run_name
+        from cutegpt.io import run_name
 
         writer.add_name(name or run_name(adapter))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -305,12 +305,14 @@ def keep_alive(server: Any) -> None:
 #      the sampled token's log-probability under the unbiased logits.
 # 1 gives the differences between the choices' log-probabilities, 2 anchors them.
 
-CHOICE_BIAS = 100.0  # far above any logit gap seen, small enough that float32 keeps ~1e-5 of the logit
+# far above any logit gap seen, small enough that float32 keeps ~1e-5 of the logit; sent in OpenAI's object form
+# ({"token id": bias}, the range -100..100), which llama.cpp's server, cutegpt serve and other endpoints all take
+CHOICE_BIAS = 100.0
 
 
 def _sampled_logprob(server: Any, ids: list[int], token: int, slot: int, reuse: bool = True) -> float:
     r = server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": 1, "temperature": 0.0,
-                                   "logit_bias": [[token, CHOICE_BIAS]], "post_sampling_probs": False,
+                                   "logit_bias": {str(token): CHOICE_BIAS}, "post_sampling_probs": False,
                                    "cache_prompt": reuse, "ignore_eos": True, "id_slot": slot})
     got = _first_logprobs(r, "the forced token's probability")
     if int(got["id"]) != token:
@@ -336,7 +338,7 @@ def choice_logprobs(server: Any, ids: list[int], tokens: list[int], slot: int = 
     """log P(t | ids) over the whole vocabulary for each of the distinct `tokens` (see the comment above)."""
     r = server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": len(tokens), "temperature": 1.0,
                                    "samplers": ["top_k"], "top_k": len(tokens), "seed": 0,
-                                   "logit_bias": [[t, CHOICE_BIAS] for t in tokens], "post_sampling_probs": True,
+                                   "logit_bias": {str(t): CHOICE_BIAS for t in tokens}, "post_sampling_probs": True,
                                    "cache_prompt": reuse, "ignore_eos": True, "id_slot": slot})
     top = {int(t["id"]): float(t["prob"]) for t in _first_logprobs(r, "choice probabilities").get("top_probs", [])}
     known = {t: top[t] for t in tokens if top.get(t, 0.0) > 0.0}

@@ -47,7 +47,7 @@ class ServeConfig:
     tensor_parallel_size: int = arg(1, "vllm only: GPUs that split each layer (usually the GPUs of one node)", ge=1)
     pipeline_parallel_size: int = arg(1, "vllm only: groups of layers in sequence (usually the nodes; "
                                          "GPUs used = tensor x pipeline)", ge=1)
-    # None = not given: resolved as chat and generate resolve them (cutegpt.chat.args.resolve_generation), so
+    # None = not given: resolved as chat and generate resolve them (cutegpt.generation.resolve_generation), so
     # the same model gives the same answer everywhere
     max_new_tokens: int | None = arg(None, "answer length when a request gives no max_tokens", ge=1, absent=_RESOLVED + " (256)")
     greedy: bool | None = arg(None, "requests that give no temperature decode greedily (temperature 0); --no-greedy samples",
@@ -91,7 +91,7 @@ class ServeConfig:
     def request_defaults(self, template: str, model_defaults: dict[str, Any]) -> dict[str, Any]:
         """What a request that leaves a field out gets, in llama.cpp's names: the flags, then the model's
         recommendation, then the template's defaults (`resolve_generation`, as chat and generate)."""
-        from cutegpt.chat.args import GenerationArgs, resolve_generation
+        from cutegpt.generation import GenerationArgs, resolve_generation
 
         given = GenerationArgs(max_new_tokens=self.max_new_tokens, greedy=self.greedy, temperature=self.temperature or None,
                                top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty)

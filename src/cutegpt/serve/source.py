@@ -87,7 +87,7 @@ def resolve_model(model: str | None, lora: str | None, template: str | None, qua
     """Find (or make once) the GGUF to serve and decide its template; raises CuteGPTError for bad paths."""
     from cutegpt.serve.template import cutegpt_jinja
 
-    from cutegpt.chat.args import generation_config_defaults
+    from cutegpt.generation import generation_config_defaults
 
     hf_folder: Path | None = None
     lora_gguf: Path | None = None

@@ -27,7 +27,7 @@ def template_file(jinja: str) -> Path:
 def vllm_command(cfg: ServeConfig, *, model: Path, name: str, jinja: str | None, jinja_path: Path | None = None,
                  lora: Path | None = None) -> list[str]:
     """The argument list of `vllm serve` for these settings (no GPU needed to build it)."""
-    from cutegpt.chat.args import generation_config_defaults
+    from cutegpt.generation import generation_config_defaults
 
     d = cfg.request_defaults("cutegpt" if jinja is not None else "auto", generation_config_defaults(model))
     cmd = ["vllm", "serve", str(model), "--host", cfg.host, "--port", str(cfg.port),

@@ -1,4 +1,4 @@
-"""Sampling settings shared by chat, generate and serve (no torch import).
+"""Sampling settings shared by chat, generate, serve and the GGUF export's `general.sampling.*` (no torch import).
 
 Every sampling field defaults to None, meaning "not given": `resolve_generation`
 then fills it from, in order, the model's own recommendation (the folder's
