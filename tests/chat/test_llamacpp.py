@@ -26,15 +26,8 @@ pytest.importorskip("xllamacpp")
 ANSWER = "Hello there"
 
 
-def _train_parrot(folder: Path) -> None:
-    """A tiny LLaMA that answers 问：hi with `Hello there<end>` (and 中国的首都是哪里？ with 北京<end>)."""
-    from cutegpt.templates import CuteGPTTemplate, Turn, encode_segments, write_model_card
-
-    tok = build_tokenizer(folder)
-    model = build_tiny_llama(folder, vocab_size=len(tok))
-    seqs = [encode_segments(tok, CuteGPTTemplate().segments([Turn(q, output=a)]))[0]
-            for q, a in (("hi", ANSWER), ("中国的首都是哪里？", "北京"))]
-    assert tok.convert_ids_to_tokens(seqs[0])[-3:] == ["<", "end", ">"]  # the marker is several tokens here
+def memorise(model, seqs: list[list[int]]) -> None:
+    """60 Adam steps on the sequences: enough for a tiny model to answer them word for word."""
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
@@ -44,6 +37,18 @@ def _train_parrot(folder: Path) -> None:
         loss.backward()
         opt.step()
     model.eval()
+
+
+def _train_parrot(folder: Path) -> None:
+    """A tiny LLaMA that answers 问：hi with `Hello there<end>` (and 中国的首都是哪里？ with 北京<end>)."""
+    from cutegpt.templates import CuteGPTTemplate, Turn, encode_segments, write_model_card
+
+    tok = build_tokenizer(folder)
+    model = build_tiny_llama(folder, vocab_size=len(tok))
+    seqs = [encode_segments(tok, CuteGPTTemplate().segments([Turn(q, output=a)]))[0]
+            for q, a in (("hi", ANSWER), ("中国的首都是哪里？", "北京"))]
+    assert tok.convert_ids_to_tokens(seqs[0])[-3:] == ["<", "end", ">"]  # the marker is several tokens here
+    memorise(model, seqs)
     model.save_pretrained(folder)
     write_model_card(folder, "cutegpt")
 
@@ -247,15 +252,7 @@ def sp_parrot(tmp_path_factory) -> SimpleNamespace:
     seqs = [encode_segments(tok, CuteGPTTemplate().segments([Turn(q, output=a)]))[0] for q, a in SP_QA]
     answer_ids = tok(SP_QA[0][1], add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(answer_ids)[0].startswith("▁")  # the case under test: a word-boundary piece first
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        loss = sum(model(torch.tensor([s]), labels=torch.tensor([s])).loss for s in seqs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    memorise(model, seqs)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     write_model_card(folder, "cutegpt")
