@@ -294,57 +294,17 @@ def _template_and_tokenizer(template: str | None, folder: Path, lora: Any) -> tu
 def _embedded_general(path: Path) -> dict[str, Any]:
     """name / organization / licence of the embedded model, from the general.* keys at the head of its GGUF."""
     info: dict[str, Any] = {"name": "SmolLM2-135M-Instruct"}
+    from cutegpt.model.gguf_header import read_header
+
     try:
-        general = read_general_fields(path)
-    except (OSError, ValueError, UnicodeDecodeError):  # metadata is a courtesy; a broken embedded file fails elsewhere
+        general = {k: v for k, _t, _s, v in read_header(path, arrays=False).fields if k.startswith("general.")}
+    except CuteGPTError:  # metadata is a courtesy; a broken embedded file fails elsewhere
         return info
     for key in ("license", "organization"):
         if isinstance(general.get(f"general.{key}"), str):
             info[key] = general[f"general.{key}"]
     return info
 
-
-def read_general_fields(path: Path) -> dict[str, Any]:
-    """The leading `general.*` key/values of a GGUF file, read from its header only.
-
-    gguf.GGUFReader maps and parses every field (the 49k-token vocabulary too), which
-    takes seconds; the general keys come first and need a few hundred bytes.
-    """
-    import struct
-
-    scalars = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-    out: dict[str, Any] = {}
-    with open(path, "rb") as f:
-        def read(fmt: str) -> Any:
-            size = struct.calcsize(fmt)
-            data = f.read(size)
-            if len(data) != size:
-                raise ValueError("truncated GGUF header")
-            return struct.unpack(fmt, data)[0]
-
-        def string() -> str:
-            return f.read(read("<Q")).decode("utf-8")
-
-        def value(vtype: int) -> Any:
-            if vtype in scalars:
-                return read(scalars[vtype])
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                item, n = read("<I"), read("<Q")
-                return [value(item) for _ in range(n)]
-            raise ValueError(f"unknown GGUF value type {vtype}")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        read("<I")  # version
-        read("<Q")  # tensor count
-        for _ in range(read("<Q")):
-            key = string()
-            if not key.startswith("general."):
-                break
-            out[key] = value(read("<I"))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- plan
