@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -143,6 +144,16 @@ def _stream(port: int, body: dict, read_events: int | None = None) -> list[bytes
     return buf.split(b"data: ")
 
 
+def stream_in_background(port: int, front, max_tokens: int) -> tuple[threading.Thread, list]:
+    """A streamed chat read by a thread (its parts land in the list), returned once the front relays it."""
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(_stream(port, {"messages": HELLO, "stream": True, "max_tokens": max_tokens})))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not front.active_streams and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return reader, got
+
 def test_streams_are_relayed_event_by_event(front_factory):
     port, _, _ = front_factory()
     parts = _stream(port, {"messages": HELLO, "stream": True, "max_tokens": 6})
@@ -228,15 +239,9 @@ def test_shutdown_does_not_wait_for_idle_keep_alive_connections(front_factory):
 
 def test_shutdown_lets_streams_in_progress_finish(front_factory):
     import asyncio
-    import threading
 
     port, fake, front = front_factory()
-    got: list = []
-    reader = threading.Thread(target=lambda: got.append(_stream(port, {"messages": HELLO, "stream": True, "max_tokens": 40})))
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not front.active_streams and time.monotonic() < deadline:
-        time.sleep(0.01)
+    reader, got = stream_in_background(port, front, 40)
     assert front.active_streams == 1
     asyncio.run_coroutine_threadsafe(front.close(grace=60), front.server.get_loop()).result(timeout=90)
     reader.join(30)

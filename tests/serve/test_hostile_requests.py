@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import pytest
 
 from tests.serve.conftest import request
-from tests.serve.test_front import _stream
+from tests.serve.test_front import stream_in_background
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "hi"}]
@@ -125,13 +124,8 @@ def _close(front, grace: float) -> None:
 
 def test_a_stream_cut_by_shutdown_ends_with_an_error_event_and_done(front_factory):
     port, fake, front = front_factory(max_tokens_limit=4096)
-    got: list = []
     # 2,000 events at 20 ms each: 40 s, far beyond the grace period
-    reader = threading.Thread(target=lambda: got.append(_stream(port, {"messages": HELLO, "stream": True, "max_tokens": 2000})))
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not front.active_streams and time.monotonic() < deadline:
-        time.sleep(0.01)
+    reader, got = stream_in_background(port, front, 2000)
     assert front.active_streams == 1
     _close(front, grace=0.5)
     reader.join(30)
@@ -149,12 +143,7 @@ def test_a_stream_cut_by_shutdown_ends_with_an_error_event_and_done(front_factor
 
 def test_a_stream_that_ends_within_the_grace_period_gets_no_error_event(front_factory):
     port, _, front = front_factory()
-    got: list = []
-    reader = threading.Thread(target=lambda: got.append(_stream(port, {"messages": HELLO, "stream": True, "max_tokens": 20})))
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not front.active_streams and time.monotonic() < deadline:
-        time.sleep(0.01)
+    reader, got = stream_in_background(port, front, 20)
     _close(front, grace=30)
     reader.join(30)
     parts = got[0]
