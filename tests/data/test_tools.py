@@ -10,6 +10,7 @@ from cutegpt.data.manifest import load_dataset
 from cutegpt.data.readers import Source, parse_record
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import ToolCall, ToolRound, Turn, get_template
+from tests.data.test_convert import _spans
 
 FN = {"name": "get_weather", "description": "天气", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 OPENAI = {
@@ -97,16 +98,7 @@ def test_bad_tool_records_name_line_and_field(tmp_path, rec, message):
 
 def _trained_texts(ds, tok):
     row = ds[0]
-    runs, cur = [], []
-    for t, lab in zip(row["input_ids"], row["labels"]):
-        if lab != -100:
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return [tok.decode(r) for r in runs], tok.decode(row["input_ids"])
+    return [tok.decode(r) for r in _spans(row["input_ids"], row["labels"])], tok.decode(row["input_ids"])
 
 
 @pytest.mark.parametrize("template", ["cutegpt", "auto"])
