@@ -9,7 +9,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 pytest.importorskip("xllamacpp")
 gguf = pytest.importorskip("gguf")
@@ -18,6 +17,7 @@ from cutegpt.errors import CuteGPTError  # noqa: E402
 from cutegpt.export import gguf as gx  # noqa: E402
 from cutegpt.export.verify import PROBE_CORPUS, LlamaCpp, _hf_greedy  # noqa: E402
 from tests.export.archs import ARCH_VARIANTS  # noqa: E402
+from tests.export.probe import load_reference, positions, worst_difference  # noqa: E402
 
 
 def compare(path: Path, folder: Path) -> dict[str, float]:
@@ -26,23 +26,14 @@ def compare(path: Path, folder: Path) -> dict[str, float]:
     worst: largest |log-probability difference| over llama.cpp's top-5 tokens; top1: share of positions where both
     pick the same next token; greedy: share of probes whose 12 greedy tokens after a chat prompt are identical.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok, model = load_reference(folder)
     worst, same, n, greedy = 0.0, 0, 0, 0
     with LlamaCpp(path) as cpp:
+        for got, ref in positions(cpp, tok, model):
+            n += 1
+            same += int(got[0][0] == int(ref.argmax()))
+            worst = max(worst, worst_difference(got, ref))
         for text in PROBE_CORPUS:
-            ids = tok(text)["input_ids"]
-            with torch.no_grad():
-                ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-            for k in range(1, len(ids)):
-                got = cpp.next_logprobs(ids[:k], 5)
-                if got is None:  # llama.cpp held back a partial UTF-8 character and gave no probabilities
-                    continue
-                n += 1
-                same += int(got[0][0] == int(ref[k - 1].argmax()))
-                worst = max(worst, max(abs(lp - float(ref[k - 1, tid])) for tid, lp in got))
             prompt = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
             pids = tok(prompt, add_special_tokens=not prompt.startswith(tok.bos_token or "\0"))["input_ids"]
             want = _hf_greedy(model, pids, 12)

@@ -15,30 +15,20 @@ gguf = pytest.importorskip("gguf")
 
 from cutegpt.errors import CuteGPTError  # noqa: E402
 from cutegpt.export import gguf as gx  # noqa: E402
-from cutegpt.export.verify import PROBE_CORPUS, PROBE_TEXT, LlamaCpp  # noqa: E402
+from cutegpt.export.verify import PROBE_TEXT, LlamaCpp  # noqa: E402
 from tests.export.conftest import VARIANTS  # noqa: E402
+from tests.export.probe import load_reference, positions, worst_difference  # noqa: E402
 
 
-def _logprob_diffs(path: Path, folder: Path, texts=PROBE_CORPUS) -> tuple[float, int]:
+def _logprob_diffs(path: Path, folder: Path) -> tuple[float, int]:
     """Largest |llama.cpp - transformers| log-probability over the top-5 tokens at every position, and positions compared."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok, model = load_reference(folder)
     worst, n = 0.0, 0
     with LlamaCpp(path) as cpp:
-        for text in texts:
-            ids = tok(text)["input_ids"]
-            with torch.no_grad():
-                ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-            for k in range(1, len(ids)):
-                got = cpp.next_logprobs(ids[:k], 5)
-                if got is None:  # llama.cpp held back a partial UTF-8 character and gave no probabilities
-                    continue
-                n += 1
-                assert got[0][0] == int(ref[k - 1].argmax()) or abs(got[0][1] - float(ref[k - 1].max())) < 0.01
-                for tid, lp in got:
-                    worst = max(worst, abs(lp - float(ref[k - 1, tid])))
+        for got, ref in positions(cpp, tok, model):
+            n += 1
+            assert got[0][0] == int(ref.argmax()) or abs(got[0][1] - float(ref.max())) < 0.01
+            worst = max(worst, worst_difference(got, ref))
     return worst, n
 
 
