@@ -57,17 +57,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_file(tiny_model_dir, 
     assert len(expected.splitlines()) == 5 and not (tmp_path / "full.jsonl.partial").exists()
 
     out = tmp_path / "out.jsonl"
-    real = batch.generate_batch
-    calls = {"n": 0}
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(batch, "generate_batch", interrupted)
-    assert run_generate(_cfg(tiny_model_dir, prompts, out)) == 130
+    _interrupted_after_first_batch(monkeypatch, tiny_model_dir, prompts, out)
     partial = tmp_path / "out.jsonl.partial"
     assert not out.exists()
     kept = partial.read_text(encoding="utf-8")
@@ -77,7 +67,6 @@ def test_resume_after_interruption_gives_the_uninterrupted_file(tiny_model_dir, 
 
     with pytest.raises(CuteGPTError, match="--resume"):
         run_generate(_cfg(tiny_model_dir, prompts, out))  # a partial run is never silently overwritten
-    monkeypatch.setattr(batch, "generate_batch", real)
     assert run_generate(_cfg(tiny_model_dir, prompts, out, "--resume")) == 0
     assert out.read_text(encoding="utf-8") == expected
     assert not partial.exists()
