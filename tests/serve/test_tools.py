@@ -9,7 +9,9 @@ import json
 import pytest
 
 from cutegpt.templates import ChatTemplate, ToolCall, ToolRound, Turn, get_template
+from cutegpt.tool_syntax import nine_char_id
 from tests.serve.conftest import FakeLlama, request
+from tests.tiny import LLAMA31, MISTRAL_V03, build_tokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -190,6 +192,48 @@ def test_chatml_model_gets_qwen_style_tools(front_factory, tiny_tokenizer):
                                               tools=[WEATHER])
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
     assert fake.bodies[-1]["prompt"].startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+
+
+FAMILIES = {  # each family's real chat template and a call as its models write it
+    "llama31": (LLAMA31, '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
+    "mistral03": (MISTRAL_V03, '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_openai_tool_example_on_llama31_and_mistral_templates(front_factory, tmp_path, family):
+    """The openai docs' tool flow (call, streamed call, result sent back with role tool) on a model whose own template
+    renders tools: the prompts are what transformers renders for those messages, the calls come back parsed."""
+    template, call_text = FAMILIES[family]
+    tok = build_tokenizer(tmp_path, chat_template=False)
+    tok.chat_template = template
+    port, fake = _front(front_factory, call_text, template=lambda: ChatTemplate(tok))
+    client = _client(port)
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER])
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert fake.bodies[-1]["prompt"] == tok.apply_chat_template(ASK, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    content, calls, finish, _ = _stream(port, tools=[WEATHER])
+    assert content == "" and finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Paris"})]
+    client.chat.completions.create(model="tiny", tools=[WEATHER], messages=[
+        *ASK, r.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
+    sid = nine_char_id(call.id) if family == "mistral03" else call.id  # Mistral's template takes 9-character ids only
+    want = tok.apply_chat_template([*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": sid, "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": sid, "content": "sunny"}], tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    assert fake.bodies[-1]["prompt"] == want
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("text", ["Sunny in Paris.", "天气 {晴}\n", " [TOOL_CALL maybe"])
+def test_plain_answers_of_the_families_stream_exactly(front_factory, tmp_path, family, text):
+    tok = build_tokenizer(tmp_path, chat_template=False)
+    tok.chat_template = FAMILIES[family][0]
+    port, _ = _front(front_factory, text, template=lambda: ChatTemplate(tok))
+    content, calls, finish, _ = _stream(port, tools=[WEATHER])
+    assert (content, calls, finish) == (text, [], "stop")
 
 
 BAD = [
