@@ -66,9 +66,9 @@ def _client(port: int) -> "openai.OpenAI":
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
 
-def _front(front_factory, text: str, finish: str = "stop", template=None):
+def _front(front_factory, text: str, finish: str = "stop", template=None, **policy):
     fake = ScriptedLlama(text, finish)
-    port, _, front = front_factory(fake=fake, template=template or get_template("cutegpt"), tools=True)
+    port, _, front = front_factory(fake=fake, template=template or get_template("cutegpt"), tools=True, **policy)
     return port, fake
 
 
@@ -234,6 +234,25 @@ def test_plain_answers_of_the_families_stream_exactly(front_factory, tmp_path, f
     port, _ = _front(front_factory, text, template=lambda: ChatTemplate(tok))
     content, calls, finish, _ = _stream(port, tools=[WEATHER])
     assert (content, calls, finish) == (text, [], "stop")
+
+
+@pytest.mark.parametrize("text,want", [(" 北京今天下雨。", "北京今天下雨。"), ("  two spaces", " two spaces"),
+                                       ("no space", "no space")])
+def test_the_tool_path_drops_a_sentencepiece_first_space_like_the_plain_path(front_factory, text, want):
+    """llama.cpp starts a SentencePiece answer with the space of its first piece; transformers (and chat, generate and
+    serve's plain path) drop it: tool answers do too, whole and streamed, through the same FirstSpace."""
+    port, _ = _front(front_factory, text, drop_first_space=True)
+    r = _client(port).chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER])
+    assert r.choices[0].message.content == want
+    assert _stream(port, tools=[WEATHER])[0] == want
+    port, _ = _front(front_factory, text)  # a byte-level vocabulary keeps it
+    assert _client(port).chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER]).choices[0].message.content == text
+
+
+def test_a_forced_call_continues_its_opening_with_its_spaces(front_factory):
+    port, fake = _front(front_factory, ' {"name": "get_time", "arguments": {"zone": "UTC"}}', drop_first_space=True)
+    r = _client(port).chat.completions.create(model="tiny", messages=ASK, tools=[TIME], tool_choice="required")
+    assert r.choices[0].message.tool_calls[0].function.name == "get_time"
 
 
 BAD = [
