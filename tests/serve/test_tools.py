@@ -218,7 +218,7 @@ def test_openai_tool_example_on_llama31_and_mistral_templates(front_factory, tmp
     assert content == "" and finish == "tool_calls"
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Paris"})]
     client.chat.completions.create(model="tiny", tools=[WEATHER], messages=[
-        *ASK, r.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
+        *ASK, r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])  # as the docs append it
     sid = nine_char_id(call.id) if family == "mistral03" else call.id  # Mistral's template takes 9-character ids only
     want = tok.apply_chat_template([*ASK, {"role": "assistant", "content": "", "tool_calls": [
         {"id": sid, "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
@@ -363,10 +363,18 @@ def test_a_tiny_model_trained_on_a_tool_turn_calls_the_tool_through_serve(tiny_m
         assert r.choices[0].finish_reason == "tool_calls", repr(r.choices[0].message.content)
         (call,) = r.choices[0].message.tool_calls
         assert call.function.name == "now" and json.loads(call.function.arguments) == {}
-        # the result goes back, and the model answers as it learnt
+        # the same call streamed, read as the openai docs read it (deltas merged by index)
+        streamed = {}
+        for chunk in client.chat.completions.create(model="run", messages=ask, tools=[now], temperature=0,
+                                                    max_tokens=96, stream=True):
+            for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                slot = streamed.setdefault(tc.index, {"name": "", "arguments": ""})
+                slot["name"] += tc.function.name or ""
+                slot["arguments"] += tc.function.arguments or ""
+        assert list(streamed.values()) == [{"name": "now", "arguments": "{}"}]
+        # the result goes back (the message object appended as the docs do), and the model answers as it learnt
         r2 = client.chat.completions.create(model="run", tools=[now], temperature=0, max_tokens=24, messages=[
-            *ask, r.choices[0].message.model_dump(exclude_none=True),
-            {"role": "tool", "tool_call_id": call.id, "content": "12:00"}])
+            *ask, r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "12:00"}])
         assert r2.choices[0].message.content == "It is 12:00." and r2.choices[0].finish_reason == "stop"
 
 
