@@ -10,6 +10,7 @@ import pytest
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import ChatTemplate, ToolCall, ToolRound, Turn
 from cutegpt.tool_syntax import HERMES, LLAMA3, MISTRAL, nine_char_id
+from tests.test_templates_tools import _messages
 from tests.tiny import LLAMA31, MISTRAL_V03, QWEN25, build_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "今天的天气",
@@ -20,21 +21,6 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"typ
 CALL = ToolCall("get_weather", json.dumps({"city": "北京"}, ensure_ascii=False), "a1b2c3d4e")
 CALL_EN = ToolCall("get_weather", json.dumps({"city": "Paris"}), "f6g7h8i9j")
 CALL2 = ToolCall("get_time", "{}", "k1l2m3n4o")
-
-
-def _messages(system, turns):
-    """The conversation as an OpenAI client sends it (arguments as objects, as the family templates want)."""
-    msgs = [{"role": "system", "content": system}] if system is not None else []
-    for t in turns:
-        msgs.append({"role": "user", "content": t.instruction})
-        for r in t.rounds:
-            msgs.append({"role": "assistant", "content": r.content, "tool_calls": [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
-                for c in r.calls]})
-            msgs += [{"role": "tool", "tool_call_id": c.id, "content": x} for c, x in zip(r.calls, r.results)]
-        if t.output is not None:
-            msgs.append({"role": "assistant", "content": t.output})
-    return msgs
 
 
 ONE_CALL = [
