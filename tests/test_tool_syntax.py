@@ -102,6 +102,20 @@ def test_llama31_refuses_two_calls_in_one_message_in_one_sentence(family):
         ChatTemplate(family(LLAMA31)).prompt(turns, None, [WEATHER, TIME])
 
 
+def test_a_call_syntax_outside_the_table_is_refused_in_one_sentence(family):
+    """A template that describes tools but writes calls its own way (here `<function=...>`) is not guessed at."""
+    other = ("{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m.role }}: "
+             "{% if m.tool_calls %}{% for c in m.tool_calls %}<function={{ c.function.name }}>{{ c.function.arguments | tojson }}"
+             "</function>{% endfor %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}")
+    tok = family(other)
+    t = ChatTemplate(tok)
+    assert t.tool_style == "other"
+    with pytest.raises(CuteGPTError, match="writes tool calls in a syntax cutegpt cannot parse.*--template cutegpt"):
+        t.prompt(OPEN[0], None, [WEATHER])
+    # without tools it is an ordinary template
+    assert t.prompt(OPEN[0]) == tok.apply_chat_template(_messages(None, OPEN[0]), tokenize=False) == "user: 北京天气怎么样？"
+
+
 PARSED = {  # syntax -> [(answer, content, calls)]
     LLAMA3: [
         ('{"name": "get_weather", "parameters": {"city": "北京"}}', "", [{"name": "get_weather", "arguments": {"city": "北京"}}]),

@@ -61,6 +61,10 @@ PLAIN_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "greedy": True, "temper
 MODEL_CARD = "cutegpt.json"  # written into every model/adapter folder we save; records the template name
 
 
+class ConversationRefused(CuteGPTError):
+    """A model's own chat template raised on a conversation (e.g. Llama 3.1: one tool call per message)."""
+
+
 @dataclass(frozen=True)
 class ToolCall:
     name: str
@@ -233,7 +237,7 @@ class ChatTemplate(Template):
             return self.tokenizer.apply_chat_template(messages, tools=list(tools) if tools else None, tokenize=False,
                                                       add_generation_prompt=open_turn)
         except TemplateError as e:  # e.g. Llama 3.1's "only supports single tool-calls at once"
-            raise CuteGPTError(f"the chat template of {self.tokenizer.name_or_path} refuses this conversation: {e}") from None
+            raise ConversationRefused(f"the chat template of {self.tokenizer.name_or_path} refuses this conversation: {e}") from None
 
     def _find_stop(self) -> str | None:
         probe = "PROBE_ANSWER"

@@ -226,6 +226,18 @@ def test_openai_tool_example_on_llama31_and_mistral_templates(front_factory, tmp
     assert fake.bodies[-1]["prompt"] == want
 
 
+def test_a_history_the_familys_template_refuses_is_a_400_naming_messages(front_factory, tmp_path):
+    tok = build_tokenizer(tmp_path, chat_template=False)
+    tok.chat_template = LLAMA31
+    port, fake = _front(front_factory, "unused", template=lambda: ChatTemplate(tok))
+    two = [{"id": k, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}} for k in ("a", "b")]
+    status, answer = request(port, "POST", "/v1/chat/completions", {"tools": [WEATHER], "messages": [
+        *ASK, {"role": "assistant", "tool_calls": two}, {"role": "tool", "tool_call_id": "a", "content": "x"},
+        {"role": "tool", "tool_call_id": "b", "content": "y"}]})
+    assert status == 400 and answer["error"]["param"] == "messages" and not fake.bodies
+    assert "only supports single tool-calls" in answer["error"]["message"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("text", ["Sunny in Paris.", "天气 {晴}\n", " [TOOL_CALL maybe"])
 def test_plain_answers_of_the_families_stream_exactly(front_factory, tmp_path, family, text):

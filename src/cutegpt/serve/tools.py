@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cutegpt.templates import Template, ToolCall, ToolRound, Turn
+from cutegpt.templates import ConversationRefused, Template, ToolCall, ToolRound, Turn
 from cutegpt.tool_syntax import ToolSyntax
 
 # request fields llama.cpp's completion endpoint takes as they are
@@ -138,7 +138,10 @@ def plan(body: dict, template: Template, stop: list[str]) -> ToolPlan:
     """The upstream request for a checked chat body (raises ToolRequestError, or CuteGPTError from the template)."""
     system, turns = conversation(body["messages"])
     offered = body.get("tools") if body.get("tool_choice") != "none" else None
-    prompt = template.prompt(turns, system, offered)
+    try:
+        prompt = template.prompt(turns, system, offered)
+    except ConversationRefused as e:
+        raise ToolRequestError("messages", f"'messages': {e}") from None
     syntax = template.tool_syntax
     assert syntax is not None  # a template without tools refused the prompt above
     names = forced_names(body) if offered else None
