@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cutegpt.errors import CuteGPTError
-from cutegpt.tool_syntax import HERMES, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolSyntax, detect_syntax, probe_call
-from cutegpt.tool_syntax import parse_hermes as parse_tool_calls  # noqa: F401  (the name callers know)
+from cutegpt.tool_syntax import (HERMES, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolSyntax, detect_syntax,  # noqa: F401
+                                 parse_hermes as parse_tool_calls, probe_call)  # parse_tool_calls: the name callers know
 
 CUTEGPT_SYSTEM = "你是复旦大学知识工场实验室训练出来的语言模型CuteGPT。给定任务描述，请给出对应请求的回答。\n"
 CUTEGPT_STOP = "<end>"

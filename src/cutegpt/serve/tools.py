@@ -11,7 +11,7 @@ OpenAI answer with the template's call syntax (`cutegpt.tool_syntax`: Hermes
     text --ToolSyntax.parse--> {"content", "tool_calls"}, finish_reason "tool_calls"
 
 `tool_choice` "required" or a named function ends the prompt with the syntax's
-opening (`<tool_call>\n`, `[TOOL_CALLS]`) and constrains the rest with a JSON
+opening (`<tool_call>\\n`, `[TOOL_CALLS]`) and constrains the rest with a JSON
 schema of a call to one of the allowed functions with that function's parameters,
 which llama.cpp turns into a grammar, so even a random model returns a call that
 validates.
