@@ -446,7 +446,7 @@ def test_gguf_lora_modelfile_uses_the_adapters_training_template(chatml_lora, tm
 @pytest.mark.parametrize("args, message", [
     (["--ollama"], "--ollama with --format gguf-lora needs --base-gguf FILE"),
     (["--ollama", "--base-gguf", "missing.gguf"], "--base-gguf missing.gguf is not a .gguf file"),
-    (["--base-gguf", "base.gguf"], "--base-gguf names the FROM of a LoRA's Modelfile"),
+    (["--base-gguf", "BASE"], "--base-gguf names the FROM of a LoRA's Modelfile"),  # a real base, without --ollama
     (["--ollama", "--base-gguf", "notes.txt"], "is not a .gguf file"),
 ])
 def test_gguf_lora_modelfile_bad_flags_write_nothing(chatml_lora, tmp_path, capsys, monkeypatch, args, message):
@@ -454,7 +454,8 @@ def test_gguf_lora_modelfile_bad_flags_write_nothing(chatml_lora, tmp_path, caps
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("x")
-    adapter, _ = chatml_lora
+    adapter, base = chatml_lora
+    args = [str(base) if a == "BASE" else a for a in args]
     assert main(["export", "--format", "gguf-lora", "--lora", str(adapter), "--out", str(tmp_path / "a.gguf"), *args]) == 1
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -59,6 +59,10 @@ class ExportConfig(ModelArgs):
                 raise CuteGPTError("--lora is required: the adapter folder --format gguf-lora converts.")
             if self.quant not in LORA_QUANTS:
                 raise CuteGPTError(f"--format gguf-lora writes {', '.join(LORA_QUANTS)} tensors; --quant {self.quant} is for whole models.")
+        if self.base_gguf is not None:
+            from cutegpt.export.ollama import check_base_gguf
+
+            check_base_gguf(self.base_gguf)
         if self.format == "gguf-lora" and self.ollama and not self.base_gguf:
             raise CuteGPTError("--ollama with --format gguf-lora needs --base-gguf FILE: the base model's .gguf file "
                                "(`cutegpt export --format gguf --model BASE --out base.gguf`), the Modelfile's FROM.")
@@ -81,11 +85,9 @@ class ExportConfig(ModelArgs):
             if self.out:
                 check_output(self.out, kind="file", inputs=(self.model, self.lora), overwrite=self.overwrite)
             if self.out and self.ollama:
-                from cutegpt.export.ollama import check_base_gguf, check_modelfile
+                from cutegpt.export.ollama import check_modelfile
 
                 check_modelfile(self.out, self.template, self.system, overwrite=self.overwrite)
-                if self.base_gguf:
-                    check_base_gguf(self.base_gguf)
             return
         if not self.out:
             raise CuteGPTError("--out is required: the folder for the merged model.")
