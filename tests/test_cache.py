@@ -105,3 +105,21 @@ def test_empty_cache(tmp_path, monkeypatch, capsys):
     assert main(["cache"]) == 0 and "nothing is cached yet" in capsys.readouterr().out
     assert main(["cache", "--clear", "--yes"]) == 0 and "nothing to clear" in capsys.readouterr().out
     assert not (tmp_path / "none").exists()
+
+
+def test_serve_gguf_of_older_versions_is_listed_as_unused_and_removed_with_its_folder(cache, capsys):
+    """serve used to export into serve-gguf/; it shares gguf/ now, so nothing reads that folder any more."""
+    from cutegpt.cache import human
+
+    (cache / "serve-gguf" / "smollm2-q8_0-cutegpt").mkdir(parents=True)
+    (cache / "serve-gguf" / "smollm2-q8_0-cutegpt" / "model.gguf").write_bytes(b"x" * 4096)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "serve-gguf/smollm2-q8_0-cutegpt" in line)
+    assert row.split()[:2] == human(4096).split() and row.endswith("(unused: left by an older cutegpt)")
+    assert "`cutegpt cache --clear serve-gguf` removes it" in out.splitlines()[-1]
+    assert sum("unused" in line for line in out.splitlines()) == 1  # only that entry is marked
+    assert main(["cache", "--clear", "-y", "serve-gguf"]) == 0
+    assert not (cache / "serve-gguf").exists() and (cache / "gguf" / "smollm2-abc.f16.gguf").is_file()
+    assert main(["cache"]) == 0
+    assert "unused" not in capsys.readouterr().out

@@ -58,6 +58,7 @@ PATHS_BY_COMMAND: dict[tuple[tuple[str, ...], str], tuple[str, str]] = {
     (("data", "pairs"), "out"): ("out", "file"),
     (("eval",), "data"): ("in", "folder"),
     (("data", "convert"), "input"): ("in", "any"),
+    (("export",), "base_gguf"): ("in", "file"),
 }
 # outputs that may lie inside an input by design (the plot's default place is DATASET/lengths.png):
 # for them the case writes over a part of the input instead

@@ -19,7 +19,7 @@ CALL2 = ToolCall("get_time", "{}", "c2")
 
 
 def _messages(system, turns):
-    """The same conversation as OpenAI-style messages (arguments as objects, as Qwen2.5's template wants)."""
+    """The same conversation as an OpenAI client sends it (arguments as objects, as the family templates want)."""
     msgs = [{"role": "system", "content": system}] if system is not None else []
     for t in turns:
         msgs.append({"role": "user", "content": t.instruction})
@@ -27,7 +27,7 @@ def _messages(system, turns):
             msgs.append({"role": "assistant", "content": r.content, "tool_calls": [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
                 for c in r.calls]})
-            msgs += [{"role": "tool", "content": x} for x in r.results]
+            msgs += [{"role": "tool", "tool_call_id": c.id, "content": x} for c, x in zip(r.calls, r.results)]
         if t.output is not None:
             msgs.append({"role": "assistant", "content": t.output})
     return msgs

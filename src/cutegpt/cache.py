@@ -3,7 +3,9 @@
 Everything there can be made again (at the cost of the first run's time): the embedded model's conversions,
 GGUF exports for chat and serve, tokenizers read from GGUF files, on-the-fly dataset conversions, finished eval
 subjects. Entries are the folders and files one level inside each kind; `chat_history` is the chat's line
-history, listed but cleared only when named.
+history, listed but cleared only when named. Kinds older versions wrote and nothing reads now (`serve-gguf/`,
+serve's own exports before it shared `gguf/`) are marked unused; their contents cannot be moved into `gguf/`,
+whose names are content keys the old files do not record, so they are removed, not migrated.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from cutegpt.errors import CuteGPTError
 
 KINDS = {  # folder in the cache -> what it holds
     "models": "the embedded model converted to a Hugging Face folder (torch commands)",
-    "gguf": "GGUF exports for chat and generate on llama.cpp",
-    "serve-gguf": "GGUF exports made by serve",
+    "gguf": "GGUF exports for chat, generate and serve on llama.cpp",
+    "serve-gguf": "GGUF exports made by serve before it shared gguf/ (never read now)",
     "tokenizers": "tokenizers read from GGUF files",
     "datasets": "on-the-fly conversions of training data",
     "eval": "finished subjects of eval runs (--resume)",
     "templates": "chat templates written for vLLM",
 }
 KEPT_UNLESS_NAMED = ("chat_history",)
+UNUSED = ("serve-gguf",)  # kinds older versions wrote and no command reads: listed as such, their folder removed when cleared
 
 
 @dataclass
@@ -127,9 +130,14 @@ def run_cache(cfg: CacheConfig) -> int:
     if not cfg.clear:
         print(f"cache {root}" + ("" if root.is_dir() else " (empty: nothing is cached yet)"))
         for e in picked:
-            print(f"  {human(e.bytes):>9}  {e.name(root)}")
+            print(f"  {human(e.bytes):>9}  {e.name(root)}" + ("  (unused: left by an older cutegpt)" if e.kind in UNUSED else ""))
         print(f"  {human(total):>9}  total in {len(picked)} entr{'y' if len(picked) == 1 else 'ies'}"
               + ("" if cfg.entries else "; `cutegpt cache --clear` removes them (chat_history only when named)"))
+        unused = [e for e in picked if e.kind in UNUSED]
+        if unused:
+            kinds = " ".join(sorted({e.kind for e in unused}))
+            print(f"  {human(sum(e.bytes for e in unused)):>9}  of it no command reads any more; "
+                  f"`cutegpt cache --clear {kinds}` removes it")
         return 0
     if not picked:
         print(f"nothing to clear in {root}.")
@@ -149,5 +157,10 @@ def run_cache(cfg: CacheConfig) -> int:
     for kind in KINDS:  # what killed commands left behind (dead processes only)
         if (root / kind).is_dir():
             clean_leftovers(root / kind)
+    for kind in UNUSED:  # nothing writes there any more: the emptied folder goes too
+        try:
+            (root / kind).rmdir()
+        except OSError:  # absent, or not empty (entries not named)
+            pass
     print(f"removed {len(picked)} entr{'y' if len(picked) == 1 else 'ies'} ({human(total)}) from {root}.")
     return 0

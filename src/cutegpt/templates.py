@@ -31,8 +31,9 @@ trained). For `cutegpt` (tool block in Chinese, results after `工具：`):
     工具：\n<tool_response>\n{result}\n</tool_response>\n答：\n       <- not trained
     {output}<end>                                                 <- trained
 
-`auto` uses the model's own Jinja when it renders tools with `<tool_call>`
-(Qwen2.5, Hermes); for a chat template without tools (SmolLM2's ChatML) the
+`auto` uses the model's own Jinja when it renders tools in a syntax of
+`cutegpt.tool_syntax` (Qwen2.5/Hermes `<tool_call>`, Llama 3.1 JSON, Mistral
+`[TOOL_CALLS]`); for a chat template without tools (SmolLM2's ChatML) the
 tools go into the system message with Qwen2.5's words, calls into the assistant
 message and results into one user message, which is byte for byte what
 Qwen2.5's template renders for the same system text.
@@ -41,12 +42,13 @@ Qwen2.5's template renders for the same system text.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from cutegpt.errors import CuteGPTError
+from cutegpt.tool_syntax import (HERMES, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolSyntax, detect_syntax,  # noqa: F401
+                                 parse_hermes as parse_tool_calls, probe_call)  # parse_tool_calls: the name callers know
 
 CUTEGPT_SYSTEM = "你是复旦大学知识工场实验室训练出来的语言模型CuteGPT。给定任务描述，请给出对应请求的回答。\n"
 CUTEGPT_STOP = "<end>"
@@ -57,6 +59,10 @@ CUTEGPT_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "greedy": False, "tem
 PLAIN_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "greedy": True, "temperature": 1.0, "top_p": 1.0,
                                   "top_k": 50, "repetition_penalty": 1.0}
 MODEL_CARD = "cutegpt.json"  # written into every model/adapter folder we save; records the template name
+
+
+class ConversationRefused(CuteGPTError):
+    """A model's own chat template raised on a conversation (e.g. Llama 3.1: one tool call per message)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,6 @@ class Turn:
 
 # ----------------------------------------------------------------------------- the tool format
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # Qwen2.5's own words (its chat template), also used for chat templates that have no tool section
 HERMES_TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                      "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
@@ -131,31 +136,6 @@ def responses_text(results: Sequence[str]) -> str:
     return "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
 
 
-_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.DOTALL)
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """(content before the calls, [{"name", "arguments": dict}]) from a model's answer.
-
-    No well-formed call (a block that is not a JSON object with a string `name`
-    and an object `arguments`) leaves the whole text as content and no calls.
-    """
-    start = text.find(TOOL_CALL_OPEN)
-    if start < 0:
-        return text, []
-    calls = []
-    for body in _CALL_BLOCK.findall(text, start):
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return text, []
-        args = obj.get("arguments", obj.get("parameters", {})) if isinstance(obj, dict) else None
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(args, dict):
-            return text, []
-        calls.append({"name": obj["name"], "arguments": args})
-    return text[:start].rstrip("\n"), calls
-
-
 @dataclass(frozen=True)
 class Segment:
     text: str
@@ -168,6 +148,7 @@ class Template:
     name: str = ""
     stop: str | None = None  # text that ends an answer; generation stops there and never prints it
     eos_after_conversation: bool = True  # training appends the tokenizer's EOS (trained) after the last answer
+    tool_syntax: ToolSyntax | None = HERMES  # how calls are written in answers (`cutegpt.tool_syntax`); None: no tools
 
     def segments(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> list[Segment]:
         raise NotImplementedError
@@ -215,6 +196,7 @@ class RawTemplate(Template):
 
     name = "raw"
     stop = None
+    tool_syntax = None
 
     def segments(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> list[Segment]:
         if tools or any(t.rounds for t in turns):
@@ -249,8 +231,13 @@ class ChatTemplate(Template):
         self.stop = self._find_stop()
 
     def _render(self, messages: list[dict[str, Any]], open_turn: bool, tools: Sequence[dict] | None = None) -> str:
-        return self.tokenizer.apply_chat_template(messages, tools=list(tools) if tools else None, tokenize=False,
-                                                  add_generation_prompt=open_turn)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tools=list(tools) if tools else None, tokenize=False,
+                                                      add_generation_prompt=open_turn)
+        except TemplateError as e:  # e.g. Llama 3.1's "only supports single tool-calls at once"
+            raise ConversationRefused(f"the chat template of {self.tokenizer.name_or_path} refuses this conversation: {e}") from None
 
     def _find_stop(self) -> str | None:
         probe = "PROBE_ANSWER"
@@ -262,42 +249,46 @@ class ChatTemplate(Template):
 
     @property
     def tool_style(self) -> str:
-        """"native" (the template renders tools and `<tool_call>` calls itself), "none" (it ignores tools: ours are
-        written into the messages) or "other" (it has its own call syntax, which cutegpt does not parse)."""
+        """"native" (the template renders tools and calls in a syntax of `cutegpt.tool_syntax`), "none" (it ignores
+        tools: ours are written into the messages in the Hermes syntax) or "other" (a call syntax cutegpt cannot parse)."""
         if not hasattr(self, "_tool_style"):
             probe = {"type": "function", "function": {"name": "probe_tool_xq", "parameters": {"type": "object", "properties": {}}}}
             user = [{"role": "user", "content": "hi"}]
             try:
                 described = "probe_tool_xq" in self._render(user, True, [probe])
-                call = {"role": "assistant", "content": "", "tool_calls": [
-                    {"id": "c0", "type": "function", "function": {"name": "probe_tool_xq", "arguments": {}}}]}
-                called = self._render(user + [call], False, [probe])
+                called = self._render(user + [probe_call()], False, [probe])
             except Exception:  # a template that raises on tool messages has no usable tool section
                 described, called = False, ""
-            if not described:
-                self._tool_style = "none"
-            elif TOOL_CALL_OPEN in called and "probe_tool_xq" in called:
-                self._tool_style = "native"
-            else:
-                self._tool_style = "other"
+            self._syntax = detect_syntax(called) if described else None
+            self._tool_style = "none" if not described else "native" if self._syntax else "other"
         return self._tool_style
 
+    @property
+    def tool_syntax(self) -> ToolSyntax:  # type: ignore[override]
+        if self.tool_style == "other":
+            raise CuteGPTError(f"the chat template of {self.tokenizer.name_or_path} writes tool calls in a syntax cutegpt "
+                               "cannot parse (it reads Hermes/Qwen2.5 <tool_call>, Llama 3.1 JSON and Mistral [TOOL_CALLS]); "
+                               "use --template cutegpt for tools.")
+        return self._syntax or HERMES
+
     def _messages(self, turns: Sequence[Turn], system: str | None, tools: Sequence[dict] | None) -> list[dict[str, Any]]:
-        native = self.tool_style == "native" if (tools or any(t.rounds for t in turns)) else True
-        if not native and self.tool_style == "other":
-            raise CuteGPTError(f"the chat template of {self.tokenizer.name_or_path} writes tool calls in its own syntax, "
-                               "not <tool_call> blocks, which cutegpt cannot parse; use --template cutegpt for tools.")
+        has_tools = bool(tools) or any(t.rounds for t in turns)
+        syntax = self.tool_syntax if has_tools else HERMES  # refuses a call syntax cutegpt cannot parse
+        native = self.tool_style == "native" if has_tools else True
         if tools and not native:
             system = (system + "\n\n" if system else "") + tools_block(tools)
         msgs: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        n = 0  # calls so far: an id for calls that come without one (training data)
         for t in turns:
             msgs.append({"role": "user", "content": t.instruction + (("\n" + t.input) if t.input else "")})
             for r in t.rounds:
                 if native:
+                    ids = [syntax.call_id(c.id or f"call{n + k}") for k, c in enumerate(r.calls)]
+                    n += len(r.calls)
                     msgs.append({"role": "assistant", "content": r.content, "tool_calls": [
-                        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
-                        for c in r.calls]})
-                    msgs += [{"role": "tool", "content": res} for res in r.results]
+                        {"id": i, "type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                        for i, c in zip(ids, r.calls)]})
+                    msgs += [{"role": "tool", "tool_call_id": i, "content": res} for i, res in zip(ids, r.results)]
                 else:
                     msgs.append({"role": "assistant", "content": round_text(r)})
                     if r.results:
@@ -305,6 +296,14 @@ class ChatTemplate(Template):
             if t.output is not None:
                 msgs.append({"role": "assistant", "content": t.output})
         return msgs
+
+    def prompt(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> str:
+        """One rendering of the whole conversation, as transformers and llama.cpp give it: templates that move text
+        between turns (Mistral's puts the tools and the system text at the last question) are served as they are."""
+        if not turns or not turns[-1].is_open:
+            raise ValueError("the last turn of a prompt must be open (output=None)")
+        native = tools if tools and self.tool_style == "native" else None
+        return self._render(self._messages(turns, system, tools), True, native)
 
     def segments(self, turns: Sequence[Turn], system: str | None = None, tools: Sequence[dict] | None = None) -> list[Segment]:
         msgs = self._messages(turns, system, tools)

@@ -195,9 +195,9 @@ def parse_modelfile(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {"PARAMETER": []}
     for m in re.finditer(r'^(TEMPLATE|SYSTEM) """(.*?)"""$', text, re.DOTALL | re.MULTILINE):
         out[m.group(1)] = m.group(2)
-    for m in re.finditer(r"^(FROM|PARAMETER) (.+)$", text, re.MULTILINE):
-        if m.group(1) == "FROM":
-            out["FROM"] = m.group(2)
+    for m in re.finditer(r"^(FROM|ADAPTER|PARAMETER) (.+)$", text, re.MULTILINE):
+        if m.group(1) in ("FROM", "ADAPTER"):
+            out[m.group(1)] = m.group(2)
         else:
             key, value = m.group(2).split(" ", 1)
             out["PARAMETER"].append((key, json.loads(value)))
@@ -387,6 +387,78 @@ def test_cli_bad_flags(chatml_dir, tmp_path, capsys, args, message):
     assert main(["export", "--model", str(chatml_dir), "--out", str(out), *args]) == 1
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def chatml_lora(chatml_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A random LoRA adapter on the ChatML model, and the base's GGUF."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cutegpt.export.gguf import export_gguf
+
+    out = tmp_path_factory.mktemp("lora")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(chatml_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(out / "adapter")
+    base = export_gguf(str(chatml_dir), out / "base.gguf", quant="f32", verify=False, progress=False)
+    return out / "adapter", base
+
+
+@pytest.mark.parametrize("beside", [True, False], ids=["base-beside", "base-elsewhere"])
+def test_gguf_lora_modelfile_is_from_base_with_adapter(chatml_dir, chatml_lora, tmp_path, capsys, beside):
+    """ollama's documented pair, `FROM <base gguf>` + `ADAPTER <lora gguf>`, with the base's template and stops."""
+    from transformers import AutoTokenizer
+
+    from cutegpt.cli import main
+
+    adapter, base = chatml_lora
+    if beside:
+        base = Path(shutil.copy(base, tmp_path / "base.gguf"))
+    out = tmp_path / "lora.gguf"
+    assert main(["export", "--format", "gguf-lora", "--lora", str(adapter), "--out", str(out), "--ollama",
+                 "--base-gguf", str(base)]) == 0
+    assert "Modelfile" in capsys.readouterr().out
+    mf = parse_modelfile((tmp_path / "Modelfile").read_text(encoding="utf-8"))
+    assert mf["FROM"] == ("./base.gguf" if beside else str(base.resolve())) and mf["ADAPTER"] == "./lora.gguf"
+    assert mf["PARAMETER"][:3] == [("stop", "<|im_end|>"), ("stop", "<|im_start|>"), ("stop", "</s>")]
+    reference = ChatTemplate(AutoTokenizer.from_pretrained(chatml_dir))
+    for turns in CONVERSATIONS:
+        assert ollama_render(mf, chat_messages(turns, "Be brief.")) == reference.prompt(turns, "Be brief.")
+
+
+def test_gguf_lora_modelfile_uses_the_adapters_training_template(chatml_lora, tmp_path):
+    """An adapter trained in the cutegpt format answers in it, whatever the base's own template."""
+    from cutegpt.cli import main
+    from cutegpt.templates import write_model_card
+
+    adapter, base = chatml_lora
+    cutegpt_adapter = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+    write_model_card(cutegpt_adapter, "cutegpt")
+    assert main(["export", "--format", "gguf-lora", "--lora", str(cutegpt_adapter), "--out", str(tmp_path / "a.gguf"),
+                 "--ollama", "--base-gguf", str(base)]) == 0
+    mf = parse_modelfile((tmp_path / "Modelfile").read_text(encoding="utf-8"))
+    turns = CONVERSATIONS[2]
+    assert ollama_render(mf, chat_messages(turns, None)) == CuteGPTTemplate().prompt(turns)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ollama"], "--ollama with --format gguf-lora needs --base-gguf FILE"),
+    (["--ollama", "--base-gguf", "missing.gguf"], "--base-gguf missing.gguf is not a .gguf file"),
+    (["--base-gguf", "BASE"], "--base-gguf names the FROM of a LoRA's Modelfile"),  # a real base, without --ollama
+    (["--ollama", "--base-gguf", "notes.txt"], "is not a .gguf file"),
+])
+def test_gguf_lora_modelfile_bad_flags_write_nothing(chatml_lora, tmp_path, capsys, monkeypatch, args, message):
+    from cutegpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    adapter, base = chatml_lora
+    args = [str(base) if a == "BASE" else a for a in args]
+    assert main(["export", "--format", "gguf-lora", "--lora", str(adapter), "--out", str(tmp_path / "a.gguf"), *args]) == 1
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 GO_RENDER = """package main

@@ -9,7 +9,9 @@ import json
 import pytest
 
 from cutegpt.templates import ChatTemplate, ToolCall, ToolRound, Turn, get_template
+from cutegpt.tool_syntax import nine_char_id
 from tests.serve.conftest import FakeLlama, request
+from tests.tiny import LLAMA31, MISTRAL_V03, build_tokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -64,9 +66,9 @@ def _client(port: int) -> "openai.OpenAI":
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
 
-def _front(front_factory, text: str, finish: str = "stop", template=None):
+def _front(front_factory, text: str, finish: str = "stop", template=None, **policy):
     fake = ScriptedLlama(text, finish)
-    port, _, front = front_factory(fake=fake, template=template or get_template("cutegpt"), tools=True)
+    port, _, front = front_factory(fake=fake, template=template or get_template("cutegpt"), tools=True, **policy)
     return port, fake
 
 
@@ -192,6 +194,80 @@ def test_chatml_model_gets_qwen_style_tools(front_factory, tiny_tokenizer):
     assert fake.bodies[-1]["prompt"].startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
 
 
+FAMILIES = {  # each family's real chat template and a call as its models write it
+    "llama31": (LLAMA31, '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
+    "mistral03": (MISTRAL_V03, '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_openai_tool_example_on_llama31_and_mistral_templates(front_factory, tmp_path, family):
+    """The openai docs' tool flow (call, streamed call, result sent back with role tool) on a model whose own template
+    renders tools: the prompts are what transformers renders for those messages, the calls come back parsed."""
+    template, call_text = FAMILIES[family]
+    tok = build_tokenizer(tmp_path, chat_template=False)
+    tok.chat_template = template
+    port, fake = _front(front_factory, call_text, template=lambda: ChatTemplate(tok))
+    client = _client(port)
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER])
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert fake.bodies[-1]["prompt"] == tok.apply_chat_template(ASK, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    content, calls, finish, _ = _stream(port, tools=[WEATHER])
+    assert content == "" and finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Paris"})]
+    client.chat.completions.create(model="tiny", tools=[WEATHER], messages=[
+        *ASK, r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])  # as the docs append it
+    sid = nine_char_id(call.id) if family == "mistral03" else call.id  # Mistral's template takes 9-character ids only
+    want = tok.apply_chat_template([*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": sid, "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": sid, "content": "sunny"}], tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    assert fake.bodies[-1]["prompt"] == want
+
+
+def test_a_history_the_familys_template_refuses_is_a_400_naming_messages(front_factory, tmp_path):
+    tok = build_tokenizer(tmp_path, chat_template=False)
+    tok.chat_template = LLAMA31
+    port, fake = _front(front_factory, "unused", template=lambda: ChatTemplate(tok))
+    two = [{"id": k, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}} for k in ("a", "b")]
+    status, answer = request(port, "POST", "/v1/chat/completions", {"tools": [WEATHER], "messages": [
+        *ASK, {"role": "assistant", "tool_calls": two}, {"role": "tool", "tool_call_id": "a", "content": "x"},
+        {"role": "tool", "tool_call_id": "b", "content": "y"}]})
+    assert status == 400 and answer["error"]["param"] == "messages" and not fake.bodies
+    assert "only supports single tool-calls" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("text", ["Sunny in Paris.", "天气 {晴}\n", " [TOOL_CALL maybe"])
+def test_plain_answers_of_the_families_stream_exactly(front_factory, tmp_path, family, text):
+    tok = build_tokenizer(tmp_path, chat_template=False)
+    tok.chat_template = FAMILIES[family][0]
+    port, _ = _front(front_factory, text, template=lambda: ChatTemplate(tok))
+    content, calls, finish, _ = _stream(port, tools=[WEATHER])
+    assert (content, calls, finish) == (text, [], "stop")
+
+
+@pytest.mark.parametrize("text,want", [(" 北京今天下雨。", "北京今天下雨。"), ("  two spaces", " two spaces"),
+                                       ("no space", "no space")])
+def test_the_tool_path_drops_a_sentencepiece_first_space_like_the_plain_path(front_factory, text, want):
+    """llama.cpp starts a SentencePiece answer with the space of its first piece; transformers (and chat, generate and
+    serve's plain path) drop it: tool answers do too, whole and streamed, through the same FirstSpace."""
+    port, _ = _front(front_factory, text, drop_first_space=True)
+    r = _client(port).chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER])
+    assert r.choices[0].message.content == want
+    assert _stream(port, tools=[WEATHER])[0] == want
+    port, _ = _front(front_factory, text)  # a byte-level vocabulary keeps it
+    assert _client(port).chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER]).choices[0].message.content == text
+
+
+def test_a_forced_call_continues_its_opening_with_its_spaces(front_factory):
+    """A forced answer continues the prefilled `<tool_call>\n`: nothing is dropped (seen when max_tokens cuts it)."""
+    port, _ = _front(front_factory, ' {"name": "get_ti', finish="length", drop_first_space=True)
+    r = _client(port).chat.completions.create(model="tiny", messages=ASK, tools=[TIME], tool_choice="required")
+    assert r.choices[0].message.content == '<tool_call>\n {"name": "get_ti' and r.choices[0].finish_reason == "length"
+
+
 BAD = [
     ({"messages": ASK + [{"role": "assistant", "content": "hm"}], "tools": [WEATHER]}, "messages"),
     ({"messages": ASK, "tools": [WEATHER], "n": 2}, "n"),
@@ -300,10 +376,18 @@ def test_a_tiny_model_trained_on_a_tool_turn_calls_the_tool_through_serve(tiny_m
         assert r.choices[0].finish_reason == "tool_calls", repr(r.choices[0].message.content)
         (call,) = r.choices[0].message.tool_calls
         assert call.function.name == "now" and json.loads(call.function.arguments) == {}
-        # the result goes back, and the model answers as it learnt
+        # the same call streamed, read as the openai docs read it (deltas merged by index)
+        streamed = {}
+        for chunk in client.chat.completions.create(model="run", messages=ask, tools=[now], temperature=0,
+                                                    max_tokens=96, stream=True):
+            for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                slot = streamed.setdefault(tc.index, {"name": "", "arguments": ""})
+                slot["name"] += tc.function.name or ""
+                slot["arguments"] += tc.function.arguments or ""
+        assert list(streamed.values()) == [{"name": "now", "arguments": "{}"}]
+        # the result goes back (the message object appended as the docs do), and the model answers as it learnt
         r2 = client.chat.completions.create(model="run", tools=[now], temperature=0, max_tokens=24, messages=[
-            *ask, r.choices[0].message.model_dump(exclude_none=True),
-            {"role": "tool", "tool_call_id": call.id, "content": "12:00"}])
+            *ask, r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "12:00"}])
         assert r2.choices[0].message.content == "It is 12:00." and r2.choices[0].finish_reason == "stop"
 
 

@@ -42,7 +42,9 @@ class ExportConfig(ModelArgs):
     threads: int = arg(0, THREADS_HELP, ge=0, aliases=("--num-threads",))
     quiet: bool = arg(False, "no progress bars")
     overwrite: bool = arg(False, "replace --out if it exists (once the new output is complete)")
-    ollama: bool = arg(False, "also write an Ollama Modelfile beside the .gguf file (--format gguf)")
+    ollama: bool = arg(False, "also write an Ollama Modelfile beside the .gguf file (--format gguf; gguf-lora with --base-gguf)")
+    base_gguf: str | None = arg(None, "--format gguf-lora --ollama: the base model's .gguf file, the Modelfile's FROM "
+                                      "(the adapter is its ADAPTER)")
     system: str | None = arg(None, "the Modelfile's SYSTEM line (--ollama); default: the template's")
     name: str | None = arg(None, "the GGUF file's general.name (--format gguf); default: the run's name (runs/sft/final -> sft)")
 
@@ -57,7 +59,18 @@ class ExportConfig(ModelArgs):
                 raise CuteGPTError("--lora is required: the adapter folder --format gguf-lora converts.")
             if self.quant not in LORA_QUANTS:
                 raise CuteGPTError(f"--format gguf-lora writes {', '.join(LORA_QUANTS)} tensors; --quant {self.quant} is for whole models.")
-        if self.format != "gguf" and (self.ollama or self.system is not None or self.name is not None):
+        if self.base_gguf is not None:
+            from cutegpt.export.ollama import check_base_gguf
+
+            check_base_gguf(self.base_gguf)
+        if self.format == "gguf-lora" and self.ollama and not self.base_gguf:
+            raise CuteGPTError("--ollama with --format gguf-lora needs --base-gguf FILE: the base model's .gguf file "
+                               "(`cutegpt export --format gguf --model BASE --out base.gguf`), the Modelfile's FROM.")
+        if self.base_gguf is not None and not (self.format == "gguf-lora" and self.ollama):
+            raise CuteGPTError("--base-gguf names the FROM of a LoRA's Modelfile; it applies to --format gguf-lora --ollama only.")
+        if self.format == "gguf-lora" and self.name is not None:
+            raise CuteGPTError("--name applies to --format gguf only.")
+        if self.format == "hf" and (self.ollama or self.system is not None or self.name is not None):
             flag = "--ollama" if self.ollama else "--system" if self.system is not None else "--name"
             raise CuteGPTError(f"{flag} applies to --format gguf only.")
         if self.name is not None and not self.name.strip():
@@ -147,14 +160,7 @@ def run_export_gguf(cfg: ExportConfig, threads: int = 1) -> int:
     else:
         print("not verified (--no-verify)")
     if cfg.ollama:
-        from cutegpt.export.ollama import write_modelfile
-
-        try:
-            modelfile = write_modelfile(out, str(report.get("template") or cfg.template or "cutegpt"), system=cfg.system,
-                                        overwrite=cfg.overwrite)
-        except CuteGPTError as e:  # the GGUF file is complete and valid on its own: keep it, say so
-            raise CuteGPTError(f"{str(e).rstrip('.')}; {out} was written without a Modelfile.") from None
-        print(f"saved {modelfile}: `ollama create NAME -f {modelfile}` imports it")
+        _write_modelfile(cfg, out, str(report.get("template") or cfg.template or "cutegpt"))
     return 0
 
 
@@ -169,4 +175,23 @@ def run_export_gguf_lora(cfg: ExportConfig) -> int:
     print(f"saved {out} (LoRA for {meta.get('general.architecture')}, alpha {meta.get('adapter.lora.alpha'):g}, {cfg.quant}, "
           f"{out.stat().st_size / 2**20:.1f} MiB): run it on the base's GGUF, e.g. "
           f"`cutegpt chat --model base.gguf --lora {out}` or llama.cpp's `--lora {out}`")
+    if cfg.ollama:
+        _write_modelfile(cfg, out, _adapter_template(cfg), base=Path(cfg.base_gguf or ""))
     return 0
+
+
+def _adapter_template(cfg: ExportConfig) -> str:
+    """The template the adapter answers in: --template, else the one its training recorded, else the base's own."""
+    from cutegpt.templates import read_model_card
+
+    return cfg.template or str(read_model_card(cfg.lora or "").get("template") or "auto")
+
+
+def _write_modelfile(cfg: ExportConfig, out: Path, template: str, base: Path | None = None) -> None:
+    from cutegpt.export.ollama import write_modelfile
+
+    try:
+        modelfile = write_modelfile(out, template, system=cfg.system, overwrite=cfg.overwrite, base=base)
+    except CuteGPTError as e:  # the GGUF file is complete and valid on its own: keep it, say so
+        raise CuteGPTError(f"{str(e).rstrip('.')}; {out} was written without a Modelfile.") from None
+    print(f"saved {modelfile}: `ollama create NAME -f {modelfile}` imports it")

@@ -1,5 +1,8 @@
 """An Ollama `Modelfile` for an exported GGUF file: FROM, TEMPLATE, SYSTEM, PARAMETER stop and sampling.
 
+For a LoRA GGUF (`--format gguf-lora --ollama --base-gguf BASE`) it is `FROM <base gguf>` and `ADAPTER ./<lora gguf>`
+(ollama's documented pair), with the template and sampling read from the base file.
+
 The TEMPLATE is written in ollama's Go-template syntax and renders what
 templates.py renders, byte for byte. Ollama gives the template the
 conversation as `.Messages` (consecutive messages of one role merged, system
@@ -147,13 +150,16 @@ def _system_candidates(head: str) -> list[str]:
 
 
 def modelfile_text(gguf_name: str, template: GoTemplate, *, system: str | None, sampling: dict[str, Any],
-                   eos: str | None) -> str:
-    """The Modelfile; `sampling` holds GenerationArgs fields (greedy, temperature, top_p, top_k, repetition_penalty)."""
+                   eos: str | None, adapter: str | None = None) -> str:
+    """The Modelfile; `sampling` holds GenerationArgs fields (greedy, temperature, top_p, top_k, repetition_penalty).
+
+    `adapter`: a LoRA GGUF beside the Modelfile, applied to `gguf_name`, the base (ollama's `ADAPTER` line)."""
     if system is None:
         system = template.system_default
     if template.name == "cutegpt" and system:
         system = system.removesuffix("\n")  # the Go template adds the newline (see the module docstring)
-    lines = [f"FROM ./{gguf_name}", "", f"TEMPLATE {_quote(template.go, 'the template')}"]
+    lines = [f"FROM {_from_path(gguf_name)}", *([f"ADAPTER ./{adapter}"] if adapter else []), "",
+             f"TEMPLATE {_quote(template.go, 'the template')}"]
     if system:
         lines.append(f"SYSTEM {_quote(system, '--system')}")
     lines.append("")
@@ -164,6 +170,12 @@ def modelfile_text(gguf_name: str, template: GoTemplate, *, system: str | None, 
               f"PARAMETER top_k {int(sampling['top_k'])}",
               f"PARAMETER repeat_penalty {float(sampling['repetition_penalty']):g}"]
     return "\n".join(lines) + "\n"
+
+
+def _from_path(path: str) -> str:
+    # ollama reads a path relative to the Modelfile when it starts with ./ (else a model name); quoted if it has spaces
+    path = path if Path(path).is_absolute() or path.startswith(".") else "./" + path
+    return _quote_line(path) if any(c.isspace() for c in path) else path
 
 
 def _quote(text: str, what: str) -> str:
@@ -212,20 +224,39 @@ def check_modelfile(gguf: str | Path, template_name: str | None, system: str | N
     return check_output(out, flag="--ollama", kind="file", overwrite=True)
 
 
-def write_modelfile(gguf: str | Path, template_name: str, *, system: str | None = None, overwrite: bool = False) -> Path:
-    """Write `Modelfile` beside `gguf` (atomically).
+def check_base_gguf(base: str | Path) -> Path:
+    """The base GGUF of a LoRA's Modelfile exists and is a GGUF file (checked before the adapter is converted)."""
+    from cutegpt.model.gguf_header import read_header
 
-    Sampling follows chat's order minus the flags: the file's `general.sampling.*`, else the template's defaults.
+    path = Path(base).expanduser()
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        raise CuteGPTError(f"--base-gguf {base} is not a .gguf file; export the base with "
+                           "`cutegpt export --format gguf --model BASE --out base.gguf`.")
+    try:
+        read_header(path, arrays=False)
+    except CuteGPTError as e:
+        raise CuteGPTError(f"--base-gguf: {e}") from None
+    return path
+
+
+def write_modelfile(gguf: str | Path, template_name: str, *, system: str | None = None, overwrite: bool = False,
+                    base: Path | None = None) -> Path:
+    """Write `Modelfile` beside `gguf` (atomically); with `base`, `gguf` is a LoRA adapter applied to that base GGUF.
+
+    Sampling follows chat's order minus the flags: the (base) file's `general.sampling.*`, else the template's defaults.
     """
     from cutegpt.io import atomic_file
     from cutegpt.runtime.llamacpp import gguf_generation_defaults
 
     gguf = Path(gguf)
     out = check_modelfile(gguf, template_name, system, overwrite=overwrite)
-    chat_template, eos = gguf_chat_facts(gguf)
+    model = check_base_gguf(base) if base is not None else gguf  # the file holding the weights, template and sampling
+    chat_template, eos = gguf_chat_facts(model)
     template = go_template(template_name, chat_template)
-    sampling = {**template_defaults(template_name), **gguf_generation_defaults(gguf)}
-    text = modelfile_text(gguf.name, template, system=system, sampling=sampling, eos=eos)
+    sampling = {**template_defaults(template_name), **gguf_generation_defaults(model)}
+    same_folder = model.resolve().parent == out.resolve().parent
+    text = modelfile_text(model.name if same_folder else str(model.resolve()), template, system=system, sampling=sampling,
+                          eos=eos, adapter=gguf.name if base is not None else None)
     with atomic_file(out) as f:
         f.write(text)
     return out

@@ -595,12 +595,17 @@ def _relay_class():
             self.mark_cut_off, self.first_space = mark_cut_off, first_space
             super().__init__(self._pieces(), status_code=upstream.status, headers=headers)
 
+        async def _upstream(self):
+            """llama.cpp's bytes as they come, each answer's first space dropped when asked (FirstSpace)."""
+            async for piece in self.upstream.content.iter_any():
+                yield self.first_space.feed(piece) if self.first_space is not None else piece
+            if self.first_space is not None and (rest := self.first_space.flush()):
+                yield rest
+
         async def _pieces(self):
             ended = False  # the [DONE] event has passed
             try:
-                async for piece in self.upstream.content.iter_any():
-                    if self.first_space is not None:
-                        piece = self.first_space.feed(piece)
+                async for piece in self._upstream():
                     if self.mark_cut_off and CUT_OFF in piece:
                         for part in _mark_cut_off(piece):
                             yield part
@@ -610,9 +615,6 @@ def _relay_class():
             except Exception:
                 if not self.front.cutting:
                     raise
-            if self.first_space is not None and (rest := self.first_space.flush()):
-                yield rest
-                ended = ended or DONE in rest
             if self.front.cutting and not ended:
                 # shutdown's grace is over: end the stream as a stream ends, so clients see why it stopped
                 if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
@@ -645,21 +647,25 @@ def _tool_relay_class(relay: Any) -> Any:
     class ToolRelay(relay):
         """Streams a tool request's answer: llama.cpp's text events read line by line and turned into chat chunks."""
 
-        def __init__(self, front: Front, upstream: Any, headers: dict[str, str], reader: Any):
+        def __init__(self, front: Front, upstream: Any, headers: dict[str, str], reader: Any,
+                     first_space: FirstSpace | None = None):
             self.reader = reader
-            super().__init__(front, upstream, headers)
+            super().__init__(front, upstream, headers, first_space=first_space)
 
         async def _pieces(self):
-            async for line in self.upstream.content:
-                line = line.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                try:
-                    event = json.loads(line[6:])
-                except ValueError:
-                    continue
-                for piece in self.reader.feed(event):
-                    yield piece
+            rest = b""
+            async for piece in self._upstream():
+                *lines, rest = (rest + piece).split(b"\n")
+                for line in lines:
+                    line = line.strip()
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    try:
+                        event = json.loads(line[6:])
+                    except ValueError:
+                        continue
+                    for out in self.reader.feed(event):
+                        yield out
             for piece in self.reader.close():
                 yield piece
             self.complete = True
@@ -834,9 +840,10 @@ class Front:
         upstream = await self._open(request, json.dumps(p.upstream, ensure_ascii=False).encode(), "/v1/completions")
         if upstream is None:  # the client left while llama.cpp was working
             return Response(b"", status_code=499)
+        first_space = self._first_space_choices(body, continued=bool(p.prefill))
         if upstream.status < 400 and upstream.content_length is None and p.upstream["stream"]:
             return self._tool_relay(self, upstream, {"content-type": "text/event-stream", "Cache-Control": "no-cache"},
-                                    reader=StreamReader(p))
+                                    reader=StreamReader(p), first_space=FirstSpace(first_space) if first_space else None)
         try:
             data = await upstream.read()
         finally:
@@ -845,6 +852,8 @@ class Front:
             if not data.lstrip().startswith(b"{"):
                 raise ApiError(upstream.status, data.decode("utf-8", "replace").strip()[:300] or str(upstream.reason))
             return Response(data, status_code=upstream.status, media_type="application/json")
+        if first_space:
+            data = drop_first_space(data)
         return Response(json.dumps(chat_response(p, json.loads(data)), ensure_ascii=False), media_type="application/json")
 
     async def _completion(self, request: Any, path: str) -> Any:
@@ -852,9 +861,10 @@ class Front:
         return await self._forward(request, json.dumps(body, ensure_ascii=False).encode(), path="/v1" + path.removeprefix("/v1"),
                                    choices=self._first_space_choices(body))
 
-    def _first_space_choices(self, body: dict) -> int:
-        """How many answers get their first space dropped (0: none; a continued text keeps its spaces)."""
-        if not self.policy.drop_first_space or body.get("echo"):
+    def _first_space_choices(self, body: dict, continued: bool = False) -> int:
+        """How many answers get their first space dropped (0: none; a continued text keeps its spaces: `echo`, or the
+        call opening a forced tool call prefilled). Every answer path asks here (plain, completion, tools)."""
+        if not self.policy.drop_first_space or body.get("echo") or continued:
             return 0
         n = body.get("n")
         return n if _is_int(n) and n > 0 else 1

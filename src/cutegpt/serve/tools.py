@@ -1,18 +1,20 @@
 """Tool calling on /v1/chat/completions, rendered with the served template (`cutegpt.templates`).
 
-llama.cpp's server renders a model's Jinja but neither parses `<tool_call>` blocks
+llama.cpp's server renders a model's Jinja but neither parses its tool calls back
 nor forces a call (this xllamacpp build). So a request that offers tools, or
 carries tool turns, is rendered here by the same template object training used,
 sent to llama.cpp's text completion endpoint, and its text is turned back into an
-OpenAI answer:
+OpenAI answer with the template's call syntax (`cutegpt.tool_syntax`: Hermes
+`<tool_call>`, Llama 3.1 JSON, Mistral `[TOOL_CALLS]`):
 
     messages + tools --Template.prompt--> prompt text --/v1/completions--> text
-    text --parse_tool_calls--> {"content", "tool_calls"}, finish_reason "tool_calls"
+    text --ToolSyntax.parse--> {"content", "tool_calls"}, finish_reason "tool_calls"
 
-`tool_choice` "required" or a named function opens the answer with `<tool_call>\\n`
-and constrains the rest with a JSON schema ({"name": one of the allowed names,
-"arguments": that function's parameters}) that llama.cpp turns into a grammar, so
-even a random model returns a call that validates.
+`tool_choice` "required" or a named function ends the prompt with the syntax's
+opening (`<tool_call>\\n`, `[TOOL_CALLS]`) and constrains the rest with a JSON
+schema of a call to one of the allowed functions with that function's parameters,
+which llama.cpp turns into a grammar, so even a random model returns a call that
+validates.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cutegpt.templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Template, ToolCall, ToolRound, Turn, parse_tool_calls
+from cutegpt.templates import ConversationRefused, Template, ToolCall, ToolRound, Turn
+from cutegpt.tool_syntax import ToolSyntax
 
 # request fields llama.cpp's completion endpoint takes as they are
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty", "presence_penalty",
@@ -117,24 +120,6 @@ def forced_names(body: dict) -> list[str] | None:
     return None
 
 
-def call_schema(tools: list[dict], names: list[str]) -> dict:
-    """JSON schema of one call `{"name", "arguments"}` to one of `names` (llama.cpp makes it a grammar).
-
-    Arguments get no parameters the function does not declare (unless its schema allows them explicitly): a
-    small model otherwise keeps inventing keys until max_tokens cuts the call.
-    """
-    options = []
-    for t in tools:
-        fn = t["function"]
-        if fn["name"] in names:
-            params = dict(fn.get("parameters") or {"type": "object"})
-            if params.get("type") == "object" and "properties" in params:
-                params.setdefault("additionalProperties", False)
-            options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                            "required": ["name", "arguments"], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
-
-
 @dataclass
 class ToolPlan:
     """What one tool request sends to llama.cpp and how its text is read back."""
@@ -143,6 +128,7 @@ class ToolPlan:
     prefill: str  # text the prompt already opened the answer with (the call opening when forced)
     forced: bool
     model: str
+    syntax: ToolSyntax
     parallel: bool = True  # False: only the first call is returned (`parallel_tool_calls: false`)
     id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
@@ -152,14 +138,20 @@ def plan(body: dict, template: Template, stop: list[str]) -> ToolPlan:
     """The upstream request for a checked chat body (raises ToolRequestError, or CuteGPTError from the template)."""
     system, turns = conversation(body["messages"])
     offered = body.get("tools") if body.get("tool_choice") != "none" else None
-    prompt = template.prompt(turns, system, offered)
+    try:
+        prompt = template.prompt(turns, system, offered)
+    except ConversationRefused as e:
+        raise ToolRequestError("messages", f"'messages': {e}") from None
+    syntax = template.tool_syntax
+    assert syntax is not None  # a template without tools refused the prompt above
     names = forced_names(body) if offered else None
+    parallel = body.get("parallel_tool_calls") is not False
     up: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if k in body}
     up["stop"] = list(dict.fromkeys((body.get("stop") or []) + stop + ([template.stop] if template.stop else [])))
     prefill = ""
     if names:
-        prefill = TOOL_CALL_OPEN + "\n"
-        up["json_schema"] = call_schema(offered, names)
+        prefill = syntax.prefill
+        up["json_schema"] = syntax.forced_schema(offered, names, parallel)
     else:
         fmt = body.get("response_format") or {}
         if fmt.get("type") == "json_schema":
@@ -170,7 +162,7 @@ def plan(body: dict, template: Template, stop: list[str]) -> ToolPlan:
     up["stream"] = bool(body.get("stream"))
     if up["stream"] and (body.get("stream_options") or {}).get("include_usage"):
         up["stream_options"] = {"include_usage": True}
-    return ToolPlan(up, prefill, bool(names), body["model"], body.get("parallel_tool_calls") is not False)
+    return ToolPlan(up, prefill, bool(names), body["model"], syntax, parallel)
 
 
 def _calls_out(calls: list[dict]) -> list[dict]:
@@ -182,8 +174,8 @@ def read_answer(p: ToolPlan, text: str, finish: str | None) -> tuple[str | None,
     """(content, OpenAI tool_calls, finish_reason) from the generated text."""
     full = p.prefill + text
     if p.forced and finish != "length":
-        full += "\n" + TOOL_CALL_CLOSE  # the grammar ends with the call's JSON
-    content, calls = parse_tool_calls(full)
+        full += p.syntax.close  # the grammar ends with the call's JSON
+    content, calls = p.syntax.parse(full)
     if not p.parallel:
         calls = calls[:1]
     if calls:
@@ -209,8 +201,8 @@ class StreamReader:
     """llama.cpp's text_completion SSE events in, chat.completion.chunk events out.
 
     Text is passed on as content until a call may be starting: a tail that could
-    be the beginning of `<tool_call>` (and newlines before it) is held back; from
-    an opening on, everything is held, and at the end the calls go out as
+    be the beginning of the syntax's opening (and white space before it) is held
+    back; from an opening on, everything is held, and at the end the calls go out as
     `tool_calls` deltas (one per call, its arguments whole) with finish_reason
     "tool_calls". A forced call holds everything from the start.
     """
@@ -230,18 +222,7 @@ class StreamReader:
 
     def _safe_end(self) -> int:
         """How far the text may be sent as content now."""
-        if self.p.forced:
-            return 0
-        at = self.text.find(TOOL_CALL_OPEN)
-        if at < 0:
-            at = len(self.text)
-            for k in range(min(len(TOOL_CALL_OPEN) - 1, len(self.text)), 0, -1):
-                if TOOL_CALL_OPEN.startswith(self.text[-k:]):
-                    at -= k
-                    break
-        while at > self.sent and self.text[at - 1] == "\n":  # newlines before a call belong to no content
-            at -= 1
-        return max(at, self.sent)
+        return 0 if self.p.forced else self.p.syntax.content_end(self.text, self.sent)
 
     def feed(self, event: dict) -> list[bytes]:
         out = []
