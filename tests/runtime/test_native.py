@@ -14,7 +14,7 @@ import pytest
 
 from cutegpt.cli import main
 from cutegpt.errors import CuteGPTError
-from cutegpt.runtime.native import Choice, build_folder, choose, cpu_key, mode_from_env, wheel_version
+from cutegpt.runtime.native import Choice, build_folder, choose, cpu_key, mode_from_env, progress_step, wheel_version
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -43,6 +43,19 @@ def test_choice_table(tmp_path):
     assert upgraded.site is None and "xllamacpp-1.0-cpuA" in upgraded.note and "2.0" in upgraded.note
     (built / "build.json").unlink()  # a build killed before it finished is not a build
     assert choose("auto", root, "1.0", "cpuA").site is None
+
+
+def test_progress_prints_each_tenth_once_and_the_restart_of_a_second_target():
+    lines = ["-- Configuring done", "  [ 50%] Building CXX object build-info.cpp.o", "  [100%] Linking CXX static library",
+             "  [100%] Built target llama-common-base", "  [  3%] Built target llama-common-base", "  [  6%] Building C object ggml.c.o",
+             "  [ 12%] Building CXX object ggml-cpu.cpp.o", "  [ 18%] Building CXX object ops.cpp.o", "gcc -O3 -march=native"]
+    shown, printed = -10, []
+    for line in lines:
+        step = progress_step(line, shown)
+        if step is not None:
+            shown = step
+            printed.append(step)
+    assert printed == [50, 100, 0, 10]
 
 
 def test_cpu_key_is_stable_and_short():

@@ -181,6 +181,16 @@ def _check_sdist(sdist: str | None, version: str) -> Path | None:
     return path
 
 
+def progress_step(line: str, shown: int) -> int | None:
+    """The tenth of CMake's progress to print for this output line, None when it does not move. CMake counts each
+    target set from 0 again (xllamacpp builds one helper library first), so a step back is printed too."""
+    m = re.match(r"\s*\[\s*(\d+)%\]", line)
+    if m is None:
+        return None
+    step = int(m.group(1)) // 10 * 10
+    return None if step == shown else step
+
+
 def _pip(args: list[str], log: Path, env: dict[str, str] | None = None, progress: bool = False) -> int:
     """Run pip with its output in `log`; with `progress`, print CMake's percentages as they pass each tenth."""
     shown = -10
@@ -192,9 +202,9 @@ def _pip(args: list[str], log: Path, env: dict[str, str] | None = None, progress
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
-            m = re.match(r"\s*\[\s*(\d+)%\]", line)
-            if progress and m and int(m.group(1)) >= shown + 10:
-                shown = int(m.group(1)) // 10 * 10
+            step = progress_step(line, shown) if progress else None
+            if step is not None:
+                shown = step
                 print(f"  compiling: {shown}%", file=sys.stderr, flush=True)
         return proc.wait()
 
