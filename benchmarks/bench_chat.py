@@ -21,6 +21,12 @@ exports under each llama.cpp batch setting (`--ubatch`, default 128..1024, with 
 logical batch; flash attention off / on), plus cutegpt's default llama.cpp settings (n_batch 2048, n_ubatch 512,
 flash attention auto). The table is printed after every round, so a run cut short still reports. Prints the CPU
 model, the llama.cpp build's CPU features and the load average at start and end.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_chat.py --prefill-sweep --builds wheel native [--repeats 3]
+
+The same sweep on the xllamacpp wheel and on `cutegpt llamacpp build`'s native build side by side: a process can load
+only one of them, so each round runs one child process per build, in turn, and the table pools their rows (torch's
+rows come from both children).
 """
 
 from __future__ import annotations
@@ -210,8 +216,13 @@ def prefill_sweep(args: argparse.Namespace) -> None:
             ttft[name].append(fn(lm, long_ids, 1)[1])
         sweep_table(args, ttft, len(long_ids), load_start, r + 1)  # after every round: a cut-short run still reports
     if args.json:
+        from cutegpt.runtime.native import loaded_build
+
         Path(args.json).write_text(json.dumps({"ttft": {k: median(v) for k, v in ttft.items()}, "tokens": len(long_ids),
-                                               "cpu": cpu_model(), "load_start": load_start, "load_end": os.getloadavg()}, indent=2))
+                                               "cpu": cpu_model(), "load_start": load_start, "load_end": os.getloadavg(),
+                                               "build": loaded_build(), "system_info": xllamacpp_module().get_system_info().strip(),
+                                               "flash_auto": args.flash_auto},
+                                              indent=2))
 
 
 def sweep_table(args: argparse.Namespace, ttft: dict[str, list[float]], tokens: int, load_start: tuple, rounds: int) -> None:
@@ -222,12 +233,46 @@ def sweep_table(args: argparse.Namespace, ttft: dict[str, list[float]], tokens: 
           f"medians of {rounds} interleaved runs")
     print(f"CPU: {cpu_model()}; load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
           f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} on {os.cpu_count()} cores: noisy, compare ratios only.")
-    print(f"torch {torch.__version__}; xllamacpp {getattr(xl, '__version__', '?')}; llama.cpp build: {xl.get_system_info().strip()}")
+    if not args.builds:
+        from cutegpt.runtime.native import loaded_build
+
+        print(f"torch {torch.__version__}; xllamacpp {getattr(xl, '__version__', '?')}; llama.cpp {loaded_build()} build: "
+              f"{xl.get_system_info().strip()}")
     print(f"flash attention 'auto' (cutegpt's default) resolves to: {getattr(args, 'flash_auto', '?')}")
     print("| variant | TTFT s | prefill tok/s | TTFT / torch bf16 |\n|---|---|---|---|")
     for name, times in ttft.items():
         t = median(times)
         print(f"| {name} | {t:.2f} | {tokens / t:.0f} | {t / ref:.2f}x |", flush=True)
+
+
+def sweep_builds(args: argparse.Namespace) -> None:
+    """--builds: one child process per llama.cpp build and round, in turn; their medians pooled into one table."""
+    import subprocess
+    import sys
+
+    load_start = os.getloadavg()
+    ttft: dict[str, list[float]] = {}
+    tokens = 0
+    info: dict[str, str] = {}
+    for r in range(args.repeats):
+        for build in args.builds:
+            out = Path(tempfile.mkdtemp(prefix="bench-prefill-child-")) / "round.json"
+            argv = [sys.executable, __file__, "--prefill-sweep", "--repeats", "1", "--threads", str(args.threads),
+                    "--llamacpp", build, "--json", str(out), "--quants", *args.quants, "--ubatch", *map(str, args.ubatch)]
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            got = json.loads(out.read_text())
+            if got["build"] != build:
+                raise SystemExit(f"asked for the {build} llama.cpp build, the child loaded the {got['build']} one "
+                                 "(run `cutegpt llamacpp build` first)")
+            info[build] = got["system_info"]
+            args.flash_auto = got["flash_auto"]
+            tokens = got["tokens"]
+            for name, t in got["ttft"].items():
+                ttft.setdefault(name if name.startswith("torch") else f"{build}: {name}", []).append(t)
+        ttft = dict(sorted(ttft.items(), key=lambda kv: (not kv[0].startswith("torch"), kv[0].split(": ")[-1], kv[0])))
+        for build, text in info.items():
+            print(f"llama.cpp {build} build: {text}")
+        sweep_table(args, ttft, tokens, load_start, r + 1)
 
 
 def main() -> None:
@@ -240,8 +285,15 @@ def main() -> None:
     ap.add_argument("--prefill-sweep", action="store_true", help="only time to first token of the long prompt, over llama.cpp batch settings")
     ap.add_argument("--quants", nargs="+", default=["f16", "q8_0"], help="--prefill-sweep: GGUF exports to measure")
     ap.add_argument("--ubatch", type=int, nargs="+", default=[128, 256, 512, 1024], help="--prefill-sweep: n_ubatch values (n_batch 2048)")
+    ap.add_argument("--llamacpp", choices=["auto", "native", "wheel"], default="auto",
+                    help="which llama.cpp build this process loads ($CUTEGPT_LLAMACPP; native: `cutegpt llamacpp build`'s)")
+    ap.add_argument("--builds", nargs="+", choices=["native", "wheel"], help="--prefill-sweep: these builds side by side")
     args = ap.parse_args()
+    os.environ["CUTEGPT_LLAMACPP"] = args.llamacpp
     torch.set_num_threads(args.threads)
+    if args.prefill_sweep and args.builds:
+        sweep_builds(args)
+        return
     if args.prefill_sweep:
         prefill_sweep(args)
         return

@@ -1,13 +1,18 @@
 """`cutegpt serve` under load on the embedded model, loopback only, side by side in one run.
 
     python benchmarks/bench_serve.py [--threads 1] [--tokens 64] [--load-seconds 60] [--quick] [--quant q8_0]
+                                     [--llamacpp auto|native|wheel] [--old-ref cc2af52]
 
+The model is what `cutegpt serve` serves with no --model: the embedded model's f16 GGUF (as chat runs it);
+--quant Q serves our export of it at Q instead, --quant shipped the Q4_1 file the package ships.
 Prints (and writes to --out as JSON):
   1. aggregate generated tokens/s and p50/p95 time to first token (TTFT) at 1, 4, 8, 16 concurrent
      streaming clients, for `cutegpt serve --parallel 8` vs `--parallel 1` (one request at a time, as
-     LLaMA-Factory's and FastChat's HF engines serve), plus raw xllamacpp (llama.cpp's HTTP server with
-     no cutegpt front) at n_parallel 8 and 1. All four servers run at once and each client count runs
-     on each of them in turn, so machine load drifts over all four alike;
+     LLaMA-Factory's and FastChat's HF engines serve), raw xllamacpp (llama.cpp's HTTP server with
+     no cutegpt front) at n_parallel 8 and 1, and the hand-written front of git revision --old-ref (the one
+     `benchmarks/bench_front.py` compares on a fake backend) in front of its own llama.cpp started as serve
+     starts it, --parallel 8. All five servers run at once and each client count runs on each of them in
+     turn, so machine load drifts over all five alike;
   2. TTFT of the 8th turn of a long chat with llama.cpp's prompt cache on vs off;
   3. a load test: 16 streaming clients for --load-seconds against --parallel 8; every request must
      finish completely; the server's RSS sampled every few seconds must stay flat.
@@ -30,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from machine import cpu_model  # benchmarks/ is on sys.path when a script runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?", "What is 12 times 7?",
@@ -99,6 +106,9 @@ class Serve:
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "cutegpt", "serve", "--port", str(self.port), "--quiet", *args],
                                      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.wait_healthy()
+
+    def wait_healthy(self) -> None:
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
@@ -126,11 +136,12 @@ class Serve:
 
 
 class RawServer:
-    """llama.cpp's own HTTP server through xllamacpp, no cutegpt front (same settings)."""
+    """llama.cpp's own HTTP server through xllamacpp, no cutegpt front (same settings, the same llama.cpp build)."""
 
     def __init__(self, model: Path, parallel: int, threads: int, ctx: int):
-        import xllamacpp
+        from cutegpt.runtime.llamacpp import xllamacpp_module
 
+        xllamacpp = xllamacpp_module()
         p = xllamacpp.CommonParams()
         p.model.path = str(model)
         p.n_parallel = parallel
@@ -145,6 +156,47 @@ class RawServer:
 
     def stop(self) -> None:
         del self.server
+
+
+class OldFront(Serve):
+    """The hand-written front of git revision `ref` in a subprocess (this script, --role old-front), in front of its
+    own llama.cpp started by `cutegpt serve`'s code (`serve.engine.start_backend`) with the same settings."""
+
+    def __init__(self, ref: str, model: Path | None, parallel: int, threads: int, ctx: int):
+        self.port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--role", "old-front", "--old-ref", ref, "--port", str(self.port),
+                                      "--parallel", str(parallel), "--threads", str(threads), "--ctx", str(ctx),
+                                      *(["--model", str(model)] if model else [])],
+                                     cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.wait_healthy()
+
+
+async def run_old_front(ref: str, port: int, model: str | None, parallel: int, threads: int, ctx: int) -> None:
+    import asyncio
+
+    from bench_front import load_front
+
+    from cutegpt.runtime.llamacpp import drops_first_space
+    from cutegpt.serve.config import ServeConfig
+    from cutegpt.serve.engine import start_backend
+    from cutegpt.serve.source import resolve_model
+
+    cfg = ServeConfig(model=model, parallel=parallel, threads=threads, ctx=ctx, quiet=True)
+    cfg.check()
+    served = resolve_model(cfg.model, cfg.lora, cfg.template, cfg.quant, progress=False)
+    backend = start_backend(cfg, served)
+    front = load_front("old", ref)
+    policy = front.Policy(model_id=served.name, stop=served.stop, max_tokens_limit=cfg.token_limit, ctx=cfg.ctx,
+                          defaults=cfg.request_defaults(served.template, served.model_defaults))
+    assert not drops_first_space(served.gguf), "the old front does not drop SentencePiece's first space"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(512)
+    sock.setblocking(False)
+    await front.Front(policy, backend.url, backend.key).start(sock)
+    await asyncio.Event().wait()
 
 
 def long_chat(port: int, tokens: int, cache: bool) -> float:
@@ -194,10 +246,15 @@ def load_test(srv: "Serve", seconds: float, tokens: int) -> dict:
 
 
 def gguf_file(quant: str | None) -> Path:
-    """The embedded model's shipped GGUF, or our export of it at `quant` (made once, kept in the temp folder)."""
+    """What `cutegpt serve` serves with no --model (quant None), the embedded model's shipped Q4_1 GGUF ("shipped"),
+    or our export of it at `quant` (made once, kept in the temp folder)."""
     from cutegpt.model.embedded import embedded_gguf
 
     if quant is None:
+        from cutegpt.chat.backend import embedded_llamacpp_file
+
+        return embedded_llamacpp_file()
+    if quant == "shipped":
         return Path(embedded_gguf())
     out = Path(tempfile.gettempdir()) / f"cutegpt-bench-serve-embedded.{quant}.gguf"
     if not out.is_file():
@@ -213,38 +270,63 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--load-seconds", type=float, default=60)
     ap.add_argument("--quick", action="store_true", help="1 and 8 clients only, 20 s load test")
-    ap.add_argument("--quant", choices=["f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
-                    help="serve the embedded model exported by `cutegpt export --format gguf --quant Q` "
-                         "(default: the Q4_1 GGUF the package ships)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds over every server; medians are printed")
+    ap.add_argument("--quant", choices=["shipped", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+                    help="serve the embedded model exported by `cutegpt export --format gguf --quant Q`, or the Q4_1 "
+                         "GGUF the package ships (default: what `cutegpt serve` serves, the f16 file chat runs)")
+    ap.add_argument("--llamacpp", choices=["auto", "native", "wheel"], default="auto",
+                    help="which llama.cpp every server loads ($CUTEGPT_LLAMACPP; native: `cutegpt llamacpp build`'s)")
+    ap.add_argument("--old-ref", default="cc2af52", help="git revision holding the hand-written front (the fifth server)")
     ap.add_argument("--out", default="bench_serve.json")
+    ap.add_argument("--role", choices=["bench", "old-front"], default="bench", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--parallel", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--ctx", type=int, default=2048, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["CUTEGPT_LLAMACPP"] = args.llamacpp  # the servers in subprocesses inherit it
+    if args.role == "old-front":
+        import asyncio
+
+        asyncio.run(run_old_front(args.old_ref, args.port, args.model, args.parallel, args.threads, args.ctx))
+        return
     model = gguf_file(args.quant)
     clients = [1, 8] if args.quick else [1, 4, 8, 16]
     load_s = 20 if args.quick else args.load_seconds
-    import xllamacpp
+    from cutegpt.runtime.llamacpp import xllamacpp_module
+    from cutegpt.runtime.native import loaded_build
 
+    xllamacpp = xllamacpp_module()
     print(f"CPU: {cpu_model()}; load average at start: {os.getloadavg()}, threads {args.threads}; "
-          f"xllamacpp {getattr(xllamacpp, '__version__', '?')}", flush=True)
-    results: dict = {"threads": args.threads, "tokens": args.tokens, "model": model.name, "loadavg_start": os.getloadavg()}
-    # all four servers up at once; each client count runs on each in turn, so load drift hits them alike
+          f"xllamacpp {getattr(xllamacpp, '__version__', '?')} ({loaded_build()} build)", flush=True)
+    results: dict = {"threads": args.threads, "tokens": args.tokens, "model": model.name, "loadavg_start": os.getloadavg(),
+                     "llamacpp": loaded_build()}
+    # all five servers up at once; each client count runs on each in turn, so load drift hits them alike
     print(f"model: {model}", flush=True)
-    p8 = Serve("--model", str(model), "--parallel", "8", "--threads", str(args.threads), "--ctx", "2048")
-    p1 = Serve("--model", str(model), "--parallel", "1", "--threads", str(args.threads), "--ctx", "2048")
+    model_args = [] if args.quant is None else ["--model", str(model)]  # no --model: exactly what serve serves by default
+    p8 = Serve(*model_args, "--parallel", "8", "--threads", str(args.threads), "--ctx", "2048")
+    p1 = Serve(*model_args, "--parallel", "1", "--threads", str(args.threads), "--ctx", "2048")
+    old8 = OldFront(args.old_ref, None if args.quant is None else model, 8, args.threads, 2048)
     raw8, raw1 = RawServer(model, 8, args.threads, 2048), RawServer(model, 1, args.threads, 2048)
-    servers = {"cutegpt_p8": p8.port, "cutegpt_p1": p1.port, "raw_p8": raw8.port, "raw_p1": raw1.port}
+    servers = {"cutegpt_p8": p8.port, "cutegpt_p1": p1.port, "raw_p8": raw8.port, "raw_p1": raw1.port,
+               "old_front_p8": old8.port}
     # Warm-up: as many concurrent requests as the server has slots, so every slot and llama.cpp's batched graph
     # sizes have run once before anything is timed (a server's first request took 3-4 s here, its next ones 0.1-1 s).
     for name, port in servers.items():
         run_clients(port, 8 if name.endswith("p8") else 1, 4)
-        results[name] = []
-    for c in clients:
-        for name, port in servers.items():
-            row = run_clients(port, c, args.tokens)
-            results[name].append(row)
-            print(f"    {name:<10} {c:>2} clients: {row['tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.2f} s, "
-                  f"p95 {row['ttft_p95']:.2f} s, complete {row['complete']}", flush=True)
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.rounds):
+        for c in clients:
+            for name, port in servers.items():
+                row = run_clients(port, c, args.tokens)
+                rows.setdefault((name, c), []).append(row)
+                print(f"    {name:<12} {c:>2} clients: {row['tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.2f} s, "
+                      f"p95 {row['ttft_p95']:.2f} s, complete {row['complete']}", flush=True)
+    for name in servers:  # the median round of each server and client count, by tok/s
+        results[name] = [sorted(rows[(name, c)], key=lambda r: r["tok_s"])[len(rows[(name, c)]) // 2] for c in clients]
     raw8.stop()
     raw1.stop()
+    old8.stop()
     print("8th turn of a long chat, prompt cache on / off", flush=True)
     results["turn8_ttft_cache_on"] = long_chat(p1.port, args.tokens, True)
     results["turn8_ttft_cache_off"] = long_chat(p1.port, args.tokens, False)
@@ -257,7 +339,8 @@ def main() -> None:
     print(json.dumps(results["load"]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
-    print("\n| clients | serve p8 tok/s | serve p1 tok/s | ratio | raw p8 tok/s | raw p1 tok/s | raw ratio | "
+    print(f"\nmedian of {args.rounds} interleaved round(s)")
+    print("| clients | serve p8 tok/s | serve p1 tok/s | ratio | raw p8 tok/s | raw p1 tok/s | raw ratio | "
           "TTFT p50/p95 serve p8 | TTFT p50/p95 serve p1 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for i, c in enumerate(clients):
@@ -265,6 +348,13 @@ def main() -> None:
         ra, rb = results["raw_p8"][i], results["raw_p1"][i]
         print(f"| {c} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f}x | {ra['tok_s']:.1f} | {rb['tok_s']:.1f} | "
               f"{ra['tok_s'] / rb['tok_s']:.2f}x | {a['ttft_p50']:.2f} / {a['ttft_p95']:.2f} s | {b['ttft_p50']:.2f} / {b['ttft_p95']:.2f} s |")
+    print(f"\n| clients | new front p8 tok/s | old front ({args.old_ref}) p8 tok/s | new / old | raw p8 tok/s | new / raw | "
+          "TTFT p95 new / old / raw |")
+    print("|---|---|---|---|---|---|---|")
+    for i, c in enumerate(clients):
+        a, o, r = results["cutegpt_p8"][i], results["old_front_p8"][i], results["raw_p8"][i]
+        print(f"| {c} | {a['tok_s']:.1f} | {o['tok_s']:.1f} | {a['tok_s'] / o['tok_s']:.2f}x | {r['tok_s']:.1f} | "
+              f"{a['tok_s'] / r['tok_s']:.2f}x | {a['ttft_p95']:.2f} / {o['ttft_p95']:.2f} / {r['ttft_p95']:.2f} s |")
     load = results["load"]
     print(f"load average at the end: {results['loadavg_end']}")
     print(f"\nturn-8 TTFT: prompt cache on {results['turn8_ttft_cache_on']:.2f} s, off {results['turn8_ttft_cache_off']:.2f} s")

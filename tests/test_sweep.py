@@ -51,7 +51,7 @@ PATHS: dict[str, tuple[str, str]] = {
     "model": ("in", "model"), "lora": ("in", "folder"), "resume_lora": ("in", "folder"), "input": ("in", "file"),
     "data": ("in", "any"), "dataset": ("in", "folder"), "corpus": ("in", "any"), "pieces": ("in", "any"),
     "deepspeed": ("in", "file"), "sft_data": ("in", "any"), "eval_data": ("in", "folder"), "val_data": ("in", "any"),
-    "out": ("out", "folder"), "plot": ("out", "file"),
+    "out": ("out", "folder"), "plot": ("out", "file"), "sdist": ("in", "file"),
 }
 PATHS_BY_COMMAND: dict[tuple[tuple[str, ...], str], tuple[str, str]] = {
     (("generate",), "out"): ("out", "file"),
@@ -66,6 +66,7 @@ INSIDE_BY_DESIGN = {(("data", "stats"), "plot"): "data"}
 NOT_PATHS = {"template", "system", "text_field", "split", "eval_split", "lora_targets", "modules_to_save", "subjects",
              "api_key", "host", "engine", "backend", "prompt", "target_delimiter", "report_to", "endpoint",
              "entries",  # cutegpt cache: names of cache entries, checked against the cache
+             "cmake_args",  # llamacpp build: arguments for CMake
              "name",  # export: the model's name inside the GGUF
              "label", "judge", "judge_api_key", "judge_template"}  # compare: column names; a judge URL or model
 
@@ -117,6 +118,7 @@ def base_spec(words: tuple[str, ...], s: dict[str, Path]) -> dict[str, typing.An
         ("vocab", "train"): dict(out="zh", corpus=[str(s["corpus"])], model=m, vocab_size=400),
         ("vocab", "extend"): dict(model=m, pieces=str(s["pieces"]), out="ext"),
         ("cache",): dict(),
+        ("llamacpp", "build"): dict(),
         ("recipe",): dict(out="recipe", model=m, corpus=[str(s["corpus"])], sft_data=str(s["sft"]), eval_data=str(s["ceval"]),
                           vocab_size=400, pt_steps=1, sft_steps=1, max_length=64, micro_batch=1, threads=1, max_new_tokens=2,
                           eval_limit=1, eval_base=False),

@@ -26,6 +26,7 @@ KINDS = {  # folder in the cache -> what it holds
     "datasets": "on-the-fly conversions of training data",
     "eval": "finished subjects of eval runs (--resume)",
     "templates": "chat templates written for vLLM",
+    "llamacpp": "llama.cpp built for this CPU (`cutegpt llamacpp build`)",
 }
 KEPT_UNLESS_NAMED = ("chat_history",)
 UNUSED = ("serve-gguf",)  # kinds older versions wrote and no command reads: listed as such, their folder removed when cleared

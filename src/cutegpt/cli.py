@@ -36,6 +36,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("vocab", "extend"): ("cutegpt.vocab.extend", "VocabExtendConfig", "run_vocab_extend", "merge new pieces into a model's tokenizer and embeddings"),
     ("recipe",): ("cutegpt.recipe", "RecipeConfig", "run_recipe", "the whole CuteGPT recipe at small scale, end to end"),
     ("cache",): ("cutegpt.cache", "CacheConfig", "run_cache", "list what the cache holds, with sizes; --clear removes it"),
+    ("llamacpp", "build"): ("cutegpt.runtime.native", "LlamaCppBuildConfig", "run_build", "compile llama.cpp for this CPU once into the cache (optional, faster prefill)"),
 }
 
 

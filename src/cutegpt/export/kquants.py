@@ -70,8 +70,13 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layer: int, has
 @lru_cache(maxsize=1)
 def _ggml() -> Any:
     """ggml's quantizer from the xllamacpp extension module (a C symbol it exports)."""
+    import importlib
+
+    from cutegpt.runtime.native import import_xllamacpp
+
     try:
-        import xllamacpp.xllamacpp as ext
+        import_xllamacpp()  # the native build when there is one (its quantizer is the same code)
+        ext = importlib.import_module("xllamacpp.xllamacpp")
     except ImportError:
         raise CuteGPTError("--quant q4_k_m, q5_k_m and q6_k use llama.cpp's quantizer from the xllamacpp package: run "
                            "`pip install xllamacpp`, or export f16 and run llama.cpp's llama-quantize (docs/export.md).") from None

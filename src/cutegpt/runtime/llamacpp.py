@@ -34,12 +34,14 @@ GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.
 
 
 def xllamacpp_module(what: str = "--backend llamacpp") -> Any:
-    """The xllamacpp package, or one sentence saying `what` needs it."""
+    """The xllamacpp package (this CPU's native build when `cutegpt llamacpp build` made one, see runtime/native.py),
+    or one sentence saying `what` needs it."""
+    from cutegpt.runtime.native import import_xllamacpp
+
     try:
-        import xllamacpp
+        return import_xllamacpp()
     except ImportError:
         raise CuteGPTError(f"{what} needs the xllamacpp package: run `pip install xllamacpp`.") from None
-    return xllamacpp
 
 
 def server_params(xl: Any, path: Path, n_ctx: int, threads: int, parallel: int = 1, lora: Path | None = None) -> Any:

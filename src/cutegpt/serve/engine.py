@@ -42,9 +42,9 @@ class Backend:
 
 
 def backend_params(cfg: ServeConfig, served: ServedModel, threads: int, key: str) -> Any:
-    import xllamacpp
+    from cutegpt.runtime.llamacpp import server_params, xllamacpp_module
 
-    from cutegpt.runtime.llamacpp import server_params
+    xllamacpp = xllamacpp_module("`cutegpt serve`")
 
     # llama.cpp splits n_ctx evenly between the slots; the loopback port is free and only the front connects
     p = server_params(xllamacpp, served.gguf, cfg.ctx * cfg.parallel, threads, cfg.parallel, lora=served.lora)
@@ -69,10 +69,9 @@ def backend_params(cfg: ServeConfig, served: ServedModel, threads: int, key: str
 
 
 def start_backend(cfg: ServeConfig, served: ServedModel) -> Backend:
-    try:
-        import xllamacpp
-    except ImportError:
-        raise CuteGPTError("`cutegpt serve` needs the xllamacpp package: `pip install xllamacpp`.") from None
+    from cutegpt.runtime.llamacpp import xllamacpp_module
+
+    xllamacpp = xllamacpp_module("`cutegpt serve`")
     # llama.cpp's workers spin while they wait for each other: more of them than free cores collapses
     # throughput (2 threads on a loaded 2-core machine: 4-51 tok/s instead of 94-122), hence auto
     threads = resolve_threads(cfg.threads)
