@@ -80,18 +80,23 @@ def test_prefix_reuse_and_parallel_slots_give_the_letters_of_whole_prompts(tiny_
             assert x["scores"] == pytest.approx(y["scores"], abs=0.02)
 
 
-def test_choice_logprobs_are_exact_for_tokens_outside_the_top(tiny_model_dir, tiny_gguf):
-    """The least likely token of the vocabulary among the choices: n_probs alone would never report it."""
+def _next_token_logprobs(model_dir) -> tuple[list[int], torch.Tensor, list[int]]:
+    """A prompt's ids, plain transformers' next-token log-probabilities, and the vocabulary from likeliest to least."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cutegpt.runtime.llamacpp import LlamaCpp, choice_logprobs
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tok("以下是中国关于计算机网络考试的单项选择题\n答案：")["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
-    order = torch.argsort(logp, descending=True).tolist()
+    return ids, logp, torch.argsort(logp, descending=True).tolist()
+
+
+def test_choice_logprobs_are_exact_for_tokens_outside_the_top(tiny_model_dir, tiny_gguf):
+    """The least likely token of the vocabulary among the choices: n_probs alone would never report it."""
+    from cutegpt.runtime.llamacpp import LlamaCpp, choice_logprobs
+
+    ids, logp, order = _next_token_logprobs(tiny_model_dir)
     tokens = [order[0], order[-1], order[len(order) // 2], order[5]]
     with LlamaCpp(tiny_gguf, n_ctx=256) as lc:
         got = choice_logprobs(lc.server, ids, tokens)
@@ -114,16 +119,9 @@ class _Counting:
                                              ((0, 1, 30, 60), 2),  # two outside: the biased request, anchored by 0
                                              ((-1, -2, -3, -4), 2)])  # none in the top: anchored by 0's forced choice
 def test_choice_logprobs_take_one_request_when_the_choices_are_in_the_top(picks, requests, tiny_model_dir, tiny_gguf):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from cutegpt.runtime.llamacpp import LlamaCpp, choice_logprobs
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    ids = tok("以下是中国关于计算机网络考试的单项选择题\n答案：")["input_ids"]
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
-    order = torch.argsort(logp, descending=True).tolist()
+    ids, logp, order = _next_token_logprobs(tiny_model_dir)
     tokens = [order[k] for k in picks]
     with LlamaCpp(tiny_gguf, n_ctx=256) as lc:
         counting = _Counting(lc.server)
