@@ -37,8 +37,9 @@ detection, which crashes on some CPUs):
     python benchmarks/bench_eval.py --threads 1 --shots 5 --lmeval-python /tmp/venv-lmeval/bin/python \
         --gguf f16.gguf --lmeval-gguf
 
-(`--lmeval-gguf` has not been run on this project's machines yet: the llama-cpp-python build did not finish
-in the time available on the loaded machine; see docs/benchmarks.md.)
+(On an AVX2-only CPU without AMX, `CMAKE_ARGS="-DGGML_NATIVE=ON"` builds for the machine itself and is safe.
+`--lmeval-gguf` has not been run on this project's machines yet: the llama-cpp-python build did not finish in
+two sessions on the loaded machine (41 of 127 objects in 85 minutes at load 9-19); see docs/benchmarks.md.)
 
 Printed: the CPU model and load, wall time and questions/s of each tool (model loading included), the
 scoring time alone (ours: `results.json` timing; lm-eval: the elapsed time of its loglikelihood progress bar), both

@@ -80,22 +80,67 @@ def test_prefix_reuse_and_parallel_slots_give_the_letters_of_whole_prompts(tiny_
             assert x["scores"] == pytest.approx(y["scores"], abs=0.02)
 
 
-def test_choice_logprobs_are_exact_for_tokens_outside_the_top(tiny_model_dir, tiny_gguf):
-    """The least likely token of the vocabulary among the choices: n_probs alone would never report it."""
+def _next_token_logprobs(model_dir) -> tuple[list[int], torch.Tensor, list[int]]:
+    """A prompt's ids, plain transformers' next-token log-probabilities, and the vocabulary from likeliest to least."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cutegpt.runtime.llamacpp import LlamaCpp, choice_logprobs
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tok("以下是中国关于计算机网络考试的单项选择题\n答案：")["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
-    order = torch.argsort(logp, descending=True).tolist()
+    return ids, logp, torch.argsort(logp, descending=True).tolist()
+
+
+def test_choice_logprobs_are_exact_for_tokens_outside_the_top(tiny_model_dir, tiny_gguf):
+    """The least likely token of the vocabulary among the choices: n_probs alone would never report it."""
+    from cutegpt.runtime.llamacpp import LlamaCpp, choice_logprobs
+
+    ids, logp, order = _next_token_logprobs(tiny_model_dir)
     tokens = [order[0], order[-1], order[len(order) // 2], order[5]]
     with LlamaCpp(tiny_gguf, n_ctx=256) as lc:
         got = choice_logprobs(lc.server, ids, tokens)
     assert got == pytest.approx([float(logp[t]) for t in tokens], abs=0.02)
+
+
+
+class _Counting:
+    """The server, counting completion requests."""
+
+    def __init__(self, server):
+        self.server, self.requests = server, 0
+
+    def handle_completions(self, body):
+        self.requests += 1
+        return self.server.handle_completions(body)
+
+
+@pytest.mark.parametrize("picks, requests", [((0, 1, 2, 3), 1),  # all in the unbiased top-20: request 0 alone
+                                             ((0, 1, 30, 60), 2),  # two outside: the biased request, anchored by 0
+                                             ((-1, -2, -3, -4), 2)])  # none in the top: anchored by 0's forced choice
+def test_choice_logprobs_take_one_request_when_the_choices_are_in_the_top(picks, requests, tiny_model_dir, tiny_gguf):
+    from cutegpt.runtime.llamacpp import LlamaCpp, choice_logprobs
+
+    ids, logp, order = _next_token_logprobs(tiny_model_dir)
+    tokens = [order[k] for k in picks]
+    with LlamaCpp(tiny_gguf, n_ctx=256) as lc:
+        counting = _Counting(lc.server)
+        got = choice_logprobs(counting, ids, tokens)
+        before = choice_logprobs(lc.server, ids, tokens, top_n=0)  # the two biased requests alone
+    assert counting.requests == requests
+    assert got == pytest.approx([float(logp[t]) for t in tokens], abs=0.02)
+    assert got == pytest.approx(before, abs=1e-4)
+
+
+def test_slot_files_stay_inside_the_slot_folder(tiny_gguf, ceval_dir, tmp_path):
+    """llama.cpp appends the file name to slot_save_path as a string: the folder needs its separator."""
+    bench = load_benchmark("ceval", ceval_dir, "val", None)
+    slots = tmp_path / "work" / "slots"
+    slots.mkdir(parents=True)
+    cfg = EvalConfig(benchmark="ceval", model=str(tiny_gguf), shots=5, parallel=2)
+    evaluate(load_llamacpp_for(cfg, bench, 1, slots), bench, cfg, None, show_progress=False)
+    assert [p.name for p in slots.parent.iterdir()] == ["slots"]
+    assert [p.suffix for p in slots.iterdir()] == [".bin"] * len(bench.subjects)
 
 
 @pytest.mark.parametrize("extra", [[], ["--chat-template"]])

@@ -1,7 +1,7 @@
 """`--endpoint URL`: score a model behind an OpenAI-compatible server (llama.cpp's server, `cutegpt serve`, ...).
 
     multiple choice (logits, loglikelihood): the prompt as token ids from the server's own /tokenize, the
-        same two completion requests as on a local GGUF file (runtime.llamacpp.choice_logprobs) sent to
+        same completion requests as on a local GGUF file (runtime.llamacpp.choice_logprobs) sent to
         POST /v1/completions; a server that gives no log-probabilities is one sentence (use --method generate)
     --method generate: POST /v1/chat/completions with the question as one user message (the server's template)
 

@@ -5,7 +5,8 @@
     questions, P at a time:            each takes a free slot, whose cache already holds the prefix,
                                        so only the question's own tokens are computed
     per question:                      the exact log-probability of every option token over the whole
-                                       vocabulary (runtime.llamacpp.choice_logprobs: two requests)
+                                       vocabulary (runtime.llamacpp.choice_logprobs: one request when the
+                                       letters are among the 20 likeliest tokens, else two)
 
 Scores are log-probabilities, where the torch path's logits method keeps raw logits: the two differ by
 one constant per question (log of the softmax's normaliser), so the letters and the option
@@ -30,13 +31,13 @@ def _softmax(xs: Sequence[float]) -> tuple[float, ...]:
     return tuple(v / total for v in e)
 
 
-def _option_scores(server: Any, item: Item, method: str, slot: int, reuse: bool) -> tuple[float, ...]:
+def _option_scores(server: Any, item: Item, method: str, slot: int, reuse: bool, top_n: int) -> tuple[float, ...]:
     from cutegpt.runtime.llamacpp import choice_logprobs, token_logprob
 
     conts = item.continuations
     firsts = [c[0] for c in conts]
     if all(len(c) == 1 for c in conts) and len(set(firsts)) == len(firsts):
-        return tuple(choice_logprobs(server, list(item.ids), firsts, slot, reuse))
+        return tuple(choice_logprobs(server, list(item.ids), firsts, slot, reuse, top_n))
     if method == "logits":  # two options share a first token: the logits rule reads that token only
         return tuple(token_logprob(server, list(item.ids), t, slot, reuse) for t in firsts)
     return tuple(sum(token_logprob(server, list(item.ids) + list(c[:k]), tok, slot, reuse) for k, tok in enumerate(c))
@@ -45,13 +46,16 @@ def _option_scores(server: Any, item: Item, method: str, slot: int, reuse: bool)
 
 def score_items_llamacpp(lm: Any, items: Sequence[Item], method: str = "logits", parallel: int = 1,
                          use_prefix_cache: bool = True, progress: Callable[[int], None] | None = None,
-                         share: bool = True) -> list[Scored]:
+                         share: bool = True, top_n: int | None = None) -> list[Scored]:
     """Score `items` (one subject's questions) on `lm` (a LlamaCppModel loaded with `parallel` slots).
 
     use_prefix_cache=False computes every prompt whole (the reference the tests compare against).
     share=False leaves the prefix to the server's own prompt cache (an endpoint: no slot save/restore).
+    top_n: the unbiased top-n asked first (runtime.llamacpp.choice_logprobs; 0: the biased requests alone).
     """
-    from cutegpt.runtime.llamacpp import share_prefix
+    from cutegpt.runtime.llamacpp import TOP_N, share_prefix
+
+    top_n = TOP_N if top_n is None else top_n
 
     if not items:
         return []
@@ -65,7 +69,7 @@ def score_items_llamacpp(lm: Any, items: Sequence[Item], method: str = "logits",
     def one(item: Item) -> Scored:
         slot = free.get()  # both requests of a question go to the slot that holds its prompt
         try:
-            scores = _option_scores(lm.server, item, method, slot, use_prefix_cache)
+            scores = _option_scores(lm.server, item, method, slot, use_prefix_cache, top_n)
         finally:
             free.put(slot)
         if progress is not None:

@@ -270,7 +270,9 @@ def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, 
     params.warmup = False
     if slot_save_path is not None:
         params.endpoint_slots = True
-        params.slot_save_path = str(slot_save_path)
+        # llama.cpp joins this and the file name without a separator: without the trailing one, the slot files
+        # would land beside the folder (and outlive its removal)
+        params.slot_save_path = os.path.join(str(slot_save_path), "")
     try:
         server = xl.Server(params)
     except Exception as e:
@@ -299,17 +301,21 @@ def keep_alive(server: Any) -> None:
 # --- log-probabilities of chosen tokens ----------------------------------------------------------------
 #
 # llama.cpp reports only the top-n next tokens (`n_probs`), and a choice letter may not be among them.
-# Two requests give every choice's exact log-probability over the whole vocabulary, at the cost of one
-# re-evaluated token each (the prompt is in the slot's cache):
+#   0. the top-TOP_N log-probabilities before sampling (unbiased), the first choice forced: on a real
+#      multiple-choice prompt the letters are nearly always among them, and then this one request is the
+#      answer. Otherwise, each re-evaluating one token (the prompt is in the slot's cache):
 #   1. the choices' logits raised by CHOICE_BIAS (`logit_bias`), top-k = number of choices, temperature 1,
 #      probabilities after sampling: the softmax over the choices alone (the bias cancels out);
-#   2. the best choice forced by the same bias, greedy, probabilities before sampling: llama.cpp reports
-#      the sampled token's log-probability under the unbiased logits.
+#   2. the anchor: a choice known from 0 (its top-n, the forced one), else the best choice forced by the bias,
+#      probabilities before sampling (llama.cpp reports the sampled token's log-probability under the
+#      unbiased logits).
 # 1 gives the differences between the choices' log-probabilities, 2 anchors them.
 
 # far above any logit gap seen, small enough that float32 keeps ~1e-5 of the logit; sent in OpenAI's object form
 # ({"token id": bias}, the range -100..100), which llama.cpp's server, cutegpt serve and other endpoints all take
 CHOICE_BIAS = 100.0
+# the unbiased top-n asked first: the vocabulary is sorted whatever n is, so a longer list costs only its JSON
+TOP_N = 20
 
 
 def _sampled_logprob(server: Any, ids: list[int], token: int, slot: int, reuse: bool = True) -> float:
@@ -336,8 +342,24 @@ def token_logprob(server: Any, ids: list[int], token: int, slot: int = -1, reuse
     return _sampled_logprob(server, ids, token, slot, reuse)
 
 
-def choice_logprobs(server: Any, ids: list[int], tokens: list[int], slot: int = -1, reuse: bool = True) -> list[float]:
-    """log P(t | ids) over the whole vocabulary for each of the distinct `tokens` (see the comment above)."""
+def choice_logprobs(server: Any, ids: list[int], tokens: list[int], slot: int = -1, reuse: bool = True,
+                    top_n: int = TOP_N) -> list[float]:
+    """log P(t | ids) over the whole vocabulary for each of the distinct `tokens` (see the comment above);
+    top_n=0 skips request 0 (the two biased requests alone, as before it existed)."""
+    first: dict[int, float] = {}
+    if top_n:
+        # the first choice forced: llama.cpp withholds the log-probabilities of a token that is not whole UTF-8
+        # (a byte token the model might pick), and the forced one's own log-probability is one more anchor
+        r = server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": max(top_n, len(tokens)),
+                                       "temperature": 0.0, "logit_bias": {str(tokens[0]): CHOICE_BIAS},
+                                       "post_sampling_probs": False,
+                                       "cache_prompt": reuse, "ignore_eos": True, "id_slot": slot})
+        got = _first_logprobs(r, "top log-probabilities")
+        first = {int(t["id"]): float(t["logprob"]) for t in got.get("top_logprobs", [])}
+        if int(got["id"]) == tokens[0]:
+            first[tokens[0]] = float(got["logprob"])
+        if all(t in first for t in tokens):
+            return [first[t] for t in tokens]
     r = server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": len(tokens), "temperature": 1.0,
                                    "samplers": ["top_k"], "top_k": len(tokens), "seed": 0,
                                    "logit_bias": {str(t): CHOICE_BIAS for t in tokens}, "post_sampling_probs": True,
@@ -346,8 +368,13 @@ def choice_logprobs(server: Any, ids: list[int], tokens: list[int], slot: int = 
     known = {t: top[t] for t in tokens if top.get(t, 0.0) > 0.0}
     if not known:
         return [_sampled_logprob(server, ids, t, slot, reuse) for t in tokens]
-    best = max(known, key=lambda t: known[t])
-    anchor = _sampled_logprob(server, ids, best, slot, reuse) - math.log(known[best])
+    both = [t for t in known if t in first]
+    if both:  # anchored by request 0: no third request
+        best = max(both, key=lambda t: known[t])
+        anchor = first[best] - math.log(known[best])
+    else:
+        best = max(known, key=lambda t: known[t])
+        anchor = _sampled_logprob(server, ids, best, slot, reuse) - math.log(known[best])
     # a choice whose share underflowed float32 (or that another token pushed out): asked for on its own
     return [anchor + math.log(known[t]) if t in known else _sampled_logprob(server, ids, t, slot, reuse) for t in tokens]
 
