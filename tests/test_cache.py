@@ -123,3 +123,26 @@ def test_serve_gguf_of_older_versions_is_listed_as_unused_and_removed_with_its_f
     assert not (cache / "serve-gguf").exists() and (cache / "gguf" / "smollm2-abc.f16.gguf").is_file()
     assert main(["cache"]) == 0
     assert "unused" not in capsys.readouterr().out
+
+
+def test_embedded_folders_of_an_older_tokenizer_rule_are_listed_as_unused(cache, capsys):
+    """The embedded model's folder key holds the tokenizer rule: a folder an older rule converted is never read
+    again (a stale one had lost SmolLM2's digit split), so it is marked, and the current one is not."""
+    from cutegpt.errors import CuteGPTError
+    from cutegpt.model.embedded import MODEL_PREFIX, embedded_gguf, embedded_model_target
+
+    try:
+        current = embedded_model_target(embedded_gguf()).name
+    except CuteGPTError as e:
+        pytest.skip(str(e))
+    stale = MODEL_PREFIX + "000000000000"
+    for name in (current, stale):
+        (cache / "models" / name).mkdir(parents=True)
+        (cache / "models" / name / "config.json").write_text("{}")
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    marked = [line.split()[2] for line in out.splitlines() if line.endswith("(unused: left by an older cutegpt)")]
+    assert marked == [f"models/{stale}"]  # not the current folder, nor models/smollm2-abc (not the embedded prefix)
+    assert f"`cutegpt cache --clear models/{stale}` removes it" in out.splitlines()[-1]
+    assert main(["cache", "--clear", "-y", f"models/{stale}"]) == 0
+    assert not (cache / "models" / stale).exists() and (cache / "models" / current).is_dir()

@@ -6,6 +6,8 @@ subjects. Entries are the folders and files one level inside each kind; `chat_hi
 history, listed but cleared only when named. Kinds older versions wrote and nothing reads now (`serve-gguf/`,
 serve's own exports before it shared `gguf/`) are marked unused; their contents cannot be moved into `gguf/`,
 whose names are content keys the old files do not record, so they are removed, not migrated.
+The embedded model's folders converted by an older tokenizer rule (`models/smollm2-135m-instruct-<key>`,
+the rule is in the key) are marked unused too.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Entry:
     path: Path
     kind: str
     bytes: int
+    unused: bool = False  # written by an older cutegpt and read by no command now
 
     def name(self, root: Path) -> str:
         return str(self.path.relative_to(root))
@@ -65,16 +68,38 @@ def _size(path: Path) -> int:
     return total
 
 
+def _current_embedded_folder() -> str | None:
+    """Name of the embedded model's folder this cutegpt converts to (None without the embedded model)."""
+    from cutegpt.model.embedded import embedded_gguf, embedded_model_target
+
+    try:
+        return embedded_model_target(embedded_gguf()).name
+    except (CuteGPTError, OSError):
+        return None
+
+
+def _unused(path: Path, kind: str, embedded: str | None) -> bool:
+    """Left by an older cutegpt: a kind nothing reads, or an embedded-model folder converted by an older rule
+    (its key holds the tokenizer rule, so the current one is converted afresh beside it)."""
+    if kind in UNUSED:
+        return True
+    from cutegpt.model.embedded import MODEL_PREFIX
+
+    return kind == "models" and embedded is not None and path.name.startswith(MODEL_PREFIX) and path.name != embedded
+
+
 def list_entries(root: Path) -> list[Entry]:
     """Every entry of the cache, by kind then name (hidden temporaries of running commands are not entries)."""
     out: list[Entry] = []
     if not root.is_dir():
         return out
+    embedded = _current_embedded_folder()
     for top in sorted(root.iterdir()):
         if top.name.startswith("."):
             continue
         if top.name in KINDS and top.is_dir() and not top.is_symlink():
-            out += [Entry(p, top.name, _size(p)) for p in sorted(top.iterdir()) if not p.name.startswith(".")]
+            out += [Entry(p, top.name, _size(p), _unused(p, top.name, embedded))
+                    for p in sorted(top.iterdir()) if not p.name.startswith(".")]
         else:
             out.append(Entry(top, top.name, _size(top)))
     return out
@@ -131,14 +156,14 @@ def run_cache(cfg: CacheConfig) -> int:
     if not cfg.clear:
         print(f"cache {root}" + ("" if root.is_dir() else " (empty: nothing is cached yet)"))
         for e in picked:
-            print(f"  {human(e.bytes):>9}  {e.name(root)}" + ("  (unused: left by an older cutegpt)" if e.kind in UNUSED else ""))
+            print(f"  {human(e.bytes):>9}  {e.name(root)}" + ("  (unused: left by an older cutegpt)" if e.unused else ""))
         print(f"  {human(total):>9}  total in {len(picked)} entr{'y' if len(picked) == 1 else 'ies'}"
               + ("" if cfg.entries else "; `cutegpt cache --clear` removes them (chat_history only when named)"))
-        unused = [e for e in picked if e.kind in UNUSED]
+        unused = [e for e in picked if e.unused]
         if unused:
-            kinds = " ".join(sorted({e.kind for e in unused}))
+            names = " ".join(sorted({e.kind if e.kind in UNUSED else e.name(root) for e in unused}))
             print(f"  {human(sum(e.bytes for e in unused)):>9}  of it no command reads any more; "
-                  f"`cutegpt cache --clear {kinds}` removes it")
+                  f"`cutegpt cache --clear {names}` removes it")
         return 0
     if not picked:
         print(f"nothing to clear in {root}.")

