@@ -270,3 +270,37 @@ def test_byte_level_data_from_before_the_fingerprint_still_trains(tiny_model_dir
     manifest = json.loads((data / MANIFEST).read_text())
     del manifest["tokenizer"]["ids_hash"]
     check_tokenizer(manifest, tiny_tokenizer, data)  # nothing changed for byte-level BPE: accepted
+
+
+def test_checkpoint_every_recomputes_only_those_layers_and_keeps_the_loss_curve(tiny_model_dir, sft_dataset, tmp_path, monkeypatch):
+    """--checkpoint-every 2 recomputes layer 0 of 2 in the backward pass, and every loss equals the run without
+    checkpointing and the one checkpointing every layer (dropout 0.05 is replayed, not redrawn)."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    calls: dict[int, int] = {}
+    real = LlamaAttention.forward  # the attention, not the layer: the layer's forward is the checkpointing wrapper
+
+    def counted(self, *a, **kw):
+        calls[self.layer_idx] = calls.get(self.layer_idx, 0) + 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(LlamaAttention, "forward", counted)
+    curves, runs = {}, {"plain": {}, "every layer": dict(gradient_checkpointing=True),
+                        "every 2": dict(gradient_checkpointing=True, checkpoint_every=2)}
+    for name, kw in runs.items():
+        calls.clear()
+        run_sft(_cfg(tiny_model_dir, sft_dataset, tmp_path / name.replace(" ", "-"), max_steps=4, lr=3e-3, lora_dropout=0.05, **kw))
+        curves[name] = [loss for _, loss in read_summary(tmp_path / name.replace(" ", "-"))["loss_curve"]]
+        runs[name] = dict(calls)
+    micro_batches = runs["plain"][0]
+    assert runs["plain"] == {0: micro_batches, 1: micro_batches}
+    assert runs["every layer"] == {0: 2 * micro_batches, 1: 2 * micro_batches}
+    assert runs["every 2"] == {0: 2 * micro_batches, 1: micro_batches}
+    assert len(curves["plain"]) == 4
+    for name in ("every layer", "every 2"):
+        assert curves[name] == pytest.approx(curves["plain"], abs=1e-4)
+
+
+def test_checkpoint_every_needs_checkpointing(tiny_model_dir, sft_dataset, tmp_path):
+    with pytest.raises(CuteGPTError, match="--checkpoint-every 2 .* add --gradient-checkpointing"):
+        _cfg(tiny_model_dir, sft_dataset, tmp_path / "run", checkpoint_every=2).check()

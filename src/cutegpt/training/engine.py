@@ -136,7 +136,8 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared], 
             bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
             logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
             report_to=report_to, seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False,
-            **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            **({"gradient_checkpointing": True,
+                "gradient_checkpointing_kwargs": {"use_reentrant": False, "every_n_layers": cfg.checkpoint_every}}
                if cfg.gradient_checkpointing else {}),
             deepspeed=ds_dict, disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
             log_level="warning",
