@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--no-qlora", action="store_true", help="LoRA only (QLoRA roughly doubles the run time)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="both sides' compute precision; auto = bf16 on a CPU with native bf16, else fp32 (as `cutegpt train`)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also run cutegpt with --gradient-checkpointing --checkpoint-every N (0: not)")
     a = p.parse_args()
     if not DATA.is_file():
         print(f"skipped: the shared sample data {DATA} is absent (set $CUTEGPT_SHARED to the folder holding data/)")
@@ -117,13 +119,15 @@ def main() -> None:
     model = embedded_model_dir()
     work = work_dir("bench-lf-")
     n = write_llamafactory_dataset(work / "lf-data")
-    sides = [Side("cutegpt LoRA", "cutegpt"),
-             Side("cutegpt LoRA, checkpointing", "cutegpt", checkpointing=True),
-             Side("LLaMA-Factory LoRA (neat_packing, checkpointing)", "llamafactory", checkpointing=True)]
-    if not a.no_qlora:
-        sides += [Side("cutegpt QLoRA", "cutegpt", quant=True),
-                  Side("cutegpt QLoRA, checkpointing", "cutegpt", quant=True, checkpointing=True),
-                  Side("LLaMA-Factory QLoRA (neat_packing, checkpointing)", "llamafactory", quant=True, checkpointing=True)]
+    sides = []
+    for quant in (False, True) if not a.no_qlora else (False,):
+        method = "QLoRA" if quant else "LoRA"
+        sides += [Side(f"cutegpt {method}", "cutegpt", quant=quant),
+                  Side(f"cutegpt {method}, checkpointing", "cutegpt", quant=quant, checkpointing=True)]
+        if a.checkpoint_every > 1:
+            sides.append(Side(f"cutegpt {method}, checkpointing every {a.checkpoint_every} layers", "cutegpt", quant=quant,
+                              checkpointing=True, extra=["--checkpoint-every", str(a.checkpoint_every)]))
+        sides.append(Side(f"LLaMA-Factory {method} (neat_packing, checkpointing)", "llamafactory", quant=quant, checkpointing=True))
     print(f"{n} conversations; {a.steps} steps of 2 x 2 rows <= {MAX_LENGTH} tokens; 1 thread per run; "
           f"{a.repeats} interleaved repeats; {precision}; CPU {cpu_model()}; load average at start {os.getloadavg()[0]:.2f}; work dir {work}", flush=True)
 

@@ -4,7 +4,7 @@
 
 The real CLI runs in this process with bench_llamafactory.py's settings (LoRA r 8 q/v, dropout 0.05, rows <= 512,
 micro-batch 2 x accumulation 2, one thread) in fp32 with gradient checkpointing, unless the extra flags say otherwise.
-The first optimizer step is warm-up; the profiler records from the second one to the end of `Trainer.train()`.
+The first optimizer step is warm-up; the profiler records the second one (its two micro-batches and the optimizer).
 Every aten op's own CPU time is put into one bucket: matmuls by their shapes (which layer they belong to),
 attention, elementwise parts of the layers, the loss, the optimizer. Recomputation by checkpointing is not an op of
 its own: compare a run with `--gradient-checkpointing` to one without (the forward buckets grow by one forward).
@@ -61,7 +61,7 @@ def classify(name: str, shapes: list, hidden: int, inter: int, vocab: int, rank:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps (the first is not profiled)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps (only the second is profiled)")
     p.add_argument("--top", type=int, default=25, help="also print the N ops with the most own CPU time")
     p.add_argument("extra", nargs="*", help="more cutegpt train sft flags (after --), e.g. --precision fp32")
     a = p.parse_args()
@@ -90,7 +90,9 @@ def main() -> None:
         micro["n"] += 1
         if micro["n"] == 3:  # after the first optimizer step (2 micro-batches)
             prof.start()
-        if micro["n"] >= 3:
+        if micro["n"] == 5:  # one optimizer step recorded (more makes the trace large and slow to summarise)
+            prof.stop()
+        if micro["n"] in (3, 4):
             micro["positions"] += inputs["labels"].numel()
             micro["tokens"] += int((inputs["labels"][:, 1:] != -100).sum())
         with torch.profiler.record_function("## forward + backward"):
@@ -104,7 +106,8 @@ def main() -> None:
         if e.code:
             raise
     finally:
-        prof.stop()
+        if micro["n"] < 5:
+            prof.stop()
     events = prof.key_averages(group_by_input_shape=True)
     buckets: dict[str, float] = collections.Counter()
     for ev in events:
@@ -114,7 +117,7 @@ def main() -> None:
     total = sum(buckets.values())
     step_us = next((ev.cpu_time_total for ev in prof.key_averages() if ev.key == "## forward + backward"), 0)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, transformers {transformers.__version__}; flags: {' '.join(args[args.index('--threads'):])}")
-    print(f"profiled {micro['n'] - 2} micro-batches ({micro['positions']} positions, {micro['tokens']} loss-bearing): "
+    print(f"profiled 2 micro-batches ({micro['positions']} positions, {micro['tokens']} loss-bearing): "
           f"{total / 1e6:.2f} s in aten ops, of which forward + backward {step_us / 1e6:.2f} s (the rest: optimizer, collation, loop)")
     print("| bucket | own CPU s | share |\n|---|---|---|")
     for name, us in sorted(buckets.items(), key=lambda kv: -kv[1]):
