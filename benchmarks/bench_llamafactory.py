@@ -101,8 +101,12 @@ def main() -> None:
     p.add_argument("--no-qlora", action="store_true", help="LoRA only (QLoRA roughly doubles the run time)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="both sides' compute precision; auto = bf16 on a CPU with native bf16, else fp32 (as `cutegpt train`)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="also run cutegpt with --gradient-checkpointing --checkpoint-every N (0: not)")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="with --checkpoint-keep or N > 1: also run cutegpt with --gradient-checkpointing --checkpoint-every N")
+    p.add_argument("--checkpoint-keep", choices=("inputs", "matmuls"), default="inputs",
+                   help="with matmuls: also run cutegpt with --gradient-checkpointing --checkpoint-keep matmuls")
+    p.add_argument("--only-partial", action="store_true",
+                   help="of cutegpt, run only the partial-checkpointing sides (and LLaMA-Factory's)")
     a = p.parse_args()
     if not DATA.is_file():
         print(f"skipped: the shared sample data {DATA} is absent (set $CUTEGPT_SHARED to the folder holding data/)")
@@ -122,11 +126,14 @@ def main() -> None:
     sides = []
     for quant in (False, True) if not a.no_qlora else (False,):
         method = "QLoRA" if quant else "LoRA"
-        sides += [Side(f"cutegpt {method}", "cutegpt", quant=quant),
-                  Side(f"cutegpt {method}, checkpointing", "cutegpt", quant=quant, checkpointing=True)]
-        if a.checkpoint_every > 1:
-            sides.append(Side(f"cutegpt {method}, checkpointing every {a.checkpoint_every} layers", "cutegpt", quant=quant,
-                              checkpointing=True, extra=["--checkpoint-every", str(a.checkpoint_every)]))
+        if not a.only_partial:
+            sides += [Side(f"cutegpt {method}", "cutegpt", quant=quant),
+                      Side(f"cutegpt {method}, checkpointing", "cutegpt", quant=quant, checkpointing=True)]
+        if a.checkpoint_every > 1 or a.checkpoint_keep != "inputs":
+            what = ", ".join(w for w in (f"every {a.checkpoint_every} layers" if a.checkpoint_every > 1 else "",
+                                         f"keeping {a.checkpoint_keep}" if a.checkpoint_keep != "inputs" else "") if w)
+            sides.append(Side(f"cutegpt {method}, checkpointing {what}", "cutegpt", quant=quant, checkpointing=True,
+                              extra=["--checkpoint-every", str(a.checkpoint_every), "--checkpoint-keep", a.checkpoint_keep]))
         sides.append(Side(f"LLaMA-Factory {method} (neat_packing, checkpointing)", "llamafactory", quant=quant, checkpointing=True))
     print(f"{n} conversations; {a.steps} steps of 2 x 2 rows <= {MAX_LENGTH} tokens; 1 thread per run; "
           f"{a.repeats} interleaved repeats; {precision}; CPU {cpu_model()}; load average at start {os.getloadavg()[0]:.2f}; work dir {work}", flush=True)

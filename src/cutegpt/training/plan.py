@@ -18,7 +18,7 @@ Peak per device = weights + gradients + optimizer states + activations + logits
                  mask (SDPA's math path on CPU holds heads x L x L per row); with gradient
                  checkpointing only each layer's input (4 * hidden) plus one layer recomputed;
                  with --checkpoint-every N the layers not recomputed keep their activations.
-    logits       our loss computes logits only on loss-bearing positions, in chunks of 1,024 tokens
+    logits       our loss computes logits only on loss-bearing positions, in chunks of 256 tokens
                  (training/loss.py), so the vocabulary costs chunk x vocab x 12 B, not rows x L x vocab.
 
 The numbers are estimates (within 25% of the measured peak RSS for the embedded model on CPU,
@@ -44,7 +44,7 @@ A_H = {"fp32": 44.0, "bf16": 34.0, "fp16": 34.0}
 A_I = {"fp32": 16.0, "bf16": 10.0, "fp16": 10.0}
 CPU_RUNTIME = 0.65 * GiB  # python + torch + transformers + peft + datasets imported, allocator slack
 GPU_RUNTIME = 0.8 * GiB  # CUDA context and kernels
-LOSS_CHUNK = 1024
+LOSS_CHUNK = 256  # training/loss.py's CHUNK
 
 
 @dataclass
