@@ -78,7 +78,7 @@ class TrainArgs(ModelArgs):
     checkpoint_keep: Literal["inputs", "matmuls"] = arg(
         "inputs", "with --gradient-checkpointing: what a checkpointed layer keeps; inputs (recompute the whole layer) or "
         "matmuls (also its matrix products and attention: only norms, activations, rotary and dropout are recomputed; "
-        "near the speed of no checkpointing at about half its activation memory)")
+        "near the speed of no checkpointing; --plan counts the memory)")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = arg("auto", "attention kernel; auto = flash_attention_2 when installed on a GPU, else sdpa")
     deepspeed: str | None = arg(None, "DeepSpeed JSON config (see configs/); works on one process without a launcher", absent="no DeepSpeed")
     save_steps: int = arg(2000, "save a checkpoint every N optimizer steps (and at each epoch end)", ge=1)

@@ -17,7 +17,8 @@ Peak per device = weights + gradients + optimizer states + activations + logits
                  embedded model, see docs/training.md) + the attention scores of the block-diagonal
                  mask (SDPA's math path on CPU holds heads x L x L per row); with gradient
                  checkpointing only each layer's input (4 * hidden) plus one layer recomputed;
-                 with --checkpoint-every N the layers not recomputed keep their activations.
+                 with --checkpoint-every N the layers not recomputed keep their activations, with
+                 --checkpoint-keep matmuls the recomputed ones also keep every linear's and attention's output.
     logits       our loss computes logits only on loss-bearing positions, in chunks of 256 tokens
                  (training/loss.py), so the vocabulary costs chunk x vocab x 12 B, not rows x L x vocab.
 
@@ -142,6 +143,7 @@ class PlanInput:
     micro_batch: int = 2
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1  # with checkpointing, only layers 0, N, 2N, ... are recomputed
+    checkpoint_keep: str = "inputs"  # matmuls: recomputed layers also keep their matrix products' and attention's outputs
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     modules_to_save: tuple[str, ...] = ()
@@ -250,6 +252,9 @@ def estimate(shape: ModelShape, inp: PlanInput) -> Plan:
         kept = shape.layers - recomputed
         act = (tokens * recomputed * 4 * shape.hidden + tokens * per_layer + 2 * scores
                + kept * (tokens * per_layer + scores))
+        if inp.checkpoint_keep == "matmuls":  # every linear's output and attention's (q-sized), at compute precision
+            outputs = sum(o for _, o in shape.linear_shapes().values()) + shape.heads * shape.head_dim
+            act += tokens * recomputed * outputs * (4 if ph == "fp32" else 2)
     else:
         act = tokens * shape.layers * per_layer + shape.layers * scores
     plan.parts["activations"] = act
@@ -394,7 +399,8 @@ def format_plan(plan: Plan, budget: float | None, *, one_line: bool = False) -> 
 def _checkpointing(inp: PlanInput) -> str:
     if not inp.gradient_checkpointing:
         return "off"
-    return "on" if inp.checkpoint_every == 1 else f"every {inp.checkpoint_every} layers"
+    every = "on" if inp.checkpoint_every == 1 else f"every {inp.checkpoint_every} layers"
+    return every + (", keeping matmuls" if inp.checkpoint_keep == "matmuls" else "")
 
 
 def row_length(cfg: Any) -> int:
@@ -421,7 +427,7 @@ def plan_input_from_args(cfg: Any, *, precision: str, micro_batch: int, ds: dict
     return PlanInput(method=cfg.method, precision=precision,
                      weight_dtype=training_weight_dtype(cfg.method, precision, cfg.dtype), quantization=cfg.quantization,
                      seq_len=row_length(cfg), micro_batch=micro_batch, gradient_checkpointing=cfg.gradient_checkpointing,
-                     checkpoint_every=getattr(cfg, "checkpoint_every", 1),
+                     checkpoint_every=getattr(cfg, "checkpoint_every", 1), checkpoint_keep=getattr(cfg, "checkpoint_keep", "inputs"),
                      lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_targets), modules_to_save=tuple(cfg.modules_to_save or ()),
                      zero_stage=stage, offload=offload, processes=processes, device=device, double_quant=cfg.double_quant,
                      **(cfg.plan_fields() if hasattr(cfg, "plan_fields") else {}))
