@@ -9,7 +9,7 @@ to redo (norms, rotary embedding, the MLP's activation and product, dropout, res
     recomputed:     the rest (element-wise; dropout with the same random state, so the gradients are the same)
 
 Profiled on the embedded model (fp32, LoRA q/v, checkpointing on), matrix products and attention are ~80% of a step's
-time and the element-wise parts ~15%, while they hold about half of a layer's activations.
+time and the element-wise parts ~15% (benchmarks/profile_sft.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
