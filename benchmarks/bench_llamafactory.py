@@ -8,8 +8,9 @@ transformers/peft versions); see docs/benchmarks.md for how it was installed.
 Both sides train the embedded SmolLM2-135M-Instruct on the original CuteGPT sample data
 (../shared/data/cutegpt_ift_sample.pkl, or $CUTEGPT_SHARED/data/...) with the same settings: LoRA r 8,
 alpha 16, dropout 0.05 on q_proj/v_proj, lr 3e-4 constant, AdamW (0.98, 0.999, eps 1e-9), rows of at most
-512 tokens, micro-batch 2 x accumulation 2, bf16 (cutegpt `--precision bf16`, LLaMA-Factory `bf16: true`),
-one torch thread, the same number of optimizer steps.
+512 tokens, micro-batch 2 x accumulation 2, one precision for both (`--precision`; auto = what `cutegpt train` picks:
+bf16 (cutegpt `--precision bf16`, LLaMA-Factory `bf16: true`) where the CPU has native bf16, else fp32, where
+emulated bf16 would only measure the emulation), one torch thread, the same number of optimizer steps.
 LLaMA-Factory gets the data as sharegpt JSON (written by cutegpt's own reader into a temporary folder) and a
 template registered to render exactly cutegpt's (system line, `问：...\\n答：\\n`, answer + `<end>`, EOS once at
 the end), packed with its `neat_packing` (samples kept apart, like cutegpt's bins).
@@ -28,28 +29,28 @@ import sys
 from pathlib import Path
 
 from bench_train import DATA, ROOT  # run from benchmarks/ like the other side-by-side benchmarks
-from lf_harness import Side, interleave, out_dir, print_table, run_measured, versions, work_dir
+from lf_harness import Side, cpu_model, interleave, out_dir, print_table, run_measured, versions, work_dir
 
 MAX_LENGTH = 512
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
 
 
-def cutegpt_args(side: Side, model: Path, out: Path, steps: int) -> list[str]:
+def cutegpt_args(side: Side, model: Path, out: Path, steps: int, precision: str) -> list[str]:
     args = ["train", "sft", "--model", str(model), "--template", "cutegpt", "--data", str(DATA),
             "--max-length", str(MAX_LENGTH), "--packing", "bins", "--out", str(out), "--overwrite",
             "--method", "lora", "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
             "--lora-dropout", str(LORA["dropout"]), "--lora-targets", *LORA["targets"],
             "--micro-batch", "2", "--grad-accum", "2", "--max-steps", str(steps), "--lr", "3e-4",
             "--lr-scheduler", "constant", "--warmup-steps", "0", "--adam-betas", "0.98", "0.999", "--adam-eps", "1e-9",
-            "--precision", "bf16", "--threads", "1", "--save-steps", "100000", "--report-to", "none", "--seed", "42"]
+            "--precision", precision, "--threads", "1", "--save-steps", "100000", "--report-to", "none", "--seed", "42"]
     if side.checkpointing:
         args.append("--gradient-checkpointing")
     if side.quant:
         args += ["--quantization", "4bit", "--bnb-4bit-type", "nf4", "--double-quant"]
-    return args
+    return args + side.extra
 
 
-def llamafactory_config(side: Side, model: Path, dataset_dir: Path, out: Path, steps: int) -> dict:
+def llamafactory_config(side: Side, model: Path, dataset_dir: Path, out: Path, steps: int, precision: str) -> dict:
     """LLaMA-Factory's YAML keys; gradient checkpointing stays at its default (on)."""
     cfg = {
         "model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
@@ -60,7 +61,7 @@ def llamafactory_config(side: Side, model: Path, dataset_dir: Path, out: Path, s
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": steps,
         "learning_rate": 3e-4, "lr_scheduler_type": "constant", "warmup_steps": 0,
         "adam_beta1": 0.98, "adam_beta2": 0.999, "adam_epsilon": 1e-9, "max_grad_norm": 1.0, "weight_decay": 0.0,
-        "bf16": True, "use_cpu": True,  # use_cpu: without it the Trainer refuses bf16 on a machine with no GPU
+        "bf16": precision == "bf16", "use_cpu": True,  # use_cpu: without it the Trainer refuses bf16 on a machine with no GPU
         "output_dir": str(out), "overwrite_output_dir": True, "save_strategy": "no", "logging_steps": 1,
         "report_to": "none", "seed": 42, "dataloader_num_workers": 0,
     }
@@ -98,6 +99,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per run")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per side (the median is reported)")
     p.add_argument("--no-qlora", action="store_true", help="LoRA only (QLoRA roughly doubles the run time)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="both sides' compute precision; auto = bf16 on a CPU with native bf16, else fp32 (as `cutegpt train`)")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="with --checkpoint-keep or N > 1: also run cutegpt with --gradient-checkpointing --checkpoint-every N")
+    p.add_argument("--checkpoint-keep", choices=("inputs", "matmuls"), default="inputs",
+                   help="with matmuls: also run cutegpt with --gradient-checkpointing --checkpoint-keep matmuls")
+    p.add_argument("--only-partial", action="store_true",
+                   help="of cutegpt, run only the partial-checkpointing sides (and LLaMA-Factory's)")
     a = p.parse_args()
     if not DATA.is_file():
         print(f"skipped: the shared sample data {DATA} is absent (set $CUTEGPT_SHARED to the folder holding data/)")
@@ -108,25 +117,33 @@ def main() -> None:
         return
     from cutegpt.model.embedded import embedded_model_dir
 
+    from cutegpt.training.prepare import resolve_precision
+
+    precision = resolve_precision(a.precision)
     model = embedded_model_dir()
     work = work_dir("bench-lf-")
     n = write_llamafactory_dataset(work / "lf-data")
-    sides = [Side("cutegpt LoRA", "cutegpt"),
-             Side("cutegpt LoRA, checkpointing", "cutegpt", checkpointing=True),
-             Side("LLaMA-Factory LoRA (neat_packing, checkpointing)", "llamafactory", checkpointing=True)]
-    if not a.no_qlora:
-        sides += [Side("cutegpt QLoRA", "cutegpt", quant=True),
-                  Side("cutegpt QLoRA, checkpointing", "cutegpt", quant=True, checkpointing=True),
-                  Side("LLaMA-Factory QLoRA (neat_packing, checkpointing)", "llamafactory", quant=True, checkpointing=True)]
+    sides = []
+    for quant in (False, True) if not a.no_qlora else (False,):
+        method = "QLoRA" if quant else "LoRA"
+        if not a.only_partial:
+            sides += [Side(f"cutegpt {method}", "cutegpt", quant=quant),
+                      Side(f"cutegpt {method}, checkpointing", "cutegpt", quant=quant, checkpointing=True)]
+        if a.checkpoint_every > 1 or a.checkpoint_keep != "inputs":
+            what = ", ".join(w for w in (f"every {a.checkpoint_every} layers" if a.checkpoint_every > 1 else "",
+                                         f"keeping {a.checkpoint_keep}" if a.checkpoint_keep != "inputs" else "") if w)
+            sides.append(Side(f"cutegpt {method}, checkpointing {what}", "cutegpt", quant=quant, checkpointing=True,
+                              extra=["--checkpoint-every", str(a.checkpoint_every), "--checkpoint-keep", a.checkpoint_keep]))
+        sides.append(Side(f"LLaMA-Factory {method} (neat_packing, checkpointing)", "llamafactory", quant=quant, checkpointing=True))
     print(f"{n} conversations; {a.steps} steps of 2 x 2 rows <= {MAX_LENGTH} tokens; 1 thread per run; "
-          f"{a.repeats} interleaved repeats; load average at start {os.getloadavg()[0]:.2f}; work dir {work}", flush=True)
+          f"{a.repeats} interleaved repeats; {precision}; CPU {cpu_model()}; load average at start {os.getloadavg()[0]:.2f}; work dir {work}", flush=True)
 
     def run(side: Side, i: int) -> dict:
         out = out_dir(side, i, work)
         if side.tool == "cutegpt":
-            return run_measured(side, i, "sft", work, sys.executable, cutegpt_args(side, model, out, a.steps), ROOT / "src")
+            return run_measured(side, i, "sft", work, sys.executable, cutegpt_args(side, model, out, a.steps, precision), ROOT / "src")
         return run_measured(side, i, "sft", work, a.llamafactory_python,
-                            [llamafactory_config(side, model, work / "lf-data", out, a.steps)], ROOT / "src")
+                            [llamafactory_config(side, model, work / "lf-data", out, a.steps, precision)], ROOT / "src")
 
     interleave(sides, a.repeats, run)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}; cutegpt: {versions(sys.executable)}; "

@@ -265,3 +265,29 @@ def test_preference_plan_counts_both_sequences_and_the_reference(tmp_path, capsy
     assert run_dpo(PrefConfig(**common, method="full", plan=True)) == 0
     out = capsys.readouterr().out
     assert "reference model" in out and "a frozen copy of the model's weights" in out and "2 sequences per row" in out
+
+
+def test_checkpoint_every_counts_the_layers_that_keep_their_activations(tmp_path):
+    """40 layers, --checkpoint-every 3: 14 layers recomputed (0, 3, ..., 39) hold their input, 26 hold everything."""
+    shape = read_shape(llama13b(tmp_path, 32000))
+    common = dict(seq_len=1024, micro_batch=1, precision="bf16", weight_dtype="bfloat16")
+    none = estimate(shape, PlanInput(**common)).parts["activations"]
+    full = estimate(shape, PlanInput(**common, gradient_checkpointing=True)).parts["activations"]
+    third = estimate(shape, PlanInput(**common, gradient_checkpointing=True, checkpoint_every=3)).parts["activations"]
+    per_layer_kept = (none - 0) / 40  # everything a layer holds without checkpointing (activations and scores)
+    per_layer_input = 1024 * 4 * 5120
+    assert third == pytest.approx(full + 26 * (per_layer_kept - per_layer_input))
+    assert full < third < none
+    assert "checkpointing every 3 layers" in format_plan(estimate(shape, PlanInput(**common, gradient_checkpointing=True,
+                                                                                  checkpoint_every=3)), None)
+
+
+def test_keeping_matmuls_counts_every_linear_output_of_the_recomputed_layers(tmp_path):
+    """LLaMA-13B, bf16: q k v o 4 x 5120, gate up 2 x 13824, down 5120, attention 5120 = 58,368 values per token."""
+    shape = read_shape(llama13b(tmp_path, 32000))
+    common = dict(seq_len=1024, micro_batch=1, precision="bf16", weight_dtype="bfloat16", gradient_checkpointing=True)
+    full = estimate(shape, PlanInput(**common)).parts["activations"]
+    kept = estimate(shape, PlanInput(**common, checkpoint_keep="matmuls")).parts["activations"]
+    assert kept - full == 1024 * 40 * 58368 * 2
+    plan = estimate(shape, PlanInput(**common, checkpoint_keep="matmuls", checkpoint_every=2))
+    assert "checkpointing every 2 layers, keeping matmuls" in format_plan(plan, None)

@@ -270,3 +270,69 @@ def test_byte_level_data_from_before_the_fingerprint_still_trains(tiny_model_dir
     manifest = json.loads((data / MANIFEST).read_text())
     del manifest["tokenizer"]["ids_hash"]
     check_tokenizer(manifest, tiny_tokenizer, data)  # nothing changed for byte-level BPE: accepted
+
+
+def test_partial_checkpointing_recomputes_only_what_it_says_and_keeps_the_loss_curve(tiny_model_dir, sft_dataset, tmp_path, monkeypatch):
+    """--checkpoint-every 2 recomputes layer 0 of 2 in the backward pass, --checkpoint-keep matmuls reruns the layers
+    without their matrix products, and every loss equals the run without checkpointing (dropout 0.05 is replayed)."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    calls: dict[int, int] = {}
+    real = LlamaAttention.forward  # the attention, not the layer: the layer's forward is the checkpointing wrapper
+
+    def counted(self, *a, **kw):
+        calls[self.layer_idx] = calls.get(self.layer_idx, 0) + 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(LlamaAttention, "forward", counted)
+    curves, runs = {}, {"plain": {}, "every layer": dict(gradient_checkpointing=True),
+                        "every 2": dict(gradient_checkpointing=True, checkpoint_every=2),
+                        "matmuls kept": dict(gradient_checkpointing=True, checkpoint_keep="matmuls")}
+    for name, kw in runs.items():
+        calls.clear()
+        run_sft(_cfg(tiny_model_dir, sft_dataset, tmp_path / name.replace(" ", "-"), max_steps=4, lr=3e-3, lora_dropout=0.05, **kw))
+        curves[name] = [loss for _, loss in read_summary(tmp_path / name.replace(" ", "-"))["loss_curve"]]
+        runs[name] = dict(calls)
+    micro_batches = runs["plain"][0]
+    assert runs["plain"] == {0: micro_batches, 1: micro_batches}
+    assert runs["every layer"] == {0: 2 * micro_batches, 1: 2 * micro_batches}
+    assert runs["every 2"] == {0: 2 * micro_batches, 1: micro_batches}
+    assert runs["matmuls kept"] == runs["every layer"]  # the layers run again, their matrix products do not (below)
+    assert len(curves["plain"]) == 4
+    for name in ("every layer", "every 2", "matmuls kept"):
+        assert curves[name] == pytest.approx(curves["plain"], abs=1e-4)
+
+
+def test_partial_checkpointing_needs_checkpointing(tiny_model_dir, sft_dataset, tmp_path):
+    with pytest.raises(CuteGPTError, match="--checkpoint-every 2 .* add --gradient-checkpointing"):
+        _cfg(tiny_model_dir, sft_dataset, tmp_path / "run", checkpoint_every=2).check()
+    with pytest.raises(CuteGPTError, match="--checkpoint-keep matmuls .* add --gradient-checkpointing"):
+        _cfg(tiny_model_dir, sft_dataset, tmp_path / "run", checkpoint_keep="matmuls").check()
+
+
+def test_keeping_matmuls_recomputes_no_matrix_product():
+    """Under --checkpoint-keep matmuls the backward pass of a checkpointed MLP runs no forward matmul again: the
+    matrix products counted in forward + backward equal those without checkpointing, and the gradients are equal."""
+    from torch.utils.checkpoint import checkpoint
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cutegpt.training.checkpointing import matmuls_context
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.SiLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16))
+    x = torch.randn(8, 16, requires_grad=True)
+
+    def run(**kw):
+        torch.manual_seed(1)
+        mlp.zero_grad()
+        x.grad = None
+        with FlopCounterMode(display=False) as flops:
+            out = checkpoint(mlp, x, **kw) if kw else mlp(x)
+            out.square().sum().backward()
+        return flops.get_total_flops(), x.grad.clone(), mlp[0].weight.grad.clone()
+
+    plain, everything, kept = run(), run(use_reentrant=False), run(use_reentrant=False, context_fn=matmuls_context)
+    assert everything[0] > plain[0]  # full checkpointing runs both matmuls again
+    assert kept[0] == plain[0]
+    for a, b in zip(plain[1:], kept[1:]):
+        torch.testing.assert_close(a, b)

@@ -73,6 +73,12 @@ class TrainArgs(ModelArgs):
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)", ge=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute precision; auto = bf16 where the hardware has it, else fp32/fp16")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, ~25%% slower)")
+    checkpoint_every: int = arg(1, "with --gradient-checkpointing: recompute only every Nth decoder layer (2 = every other "
+                                   "layer); the others keep their activations: faster, more memory (--plan shows how much)", ge=1)
+    checkpoint_keep: Literal["inputs", "matmuls"] = arg(
+        "inputs", "with --gradient-checkpointing: what a checkpointed layer keeps; inputs (recompute the whole layer) or "
+        "matmuls (also its matrix products and attention: only norms, activations, rotary and dropout are recomputed; "
+        "near the speed of no checkpointing; --plan counts the memory)")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = arg("auto", "attention kernel; auto = flash_attention_2 when installed on a GPU, else sdpa")
     deepspeed: str | None = arg(None, "DeepSpeed JSON config (see configs/); works on one process without a launcher", absent="no DeepSpeed")
     save_steps: int = arg(2000, "save a checkpoint every N optimizer steps (and at each epoch end)", ge=1)
@@ -117,6 +123,12 @@ class TrainArgs(ModelArgs):
         if self.plan_processes is not None and not self.plan:
             raise CuteGPTError("--plan-processes only sets the layout --plan assumes; drop it, the launcher (torchrun, "
                                "deepspeed, srun) decides how many processes train.")
+        if self.checkpoint_every != 1 and not self.gradient_checkpointing:
+            raise CuteGPTError(f"--checkpoint-every {self.checkpoint_every} chooses which layers --gradient-checkpointing "
+                               "recomputes; add --gradient-checkpointing or drop it.")
+        if self.checkpoint_keep != "inputs" and not self.gradient_checkpointing:
+            raise CuteGPTError(f"--checkpoint-keep {self.checkpoint_keep} chooses what --gradient-checkpointing keeps; "
+                               "add --gradient-checkpointing or drop it.")
         if self.max_steps == 0:
             raise CuteGPTError("--max-steps must be a positive number of steps, or -1 to train for --epochs.")
 

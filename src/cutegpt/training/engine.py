@@ -27,6 +27,7 @@ import torch
 from cutegpt.errors import CuteGPTError
 from cutegpt.threads import resolve_threads
 from cutegpt.training.args import METHOD_DEFAULTS, TrainArgs
+from cutegpt.training.checkpointing import checkpoint_kwargs, keep_matmuls_callback
 from cutegpt.training.checkpoints import STAGING, check_run, clear_previous_run, run_progress, run_record
 from cutegpt.training.outputs import save_final, say_disk_use, write_summary
 from cutegpt.training.prepare import Prepared, base_model_path, quiet_deprecations, resolve_precision
@@ -136,7 +137,8 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared], 
             bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_gpu,
             logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
             report_to=report_to, seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False,
-            **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            **({"gradient_checkpointing": True,
+                "gradient_checkpointing_kwargs": checkpoint_kwargs(cfg.checkpoint_every)}
                if cfg.gradient_checkpointing else {}),
             deepspeed=ds_dict, disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
             log_level="warning",
@@ -148,6 +150,8 @@ def train(cfg: TrainArgs, prepare: Callable[[Callable[[int], None]], Prepared], 
         trainer.remove_callback(PrinterCallback)
         torch.set_num_threads(threads)
         callbacks = make_callbacks(lambda: trainer.tokens_seen, world)
+        if cfg.gradient_checkpointing and cfg.checkpoint_keep == "matmuls":
+            callbacks.append(keep_matmuls_callback())
         if prep.val_dataset is not None:
             callbacks.append(stage.evaluator(trainer, cfg, prep, settings["micro_batch"], precision))
         for cb in callbacks:

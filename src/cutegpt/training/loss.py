@@ -6,7 +6,7 @@ and a 49,152-entry vocabulary that is ~200 MB per copy and ~1 GB at the peak,
 although prompts and padding carry no loss. Here:
 
     hidden (B, L, H) --select loss-bearing positions--> (N, H)
-        --chunks of 1,024 rows--> logits (chunk, V) fp32 -> loss sum, d loss / d hidden, d loss / d W
+        --chunks of 256 rows--> logits (chunk, V) fp32 -> loss sum, d loss / d hidden, d loss / d W
                                   (the chunk's logits are freed before the next one)
 
 `install` puts this loss inside the model's own forward (for training batches with
@@ -26,7 +26,9 @@ from typing import Any
 import torch
 
 IGNORE = -100
-CHUNK = 1024
+# 256 rows x 49,152 fp32 logits = 48 MiB a copy: with the temporaries of logsumexp ~0.14 GiB at the peak, against
+# 0.57 GiB for 1,024 rows, for ~1.5% more time in a LoRA step (smaller products, measured on the embedded model)
+CHUNK = 256
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -16,8 +16,10 @@ Peak per device = weights + gradients + optimizer states + activations + logits
     activations  per token and layer, bytes = A_H * hidden + A_I * intermediate (calibrated on the
                  embedded model, see docs/training.md) + the attention scores of the block-diagonal
                  mask (SDPA's math path on CPU holds heads x L x L per row); with gradient
-                 checkpointing only each layer's input (4 * hidden) plus one layer recomputed.
-    logits       our loss computes logits only on loss-bearing positions, in chunks of 1,024 tokens
+                 checkpointing only each layer's input (4 * hidden) plus one layer recomputed;
+                 with --checkpoint-every N the layers not recomputed keep their activations, with
+                 --checkpoint-keep matmuls the recomputed ones also keep every linear's and attention's output.
+    logits       our loss computes logits only on loss-bearing positions, in chunks of 256 tokens
                  (training/loss.py), so the vocabulary costs chunk x vocab x 12 B, not rows x L x vocab.
 
 The numbers are estimates (within 25% of the measured peak RSS for the embedded model on CPU,
@@ -43,7 +45,7 @@ A_H = {"fp32": 44.0, "bf16": 34.0, "fp16": 34.0}
 A_I = {"fp32": 16.0, "bf16": 10.0, "fp16": 10.0}
 CPU_RUNTIME = 0.65 * GiB  # python + torch + transformers + peft + datasets imported, allocator slack
 GPU_RUNTIME = 0.8 * GiB  # CUDA context and kernels
-LOSS_CHUNK = 1024
+LOSS_CHUNK = 256  # training/loss.py's CHUNK
 
 
 @dataclass
@@ -140,6 +142,8 @@ class PlanInput:
     seq_len: int = 2048
     micro_batch: int = 2
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 1  # with checkpointing, only layers 0, N, 2N, ... are recomputed
+    checkpoint_keep: str = "inputs"  # matmuls: recomputed layers also keep their matrix products' and attention's outputs
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     modules_to_save: tuple[str, ...] = ()
@@ -244,7 +248,13 @@ def estimate(shape: ModelShape, inp: PlanInput) -> Plan:
     per_layer = A_H[ph] * shape.hidden + A_I[ph] * shape.intermediate
     scores = inp.micro_batch * inp.sequences * shape.heads * inp.seq_len * inp.seq_len * (4 if ph == "fp32" else 2)
     if inp.gradient_checkpointing:
-        act = tokens * shape.layers * 4 * shape.hidden + tokens * per_layer + 2 * scores
+        recomputed = -(-shape.layers // inp.checkpoint_every)  # the layers --checkpoint-every N leaves to recompute
+        kept = shape.layers - recomputed
+        act = (tokens * recomputed * 4 * shape.hidden + tokens * per_layer + 2 * scores
+               + kept * (tokens * per_layer + scores))
+        if inp.checkpoint_keep == "matmuls":  # every linear's output and attention's (q-sized), at compute precision
+            outputs = sum(o for _, o in shape.linear_shapes().values()) + shape.heads * shape.head_dim
+            act += tokens * recomputed * outputs * (4 if ph == "fp32" else 2)
     else:
         act = tokens * shape.layers * per_layer + shape.layers * scores
     plan.parts["activations"] = act
@@ -361,7 +371,7 @@ def gib(x: float) -> str:
 def format_plan(plan: Plan, budget: float | None, *, one_line: bool = False) -> str:
     inp = plan.inp
     what = (f"{inp.method}{' ' + inp.quantization if inp.quantization != 'none' else ''}, {inp.precision}, "
-            f"micro-batch {inp.micro_batch} x {inp.seq_len} tokens, checkpointing {'on' if inp.gradient_checkpointing else 'off'}"
+            f"micro-batch {inp.micro_batch} x {inp.seq_len} tokens, checkpointing {_checkpointing(inp)}"
             f"{f', ZeRO-{inp.zero_stage}' if inp.zero_stage else ''}{f', {inp.processes} processes' if inp.processes > 1 else ''}")
     fits = budget is None or plan.peak <= budget
     have = f" of {gib(budget)}" if budget else ""
@@ -384,6 +394,13 @@ def format_plan(plan: Plan, budget: float | None, *, one_line: bool = False) -> 
         fix = suggestions(plan.shape, inp, budget)
         lines.append("  does not fit; " + (f"these would: {'; '.join(fix)}." if fix else "no single setting makes it fit: use more devices with ZeRO-3 or a smaller model."))
     return "\n".join(lines)
+
+
+def _checkpointing(inp: PlanInput) -> str:
+    if not inp.gradient_checkpointing:
+        return "off"
+    every = "on" if inp.checkpoint_every == 1 else f"every {inp.checkpoint_every} layers"
+    return every + (", keeping matmuls" if inp.checkpoint_keep == "matmuls" else "")
 
 
 def row_length(cfg: Any) -> int:
@@ -410,6 +427,7 @@ def plan_input_from_args(cfg: Any, *, precision: str, micro_batch: int, ds: dict
     return PlanInput(method=cfg.method, precision=precision,
                      weight_dtype=training_weight_dtype(cfg.method, precision, cfg.dtype), quantization=cfg.quantization,
                      seq_len=row_length(cfg), micro_batch=micro_batch, gradient_checkpointing=cfg.gradient_checkpointing,
+                     checkpoint_every=getattr(cfg, "checkpoint_every", 1), checkpoint_keep=getattr(cfg, "checkpoint_keep", "inputs"),
                      lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_targets), modules_to_save=tuple(cfg.modules_to_save or ()),
                      zero_stage=stage, offload=offload, processes=processes, device=device, double_quant=cfg.double_quant,
                      **(cfg.plan_fields() if hasattr(cfg, "plan_fields") else {}))
