@@ -341,9 +341,10 @@ def trainer_class(loss: str) -> Any:
                 self.answer_head = False  # CPO / ORPO read full logits: trl gives them no fused head
                 return
             lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self.answer_head = logprobs.install(lm)
+            pairs = LOSSES[loss].trainer == "dpo"  # [chosen; rejected] rows of the same prompts: one row per pair
+            self.answer_head = logprobs.install(lm, pairs=pairs)
             if self.answer_head and getattr(self, "ref_model", None) is not None:
-                logprobs.install(self.ref_model)
+                logprobs.install(self.ref_model, pairs=pairs)
 
         def _precompute_ref_logps(self, *a: Any, **kw: Any) -> Any:
             self.install_head()
