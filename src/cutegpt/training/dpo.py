@@ -224,32 +224,12 @@ def split_rows(rows: list[dict[str, Any]], ratio: float, seed: int) -> tuple[lis
 
 def check_adapter_base(cfg: PrefConfig) -> None:
     """An SFT adapter must sit on the base it was trained on, or its reference log-probabilities mean nothing."""
-    from cutegpt.io import read_json_object
+    from cutegpt.model.adapter_base import check_base
     from cutegpt.training.prepare import base_model_path
 
     adapter = cfg.resume_lora or cfg.lora
-    if not adapter or not (Path(adapter) / "adapter_config.json").is_file():
-        return
-    recorded = read_json_object(Path(adapter) / "adapter_config.json").get("base_model_name_or_path")
-    card = Path(adapter) / "cutegpt_training.json"
-    if card.is_file():
-        recorded = read_json_object(card).get("base_model") or recorded
-    if not recorded or not Path(recorded).expanduser().is_dir():
-        return  # not a local folder: the adapter's shapes are checked when it loads
-    ours = base_model_path(cfg)
-    if _weights_fingerprint(Path(recorded).expanduser()) != _weights_fingerprint(ours):
-        flag = "--resume-lora" if cfg.resume_lora else "--lora"
-        raise CuteGPTError(f"{flag} {adapter} was trained on {recorded}, not on {ours}: pass --model {recorded} "
-                           "(on another base its reference log-probabilities would be wrong).")
-
-
-def _weights_fingerprint(folder: Path) -> str:
-    from cutegpt.training.checkpoints import data_fingerprint
-
-    if folder.suffix == ".gguf" or not folder.is_dir():
-        return data_fingerprint([str(folder)])
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
-    return data_fingerprint([str(f) for f in files if f.is_file()])
+    if adapter and Path(adapter).is_dir():
+        check_base(Path(adapter), None, base_model_path(cfg), cfg.force, "--resume-lora" if cfg.resume_lora else "--lora")
 
 
 def prepare_pref(cfg: PrefConfig, check_rows: Callable[[int], None] = lambda rows: None) -> Any:
