@@ -103,11 +103,17 @@ def _logged(out: Path, step: int) -> dict:
 
 # ---------------------------------------------------------------- the losses
 
-def test_dpo_loss_equals_brute_force_from_summed_log_probs(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path):
+def test_dpo_loss_equals_brute_force_from_summed_log_probs(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path, monkeypatch):
     """Step 1: policy == reference, log 2. Step 2: the policy is checkpoint-1's adapter, the reference the plain base;
-    the logged loss and rewards equal a per-pair computation with plain transformers (no padding, no trl)."""
+    the logged loss and rewards equal a per-pair computation with plain transformers (no padding, no trl).
+    The batches went through the one-row-per-pair layout (logprobs.pair_rows), policy and reference."""
+    from cutegpt.training import logprobs
+
+    paired, pair_rows = [], logprobs.pair_rows
+    monkeypatch.setattr(logprobs, "pair_rows", lambda *a, **k: paired.append(pair_rows(*a, **k)) or paired[-1])
     out = tmp_path / "run"
     assert run_dpo(_cfg(tiny_model_dir, pairs_file, out, max_steps=2)) == 0
+    assert len(paired) == 4 and all(layout is not None for layout in paired)  # 2 steps x (policy, reference)
     assert _logged(out, 1)["loss"] == pytest.approx(math.log(2), abs=1e-6)
     base = _base(tiny_model_dir)
     policy = _with_adapter(tiny_model_dir, out / "checkpoint-1")

@@ -182,7 +182,8 @@ def install(causal_lm: Any, pairs: bool = False) -> bool:
         kwargs["use_cache"] = False
         weight = output_weight(causal_lm)
         layout = None
-        if pairs and shift_labels is None and set(kwargs) <= {"input_ids", "attention_mask", "use_cache"}:
+        plain = all(v is None for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "use_cache"))
+        if pairs and shift_labels is None and plain:  # peft passes inputs_embeds=None, return_dict=None, ...
             eager = causal_lm.config._attn_implementation == "eager"
             layout = pair_rows(kwargs["input_ids"], kwargs.get("attention_mask"), labels,
                                float_mask=causal_lm.dtype if eager else None)
