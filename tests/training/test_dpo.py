@@ -198,7 +198,32 @@ def test_orpo_loss_equals_its_formula(tiny_model_dir, tiny_tokenizer, pairs_file
         log_odds = (lc - lr) - (torch.log1p(-lc.exp()) - torch.log1p(-lr.exp()))
         ratios.append(F.logsigmoid(log_odds))
     want = nll_sum / nll_n - 0.25 * float(torch.stack(ratios).mean())
-    assert _logged(out, 1)["loss"] == pytest.approx(want, abs=1e-4)
+    assert _logged(out, 1)["loss"] == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_simpo_and_orpo_on_the_answer_head_equal_trls_full_logits(tiny_model_dir, pairs_file, tmp_path, monkeypatch, loss):
+    """Two steps on the answer-only head with one row per pair (logprobs.py) log what trl's own full-logits path
+    logs: loss, rewards and ORPO's NLL, at the first step and after an update."""
+    from cutegpt.training import logprobs
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    paired, pair_rows = [], logprobs.pair_rows
+    with monkeypatch.context() as m:
+        m.setattr(logprobs, "pair_rows", lambda *a, **k: paired.append(pair_rows(*a, **k)) or paired[-1])
+        assert run_dpo(_cfg(tiny_model_dir, pairs_file, ours, loss=loss, max_steps=2)) == 0
+    assert len(paired) == 2 and all(layout is not None for layout in paired)
+    assert read_summary(ours)["loss_path"].startswith("trl, answer-only")
+    with monkeypatch.context() as m:
+        m.setattr(logprobs, "install", lambda *a, **k: False)  # trl's path: logits of every position
+        assert run_dpo(_cfg(tiny_model_dir, pairs_file, theirs, loss=loss, max_steps=2)) == 0
+    assert read_summary(theirs)["loss_path"] == "trl"
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"] + (["nll_loss"] if loss == "orpo" else [])
+    for step in (1, 2):
+        a, b = _logged(ours, step), _logged(theirs, step)
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (step, key)
+    assert _logged(ours, 2)["loss"] != pytest.approx(_logged(ours, 1)["loss"], abs=1e-4)  # the update moved the policy
 
 
 def test_kto_loss_equals_its_formula(tiny_model_dir, tiny_tokenizer, tmp_path):

@@ -107,7 +107,7 @@ def test_one_row_per_pair_equals_one_row_per_sequence(tiny_model_dir, attn):
         assert logprobs.install(model, pairs=paired)
     torch.manual_seed(0)
     ids, mask, labels = _paired_batch(rows.config.vocab_size)
-    layout = logprobs.pair_rows(ids, mask, labels)
+    layout = logprobs.pair_rows(ids, mask, labels != -100, labels[:, 1:] != -100)
     assert layout is not None and layout.input_ids.shape == (2, 6 + 5 + 2)  # the longest pair: prompt + both answers
     got = []
     for model in (rows, pairs):
@@ -128,10 +128,11 @@ def test_one_row_per_pair_equals_one_row_per_sequence(tiny_model_dir, attn):
 def test_batches_that_are_not_pairs_keep_their_rows():
     torch.manual_seed(0)
     ids, mask, labels = _paired_batch(50)
-    assert logprobs.pair_rows(ids, mask, labels) is not None
+    answers, scored = labels != -100, labels[:, 1:] != -100
+    assert logprobs.pair_rows(ids, mask, answers, scored) is not None
     other = ids.clone()
     other[3, 1] = (other[3, 1] + 1) % 50  # the second pair's rejected row has another prompt
-    assert logprobs.pair_rows(other, mask, labels) is None
-    assert logprobs.pair_rows(ids[:3], mask[:3], labels[:3]) is None  # odd: KTO's rows are not pairs
+    assert logprobs.pair_rows(other, mask, answers, scored) is None
+    assert logprobs.pair_rows(ids[:3], mask[:3], answers[:3], scored[:3]) is None  # odd: KTO's rows are not pairs
     left = torch.flip(mask, [1])
-    assert logprobs.pair_rows(ids, left, labels) is None  # not right-padded
+    assert logprobs.pair_rows(ids, left, answers, scored) is None  # not right-padded

@@ -112,27 +112,29 @@ class PairRows:
     source: torch.Tensor  # (N,) flat index into (B*T) of the hidden state that predicts each answer token
 
 
-def pair_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-              float_mask: torch.dtype | None = None) -> PairRows | None:
+def pair_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, answers: torch.Tensor,
+              scored: torch.Tensor, float_mask: torch.dtype | None = None) -> PairRows | None:
     """The one-row-per-pair layout of [chosen rows; rejected rows], or None when the batch is not such pairs (odd
-    count, a prompt that differs between chosen and rejected, an answer that is not one right-aligned block)."""
+    count, a prompt that differs between chosen and rejected, an answer that is not one right-aligned block).
+
+    answers (2B, L): the answer tokens (they define the prompt); scored (2B, L-1): the shifted positions whose next
+    token is scored, in the row-major order of which `source` lists them (the answers; ORPO adds the chosen prompt)."""
     rows, length = input_ids.shape
     if rows % 2 or rows == 0:
         return None
     b = rows // 2
-    answer = labels != IGNORE  # (2B, L)
-    lengths = attention_mask.sum(1) if attention_mask is not None else torch.full((rows,), length, device=labels.device)
-    if attention_mask is not None and not bool((attention_mask.bool() == (torch.arange(length, device=labels.device) < lengths[:, None])).all()):
+    device = input_ids.device
+    lengths = attention_mask.sum(1) if attention_mask is not None else torch.full((rows,), length, device=device)
+    if attention_mask is not None and not bool((attention_mask.bool() == (torch.arange(length, device=device) < lengths[:, None])).all()):
         return None  # not right-padded
-    prompt = answer.int().argmax(1)  # the first answer position
+    prompt = answers.int().argmax(1)  # the first answer position
     if (bool((prompt[:b] != prompt[b:]).any()) or bool((prompt == 0).any())
-            or bool((answer.sum(1) != lengths - prompt).any())):
+            or bool((answers.sum(1) != lengths - prompt).any())):
         return None
     spans = [(int(prompt[i]), int(lengths[i] - prompt[i]), int(lengths[b + i] - prompt[i])) for i in range(b)]
     if any(not torch.equal(input_ids[i, :p], input_ids[b + i, :p]) for i, (p, _, _) in enumerate(spans)):
         return None
     width = max(p + c + r for p, c, r in spans)
-    device = input_ids.device
     ids = torch.zeros(b, width, dtype=input_ids.dtype, device=device)
     pos = torch.zeros(b, width, dtype=torch.long, device=device)
     allowed = torch.zeros(b, width, width, dtype=torch.bool, device=device)
@@ -148,9 +150,12 @@ def pair_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labe
         allowed[i, :n, :n] = causal[:n, :n]
         allowed[i, p + c:n, p:p + c] = False  # rejected does not see chosen
         allowed[i, n:, n:] = eye[n:, n:]  # padding sees itself only (a row with no key would be NaN)
-        # the answer token at t+1 is predicted at t: the last prompt token predicts both first answer tokens
-        chosen_src.append(i * width + torch.arange(p - 1, p + c - 1, device=device))
-        rejected_src.append(i * width + torch.cat([torch.tensor([p - 1], device=device), torch.arange(p + c, n - 1, device=device)]))
+        # the token at t+1 is predicted at t; the rejected answer's positions from P on sit C further in the row
+        # (its first token is predicted by the last prompt token, shared with chosen)
+        t = scored[i].nonzero()[:, 0]
+        chosen_src.append(i * width + t)
+        t = scored[b + i].nonzero()[:, 0]
+        rejected_src.append(i * width + t + c * (t >= p))
     mask = allowed[:, None]
     if float_mask is not None:
         mask = torch.zeros(mask.shape, dtype=float_mask, device=device).masked_fill_(~mask, torch.finfo(float_mask).min)
@@ -175,17 +180,21 @@ def install(causal_lm: Any, pairs: bool = False) -> bool:
     previous = causal_lm.forward  # trl's: it still answers every call without fused_lm_head=True
 
     def forward(*args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
-                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+                num_items_in_batch: Any = None, pair_answers: Any = None, **kwargs: Any) -> Any:
+        """pair_answers: the answer tokens (2B, L) when `labels` score more than the answers (ORPO's NLL)."""
         if not fused_lm_head or args or kwargs.get("output_router_logits"):
-            return previous(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                            num_items_in_batch=num_items_in_batch, **kwargs)
+            # trl's fused forward takes these names; a plain model's (CPO/ORPO: no trl head) gets only what was given
+            given = {"fused_lm_head": fused_lm_head or None, "labels": labels, "shift_labels": shift_labels,
+                     "num_items_in_batch": num_items_in_batch}
+            return previous(*args, **{k: v for k, v in given.items() if v is not None}, **kwargs)
         kwargs["use_cache"] = False
         weight = output_weight(causal_lm)
         layout = None
         plain = all(v is None for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "use_cache"))
         if pairs and shift_labels is None and plain:  # peft passes inputs_embeds=None, return_dict=None, ...
             eager = causal_lm.config._attn_implementation == "eager"
-            layout = pair_rows(kwargs["input_ids"], kwargs.get("attention_mask"), labels,
+            answers = labels != IGNORE if pair_answers is None else pair_answers
+            layout = pair_rows(kwargs["input_ids"], kwargs.get("attention_mask"), answers, labels[:, 1:] != IGNORE,
                                float_mask=causal_lm.dtype if eager else None)
             if layout is not None and not _shares_prompt(causal_lm, layout.input_ids.shape[1]):
                 layout = None
