@@ -331,7 +331,7 @@ def trainer_class(loss: str) -> Any:
             """CPO (SimPO) and ORPO on the answer-only head: the average answer log-probs from per-token log-probs, and
             ORPO's NLL of the chosen sequences (trl's: prompt tokens included) from the same call, which scores the
             chosen rows' prompt tokens too. trl's path computes full-vocabulary logits of every position."""
-            if not getattr(self, "answer_head", False):
+            if not getattr(self, "answer_head", False) or self.aux_loss_enabled:  # MoE: trl adds the router's loss
                 return super().concatenated_forward(model, batch)
             import torch
 
