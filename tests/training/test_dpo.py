@@ -103,11 +103,17 @@ def _logged(out: Path, step: int) -> dict:
 
 # ---------------------------------------------------------------- the losses
 
-def test_dpo_loss_equals_brute_force_from_summed_log_probs(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path):
+def test_dpo_loss_equals_brute_force_from_summed_log_probs(tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path, monkeypatch):
     """Step 1: policy == reference, log 2. Step 2: the policy is checkpoint-1's adapter, the reference the plain base;
-    the logged loss and rewards equal a per-pair computation with plain transformers (no padding, no trl)."""
+    the logged loss and rewards equal a per-pair computation with plain transformers (no padding, no trl).
+    The batches went through the one-row-per-pair layout (logprobs.pair_rows), policy and reference."""
+    from cutegpt.training import logprobs
+
+    paired, pair_rows = [], logprobs.pair_rows
+    monkeypatch.setattr(logprobs, "pair_rows", lambda *a, **k: paired.append(pair_rows(*a, **k)) or paired[-1])
     out = tmp_path / "run"
     assert run_dpo(_cfg(tiny_model_dir, pairs_file, out, max_steps=2)) == 0
+    assert len(paired) == 4 and all(layout is not None for layout in paired)  # 2 steps x (policy, reference)
     assert _logged(out, 1)["loss"] == pytest.approx(math.log(2), abs=1e-6)
     base = _base(tiny_model_dir)
     policy = _with_adapter(tiny_model_dir, out / "checkpoint-1")
@@ -192,7 +198,32 @@ def test_orpo_loss_equals_its_formula(tiny_model_dir, tiny_tokenizer, pairs_file
         log_odds = (lc - lr) - (torch.log1p(-lc.exp()) - torch.log1p(-lr.exp()))
         ratios.append(F.logsigmoid(log_odds))
     want = nll_sum / nll_n - 0.25 * float(torch.stack(ratios).mean())
-    assert _logged(out, 1)["loss"] == pytest.approx(want, abs=1e-4)
+    assert _logged(out, 1)["loss"] == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_simpo_and_orpo_on_the_answer_head_equal_trls_full_logits(tiny_model_dir, pairs_file, tmp_path, monkeypatch, loss):
+    """Two steps on the answer-only head with one row per pair (logprobs.py) log what trl's own full-logits path
+    logs: loss, rewards and ORPO's NLL, at the first step and after an update."""
+    from cutegpt.training import logprobs
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    paired, pair_rows = [], logprobs.pair_rows
+    with monkeypatch.context() as m:
+        m.setattr(logprobs, "pair_rows", lambda *a, **k: paired.append(pair_rows(*a, **k)) or paired[-1])
+        assert run_dpo(_cfg(tiny_model_dir, pairs_file, ours, loss=loss, max_steps=2)) == 0
+    assert len(paired) == 2 and all(layout is not None for layout in paired)
+    assert read_summary(ours)["loss_path"].startswith("trl, answer-only")
+    with monkeypatch.context() as m:
+        m.setattr(logprobs, "install", lambda *a, **k: False)  # trl's path: logits of every position
+        assert run_dpo(_cfg(tiny_model_dir, pairs_file, theirs, loss=loss, max_steps=2)) == 0
+    assert read_summary(theirs)["loss_path"] == "trl"
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"] + (["nll_loss"] if loss == "orpo" else [])
+    for step in (1, 2):
+        a, b = _logged(ours, step), _logged(theirs, step)
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (step, key)
+    assert _logged(ours, 2)["loss"] != pytest.approx(_logged(ours, 1)["loss"], abs=1e-4)  # the update moved the policy
 
 
 def test_kto_loss_equals_its_formula(tiny_model_dir, tiny_tokenizer, tmp_path):

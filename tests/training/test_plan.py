@@ -234,7 +234,7 @@ def test_plan_uses_the_row_length_of_a_converted_dataset(tmp_path, capsys):
 def test_preference_plan_counts_both_sequences_and_the_reference(tmp_path, capsys, tiny_model_dir):
     """train dpo --plan: twice SFT's activations (chosen + rejected), the reference by strategy: nothing for the
     disabled adapter or --precompute-ref, a second copy of the weights for full tuning, of the adapter when an SFT
-    adapter is continued; full logits for ORPO/SimPO (trl's)."""
+    adapter is continued; full logits for ORPO/SimPO on a GPU (trl's)."""
     from cutegpt.training.dpo import PrefConfig, run_dpo
     from cutegpt.training.plan import lora_params
 
@@ -242,11 +242,11 @@ def test_preference_plan_counts_both_sequences_and_the_reference(tmp_path, capsy
     shape = read_shape(folder)
     common = dict(model=str(folder), max_length=1024, micro_batch=1, precision="bf16")
 
-    def plan(**kw):
+    def plan(device="cpu", **kw):
         cfg = PrefConfig(**common, **kw)
         fields = cfg.plan_fields()
         return estimate(shape, PlanInput(method=cfg.method, weight_dtype=training_weight_dtype(cfg.method, "bf16", "auto"),
-                                         seq_len=1024, micro_batch=1, precision="bf16", **fields))
+                                         seq_len=1024, micro_batch=1, precision="bf16", device=device, **fields))
 
     sft = estimate(shape, PlanInput(method="lora", weight_dtype="bfloat16", seq_len=1024, micro_batch=1, precision="bf16"))
     lora = plan()
@@ -260,8 +260,9 @@ def test_preference_plan_counts_both_sequences_and_the_reference(tmp_path, capsy
     full = plan(method="full")
     assert full.parts["reference model"] == full.parts["weights"] == shape.total * 4
     assert "reference model" not in plan(method="full", precompute_ref=True).parts
-    simpo = plan(loss="simpo")
+    simpo = plan(loss="simpo", device="cuda")  # trl's full logits on a GPU; the answer-only head on a CPU
     assert "reference model" not in simpo.parts and simpo.parts["logits (full)"] == 2 * 1024 * shape.vocab * 12
+    assert "logits (full)" not in plan(loss="orpo").parts and "logits (chunked loss)" in plan(loss="orpo").parts
     assert run_dpo(PrefConfig(**common, method="full", plan=True)) == 0
     out = capsys.readouterr().out
     assert "reference model" in out and "a frozen copy of the model's weights" in out and "2 sequences per row" in out

@@ -140,16 +140,24 @@ def same_base(recorded: dict[str, Any], actual: dict[str, Any]) -> str | None:
     return None
 
 
-def check_base(adapter: Path, model: Any, model_path: Path, force: bool) -> None:
-    """Refuse (unless --force) a base model that is not the one the adapter was trained on."""
+def check_base(adapter: Path, model: Any, model_path: Path, force: bool, flag: str = "--lora") -> None:
+    """Refuse (unless --force) a base model that is not the one the adapter was trained on.
+
+    With the model loaded: by the fingerprint cutegpt records beside its adapters. Before loading (`model` None:
+    `train dpo`, whose reference log-probabilities would silently mean nothing): when the recorded base is a local
+    folder, it must hold the same weight files as `model_path` (any adapter, peft's too; --force does not apply)."""
     from cutegpt.io import read_json_object
 
     record = adapter / RECORD
-    if not record.is_file():
-        return  # made by peft or another tool (or a mid-run checkpoint): nothing to check against
-    recorded = read_json_object(record).get("base_fingerprint")
-    if not isinstance(recorded, dict):
+    if model is None:
+        problem = _other_weight_files(adapter, model_path)
+        if problem is not None:
+            raise CuteGPTError(f"{flag} {adapter} was trained on {problem}, not on {model_path}: pass --model {problem} "
+                               "(on another base its reference log-probabilities would be wrong).")
         return
+    recorded = read_json_object(record).get("base_fingerprint") if record.is_file() else None
+    if not isinstance(recorded, dict):
+        return  # made by peft or another tool (or a mid-run checkpoint): nothing to check against
     problem = same_base(recorded, fingerprint(model))
     if problem is None:
         return
@@ -162,3 +170,27 @@ def check_base(adapter: Path, model: Any, model_path: Path, force: bool) -> None
         f"the LoRA adapter {adapter} was trained on another base model than {model_path} ({problem}); "
         f"give the base it records ({recorded_base(adapter) or 'not recorded'}) as --model, or pass --force to load it anyway."
     )
+
+
+def _other_weight_files(adapter: Path, model_path: Path) -> str | None:
+    """The adapter's recorded base folder when its weight files differ from `model_path`'s; None when they are the
+    same or the recorded base is not a local folder (a hub id: its shapes are checked when it loads)."""
+    from cutegpt.io import read_json_object
+
+    if not (adapter / "adapter_config.json").is_file():
+        return None
+    recorded = recorded_base(adapter)
+    if (adapter / RECORD).is_file():  # the base as the run was given it (adapter_config.json keeps a portable name)
+        recorded = read_json_object(adapter / RECORD).get("base_model") or recorded
+    if not recorded or not Path(recorded).expanduser().is_dir():
+        return None
+    return recorded if _weights_fingerprint(Path(recorded).expanduser()) != _weights_fingerprint(model_path) else None
+
+
+def _weights_fingerprint(folder: Path) -> str:
+    from cutegpt.training.checkpoints import data_fingerprint
+
+    if folder.suffix == ".gguf" or not folder.is_dir():
+        return data_fingerprint([str(folder)])
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
+    return data_fingerprint([str(f) for f in files if f.is_file()])

@@ -139,7 +139,7 @@ class PrefConfig(TrainArgs):
             reference = "frozen-copy"
         else:
             reference = "adapter-copy" if load_cfg.resume_lora else "adapter-disabled"
-        # KTO: one completion per row (its KL completions run without gradients); CPO/ORPO read full logits
+        # KTO: one completion per row (its KL completions run without gradients); CPO/ORPO read full logits on a GPU
         return {"sequences": 1 if self.loss == "kto" else 2, "reference": reference, "loss_chunk": 512,
                 "full_logits": spec.trainer in ("cpo", "orpo")}
 
@@ -224,32 +224,12 @@ def split_rows(rows: list[dict[str, Any]], ratio: float, seed: int) -> tuple[lis
 
 def check_adapter_base(cfg: PrefConfig) -> None:
     """An SFT adapter must sit on the base it was trained on, or its reference log-probabilities mean nothing."""
-    from cutegpt.io import read_json_object
+    from cutegpt.model.adapter_base import check_base
     from cutegpt.training.prepare import base_model_path
 
     adapter = cfg.resume_lora or cfg.lora
-    if not adapter or not (Path(adapter) / "adapter_config.json").is_file():
-        return
-    recorded = read_json_object(Path(adapter) / "adapter_config.json").get("base_model_name_or_path")
-    card = Path(adapter) / "cutegpt_training.json"
-    if card.is_file():
-        recorded = read_json_object(card).get("base_model") or recorded
-    if not recorded or not Path(recorded).expanduser().is_dir():
-        return  # not a local folder: the adapter's shapes are checked when it loads
-    ours = base_model_path(cfg)
-    if _weights_fingerprint(Path(recorded).expanduser()) != _weights_fingerprint(ours):
-        flag = "--resume-lora" if cfg.resume_lora else "--lora"
-        raise CuteGPTError(f"{flag} {adapter} was trained on {recorded}, not on {ours}: pass --model {recorded} "
-                           "(on another base its reference log-probabilities would be wrong).")
-
-
-def _weights_fingerprint(folder: Path) -> str:
-    from cutegpt.training.checkpoints import data_fingerprint
-
-    if folder.suffix == ".gguf" or not folder.is_dir():
-        return data_fingerprint([str(folder)])
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
-    return data_fingerprint([str(f) for f in files if f.is_file()])
+    if adapter and Path(adapter).is_dir():
+        check_base(Path(adapter), None, base_model_path(cfg), cfg.force, "--resume-lora" if cfg.resume_lora else "--lora")
 
 
 def prepare_pref(cfg: PrefConfig, check_rows: Callable[[int], None] = lambda rows: None) -> Any:
@@ -337,17 +317,44 @@ def trainer_class(loss: str) -> Any:
             if getattr(self, "is_deepspeed_enabled", False) and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
                 self.answer_head = False  # the output layer is sharded: trl's head gathers it, ours would not
                 return
-            if LOSSES[loss].trainer not in ("dpo", "kto"):
-                self.answer_head = False  # CPO / ORPO read full logits: trl gives them no fused head
-                return
             lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self.answer_head = logprobs.install(lm)
+            pairs = LOSSES[loss].trainer != "kto"  # [chosen; rejected] rows of the same prompts: one row per pair
+            self.answer_head = logprobs.install(lm, pairs=pairs)
             if self.answer_head and getattr(self, "ref_model", None) is not None:
-                logprobs.install(self.ref_model)
+                logprobs.install(self.ref_model, pairs=pairs)
 
         def _precompute_ref_logps(self, *a: Any, **kw: Any) -> Any:
             self.install_head()
             return super()._precompute_ref_logps(*a, **kw)
+
+        def concatenated_forward(self, model, batch):
+            """CPO (SimPO) and ORPO on the answer-only head: the average answer log-probs from per-token log-probs, and
+            ORPO's NLL of the chosen sequences (trl's: prompt tokens included) from the same call, which scores the
+            chosen rows' prompt tokens too. trl's path computes full-vocabulary logits of every position."""
+            if not getattr(self, "answer_head", False) or self.aux_loss_enabled:  # MoE: trl adds the router's loss
+                return super().concatenated_forward(model, batch)
+            import torch
+
+            from cutegpt.training.loss import IGNORE
+
+            pad = self.processing_class.pad_token_id or 0  # under the attention mask: any valid id
+            cat = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=pad,
+                                           device=self.accelerator.device)
+            ids, mask, labels = cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
+            n = batch["chosen_labels"].shape[0]
+            orpo = LOSSES[loss].trainer == "orpo"
+            scored = torch.cat([ids[:n].masked_fill(mask[:n] == 0, IGNORE), labels[n:]]) if orpo else labels
+            out = model(input_ids=ids, attention_mask=mask, labels=scored, fused_lm_head=True, pair_answers=labels != IGNORE)
+            answer = labels[:, 1:] != IGNORE
+            logps = (out.log_probs * answer).sum(-1) / answer.sum(-1)  # trl's average_log_prob (both: SimPO, ORPO)
+            if orpo:
+                whole = scored[:n, 1:] != IGNORE
+                nll = -(out.log_probs[:n] * whole).sum() / whole.sum()  # nn.CrossEntropyLoss's mean over the tokens
+            else:
+                nll = torch.tensor(0.0, device=ids.device)  # cpo_alpha 0 (config): trl skips its NLL term
+            # trl logs the mean of the full logits ("logits/chosen"); here the mean logit of the answer tokens
+            means = out.mean_logits.detach()
+            return (logps[:n], logps[n:], means[:n][answer[:n]], means[n:][answer[n:]], nll)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             """Rows come tokenized with our templates (data/pairs.py); KTO's mismatched KL answers added as trl does."""

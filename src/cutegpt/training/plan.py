@@ -259,7 +259,7 @@ def estimate(shape: ModelShape, inp: PlanInput) -> Plan:
         act = tokens * shape.layers * per_layer + shape.layers * scores
     plan.parts["activations"] = act
     loss_tokens = max(1, int(tokens * inp.loss_fraction))
-    if inp.full_logits:  # trl's CPO/ORPO: fp32 logits of every position, their log-softmax and its gradient
+    if inp.full_logits and inp.device != "cpu":  # trl's CPO/ORPO on a GPU: fp32 logits of every position, log-softmax, gradient
         plan.parts["logits (full)"] = tokens * shape.vocab * 12
     else:
         chunk = min(inp.loss_chunk, loss_tokens)
