@@ -103,7 +103,7 @@ def plan_lora(adapter: Path, base: Path) -> tuple[Any, float, list[LoraPair]]:
         name = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
         if name is None:
             raise CuteGPTError(f"{weights}: {module} has no place in a {arch.name} GGUF file; is {base} this adapter's base?")
-        (r, _), (out_rows, r_b) = shapes[key], shapes[b_key]
+        (r, _), (_, r_b) = shapes[key], shapes[b_key]
         if r != r_b:
             raise CuteGPTError(f"{weights}: {key} has rank {r} and {b_key} rank {r_b}.")
         peft_scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
