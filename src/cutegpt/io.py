@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -385,3 +386,27 @@ def run_name(folder: Path) -> str:
     if _RUN_PARTS.match(folder.name) and folder.parent.name:
         return folder.parent.name if folder.name in ("final", "best", "last", "latest") else f"{folder.parent.name}-{folder.name}"
     return folder.name
+
+
+def data_fingerprint(paths: list[str | None]) -> str:
+    """A cheap digest of the data given: every file's relative name, size, and first and last MiB."""
+    h = hashlib.sha256()
+    for given in paths:
+        if not given:
+            continue
+        root = Path(given)
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            if any(part.startswith(".") for part in f.relative_to(root).parts) if root.is_dir() else False:
+                continue
+            try:
+                size = f.stat().st_size
+                h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{size}".encode())
+                with open(f, "rb") as fh:
+                    h.update(fh.read(1 << 20))
+                    if size > 2 << 20:
+                        fh.seek(-(1 << 20), 2)
+                        h.update(fh.read())
+            except OSError:
+                h.update(f"{f}:unreadable".encode())
+    return h.hexdigest()[:16]

@@ -94,7 +94,7 @@ def _paired_batch(vocab: int, prompts=(4, 6), chosen=(3, 5), rejected=(6, 2)):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_one_row_per_pair_equals_one_row_per_sequence(tiny_model_dir, attn):
     """The shared-prompt layout (prompt once, rejected masked from chosen) gives the log-probs, metrics and gradients of
-    the row-by-row path, which the test above ties to trl's head; eager attention takes a float mask (FACTS.md)."""
+    the row-by-row path, which the test above ties to trl's head; eager attention takes a float mask (a bool one is wrong under eager)."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 

@@ -188,7 +188,7 @@ def _other_weight_files(adapter: Path, model_path: Path) -> str | None:
 
 
 def _weights_fingerprint(folder: Path) -> str:
-    from cutegpt.training.checkpoints import data_fingerprint
+    from cutegpt.io import data_fingerprint
 
     if folder.suffix == ".gguf" or not folder.is_dir():
         return data_fingerprint([str(folder)])

@@ -9,7 +9,6 @@ loads, where a run starts and refuses what would destroy or mix runs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from cutegpt.errors import CuteGPTError
+from cutegpt.io import data_fingerprint
 from cutegpt.training.args import TrainArgs
 
 log = logging.getLogger("cutegpt.training")
@@ -181,28 +181,6 @@ STRUCTURAL = ("method", "lora_r", "lora_targets", "modules_to_save", "quantizati
 
 
 
-def data_fingerprint(paths: list[str | None]) -> str:
-    """A cheap digest of the data given: every file's relative name, size, and first and last MiB."""
-    h = hashlib.sha256()
-    for given in paths:
-        if not given:
-            continue
-        root = Path(given)
-        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
-        for f in files:
-            if any(part.startswith(".") for part in f.relative_to(root).parts) if root.is_dir() else False:
-                continue
-            try:
-                size = f.stat().st_size
-                h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{size}".encode())
-                with open(f, "rb") as fh:
-                    h.update(fh.read(1 << 20))
-                    if size > 2 << 20:
-                        fh.seek(-(1 << 20), 2)
-                        h.update(fh.read())
-            except OSError:
-                h.update(f"{f}:unreadable".encode())
-    return h.hexdigest()[:16]
 
 
 
