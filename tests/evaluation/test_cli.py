@@ -112,3 +112,13 @@ def test_new_flags_parse(capsys):
     assert parse_config(EvalConfig, ["ceval", "--output", "y"], "eval").out == "y"
     assert main(["eval", "cmmlu", "--prompt", "helm"]) == 1
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_timing_line_of_a_run_faster_than_a_millisecond(capsys):
+    """seconds_this_run is rounded to ms; a run that took less prints no rate instead of dividing by zero."""
+    from cutegpt.evaluation.cli import _print_timing
+
+    _print_timing({"scored_questions": 5, "seconds_this_run": 0.0, "subjects_resumed": 0, "questions_per_second": 0})
+    assert capsys.readouterr().out == "5 questions in 0.0 s\n"
+    _print_timing({"scored_questions": 5, "seconds_this_run": 2.0, "subjects_resumed": 1, "questions_per_second": 2.5})
+    assert capsys.readouterr().out == "5 questions in 2.0 s (2.50 questions/s), 1 subjects from the cache\n"

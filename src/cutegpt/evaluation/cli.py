@@ -765,8 +765,9 @@ def score_model(cfg: EvalConfig, bench: Benchmark, backend: str, threads: int) -
 
 def _print_timing(t: dict[str, Any]) -> None:
     if t["scored_questions"]:
-        print(f"{t['scored_questions']} questions in {t['seconds_this_run']:.1f} s "
-              f"({t['scored_questions'] / t['seconds_this_run']:.2f} questions/s)"
+        seconds = t["seconds_this_run"]  # rounded to ms: 0.0 for answers that took no time (cached, or a stub)
+        print(f"{t['scored_questions']} questions in {seconds:.1f} s"
+              + (f" ({t['scored_questions'] / seconds:.2f} questions/s)" if seconds > 0 else "")
               + (f", {t['subjects_resumed']} subjects from the cache" if t["subjects_resumed"] else ""))
     elif t["subjects_resumed"]:
         print(f"all {t['subjects_resumed']} subjects from the cache"
