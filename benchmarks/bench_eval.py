@@ -38,8 +38,8 @@ detection, which crashes on some CPUs):
         --gguf f16.gguf --lmeval-gguf
 
 (On an AVX2-only CPU without AMX, `CMAKE_ARGS="-DGGML_NATIVE=ON"` builds for the machine itself and is safe.
-`--lmeval-gguf` has not been run on this project's machines yet: the llama-cpp-python build did not finish in
-two sessions on the loaded machine (41 of 127 objects in 85 minutes at load 9-19); see docs/benchmarks.md.)
+`--lmeval-gguf` ran on 2026-12-08 (docs/benchmarks.md): about 50 s per lm-eval request, four per question, so
+stop it after a few requests unless you have hours; llama-cpp-python's build takes 10-40 minutes on 2 cores.)
 
 Printed: the CPU model and load, wall time and questions/s of each tool (model loading included), the
 scoring time alone (ours: `results.json` timing; lm-eval: the elapsed time of its loglikelihood progress bar), both
