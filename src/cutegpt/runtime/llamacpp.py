@@ -318,11 +318,16 @@ CHOICE_BIAS = 100.0
 TOP_N = 20
 
 
-def _sampled_logprob(server: Any, ids: list[int], token: int, slot: int, reuse: bool = True) -> float:
-    r = server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": 1, "temperature": 0.0,
+def _forced(server: Any, ids: list[int], token: int, slot: int, reuse: bool, n_probs: int, what: str) -> dict[str, Any]:
+    """One greedy step with `token` forced by the bias, unbiased log-probabilities (it and the top `n_probs`)."""
+    r = server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": n_probs, "temperature": 0.0,
                                    "logit_bias": {str(token): CHOICE_BIAS}, "post_sampling_probs": False,
                                    "cache_prompt": reuse, "ignore_eos": True, "id_slot": slot})
-    got = _first_logprobs(r, "the forced token's probability")
+    return _first_logprobs(r, what)
+
+
+def _sampled_logprob(server: Any, ids: list[int], token: int, slot: int, reuse: bool = True) -> float:
+    got = _forced(server, ids, token, slot, reuse, 1, "the forced token's probability")
     if int(got["id"]) != token:
         raise CuteGPTError(f"llama.cpp did not take the forced token {token} (it sampled {got['id']}).")
     return float(got["logprob"])
@@ -350,11 +355,7 @@ def choice_logprobs(server: Any, ids: list[int], tokens: list[int], slot: int = 
     if top_n:
         # the first choice forced: llama.cpp withholds the log-probabilities of a token that is not whole UTF-8
         # (a byte token the model might pick), and the forced one's own log-probability is one more anchor
-        r = server.handle_completions({"prompt": list(ids), "n_predict": 1, "n_probs": max(top_n, len(tokens)),
-                                       "temperature": 0.0, "logit_bias": {str(tokens[0]): CHOICE_BIAS},
-                                       "post_sampling_probs": False,
-                                       "cache_prompt": reuse, "ignore_eos": True, "id_slot": slot})
-        got = _first_logprobs(r, "top log-probabilities")
+        got = _forced(server, ids, tokens[0], slot, reuse, max(top_n, len(tokens)), "top log-probabilities")
         first = {int(t["id"]): float(t["logprob"]) for t in got.get("top_logprobs", [])}
         if int(got["id"]) == tokens[0]:
             first[tokens[0]] = float(got["logprob"])
