@@ -227,8 +227,8 @@ def _converter_cmd(args: argparse.Namespace, folder: Path, q: str, out: Path, pr
 def _pre_of(path: Path) -> str | None:
     """tokenizer.ggml.pre of a GGUF file, read from its header in a child (no gguf import here: it would raise the
     RSS every later child starts from)."""
-    code = ("import sys; sys.path.insert(0, sys.argv[2]); from cutegpt.runtime.llamacpp import read_gguf_metadata; "
-            "print(read_gguf_metadata(__import__('pathlib').Path(sys.argv[1])).get('tokenizer.ggml.pre', ''))")
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from cutegpt.model.gguf_header import read_metadata; "
+            "print(read_metadata(__import__('pathlib').Path(sys.argv[1])).get('tokenizer.ggml.pre', ''))")
     out = subprocess.run([sys.executable, "-c", code, str(path), str(SRC)], capture_output=True, text=True, check=True)
     return out.stdout.strip() or None
 

@@ -120,7 +120,7 @@ def test_damaged_files_are_one_sentence_and_leave_nothing(shipped_like, tmp_path
         retype_gguf(head, out_dir / "x.gguf")
     text = tmp_path / "text.gguf"
     text.write_text("hello")
-    with pytest.raises(CuteGPTError, match="cannot read this GGUF file"):
+    with pytest.raises(CuteGPTError, match="is not a GGUF file"):
         retype_gguf(text, out_dir / "x.gguf")
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 

@@ -26,7 +26,8 @@ def parrot_gguf(tmp_path_factory):
 
 def test_gguf_metadata_reader_and_sampling_defaults(tmp_path):
     gguf = pytest.importorskip("gguf")
-    from cutegpt.runtime.llamacpp import gguf_generation_defaults, read_gguf_metadata
+    from cutegpt.model.gguf_header import read_metadata
+    from cutegpt.runtime.llamacpp import gguf_generation_defaults
 
     path = tmp_path / "meta.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -40,7 +41,7 @@ def test_gguf_metadata_reader_and_sampling_defaults(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    meta = read_gguf_metadata(path)
+    meta = read_metadata(path)
     assert meta["general.name"] == "Tiny Parrot" and meta["llama.context_length"] == 512
     assert "tokenizer.ggml.tokens" not in meta  # arrays are skipped
     d = gguf_generation_defaults(path)
@@ -55,7 +56,7 @@ def test_gguf_metadata_reader_and_sampling_defaults(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf")
     with pytest.raises(CuteGPTError, match="not a GGUF file"):
-        read_gguf_metadata(bad)
+        read_metadata(bad)
 
 
 def _sampling(**kw):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cutegpt.errors import CuteGPTError
-from cutegpt.runtime.llamacpp import read_gguf_metadata
+from cutegpt.model.gguf_header import read_metadata
 from cutegpt.serve.config import ServeConfig, check_capacity
 
 SHAPE = dict(context_length=4096, block_count=30, head_count=9, head_count_kv=3, embedding_length=576)
@@ -42,7 +42,7 @@ def test_header_fields_match_gguf_py(small_gguf):
 
     reader = gguf.GGUFReader(small_gguf)
     wanted = (".context_length", ".block_count", ".attention.head_count_kv", ".attention.head_count", ".embedding_length")
-    mine = read_gguf_metadata(small_gguf, lambda k: k.endswith(wanted))  # what check_capacity reads
+    mine = read_metadata(small_gguf, lambda k: k.endswith(wanted))  # what check_capacity reads
     assert mine == {k: reader.fields[k].contents() for k in reader.fields if k.endswith(wanted)}
     assert len(mine) == 5
 

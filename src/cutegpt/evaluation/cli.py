@@ -218,9 +218,9 @@ def choose_backend(cfg: EvalConfig) -> str:
 
 def gguf_quant(path: Path) -> str:
     """The file's weight type as llama.cpp names it (F16, Q8_0, ...)."""
-    from cutegpt.runtime.llamacpp import read_gguf_metadata
+    from cutegpt.model.gguf_header import read_metadata
 
-    ftype = read_gguf_metadata(path, lambda k: k == "general.file_type").get("general.file_type")
+    ftype = read_metadata(path, lambda k: k == "general.file_type").get("general.file_type")
     try:
         import gguf
 
@@ -231,7 +231,8 @@ def gguf_quant(path: Path) -> str:
 
 def load_llamacpp_for(cfg: EvalConfig, bench: Benchmark, threads: int, slot_dir: Path) -> Any:
     """The GGUF file in llama.cpp with --parallel slots, each as long as the longest prompt needs."""
-    from cutegpt.runtime.llamacpp import gguf_tokenizer, load_llamacpp, read_gguf_metadata
+    from cutegpt.model.gguf_header import read_metadata
+    from cutegpt.runtime.llamacpp import gguf_tokenizer, load_llamacpp
 
     path = Path(cfg.model).expanduser()
     if not path.is_file():
@@ -242,7 +243,7 @@ def load_llamacpp_for(cfg: EvalConfig, bench: Benchmark, threads: int, slot_dir:
                    for sub in bench.subjects.values() for _q, text in subject_prompts(bench, sub, cfg)), default=1)
     if cfg.method == "generate":
         longest += cfg.max_new_tokens
-    meta = read_gguf_metadata(path, lambda k: k.endswith(".context_length") or k == "general.architecture")
+    meta = read_metadata(path, lambda k: k.endswith(".context_length") or k == "general.architecture")
     train_ctx = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length") or 2048)
     # + the longest continuation; llama.cpp may split more finely than transformers' reading of the vocabulary
     need = longest + longest // 8 + 16

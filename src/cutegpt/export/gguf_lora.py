@@ -206,9 +206,9 @@ def base_for(model: str | Path | None, adapter: Path) -> Path:
 
 def lora_metadata(path: Path) -> dict[str, Any]:
     """The adapter keys of a GGUF header (general.type, adapter.*)."""
-    from cutegpt.runtime.llamacpp import read_gguf_metadata
+    from cutegpt.model.gguf_header import read_metadata
 
-    return read_gguf_metadata(path, lambda k: k.startswith("adapter.") or k in ("general.type", "general.architecture"))
+    return read_metadata(path, lambda k: k.startswith("adapter.") or k in ("general.type", "general.architecture"))
 
 
 def is_lora_gguf(path: Path) -> bool:

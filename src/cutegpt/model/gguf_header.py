@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cutegpt.errors import CuteGPTError
 
@@ -55,6 +55,10 @@ def read_header(src: Path, arrays: bool = True) -> Header:
                     if not arrays and item in _SCALARS:
                         f.seek(n * struct.calcsize(_SCALARS[item]), 1)
                         return None
+                    if not arrays and item == _STRING:  # skipped, not decoded: a 49k-token vocabulary
+                        for _ in range(n):
+                            f.seek(read("<Q"), 1)
+                        return None
                     if not arrays:
                         for _ in range(n):
                             value(item)
@@ -66,9 +70,10 @@ def read_header(src: Path, arrays: bool = True) -> Header:
                 raise ValueError(f"unknown value type {vtype}")
 
             if f.read(4) != b"GGUF":
-                raise ValueError("no GGUF magic bytes")
-            if read("<I") < 2:
-                raise ValueError("GGUF version 1 is not supported")
+                raise CuteGPTError(f"{src} is not a GGUF file (it does not start with the GGUF magic bytes).")
+            version = read("<I")
+            if version < 2:
+                raise CuteGPTError(f"{src}: GGUF version {version} is too old for llama.cpp; export it again.")
             n_tensors, n_kv = read("<Q"), read("<Q")
             fields: list[tuple[str, int, int | None, Any]] = []
             for _ in range(n_kv):
@@ -91,6 +96,11 @@ def read_header(src: Path, arrays: bool = True) -> Header:
 
         raise CuteGPTError(describe_os_error(e, src, "reading")) from None
     return Header(fields, tensors, data_start)
+
+
+def read_metadata(path: Path, wanted: Callable[[str], bool] = lambda k: True) -> dict[str, Any]:
+    """The scalar and string key/values of a GGUF header whose key `wanted` accepts (arrays are skipped)."""
+    return {k: v for k, _t, _s, v in read_header(path, arrays=False).fields if v is not None and wanted(k)}
 
 
 def header_value(path: Path, key: str) -> Any:

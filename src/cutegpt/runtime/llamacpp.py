@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import struct
 import sys
 import urllib.request
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from cutegpt.errors import CuteGPTError
+from cutegpt.model.gguf_header import read_metadata
 from cutegpt.templates import Template
 
 # llama.cpp's GGUF keys for a model's recommended sampling (written by its converter from generation_config.json)
@@ -82,66 +82,13 @@ def start_server(params: Any, path: Path) -> Any:
         raise CuteGPTError(f"llama.cpp cannot load {path.name} ({reason}).") from None
 
 
-# --- GGUF metadata without loading tensors -------------------------------------------------------
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf_metadata(path: Path, wanted: Callable[[str], bool] = lambda k: True) -> dict[str, Any]:
-    """The scalar and string key/values of a GGUF header whose key `wanted` accepts (arrays are skipped).
-
-    Reads only the header (the token list is skipped, not decoded), in milliseconds,
-    where `gguf.GGUFReader` takes seconds on a 49k-token vocabulary.
-    """
-    out: dict[str, Any] = {}
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise CuteGPTError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")
-            version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-            if version < 2:
-                raise CuteGPTError(f"{path}: GGUF version {version} is too old for llama.cpp; export it again.")
-
-            def read_str() -> str:
-                (n,) = struct.unpack("<Q", f.read(8))
-                return f.read(n).decode("utf-8", errors="replace")
-
-            def skip(vtype: int) -> Any:
-                if vtype in _SCALARS:
-                    fmt = _SCALARS[vtype]
-                    return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-                if vtype == 8:
-                    return read_str()
-                if vtype == 9:
-                    itype, count = struct.unpack("<IQ", f.read(12))
-                    if itype in _SCALARS:
-                        f.seek(count * struct.calcsize(_SCALARS[itype]), 1)
-                    else:
-                        for _ in range(count):
-                            skip(itype)
-                    return None
-                raise CuteGPTError(f"{path}: unknown GGUF value type {vtype}; the file is corrupt.")
-
-            for _ in range(n_kv):
-                key = read_str()
-                (vtype,) = struct.unpack("<I", f.read(4))
-                value = skip(vtype)
-                if value is not None and wanted(key):
-                    out[key] = value
-    except struct.error:
-        raise CuteGPTError(f"{path}: the GGUF header is truncated.") from None
-    except OSError as e:
-        from cutegpt.io import describe_os_error
-
-        raise CuteGPTError(describe_os_error(e, path, "reading")) from None
-    return out
-
+# --- GGUF metadata without loading tensors (model/gguf_header.py reads the header) ----------------
 
 def gguf_generation_defaults(path: Path) -> dict[str, Any]:
     """The sampling settings a GGUF file recommends (`general.sampling.*`), as GenerationArgs fields.
 
     As in llama.cpp, a temperature of 0 means greedy decoding and a positive one sampling."""
-    meta = read_gguf_metadata(path, lambda k: k in GGUF_SAMPLING_KEYS)
+    meta = read_metadata(path, lambda k: k in GGUF_SAMPLING_KEYS)
     out: dict[str, Any] = {}
     for key, name in GGUF_SAMPLING_KEYS.items():
         if key in meta:
@@ -160,12 +107,12 @@ def drops_first_space(path: Path) -> bool:
     llama.cpp's text for it keeps the space (" 北京"), transformers' decoding drops it, as SentencePiece
     does at the start of a text. The torch backend's answer is the reference; the llama.cpp backend and
     serve drop that one space too."""
-    meta = read_gguf_metadata(path, lambda k: k in ("tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix"))
+    meta = read_metadata(path, lambda k: k in ("tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix"))
     return meta.get("tokenizer.ggml.model") == "llama" and bool(meta.get("tokenizer.ggml.add_space_prefix", True))
 
 
 def gguf_model_name(path: Path) -> str:
-    meta = read_gguf_metadata(path, lambda k: k in ("general.name", "general.basename", "general.finetune", "general.size_label"))
+    meta = read_metadata(path, lambda k: k in ("general.name", "general.basename", "general.finetune", "general.size_label"))
     return str(meta.get("general.name") or path.stem)
 
 
@@ -258,7 +205,7 @@ def load_llamacpp(path: Path, *, template: str | None = None, threads: int = 1, 
     xl = xllamacpp_module()
     if not path.is_file():
         raise CuteGPTError(f"GGUF file {path} does not exist." if not path.exists() else f"{path} is a folder, not a .gguf file.")
-    meta = read_gguf_metadata(path, lambda k: k.endswith(".context_length") or k == "general.architecture")
+    meta = read_metadata(path, lambda k: k.endswith(".context_length") or k == "general.architecture")
     arch = meta.get("general.architecture", "llama")
     train_ctx = int(meta.get(f"{arch}.context_length") or 2048)
     if tokenizer is None:

@@ -145,10 +145,10 @@ def check_capacity(cfg: "ServeConfig", gguf: str, available: int | None = None) 
     wanted = (".context_length", ".block_count", ".attention.head_count_kv", ".attention.head_count", ".embedding_length")
     given = cfg.ctx is not None
     cfg.ctx = cfg.ctx or DEFAULT_CTX
-    from cutegpt.runtime.llamacpp import read_gguf_metadata
+    from cutegpt.model.gguf_header import read_metadata
 
     try:  # the header only (gguf.GGUFReader parses the whole file first: 30 s on a busy machine)
-        fields = read_gguf_metadata(Path(gguf), lambda k: k.endswith(wanted))
+        fields = read_metadata(Path(gguf), lambda k: k.endswith(wanted))
     except CuteGPTError:
         return  # an unreadable file is llama.cpp's to report, with its own words
     get = {suffix: next((v for k, v in fields.items() if k.endswith(suffix)), None) for suffix in wanted}
