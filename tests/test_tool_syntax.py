@@ -9,7 +9,7 @@ import pytest
 
 from cutegpt.errors import CuteGPTError
 from cutegpt.templates import ChatTemplate, ToolCall, ToolRound, Turn
-from cutegpt.tool_syntax import HERMES, LLAMA3, MISTRAL, nine_char_id
+from cutegpt.tool_syntax import HERMES, LLAMA3, MAX_PARALLEL_CALLS, MISTRAL, nine_char_id
 from tests.test_templates_tools import _messages
 from tests.tiny import LLAMA31, MISTRAL_V03, QWEN25, build_tokenizer
 
@@ -189,7 +189,7 @@ def test_forced_schemas():
     many = MISTRAL.forced_schema(tools, ["get_weather", "get_time"], parallel=False)
     assert many["type"] == "array" and many["minItems"] == 1 and many["maxItems"] == 1
     assert [o["properties"]["name"]["const"] for o in many["items"]["anyOf"]] == ["get_weather", "get_time"]
-    assert "maxItems" not in MISTRAL.forced_schema(tools, ["get_time"])
+    assert MISTRAL.forced_schema(tools, ["get_time"])["maxItems"] == MAX_PARALLEL_CALLS
 
 
 # ----------------------------------------------------------------------------- llama.cpp's grammar (slow)
@@ -246,3 +246,19 @@ def test_a_forced_call_on_a_random_model_validates(tiny_cpp, family, template, c
         if isinstance(choice, dict):
             assert fn["name"] == "set_mode"
         jsonschema.validate(json.loads(call["function"]["arguments"]), fn["parameters"])
+
+
+@pytest.mark.slow
+def test_a_forced_parallel_call_array_ends(tiny_cpp, family):
+    """With parallel calls allowed, Mistral's forced array still ends: at most MAX_PARALLEL_CALLS calls (a greedy
+    random model adds calls until max_tokens without the bound)."""
+    from cutegpt.serve.tools import chat_response, plan
+
+    t = ChatTemplate(family(MISTRAL_V03))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "请把单位设成摄氏度"}], "tools": [MODE],
+            "tool_choice": "required", "max_tokens": 1500, "temperature": 0}
+    p = plan(body, t, [])
+    upstream = tiny_cpp._post("/v1/completions", p.upstream)
+    assert upstream["choices"][0]["finish_reason"] == "stop", upstream["choices"][0]
+    (c,) = chat_response(p, upstream)["choices"]
+    assert c["finish_reason"] == "tool_calls" and 1 <= len(c["message"]["tool_calls"]) <= MAX_PARALLEL_CALLS, c

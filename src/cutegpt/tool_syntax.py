@@ -108,6 +108,11 @@ def nine_char_id(call_id: str) -> str:
     return hashlib.sha256(call_id.encode()).hexdigest()[:9]
 
 
+# a forced answer that is an array of calls holds at most this many: a weak model otherwise keeps adding calls
+# until max_tokens (OpenAI sets no number; this is far above what one turn of real tool use asks for)
+MAX_PARALLEL_CALLS = 16
+
+
 @dataclass(frozen=True)
 class ToolSyntax:
     name: str
@@ -137,7 +142,8 @@ class ToolSyntax:
                 options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, self.arguments_key: params},
                                 "required": ["name", self.arguments_key], "additionalProperties": False})
         one = options[0] if len(options) == 1 else {"anyOf": options}
-        schema = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})} if self.array else one
+        most = MAX_PARALLEL_CALLS if parallel else 1
+        schema = {"type": "array", "items": one, "minItems": 1, "maxItems": most} if self.array else one
         # llama.cpp's grammar (llguidance) otherwise allows white space without end, where a weak model can stay until
         # max_tokens; fixed separators also write the call as the templates render it (", " and ": ")
         return {**schema, "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
