@@ -180,3 +180,19 @@ def test_cache_lists_the_build(cache, capsys):
     built = fake_build(cache, wheel_version(), cpu_key())
     assert main(["cache", "llamacpp"]) == 0
     assert f"llamacpp/{built.name}" in capsys.readouterr().out
+
+
+def test_the_build_hint_is_said_once_and_only_on_the_wheel_without_a_build(monkeypatch):
+    from cutegpt.runtime import native
+
+    monkeypatch.delenv(native.ENV, raising=False)
+    for chosen, said in [(None, False), (native.Choice(Path("/x/site")), False),
+                         (native.Choice(None, "a native build is for another xllamacpp"), False), (native.Choice(None), True)]:
+        monkeypatch.setattr(native, "_chosen", chosen)
+        monkeypatch.setattr(native, "_hinted", False)
+        hint = native.build_hint()
+        assert (hint is not None) == said and (hint is None or "cutegpt llamacpp build" in hint)
+        assert native.build_hint() is None  # once per process
+    monkeypatch.setattr(native, "_hinted", False)
+    monkeypatch.setenv(native.ENV, "wheel")  # the user chose the wheel: nothing to suggest
+    assert native.build_hint() is None

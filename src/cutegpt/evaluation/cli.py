@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import tempfile
 import time
 import warnings
@@ -713,6 +714,11 @@ def score_model(cfg: EvalConfig, bench: Benchmark, backend: str, threads: int) -
     with tempfile.TemporaryDirectory(prefix="cutegpt-eval-slots-") as slot_dir:
         if backend == "llamacpp":
             lm = load_llamacpp_for(cfg, bench, threads, Path(slot_dir))
+            from cutegpt.runtime.native import build_hint
+
+            hint = build_hint()
+            if hint:
+                print(hint, file=sys.stderr, flush=True)
         elif backend == "endpoint":
             from cutegpt.evaluation.endpoint import load_endpoint
 
