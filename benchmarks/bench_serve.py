@@ -167,6 +167,8 @@ class OldFront(Serve):
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, __file__, "--role", "old-front", "--old-ref", ref, "--port", str(self.port),
                                       "--parallel", str(parallel), "--threads", str(threads), "--ctx", str(ctx),
+                                      # the child's main() sets $CUTEGPT_LLAMACPP from its own flag: pass ours on
+                                      "--llamacpp", os.environ.get("CUTEGPT_LLAMACPP", "auto"),
                                       *(["--model", str(model)] if model else [])],
                                      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.wait_healthy()
