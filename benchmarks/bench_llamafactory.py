@@ -35,9 +35,9 @@ MAX_LENGTH = 512
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
 
 
-def cutegpt_args(side: Side, model: Path, out: Path, steps: int, precision: str) -> list[str]:
+def cutegpt_args(side: Side, model: Path, out: Path, steps: int, precision: str, max_length: int = MAX_LENGTH) -> list[str]:
     args = ["train", "sft", "--model", str(model), "--template", "cutegpt", "--data", str(DATA),
-            "--max-length", str(MAX_LENGTH), "--packing", "bins", "--out", str(out), "--overwrite",
+            "--max-length", str(max_length), "--packing", "bins", "--out", str(out), "--overwrite",
             "--method", "lora", "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
             "--lora-dropout", str(LORA["dropout"]), "--lora-targets", *LORA["targets"],
             "--micro-batch", "2", "--grad-accum", "2", "--max-steps", str(steps), "--lr", "3e-4",
@@ -50,14 +50,15 @@ def cutegpt_args(side: Side, model: Path, out: Path, steps: int, precision: str)
     return args + side.extra
 
 
-def llamafactory_config(side: Side, model: Path, dataset_dir: Path, out: Path, steps: int, precision: str) -> dict:
+def llamafactory_config(side: Side, model: Path, dataset_dir: Path, out: Path, steps: int, precision: str,
+                        max_length: int = MAX_LENGTH) -> dict:
     """LLaMA-Factory's YAML keys; gradient checkpointing stays at its default (on)."""
     cfg = {
         "model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "lora_rank": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
         "lora_target": ",".join(LORA["targets"]),
         "dataset": "cutegpt_sample", "dataset_dir": str(dataset_dir), "template": "cutegpt",
-        "cutoff_len": MAX_LENGTH, "neat_packing": True, "overwrite_cache": True,
+        "cutoff_len": max_length, "neat_packing": True, "overwrite_cache": True,
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": steps,
         "learning_rate": 3e-4, "lr_scheduler_type": "constant", "warmup_steps": 0,
         "adam_beta1": 0.98, "adam_beta2": 0.999, "adam_epsilon": 1e-9, "max_grad_norm": 1.0, "weight_decay": 0.0,
@@ -105,6 +106,12 @@ def main() -> None:
                    help="with --checkpoint-keep or N > 1: also run cutegpt with --gradient-checkpointing --checkpoint-every N")
     p.add_argument("--checkpoint-keep", choices=("inputs", "matmuls"), default="inputs",
                    help="with matmuls: also run cutegpt with --gradient-checkpointing --checkpoint-keep matmuls")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                   help="row length of both sides (LLaMA-Factory's cutoff_len; its own default is 2048): longer rows hold "
+                        "several conversations")
+    p.add_argument("--compare-sdpa", action="store_true",
+                   help="also run cutegpt with checkpointing on plain SDPA (--attn-implementation sdpa: every block of a "
+                        "packed row) beside its CPU default (segments: each sample's causal triangle)")
     p.add_argument("--only-partial", action="store_true",
                    help="of cutegpt, run only the partial-checkpointing sides (and LLaMA-Factory's)")
     a = p.parse_args()
@@ -134,16 +141,19 @@ def main() -> None:
                                          f"keeping {a.checkpoint_keep}" if a.checkpoint_keep != "inputs" else "") if w)
             sides.append(Side(f"cutegpt {method}, checkpointing {what}", "cutegpt", quant=quant, checkpointing=True,
                               extra=["--checkpoint-every", str(a.checkpoint_every), "--checkpoint-keep", a.checkpoint_keep]))
+        if a.compare_sdpa:
+            sides.append(Side(f"cutegpt {method}, checkpointing, plain SDPA", "cutegpt", quant=quant, checkpointing=True,
+                              extra=["--attn-implementation", "sdpa"]))
         sides.append(Side(f"LLaMA-Factory {method} (neat_packing, checkpointing)", "llamafactory", quant=quant, checkpointing=True))
-    print(f"{n} conversations; {a.steps} steps of 2 x 2 rows <= {MAX_LENGTH} tokens; 1 thread per run; "
+    print(f"{n} conversations; {a.steps} steps of 2 x 2 rows <= {a.max_length} tokens; 1 thread per run; "
           f"{a.repeats} interleaved repeats; {precision}; CPU {cpu_model()}; load average at start {os.getloadavg()[0]:.2f}; work dir {work}", flush=True)
 
     def run(side: Side, i: int) -> dict:
         out = out_dir(side, i, work)
         if side.tool == "cutegpt":
-            return run_measured(side, i, "sft", work, sys.executable, cutegpt_args(side, model, out, a.steps, precision), ROOT / "src")
+            return run_measured(side, i, "sft", work, sys.executable, cutegpt_args(side, model, out, a.steps, precision, a.max_length), ROOT / "src")
         return run_measured(side, i, "sft", work, a.llamafactory_python,
-                            [llamafactory_config(side, model, work / "lf-data", out, a.steps, precision)], ROOT / "src")
+                            [llamafactory_config(side, model, work / "lf-data", out, a.steps, precision, a.max_length)], ROOT / "src")
 
     interleave(sides, a.repeats, run)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}; cutegpt: {versions(sys.executable)}; "

@@ -20,9 +20,11 @@ def _sum_loss(model, batch) -> tuple[float, int]:
     return loss.item(), int((labels != -100).sum())
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "segments"])
 def test_packed_loss_equals_samples_alone(tiny_model_dir, tiny_tokenizer, attn):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
+    from cutegpt.training.prepare import pick_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=pick_attention(attn)).eval()
     assert model.config.use_cache  # the default that leaks between samples unless the batch says otherwise
     samples = encode_samples(tiny_tokenizer)[:5]
     collate = PackedCollator(pad_id=tiny_tokenizer.pad_token_id)

@@ -79,7 +79,9 @@ class TrainArgs(ModelArgs):
         "inputs", "with --gradient-checkpointing: what a checkpointed layer keeps; inputs (recompute the whole layer) or "
         "matmuls (also its matrix products and attention: only norms, activations, rotary and dropout are recomputed; "
         "near the speed of no checkpointing; --plan counts the memory)")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = arg("auto", "attention kernel; auto = flash_attention_2 when installed on a GPU, else sdpa")
+    attn_implementation: Literal["auto", "segments", "sdpa", "eager", "flash_attention_2"] = arg(
+        "auto", "attention kernel; auto = flash_attention_2 when installed on a GPU, sdpa on other GPUs, segments on CPU "
+                "(SDPA sample by sample over packed rows)")
     deepspeed: str | None = arg(None, "DeepSpeed JSON config (see configs/); works on one process without a launcher", absent="no DeepSpeed")
     save_steps: int = arg(2000, "save a checkpoint every N optimizer steps (and at each epoch end)", ge=1)
     save_total_limit: int = arg(2, "keep only the newest N checkpoints (--resume needs only the last)", ge=1)

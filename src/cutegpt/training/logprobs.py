@@ -166,7 +166,9 @@ def _shares_prompt(causal_lm: Any, width: int) -> bool:
     """Whether a custom 4D mask means the same as the model's own: SDPA / eager attention, no sliding window cut."""
     cfg = causal_lm.config
     window = getattr(cfg, "sliding_window", None)
-    return cfg._attn_implementation in ("sdpa", "eager") and not (window and width > window)
+    from cutegpt.training.segments import NAME
+
+    return cfg._attn_implementation in ("sdpa", "eager", NAME) and not (window and width > window)
 
 
 def install(causal_lm: Any, pairs: bool = False) -> bool:

@@ -23,6 +23,7 @@ from cutegpt.model.adapter_base import fingerprint, record_base
 from cutegpt.templates import CUTEGPT_STOP, add_stop_token
 from cutegpt.training.args import TrainArgs, training_weight_dtype
 from cutegpt.training.checkpoints import check_torch_file
+from cutegpt.training import segments
 
 log = logging.getLogger("cutegpt.training")
 
@@ -102,7 +103,7 @@ def load_for_training(cfg: TrainArgs, tokenizer: Any, template_name: str, attach
         base_print = fingerprint(model)  # before the embeddings grow: the base as `--lora` will load it
     model.config.use_cache = False  # restarting position ids separate samples only without a cache (tests/training/test_data.py)
     attn = pick_attention(cfg.attn_implementation)
-    if attn == "sdpa" and cfg.attn_implementation == "auto" and not getattr(model, "_supports_sdpa", True):
+    if attn in ("sdpa", segments.NAME) and cfg.attn_implementation == "auto" and not getattr(model, "_supports_sdpa", True):
         attn = "eager"  # transformers has no sdpa path for some architectures (Gemma 2's soft-capped attention)
     if attn and getattr(model.config, "_attn_implementation", None) != attn:
         model.set_attn_implementation(attn)
@@ -181,11 +182,18 @@ def quiet_deprecations():
 
 
 def pick_attention(name: str) -> str | None:
+    """transformers' attention implementation for --attn-implementation; auto: flash-attention's variable-length
+    kernel on a GPU that has it, SDPA on other GPUs, and on CPU SDPA sample by sample over packed rows
+    (training/segments.py: the CPU kernel would compute every masked block of a row)."""
+    if name == "segments":
+        return segments.register()
     if name != "auto":
         if name == "flash_attention_2" and not _has_flash_attn():
             raise CuteGPTError("--attn-implementation flash_attention_2 needs the flash-attn package and a CUDA GPU.")
         return name
-    return "flash_attention_2" if torch.cuda.is_available() and _has_flash_attn() else "sdpa"
+    if torch.cuda.is_available():
+        return "flash_attention_2" if _has_flash_attn() else "sdpa"
+    return segments.register()
 
 
 
