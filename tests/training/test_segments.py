@@ -30,6 +30,15 @@ def _packed(lens_per_row, length):
     return ids, pos
 
 
+def _record_sdpa(monkeypatch, what) -> list:
+    """Every call of torch's SDPA from now on appends what(query, kwargs) to the returned list."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(what(q, k)) or real(q, *a, **k))
+    return calls
+
+
 def _loss_and_grads(model, impl, ids, pos, **kw):
     model.set_attn_implementation(impl)
     model.zero_grad()
@@ -44,10 +53,7 @@ def test_segments_equal_sdpa_on_packed_rows_and_compute_only_the_samples(arch, m
     model = _model(arch)
     ids, pos = _packed([[5, 9, 3, 7], [20, 4], [24]], 24)  # the last row: one sample, the first: padding at the end
     want_logits, want_grads = _loss_and_grads(model, "sdpa", ids, pos)
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, *a, **k: calls.append((q.shape[2], k.get("is_causal"))) or real(q, *a, **k))
+    calls = _record_sdpa(monkeypatch, lambda q, k: (q.shape[2], k.get("is_causal")))
     logits, grads = _loss_and_grads(model, segments.NAME, ids, pos)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
     assert grads.keys() == want_grads.keys()
@@ -68,10 +74,7 @@ def test_other_masks_go_to_sdpa_unchanged(monkeypatch):
     torch.testing.assert_close(_loss_and_grads(model, segments.NAME, ids, pos, attention_mask=pad)[0], want)
     windowed = _model("mistral", sliding_window=4)
     want = _loss_and_grads(windowed, "sdpa", ids, pos)[0]
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, *a, **k: calls.append(q.shape[2]) or real(q, *a, **k))
+    calls = _record_sdpa(monkeypatch, lambda q, k: q.shape[2])
     torch.testing.assert_close(_loss_and_grads(windowed, segments.NAME, ids, pos)[0], want)
     assert calls and set(calls) == {16}  # whole rows with the mask, never the segments
 
@@ -91,9 +94,6 @@ def test_rows_of_one_sample_each_are_plain_sdpa(monkeypatch):
     model = _model("llama")
     ids, pos = _packed([[12], [9]], 12)
     want = _loss_and_grads(model, "sdpa", ids, pos)[0]
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    calls = _record_sdpa(monkeypatch, lambda q, k: q.shape[0])
     torch.testing.assert_close(_loss_and_grads(model, segments.NAME, ids, pos)[0], want)
     assert calls == [2] * model.config.num_hidden_layers  # one call over the batch per layer, as SDPA makes
