@@ -84,6 +84,7 @@ def start_server(params: Any, path: Path) -> Any:
 
 # --- GGUF metadata without loading tensors (model/gguf_header.py reads the header) ----------------
 
+
 def gguf_generation_defaults(path: Path) -> dict[str, Any]:
     """The sampling settings a GGUF file recommends (`general.sampling.*`), as GenerationArgs fields.
 

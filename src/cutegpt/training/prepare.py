@@ -21,9 +21,9 @@ import torch
 from cutegpt.errors import CuteGPTError
 from cutegpt.model.adapter_base import fingerprint, record_base
 from cutegpt.templates import CUTEGPT_STOP, add_stop_token
+from cutegpt.training import segments
 from cutegpt.training.args import TrainArgs, training_weight_dtype
 from cutegpt.training.checkpoints import check_torch_file
-from cutegpt.training import segments
 
 log = logging.getLogger("cutegpt.training")
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 NAME = "cutegpt_segments"
-_checked: tuple[Any, bool, list[list[int]]] | None = None  # (weakref to the mask, it is the segments' mask, bounds)
+_checked: tuple[Any, list[list[int]] | None] | None = None  # (weakref to the last mask, what _segments said)
 
 
 def bounds(position_ids: torch.Tensor) -> list[list[int]]:
@@ -47,17 +47,17 @@ def is_segment_mask(mask: torch.Tensor, cuts: list[list[int]]) -> bool:
     return bool(torch.equal(allowed.to("cpu"), want[:, None].expand(allowed.shape)))
 
 
-def _classify(mask: torch.Tensor | None, position_ids: torch.Tensor) -> tuple[bool, list[list[int]]]:
-    """Once per forward (every layer gets the same mask object): may the segments run, and where are they."""
+def _segments(mask: torch.Tensor, position_ids: torch.Tensor) -> list[list[int]] | None:
+    """The rows' sample bounds when the segments should run: `mask` is exactly their causal block-diagonal mask and
+    some row holds more than one sample (else SDPA's own call is as cheap). Worked out once per forward: every
+    layer gets the same mask object."""
     global _checked
-    if mask is not None and _checked is not None and _checked[0]() is mask:
-        return _checked[1], _checked[2]
+    if _checked is not None and _checked[0]() is mask:
+        return _checked[1]
     cuts = bounds(position_ids)
-    if mask is None:  # transformers dropped the mask: one causal sample per row (no packing, no padding)
-        return all(len(row) == 2 for row in cuts), cuts
-    ok = is_segment_mask(mask, cuts)
-    _checked = (weakref.ref(mask), ok, cuts)
-    return ok, cuts
+    useful = mask.shape[0] == len(cuts) and any(len(row) > 2 for row in cuts) and is_segment_mask(mask, cuts)
+    _checked = (weakref.ref(mask), cuts if useful else None)
+    return _checked[1]
 
 
 def segment_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -67,9 +67,12 @@ def segment_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    same_length = query.shape[2] == key.shape[2]  # no KV cache in training; a cache means generation: plain SDPA
-    ok, cuts = _classify(attention_mask, position_ids) if position_ids is not None and same_length else (False, [])
-    if not ok or all(len(row) == 2 for row in cuts):  # one sample per row: SDPA's own call is as cheap
+    # transformers drops the mask when rows are neither packed nor padded; a KV cache (generation) gives keys
+    # longer than the queries: plain SDPA for both
+    cuts = None
+    if attention_mask is not None and position_ids is not None and query.shape[2] == key.shape[2]:
+        cuts = _segments(attention_mask, position_ids)
+    if cuts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     kwargs.pop("is_causal", None)
     rows = []
